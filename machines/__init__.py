@@ -1,0 +1,33 @@
+"""machines: the analytic score machines, their posterior backends and the DDIM sampler."""
+
+from .analytic import MACHINES, Denoiser, ScoreMachine
+from .exact import ExactBackend
+from .sampler import ddim_grid, noise_from_seeds, sample
+from .schedule import (
+    ScaleSchedule,
+    abar,
+    alpha_sigma2,
+    eps_from_x0,
+    reference_schedule,
+    reference_schedules,
+    score_from_x0,
+    x0_from_eps,
+)
+
+__all__ = [
+    "MACHINES",
+    "Denoiser",
+    "ExactBackend",
+    "ScaleSchedule",
+    "ScoreMachine",
+    "abar",
+    "alpha_sigma2",
+    "ddim_grid",
+    "eps_from_x0",
+    "noise_from_seeds",
+    "reference_schedule",
+    "reference_schedules",
+    "sample",
+    "score_from_x0",
+    "x0_from_eps",
+]

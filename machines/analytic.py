@@ -1,0 +1,123 @@
+"""The analytic score machines IS, ES, LS, ELS and bbELS (Kamb & Ganguli 2025; DESIGN §3).
+
+Every machine has one call signature, ``machine(x, t, labels) → x̂0``, shared with wrapped
+networks. The machines differ only in their dictionary rule (data in
+:mod:`patchbank.geometry`), never in code paths:
+
+====== ========= ==============================================================
+IS     —         the N training images (one posterior per image)
+ES     circular  all N·H·W circular translates of the training images
+LS     zeros     the N patches at exactly the same pixel
+ELS    circular  every circularly wrapped patch of every image, any pixel
+bbELS  zeros     every patch whose visible zero padding matches the pixel's
+====== ========= ==============================================================
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import torch
+
+from patchbank.datasets import ImageData
+from patchbank.geometry import RULE_PADDING, BucketKey, Padding, check_padding, dictionary_groups, patches_at
+from patchbank.memory import IMAGE_RULES, MemoryBank
+
+from .exact import ExactBackend
+from .schedule import ScaleSchedule, alpha_sigma2
+
+MachineKind = Literal["IS", "ES", "LS", "ELS", "bbELS"]
+MACHINES: tuple[str, ...] = ("IS", "ES", "LS", "ELS", "bbELS")
+
+
+class Denoiser(Protocol):
+    """Anything the sampler can drive: ``x [B, C, H, W]``, time ``t``, labels ``[B]`` → ``x̂0 [B, C, H, W]``."""
+
+    def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+class Backend(Protocol):
+    def posterior(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor: ...
+
+
+class ScoreMachine:
+    """An analytic machine over a bank of training images.
+
+    ``kind``: IS, ES, LS, ELS or bbELS. ``scales``: a :class:`ScaleSchedule` or a constant odd P
+    (patch machines only). ``padding``: defaults to the rule's (zeros for LS/bbELS, circular for
+    ELS). ``conditional``: restrict every dictionary to training images of the sample's label.
+    ``backend``: how posteriors are computed (default :class:`ExactBackend`).
+    """
+
+    def __init__(
+        self,
+        bank: MemoryBank | ImageData,
+        kind: MachineKind,
+        scales: ScaleSchedule | int | None = None,
+        padding: Padding | None = None,
+        conditional: bool = False,
+        backend: Backend | None = None,
+    ) -> None:
+        if kind not in MACHINES:
+            raise ValueError(f"unknown machine {kind!r}; choose from {MACHINES}")
+        self.bank = bank if isinstance(bank, MemoryBank) else MemoryBank(bank)
+        self.kind = kind
+        self.conditional = conditional
+        self.backend = backend or ExactBackend()
+        self.channels, self.height, self.width = self.bank.channels, self.bank.height, self.bank.width
+        self.padding: Padding = padding or ("circular" if kind == "ES" else RULE_PADDING.get(kind, "zeros"))
+        check_padding(self.padding)
+        if kind == "bbELS" and self.padding != "zeros":
+            raise ValueError("bbELS is defined by zero padding; use ELS for circular padding")
+        if kind in IMAGE_RULES:
+            if scales is not None:
+                raise ValueError(f"{kind} compares whole images; it takes no patch scale")
+            self.scales = None
+        else:
+            if scales is None:
+                raise ValueError(f"{kind} needs a patch scale: an odd int or a ScaleSchedule")
+            self.scales = ScaleSchedule.constant(scales) if isinstance(scales, int) else scales
+
+    def __repr__(self) -> str:
+        return (
+            f"ScoreMachine({self.kind}, padding={self.padding}, conditional={self.conditional}, "
+            f"images={len(self.bank)}x{self.channels}x{self.height}x{self.width})"
+        )
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Posterior-mean denoiser: ``x [B, C, H, W]`` at time ``t`` → ``x̂0 [B, C, H, W]``."""
+        self._check_input(x, labels)
+        a, s2 = alpha_sigma2(t)
+        out = torch.empty_like(x)
+        for label, idx in self._label_groups(x.shape[0], labels):
+            out[idx] = self._denoise(x[idx], label, a, s2, t).to(x.dtype)
+        return out
+
+    def _check_input(self, x: torch.Tensor, labels: torch.Tensor | None) -> None:
+        expected = (self.channels, self.height, self.width)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"{self.kind} machine built for images [B, {', '.join(map(str, expected))}], got {tuple(x.shape)}")
+        if self.conditional and labels is None:
+            raise ValueError("a class-conditional machine needs labels [B]")
+        if self.conditional and labels.shape != (x.shape[0],):  # type: ignore[union-attr]
+            raise ValueError(f"labels must be [B] = [{x.shape[0]}], got {tuple(labels.shape)}")  # type: ignore[union-attr]
+
+    def _label_groups(self, B: int, labels: torch.Tensor | None) -> list[tuple[int | None, torch.Tensor]]:
+        if not self.conditional:
+            return [(None, torch.arange(B))]
+        labels = labels.cpu()  # type: ignore[union-attr]
+        return [(int(y), torch.nonzero(labels == y).view(-1)) for y in labels.unique()]
+
+    def _denoise(self, x: torch.Tensor, label: int | None, a: float, s2: float, t: float) -> torch.Tensor:
+        if self.scales is None:
+            bucket = BucketKey(self.kind, None, self.padding, (), label)
+            return self.backend.posterior(self.bank, bucket, x.flatten(1), a, s2).view_as(x)
+        P = self.scales(t)
+        out = torch.empty(x.shape, dtype=torch.float64, device=x.device)
+        for key, locs in dictionary_groups(self.height, self.width, P, self.kind):  # type: ignore[arg-type]
+            queries = patches_at(x, locs, P, self.padding)  # [b, L, C·P·P]
+            bucket = BucketKey(self.kind, P, self.padding, key, label)
+            centres = self.backend.posterior(self.bank, bucket, queries.flatten(0, 1), a, s2)  # [b·L, C]
+            out[:, :, locs[:, 0], locs[:, 1]] = centres.view(x.shape[0], -1, self.channels).permute(0, 2, 1).to(out.dtype)
+        return out

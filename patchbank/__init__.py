@@ -1,0 +1,35 @@
+"""patchbank: training data, patch geometry and banks of training patches (no diffusion time here)."""
+
+from .datasets import (
+    DATASETS_ENV,
+    ImageData,
+    load_dataset,
+    load_folder,
+    load_npz,
+    random_images,
+    resize_uint8,
+    to_model_range,
+    two_image,
+)
+from .geometry import BucketKey, boundary_class, dictionary_groups, extract_patches, pad_images, patches_at
+from .memory import Chunk, MemoryBank
+
+__all__ = [
+    "DATASETS_ENV",
+    "BucketKey",
+    "Chunk",
+    "ImageData",
+    "MemoryBank",
+    "boundary_class",
+    "dictionary_groups",
+    "extract_patches",
+    "load_dataset",
+    "load_folder",
+    "load_npz",
+    "pad_images",
+    "patches_at",
+    "random_images",
+    "resize_uint8",
+    "to_model_range",
+    "two_image",
+]
