@@ -1,7 +1,7 @@
 """machines: the analytic score machines, their posterior backends and the DDIM sampler."""
 
 from .analytic import MACHINES, Denoiser, ScoreMachine
-from .exact import ExactBackend
+from .exact import ExactBackend, PairStats
 from .sampler import ddim_grid, noise_from_seeds, sample
 from .schedule import (
     ScaleSchedule,
@@ -18,6 +18,7 @@ __all__ = [
     "MACHINES",
     "Denoiser",
     "ExactBackend",
+    "PairStats",
     "ScaleSchedule",
     "ScoreMachine",
     "abar",

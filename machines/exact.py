@@ -5,17 +5,42 @@ the posterior mean is ``Σ_p softmax(ℓ)(p)·v(p)`` with ``ℓ(p) = −‖q −
 ``‖q‖²`` term cancels in the softmax, so each chunk's logits are one matrix product,
 ``(2a⟨q, p⟩ − a²‖p‖²)/(2s²) + c``, and the reduction keeps a running maximum per query
 (flash-attention style): memory is bounded by ``query_chunk × chunk`` whatever the bucket size.
+
+**Pruning** (``prune=True``, patch buckets): the bucket's distinct patches are grouped into
+clusters with centre ``c`` and radius ``R`` (:mod:`patchbank.clusters`). For every member,
+``ℓ(p) ≤ u = −max(0, ‖q − a·c‖ − a·R)²/(2s²) + max c``. A (query, cluster) pair is skipped
+when ``u < m − T`` with ``m`` the query's running maximum (a lower bound of the final one) and
+``T = ln(U/tol)``: all skipped weight together is at most ``tol`` times the retained weight, so
+the result is exact to ``tol`` (default 1e-16, float64 round-off). Each query first visits its
+most promising cluster, so ``m`` is near its final value before the sweep.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
 
-from patchbank.geometry import BucketKey
-from patchbank.memory import Chunk, MemoryBank
+from patchbank.clusters import ClusteredPatches
+from patchbank.geometry import BucketKey, centre_index
+from patchbank.memory import IMAGE_RULES, Chunk, MemoryBank
+
+
+@dataclass
+class PairStats:
+    """How many (query, dictionary entry) pairs were computed, out of how many there are."""
+
+    visited: int = 0
+    total: int = 0
+
+    def reset(self) -> None:
+        self.visited = self.total = 0
+
+    @property
+    def visited_fraction(self) -> float:
+        return self.visited / self.total if self.total else 1.0
 
 
 @dataclass
@@ -24,19 +49,31 @@ class ExactBackend:
 
     ``chunk_size``: dictionary entries per chunk; ``query_chunk``: queries per block;
     ``dtype``: compute precision (float64 by default: late-time logits reach ~1e4, so float32
-    loses ~1e-4 of relative weight accuracy there).
+    loses ~1e-4 of relative weight accuracy there). ``prune``: skip clusters of ``leaf_size``
+    distinct patches whose total weight is provably below ``prune_tol`` of the retained weight
+    (patch buckets only; whole-image buckets are always streamed). ``stats`` counts the
+    (query, entry) pairs computed against those that exist.
     """
 
-    chunk_size: int = 16384
-    query_chunk: int = 1024
+    chunk_size: int = 4096
+    query_chunk: int = 256
     dtype: torch.dtype = torch.float64
+    prune: bool = True
+    leaf_size: int = 2048
+    prune_tol: float = 1e-16
+    stats: PairStats = field(default_factory=PairStats)
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1 or self.query_chunk < 1:
             raise ValueError(f"chunk sizes must be >= 1, got {self.chunk_size}, {self.query_chunk}")
+        if not 0 < self.prune_tol < 1:
+            raise ValueError(f"prune_tol must lie in (0, 1), got {self.prune_tol}")
 
     def posterior(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
         """Posterior means ``[Q, V]`` of queries ``[Q, D]`` against one bucket of the bank."""
+        if self.prune and bucket.rule not in IMAGE_RULES:
+            centre = centre_index(bank.channels, bucket.scale).to(queries.device)  # type: ignore[arg-type]
+            return self._pruned(queries, bank.clustered(bucket, self.leaf_size), centre, a, s2)
         return self.posterior_mean(queries, bank.stream(bucket, self.chunk_size, self.dtype, queries.device), a, s2)
 
     def posterior_mean(self, queries: torch.Tensor, chunks: Iterable[Chunk], a: float, s2: float) -> torch.Tensor:
@@ -47,26 +84,65 @@ class ExactBackend:
             if chunk.keys.shape[1] != q.shape[1]:
                 raise ValueError(f"queries have dimension {q.shape[1]} but dictionary keys {chunk.keys.shape[1]}")
             state = state or _Running.empty(q.shape[0], chunk.values.shape[1], q.dtype, q.device)
-            bias, values = _key_terms(chunk, a, s2, self.dtype)
-            keys_t = chunk.keys.to(self.dtype).T
-            for s in range(0, q.shape[0], self.query_chunk):
-                rows = slice(s, s + self.query_chunk)
-                logits = torch.addmm(bias, q[rows], keys_t, alpha=a / s2)  # [q, M]
-                state.update(rows, logits, values)
+            self.stats.total += q.shape[0] * chunk.keys.shape[0]
+            keys = chunk.keys.to(self.dtype)
+            bias = _bias(keys.pow(2).sum(1), chunk.log_counts, a, s2, self.dtype)
+            self._accumulate(state, torch.arange(q.shape[0], device=q.device), q, keys, bias, _with_ones(chunk.values, self.dtype), a, s2)
         if state is None:
             raise ValueError("the dictionary is empty")
         return state.mean()
 
+    def _accumulate(self, state: _Running, rows: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
+                    bias: torch.Tensor, values: torch.Tensor, a: float, s2: float) -> None:
+        """Fold one chunk into the running sums of the query ``rows`` (in blocks of ``query_chunk``)."""
+        keys_t = keys.T
+        self.stats.visited += rows.numel() * keys.shape[0]
+        for s in range(0, rows.numel(), self.query_chunk):
+            block = rows[s : s + self.query_chunk]
+            logits = torch.addmm(bias, q[block], keys_t, alpha=a / s2)  # [q, M]
+            state.update(block, logits, values)
 
-def _key_terms(chunk: Chunk, a: float, s2: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-entry logit bias ``−a²‖p‖²/(2s²) + c`` ``[1, M]`` and values with a ones column ``[M, V+1]``."""
-    keys = chunk.keys.to(dtype)
-    bias = keys.pow(2).sum(1).mul_(-(a * a) / (2 * s2))
-    if chunk.log_counts is not None:
-        bias = bias + chunk.log_counts.to(dtype)
-    values = chunk.values.to(dtype)
-    ones = torch.ones(values.shape[0], 1, dtype=dtype, device=values.device)
-    return bias[None, :], torch.cat([values, ones], 1)
+    def _pruned(self, queries: torch.Tensor, clusters: ClusteredPatches, centre: torch.Tensor, a: float, s2: float) -> torch.Tensor:
+        """Exact-to-``prune_tol`` posterior means of the ``centre`` coordinates ``[C]`` over a clustered bucket."""
+        dev, dt = queries.device, self.dtype
+        q = queries.to(dt)
+        if q.shape[1] != clusters.patches.shape[1]:
+            raise ValueError(f"queries have dimension {q.shape[1]} but the bucket's patches {clusters.patches.shape[1]}")
+        # Upper bound on every member's logit, in the running units (without the −‖q‖²/2s² term).
+        gap = (torch.cdist(q, a * clusters.centres.to(dev, dt)) - a * clusters.radii.to(dev, dt)).clamp_(min=0)
+        upper = gap.pow_(2).sub_(q.pow(2).sum(1, keepdim=True)).div_(-2 * s2).add_(clusters.max_log_count.to(dev, dt))
+        state = _Running.empty(q.shape[0], centre.numel(), dt, dev)
+        self.stats.total += q.shape[0] * clusters.patches.shape[0]
+        threshold = math.log(clusters.patches.shape[0] / self.prune_tol)
+        first = upper.argmax(1)
+        for k in torch.unique(first).tolist():
+            self._visit(state, torch.nonzero(first == k).view(-1), q, clusters, k, centre, a, s2)
+        for k in range(clusters.n_clusters):
+            rows = torch.nonzero((upper[:, k] >= state.m - threshold) & (first != k)).view(-1)
+            if rows.numel():
+                self._visit(state, rows, q, clusters, k, centre, a, s2)
+        return state.mean()
+
+    def _visit(self, state: _Running, rows: torch.Tensor, q: torch.Tensor, clusters: ClusteredPatches, k: int,
+               centre: torch.Tensor, a: float, s2: float) -> None:
+        s, e = clusters.offsets[k].item(), clusters.offsets[k + 1].item()
+        keys = clusters.patches[s:e].to(q.device, self.dtype).div_(255.0)
+        bias = _bias(clusters.sq_norms[s:e].to(q.device), clusters.log_counts[s:e].to(q.device), a, s2, self.dtype)
+        self._accumulate(state, rows, q, keys, bias, _with_ones(keys[:, centre], self.dtype), a, s2)
+
+
+def _bias(sq_norms: torch.Tensor, log_counts: torch.Tensor | None, a: float, s2: float, dtype: torch.dtype) -> torch.Tensor:
+    """Per-entry logit bias ``−a²‖p‖²/(2s²) + c``: ``[1, M]``."""
+    bias = sq_norms.to(dtype) * (-(a * a) / (2 * s2))
+    if log_counts is not None:
+        bias = bias + log_counts.to(dtype)
+    return bias[None, :]
+
+
+def _with_ones(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Values with a ones column appended, so one matrix product gives Σw·v and Σw: ``[M, V+1]``."""
+    values = values.to(dtype)
+    return torch.cat([values, torch.ones(values.shape[0], 1, dtype=dtype, device=values.device)], 1)
 
 
 @dataclass
@@ -80,7 +156,7 @@ class _Running:
     def empty(cls, Q: int, V: int, dtype: torch.dtype, device: torch.device) -> _Running:
         return cls(torch.full((Q,), -torch.inf, dtype=dtype, device=device), torch.zeros(Q, V + 1, dtype=dtype, device=device))
 
-    def update(self, rows: slice, logits: torch.Tensor, values: torch.Tensor) -> None:
+    def update(self, rows: torch.Tensor, logits: torch.Tensor, values: torch.Tensor) -> None:
         m_old = self.m[rows]
         m_new = torch.maximum(m_old, logits.amax(1))
         # Rescale the old sums to the new maximum, then add this chunk's weights (logits reused in place).

@@ -12,15 +12,19 @@ from .datasets import (
     two_image,
 )
 from .geometry import BucketKey, boundary_class, dictionary_groups, extract_patches, pad_images, patches_at
-from .memory import Chunk, MemoryBank
+from .clusters import ClusteredPatches, cluster_patches
+from .memory import Chunk, MemoryBank, UniquePatches
 
 __all__ = [
     "DATASETS_ENV",
     "BucketKey",
     "Chunk",
+    "ClusteredPatches",
     "ImageData",
     "MemoryBank",
+    "UniquePatches",
     "boundary_class",
+    "cluster_patches",
     "dictionary_groups",
     "extract_patches",
     "load_dataset",

@@ -6,12 +6,17 @@ on demand, so memory is bounded by the chunk size, never by the number of patche
 
 from __future__ import annotations
 
+import logging
 from typing import Iterator, NamedTuple
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .datasets import ImageData, to_model_range
-from .geometry import BucketKey, check_padding, check_scale, patches_at
+from .geometry import BucketKey, centre_index, check_padding, check_scale, patches_at
+
+log = logging.getLogger(__name__)
 
 
 IMAGE_RULES = ("IS", "ES")
@@ -25,13 +30,34 @@ class Chunk(NamedTuple):
     log_counts: torch.Tensor | None = None
 
 
-class MemoryBank:
-    """Training images in memory; geometry exposed as ``channels``, ``height``, ``width``."""
+class UniquePatches(NamedTuple):
+    """A bucket's distinct patches, stored once: ``patches`` int16 ``[U, D]`` in units of 1/255
+    (``2·u8 − 255``, so zero padding is exactly 0) and how often each occurs, ``counts`` int64 ``[U]``."""
 
-    def __init__(self, data: ImageData) -> None:
+    patches: torch.Tensor
+    counts: torch.Tensor
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+
+class MemoryBank:
+    """Training images in memory; geometry exposed as ``channels``, ``height``, ``width``.
+
+    With ``dedup=True`` each patch bucket is served as its distinct patches with log counts
+    (identical uint8 patches are exactly identical, so the posterior is unchanged). The
+    distinct-patch tables are built on first use and kept (see :meth:`unique_patches`).
+    """
+
+    def __init__(self, data: ImageData, dedup: bool = False, dedup_chunk: int = 1 << 20) -> None:
         self.data = data
         self.channels, self.height, self.width = data.shape
         self.labels = data.labels
+        self.dedup = dedup
+        self.dedup_chunk = dedup_chunk
+        self._unique: dict[BucketKey, UniquePatches] = {}
+        self._clustered: dict[tuple[BucketKey, int], object] = {}
 
     def __len__(self) -> int:
         return len(self.data)
@@ -62,6 +88,9 @@ class MemoryBank:
         """The bucket's patches in chunks of ≤ ``chunk_size``: keys ``[M, C·P·P]``, centre pixels ``[M, C]``."""
         check_scale(key.scale)
         check_padding(key.padding)
+        if self.dedup:
+            yield from self._unique_stream(key, chunk_size, dtype, device)
+            return
         locs = key.locations(self.height, self.width)
         ids = self.image_ids(key.label)
         n_img = max(1, chunk_size // locs.shape[0])
@@ -73,6 +102,44 @@ class MemoryBank:
                 keys = patches_at(x, sub, key.scale, key.padding).reshape(-1, x.shape[1] * key.scale**2)
                 values = x[:, :, sub[:, 0], sub[:, 1]].permute(0, 2, 1).reshape(-1, x.shape[1])
                 yield Chunk(keys, values)
+
+    def unique_patches(self, key: BucketKey) -> UniquePatches:
+        """The bucket's distinct patches and their counts (built once, then cached)."""
+        if key not in self._unique:
+            self._unique[key] = self._build_unique(key)
+        return self._unique[key]
+
+    def clustered(self, key: BucketKey, leaf_size: int = 1024):
+        """The bucket's distinct patches grouped into clusters with centres and radii (built once, cached).
+
+        Returns a :class:`patchbank.clusters.ClusteredPatches`.
+        """
+        from .clusters import cluster_patches
+
+        if (key, leaf_size) not in self._clustered:
+            self._clustered[(key, leaf_size)] = cluster_patches(self.unique_patches(key), leaf_size)
+        return self._clustered[(key, leaf_size)]
+
+    def _build_unique(self, key: BucketKey) -> UniquePatches:
+        locs = key.locations(self.height, self.width)
+        ids = self.image_ids(key.label)
+        per = max(1, self.dedup_chunk // locs.shape[0])
+        parts = []
+        for s in tqdm(range(0, ids.numel(), per), desc=f"dedup P={key.scale} {key.dictionary}", leave=False,
+                      disable=ids.numel() <= per):
+            x = self.data.images[ids[s : s + per]].to(torch.int16).mul_(2).sub_(255)
+            parts.append(_unique_rows(patches_at(x, locs, key.scale, key.padding).flatten(0, 1).numpy()))
+        rows, counts = _merge_unique(parts)
+        log.info("bucket %s: %d patches, %d distinct (%.1f%%)", key, counts.sum(), len(rows), 100 * len(rows) / counts.sum())
+        return UniquePatches(torch.from_numpy(rows), torch.from_numpy(counts))
+
+    def _unique_stream(self, key: BucketKey, chunk_size: int, dtype: torch.dtype, device: torch.device | str) -> Iterator[Chunk]:
+        table = self.unique_patches(key)
+        centre = centre_index(self.channels, key.scale).to(device)
+        for s in range(0, table.patches.shape[0], chunk_size):
+            keys = table.patches[s : s + chunk_size].to(device=device, dtype=dtype).div_(255.0)
+            log_counts = table.counts[s : s + chunk_size].to(device=device, dtype=dtype).log_()
+            yield Chunk(keys, keys[:, centre], log_counts)
 
     def image_stream(
         self,
@@ -105,3 +172,22 @@ def _shift_index(H: int, W: int, translates: bool) -> torch.Tensor:
     dy = torch.arange(H)[:, None, None, None]
     dx = torch.arange(W)[None, :, None, None]
     return (((i - dy) % H) * W + (j - dx) % W).reshape(H * W, H * W)
+
+
+def _unique_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct rows of a 2-D array and their counts (rows compared as raw bytes)."""
+    rows = np.ascontiguousarray(rows)
+    void = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
+    uniq, first, counts = np.unique(void, return_index=True, return_counts=True)
+    return rows[first], counts.astype(np.int64)
+
+
+def _merge_unique(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-chunk (distinct rows, counts) into one table with summed counts."""
+    rows = np.concatenate([p[0] for p in parts])
+    counts = np.concatenate([p[1] for p in parts])
+    if len(parts) == 1:
+        return rows, counts
+    void = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
+    _, first, inverse = np.unique(void, return_index=True, return_inverse=True)
+    return rows[first], np.bincount(inverse.ravel(), weights=counts, minlength=len(first)).astype(np.int64)

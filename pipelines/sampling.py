@@ -33,7 +33,7 @@ class SampleConfig:
     labels: list[int] | None = None
     seeds: list[int] = field(default_factory=lambda: list(range(8)))
     steps: int = 20
-    chunk_size: int = 16384
+    chunk_size: int = 4096
     out: str = "outputs/sample"
 
     def scales(self) -> ScaleSchedule | None:

@@ -15,7 +15,7 @@ def test_chunk_size_invariance(tiny, kind, P):
     data = tiny(3)
     x = noised(data, 0.2, 3)
     outs = [
-        ScoreMachine(data, kind, scales=P, backend=ExactBackend(chunk_size=c, query_chunk=q))(x, 0.2)
+        ScoreMachine(data, kind, scales=P, backend=ExactBackend(chunk_size=c, query_chunk=q, prune=False))(x, 0.2)
         for c, q in [(1, 1), (7, 5), (10**9, 10**9)]
     ]
     for o in outs[1:]:
@@ -166,3 +166,34 @@ def test_bad_inputs_fail_clearly(tiny):
         machine(torch.zeros(1, 1, 7, 9), 0.5, torch.tensor([7]))
     with pytest.raises(ValueError, match="t > 0"):
         machine(torch.zeros(1, 1, 7, 9), 0.0, torch.tensor([0]))
+
+
+@pytest.fixture(scope="module")
+def mnist_small(datasets_dir) -> ImageData:
+    from patchbank import load_npz
+
+    return load_npz(datasets_dir / "mnist.npz").subset(150)
+
+
+@pytest.mark.parametrize("kind,P", [("bbELS", 3), ("bbELS", 7), ("ELS", 5), ("LS", 3)])
+@pytest.mark.parametrize("t", [0.05, 0.3, 0.7, 1.0])
+def test_pruning_and_dedup_are_exact_on_real_data(mnist_small, kind, P, t):
+    """Distinct patches with log counts, and cluster pruning, leave the posterior unchanged (float64 round-off)."""
+    x = noised(mnist_small, t, 2, seed=7)
+    dense = ScoreMachine(mnist_small, kind, scales=P, backend=ExactBackend(prune=False))(x, t)
+    dedup = ScoreMachine(MemoryBank(mnist_small, dedup=True), kind, scales=P, backend=ExactBackend(prune=False))(x, t)
+    backend = ExactBackend(prune=True, leaf_size=64)
+    pruned = ScoreMachine(mnist_small, kind, scales=P, backend=backend)(x, t)
+    assert torch.allclose(dedup, dense, atol=1e-12, rtol=0)
+    assert torch.allclose(pruned, dense, atol=1e-12, rtol=0)
+    if t == 0.05 and kind != "LS":
+        assert backend.stats.visited_fraction < 0.5, "pruning skipped almost nothing where the posterior is concentrated"
+
+
+def test_mnist_background_patches_collapse(mnist_small):
+    bank = MemoryBank(mnist_small, dedup=True)
+    table = bank.unique_patches(BucketKey("bbELS", 3, "zeros", (1, 1, 1, 1)))
+    assert table.total == 150 * 26 * 26
+    assert len(table.counts) < 0.5 * table.total  # MNIST's black background is one patch
+    zero = (table.patches == -255).all(1)  # the all-black patch, in units of 1/255
+    assert zero.sum() == 1 and table.counts[zero].item() > 0.3 * table.total

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from machines import ScoreMachine
+from machines import ExactBackend, ScoreMachine
 from reference import naive_machine
 from conftest import noised
 
@@ -16,12 +16,14 @@ CASES = [("IS", None, None), ("ES", "circular", None)] + [(k, pad, P) for k, pad
 @pytest.mark.parametrize("kind,padding,P", CASES)
 @pytest.mark.parametrize("C", [1, 3])
 @pytest.mark.parametrize("conditional", [False, True])
-def test_matches_naive_reference(tiny, kind, padding, P, C, conditional):
+@pytest.mark.parametrize("prune", [False, True])
+def test_matches_naive_reference(tiny, kind, padding, P, C, conditional, prune):
     data = tiny(C)
     t = 0.3 if P != 5 else 0.05
     x = noised(data, t, 2, seed=P or 0)
     labels = torch.tensor([1, 0])
-    machine = ScoreMachine(data, kind, scales=P, padding=padding if kind != "IS" else None, conditional=conditional)
+    backend = ExactBackend(prune=prune, leaf_size=16)
+    machine = ScoreMachine(data, kind, scales=P, padding=padding if kind != "IS" else None, conditional=conditional, backend=backend)
     got = machine(x, t, labels)
     images = data.images.double().numpy() / 127.5 - 1
     ref = naive_machine(kind, images, data.labels.numpy(), x.numpy(), t, P, padding or "zeros",

@@ -1,0 +1,72 @@
+"""Time one exact machine step (issue 2's benchmark).
+
+One query image (a noised MNIST test digit), ELS and bbELS, several P and t, on N training
+images. Prints one row per configuration: build time of the distinct-patch tables (dedup),
+then the median step time over ``--repeat`` runs.
+
+    python benchmarks/bench_exact.py --n-train 1000 --scales 3 7 11
+    python benchmarks/bench_exact.py --n-train 0 --scales 3 7 --times 0.05 0.35   # full 60k
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from machines import ExactBackend, ScoreMachine, alpha_sigma2
+from patchbank import MemoryBank, load_dataset
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="mnist")
+    ap.add_argument("--n-train", type=int, default=1000, help="0 = the whole training set")
+    ap.add_argument("--resize", type=int, default=0, help="0 keeps 28x28")
+    ap.add_argument("--machines", nargs="+", default=["ELS", "bbELS"])
+    ap.add_argument("--scales", nargs="+", type=int, default=[3, 7, 11])
+    ap.add_argument("--times", nargs="+", type=float, default=[0.05, 0.35, 0.65, 0.95])
+    ap.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    ap.add_argument("--dedup", choices=["on", "off", "both"], default="both")
+    ap.add_argument("--prune", choices=["on", "off", "both"], default="both")
+    ap.add_argument("--leaf-size", type=int, default=2048)
+    ap.add_argument("--chunk-size", type=int, default=4096)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_dataset(args.dataset, resize=args.resize or None, limit=args.n_train or None)
+    test = load_dataset(args.dataset, split="test", resize=args.resize or None, limit=1)
+    x0 = test.images.double() / 127.5 - 1
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    print(f"# {len(data)} training images {tuple(data.shape)}, 1 query, {args.dtype}, {torch.get_num_threads()} threads")
+    print(f"{'machine':7} {'P':>3} {'dedup':>5} {'prune':>5} {'t':>5} {'build_s':>8} {'step_s':>8} {'visited':>8}")
+    choice = {"on": [True], "off": [False], "both": [False, True]}
+    configs = [(d, p) for p in choice[args.prune] for d in choice[args.dedup] if not (p and not d)]  # pruning implies dedup
+    for dedup, prune in configs:
+        backend = ExactBackend(chunk_size=args.chunk_size, dtype=getattr(torch, args.dtype), prune=prune, leaf_size=args.leaf_size)
+        for kind in args.machines:
+            for P in args.scales:
+                bank = MemoryBank(data, dedup=dedup)
+                machine = ScoreMachine(bank, kind, scales=P, backend=backend)
+                start = time.perf_counter()
+                if dedup:
+                    machine(x0, 0.5)  # builds (and caches) the distinct-patch tables and clusters
+                build = time.perf_counter() - start
+                for t in args.times:
+                    a, s2 = alpha_sigma2(t)
+                    x = a * x0 + s2**0.5 * noise
+                    runs = []
+                    backend.stats.reset()
+                    for _ in range(args.repeat):
+                        start = time.perf_counter()
+                        machine(x, t)
+                        runs.append(time.perf_counter() - start)
+                    visited = backend.stats.visited_fraction
+                    print(f"{kind:7} {P:3d} {str(dedup):>5} {str(prune):>5} {t:5.2f} {build:8.2f} {statistics.median(runs):8.3f} {visited:8.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
