@@ -159,9 +159,14 @@ class _Running:
     def update(self, rows: torch.Tensor, logits: torch.Tensor, values: torch.Tensor) -> None:
         m_old = self.m[rows]
         m_new = torch.maximum(m_old, logits.amax(1))
-        # Rescale the old sums to the new maximum, then add this chunk's weights (logits reused in place).
-        weights = logits.sub_(m_new[:, None]).exp_()
-        self.acc[rows] = self.acc[rows] * torch.exp(m_old - m_new)[:, None] + weights @ values
+        # Weights relative to the new maximum (logits reused in place). Relative logits below
+        # half of log(smallest normal) are raised to it (weights 1.5e-154 in float64, 1.1e-19 in
+        # float32, each far below round-off of the max term 1): otherwise late-time weights and
+        # their products with the values go subnormal, which doubles the cost.
+        floor = 0.5 * math.log(torch.finfo(logits.dtype).tiny)
+        weights = logits.sub_(m_new[:, None]).clamp_(min=floor).exp_()
+        scale = torch.exp((m_old - m_new).clamp_(min=floor))
+        self.acc[rows] = self.acc[rows] * scale[:, None] + weights @ values
         self.m[rows] = m_new
 
     def mean(self) -> torch.Tensor:

@@ -16,6 +16,8 @@ import torch
 
 from .memory import UniquePatches
 
+_BLOCK = 1 << 20  # rows projected at a time
+
 
 class ClusteredPatches(NamedTuple):
     """Distinct patches grouped into clusters. ``U`` patches of dimension ``D`` in ``K`` clusters.
@@ -38,48 +40,61 @@ class ClusteredPatches(NamedTuple):
         return self.centres.shape[0]
 
 
-def cluster_patches(table: UniquePatches, leaf_size: int = 1024, power_iters: int = 6) -> ClusteredPatches:
-    """Group a bucket's distinct patches into clusters of at most ``leaf_size`` rows."""
+def cluster_patches(table: UniquePatches, leaf_size: int = 1024, sample: int = 65536) -> ClusteredPatches:
+    """Group a bucket's distinct patches into clusters of at most ``leaf_size`` rows.
+
+    Memory stays near the size of the int16 table: split directions are estimated from at most
+    ``sample`` rows of a range, projections and cluster statistics are computed range by range.
+    """
     if leaf_size < 1:
         raise ValueError(f"leaf_size must be >= 1, got {leaf_size}")
-    x = table.patches.to(torch.float32)
-    perm = torch.arange(x.shape[0])
-    bounds = _split(x, perm, leaf_size, power_iters)
+    perm = torch.arange(table.patches.shape[0])
+    bounds = _split(table.patches, perm, leaf_size, sample)
     patches = table.patches[perm]
-    values = patches.to(torch.float64) / 255.0
-    log_counts = table.counts[perm].to(torch.float64).log()
+    counts = table.counts[perm]
     offsets = torch.tensor([0] + [e for _, e in bounds])
-    centres = torch.stack([values[s:e].mean(0) for s, e in bounds])
-    radii = torch.stack([(values[s:e] - centres[k]).norm(dim=1).max() for k, (s, e) in enumerate(bounds)])
-    max_lc = torch.stack([log_counts[s:e].max() for s, e in bounds])
-    return ClusteredPatches(patches, log_counts, values.pow(2).sum(1), offsets, centres, radii, max_lc)
+    centres, radii, max_lc, sq_norms = [], [], [], []
+    for s, e in bounds:
+        values = patches[s:e].to(torch.float64) / 255.0
+        centre = values.mean(0)
+        centres.append(centre)
+        radii.append((values - centre).norm(dim=1).max())
+        max_lc.append(counts[s:e].max().to(torch.float64).log())
+        sq_norms.append(values.pow(2).sum(1))
+    return ClusteredPatches(
+        patches, counts.to(torch.float64).log(), torch.cat(sq_norms), offsets,
+        torch.stack(centres), torch.stack(radii), torch.stack(max_lc),
+    )
 
 
-def _split(x: torch.Tensor, perm: torch.Tensor, leaf_size: int, power_iters: int) -> list[tuple[int, int]]:
-    """Reorder ``perm`` in place into leaves; returns the leaves' ``(start, end)`` in order."""
-    todo, leaves = [(0, x.shape[0])], []
+def _split(patches: torch.Tensor, perm: torch.Tensor, leaf_size: int, sample: int) -> list[tuple[int, int]]:
+    """Reorder ``perm`` in place into leaves (median splits along each range's principal direction)."""
+    todo, leaves = [(0, patches.shape[0])], []
     gen = torch.Generator().manual_seed(0)
     while todo:
         s, e = todo.pop()
         if e - s <= leaf_size:
             leaves.append((s, e))
             continue
-        seg = x[perm[s:e]]
-        proj = (seg - seg.mean(0)) @ _principal_direction(seg, power_iters, gen)
-        perm[s:e] = perm[s:e][torch.argsort(proj, stable=True)]
+        idx = perm[s:e]
+        probe = idx if e - s <= sample else idx[torch.randperm(e - s, generator=gen)[:sample]]
+        rows = patches[probe].to(torch.float32)
+        mean = rows.mean(0)
+        direction = _principal_direction(rows - mean, gen)
+        proj = torch.cat([(patches[idx[i : i + _BLOCK]].to(torch.float32) - mean) @ direction for i in range(0, e - s, _BLOCK)])
+        perm[s:e] = idx[torch.argsort(proj, stable=True)]
         mid = (s + e) // 2
         todo += [(mid, e), (s, mid)]
     return sorted(leaves)
 
 
-def _principal_direction(seg: torch.Tensor, iters: int, gen: torch.Generator) -> torch.Tensor:
-    """Approximate top principal direction of ``seg [n, D]`` by power iteration: ``[D]``."""
-    centred = seg - seg.mean(0)
-    v = torch.randn(seg.shape[1], generator=gen)
+def _principal_direction(centred: torch.Tensor, gen: torch.Generator, iters: int = 6) -> torch.Tensor:
+    """Approximate top principal direction of centred rows ``[n, D]`` by power iteration: ``[D]``."""
+    v = torch.randn(centred.shape[1], generator=gen)
     for _ in range(iters):
         v = centred.T @ (centred @ v)
         norm = v.norm()
         if norm == 0:
-            return torch.eye(seg.shape[1])[0]
+            return torch.eye(centred.shape[1])[0]
         v = v / norm
     return v
