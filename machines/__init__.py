@@ -2,6 +2,7 @@
 
 from .analytic import MACHINES, Denoiser, ScoreMachine
 from .exact import ExactBackend, PairStats
+from .topk import TopKBackend, TopKStats
 from .sampler import ddim_grid, noise_from_seeds, sample
 from .schedule import (
     ScaleSchedule,
@@ -19,6 +20,8 @@ __all__ = [
     "Denoiser",
     "ExactBackend",
     "PairStats",
+    "TopKBackend",
+    "TopKStats",
     "ScaleSchedule",
     "ScoreMachine",
     "abar",

@@ -12,10 +12,21 @@ from .datasets import (
     two_image,
 )
 from .geometry import BucketKey, boundary_class, dictionary_groups, extract_patches, pad_images, patches_at
+from .bank import BankError, BankSpec, PatchBank, bucket_id
 from .clusters import ClusteredPatches, cluster_patches
+from .index import Neighbours, PatchIndex, SearchResult, merge_neighbours, torch_search
 from .memory import Chunk, MemoryBank, UniquePatches
 
 __all__ = [
+    "BankError",
+    "BankSpec",
+    "Neighbours",
+    "PatchBank",
+    "PatchIndex",
+    "SearchResult",
+    "bucket_id",
+    "merge_neighbours",
+    "torch_search",
     "DATASETS_ENV",
     "BucketKey",
     "Chunk",

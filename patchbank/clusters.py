@@ -24,7 +24,8 @@ class ClusteredPatches(NamedTuple):
 
     patches: int16 ``[U, D]`` (units of 1/255, cluster ``k`` is rows ``offsets[k]:offsets[k+1]``);
     log_counts, sq_norms: float64 ``[U]`` (``‖p‖²`` in model units); offsets: long ``[K+1]``;
-    centres: float64 ``[K, D]``; radii: float64 ``[K]``; max_log_count: float64 ``[K]``.
+    centres: float64 ``[K, D]``; radii: float64 ``[K]``; max_log_count: float64 ``[K]``;
+    order: long ``[U]``, row ``i`` here is row ``order[i]`` of the distinct-patch table.
     """
 
     patches: torch.Tensor
@@ -34,6 +35,7 @@ class ClusteredPatches(NamedTuple):
     centres: torch.Tensor
     radii: torch.Tensor
     max_log_count: torch.Tensor
+    order: torch.Tensor
 
     @property
     def n_clusters(self) -> int:
@@ -63,7 +65,7 @@ def cluster_patches(table: UniquePatches, leaf_size: int = 1024, sample: int = 6
         sq_norms.append(values.pow(2).sum(1))
     return ClusteredPatches(
         patches, counts.to(torch.float64).log(), torch.cat(sq_norms), offsets,
-        torch.stack(centres), torch.stack(radii), torch.stack(max_lc),
+        torch.stack(centres), torch.stack(radii), torch.stack(max_lc), perm,
     )
 
 

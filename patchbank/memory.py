@@ -58,6 +58,7 @@ class MemoryBank:
         self.dedup_chunk = dedup_chunk
         self._unique: dict[BucketKey, UniquePatches] = {}
         self._clustered: dict[tuple[BucketKey, int], object] = {}
+        self._search_tables: dict[tuple[BucketKey, str], torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.data)
@@ -119,6 +120,21 @@ class MemoryBank:
         if (key, leaf_size) not in self._clustered:
             self._clustered[(key, leaf_size)] = cluster_patches(self.unique_patches(key), leaf_size)
         return self._clustered[(key, leaf_size)]
+
+    def search(self, key: BucketKey, queries: torch.Tensor, k: int, nprobe: int = 8, engine: str = "auto"):
+        """The ``k`` distinct patches nearest to ``queries [Q, D]`` (model units) in a bucket.
+
+        Returns a :class:`patchbank.index.SearchResult`. An in-memory bank searches exactly with
+        torch (matmul + top-k, on the queries' device); :class:`PatchBank` adds FAISS indices.
+        """
+        from .index import SearchResult, torch_search
+
+        if engine not in ("auto", "torch"):
+            raise ValueError(f"an in-memory bank searches with torch only, not {engine!r}; build a PatchBank for FAISS")
+        cache = (key, str(queries.device))
+        if cache not in self._search_tables:
+            self._search_tables[cache] = self.unique_patches(key).patches.to(queries.device, torch.float32) / 255.0
+        return SearchResult(torch_search(queries, self._search_tables[cache], k), "flat")
 
     def _build_unique(self, key: BucketKey) -> UniquePatches:
         locs = key.locations(self.height, self.width)

@@ -1,0 +1,153 @@
+"""Top-k posterior backend with a certificate and an exact fallback (DESIGN §3, "Top-k with a certificate").
+
+``‖q − a·p‖² = a²‖q/a − p‖²``, so the bank's nearest distinct patches to ``q/a`` carry the
+highest weights (up to their counts). Their exact distances are recomputed in float64, the
+softmax is taken over them with log counts, and the weight left out is bounded:
+
+* **flat** (exact k-NN): every other patch lies at distance ≥ d_k, so the neglected weight is at
+  most ``(n_bucket − Σ counts retrieved)·exp(−a²·d_k²/(2s²))`` (d_k lowered by a float32 slack);
+* **ivf**: within the probed lists the same bound; each unprobed list ℓ (centroid c, radius R,
+  n_ℓ patches with counts) adds ``n_ℓ·exp(−a²·max(0, ‖q/a − c‖ − R)²/(2s²))``;
+* **hnsw**: the flat formula, but not rigorous (graph search may miss closer patches): reported
+  as uncertified.
+
+ε = neglected / retained weight; the error on x̂0 is at most ``2ε·max|p| ≤ 2ε``. Queries with
+ε > ``tol`` are recomputed by the exact backend (only those, batched).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from patchbank.geometry import BucketKey, centre_index
+from patchbank.index import SearchResult
+from patchbank.memory import IMAGE_RULES, MemoryBank
+
+from .exact import ExactBackend
+
+FLOAT32_SLACK = 1e-5  # relative error allowance on float32 index distances
+
+
+@dataclass
+class TopKStats:
+    """Per-call statistics, accumulated until :meth:`reset`: queries, fallbacks, ε values, seconds."""
+
+    queries: int = 0
+    fallback: int = 0
+    certified: bool = True
+    eps: list[torch.Tensor] = field(default_factory=list)
+    search_s: float = 0.0
+    topk_s: float = 0.0
+    exact_s: float = 0.0
+
+    def reset(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def summary(self) -> dict:
+        eps = torch.cat(self.eps) if self.eps else torch.zeros(0)
+        return {
+            "queries": self.queries,
+            "fallback_fraction": self.fallback / self.queries if self.queries else 0.0,
+            "eps_median": float(eps.median()) if eps.numel() else 0.0,
+            "eps_max": float(eps.max()) if eps.numel() else 0.0,
+            "certified": self.certified,
+            "search_s": round(self.search_s, 4),
+            "topk_s": round(self.topk_s, 4),
+            "exact_s": round(self.exact_s, 4),
+        }
+
+
+@dataclass
+class TopKBackend:
+    """Posterior means from the ``k`` nearest distinct patches, certified, with exact fallback.
+
+    ``tol``: largest accepted ε (neglected/retained weight); ``fallback``: the exact backend for
+    queries above it (None: keep the top-k answer and only report ε); ``nprobe``: IVF lists
+    searched; ``engine``: ``auto`` | ``faiss`` | ``torch`` (see :meth:`PatchBank.search`);
+    ``query_chunk``: queries gathered at a time (memory ``query_chunk × k × D``).
+    """
+
+    k: int = 256
+    tol: float = 1e-4
+    nprobe: int = 8
+    engine: Literal["auto", "faiss", "torch"] = "auto"
+    fallback: ExactBackend | None = field(default_factory=ExactBackend)
+    query_chunk: int = 256
+    stats: TopKStats = field(default_factory=TopKStats)
+
+    def posterior(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
+        """Posterior means ``[Q, C]`` of the centre pixels for queries ``[Q, D]`` against one bucket."""
+        if bucket.rule in IMAGE_RULES:
+            return _require(self.fallback).posterior(bank, bucket, queries, a, s2)
+        q = queries.to(torch.float64)
+        start = time.perf_counter()
+        found = bank.search(bucket, (q / a).to(torch.float32), self.k, self.nprobe, self.engine)
+        self.stats.search_s += time.perf_counter() - start
+        start = time.perf_counter()
+        means, eps = self._truncated(bank, bucket, q, found, a, s2)
+        self.stats.topk_s += time.perf_counter() - start
+        self.stats.queries += q.shape[0]
+        self.stats.certified &= found.kind != "hnsw"
+        self.stats.eps.append(eps.cpu())
+        redo = torch.nonzero(eps > self.tol).view(-1)
+        if redo.numel() and self.fallback is not None:
+            start = time.perf_counter()
+            means[redo] = self.fallback.posterior(bank, bucket, q[redo], a, s2).to(means.dtype)
+            self.stats.exact_s += time.perf_counter() - start
+            self.stats.fallback += redo.numel()
+        return means
+
+    def _truncated(self, bank: MemoryBank, bucket: BucketKey, q: torch.Tensor, found: SearchResult, a: float, s2: float):
+        """Softmax over the retrieved patches and its certificate ε, query block by block."""
+        table = bank.unique_patches(bucket)
+        centre = centre_index(bank.channels, bucket.scale).to(q.device)  # type: ignore[arg-type]
+        total = float(table.total)
+        means, eps = [], []
+        for s in range(0, q.shape[0], self.query_chunk):
+            rows = slice(s, s + self.query_chunk)
+            ids = found.neighbours.ids[rows].to(q.device)
+            valid = ids >= 0
+            safe = ids.clamp(min=0).cpu()
+            cand = (table.patches[safe].to(q.device, torch.float64) / 255.0)  # [b, k, D]
+            counts = table.counts[safe].to(q.device, torch.float64) * valid
+            d2 = (q[rows, None, :] / a - cand).pow(2).sum(-1)  # exact, float64
+            logits = torch.where(valid, -(a * a) * d2 / (2 * s2) + counts.clamp(min=1).log(), -torch.inf)
+            m = logits.amax(1, keepdim=True)
+            w = (logits - m).exp()
+            Z = w.sum(1)
+            means.append((w[..., None] * cand[..., centre]).sum(1) / Z[:, None])
+            bound = self._neglected(found, rows, q[rows] / a, d2, valid, counts, total, a, s2, m[:, 0])
+            eps.append(bound / Z)
+        return torch.cat(means), torch.cat(eps)
+
+    def _neglected(self, found: SearchResult, rows: slice, qa: torch.Tensor, d2: torch.Tensor, valid: torch.Tensor,
+                   counts: torch.Tensor, total: float, a: float, s2: float, m: torch.Tensor) -> torch.Tensor:
+        """Upper bound on the weight of every patch not retrieved, relative to ``exp(m)``: ``[b]``."""
+        full = valid.all(1)  # fewer than k results: everything searchable was returned
+        dk2 = torch.where(valid, d2, torch.zeros_like(d2)).amax(1)
+        slack = FLOAT32_SLACK * (qa.pow(2).sum(1) + dk2 + 1.0)
+        dk2 = (dk2 - slack).clamp(min=0)
+        retrieved = counts.sum(1)
+        if found.kind != "ivf":
+            rest = (total - retrieved).clamp(min=0)
+            return torch.where(full, rest * torch.exp(-(a * a) * dk2 / (2 * s2) - m), torch.zeros_like(m))
+        ivf, probed = found.ivf, found.probed[rows].to(qa.device)  # type: ignore[union-attr,index]
+        list_counts = ivf.counts.to(qa.device)  # type: ignore[union-attr]
+        in_probed = list_counts[probed].sum(1)
+        inner = torch.where(full, (in_probed - retrieved).clamp(min=0) * torch.exp(-(a * a) * dk2 / (2 * s2) - m), torch.zeros_like(m))
+        dist = torch.cdist(qa, ivf.centroids.to(qa.device))  # type: ignore[union-attr]
+        lower = (dist - ivf.radii.to(qa.device) * (1 + FLOAT32_SLACK) - FLOAT32_SLACK).clamp(min=0)  # type: ignore[union-attr]
+        outer = list_counts[None, :] * torch.exp(-(a * a) * lower.pow(2) / (2 * s2) - m[:, None])
+        outer = outer.scatter(1, probed, 0.0)  # probed lists are covered by the inner bound
+        return inner + outer.sum(1)
+
+
+def _require(fallback: ExactBackend | None) -> ExactBackend:
+    if fallback is None:
+        raise ValueError("whole-image machines (IS, ES) need the exact backend; give TopKBackend a fallback")
+    return fallback

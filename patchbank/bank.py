@@ -1,0 +1,346 @@
+"""The on-disk patch bank: build once per dataset, open many times (DESIGN §3–§4).
+
+Layout of a bank directory::
+
+    manifest.json              format version, dataset fingerprint, normalisation, build spec, buckets
+    data.zarr/                 images uint8 [N, C, H, W], labels int64 [N]
+    buckets/<id>/              one zarr group per bucket: distinct patches int16 [U, D] (1/255 units),
+                               counts int64 [U], clusters (offsets, centres, radii, max_log_count),
+                               IVF list metadata; and index.faiss when an index is built
+
+Every write goes to a temporary name and is renamed into place, buckets one by one, so a build
+killed at any point resumes on re-run (finished buckets are kept) and ends with the same bank as
+an uninterrupted build. Opening checks the format version, the data fingerprint (recomputed from
+the stored images) and, when the caller gives its data, that the bank was built for it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import zarr
+from tqdm.auto import tqdm
+
+from .clusters import ClusteredPatches, cluster_patches
+from .datasets import ImageData
+from .geometry import RULE_PADDING, BucketKey, dictionary_groups
+from .index import IVFLists, Neighbours, PatchIndex, SearchResult, faiss_gpu_available, index_kind
+from .memory import IMAGE_RULES, MemoryBank, UniquePatches
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+NORMALISATION = "x / 127.5 - 1 from uint8; patches stored as int16 2*u8 - 255 (units of 1/255), zero padding = 0"
+
+
+class BankError(RuntimeError):
+    """A bank that cannot be used as asked: missing, corrupted, or built for other data."""
+
+
+@dataclass
+class BankSpec:
+    """What to build. ``rules``: dictionary rules (LS, ELS, bbELS); ``scales``: odd P values;
+    ``labels``: also build one bucket per label (class-conditional machines); ``index``: a FAISS
+    ``index_factory`` string (``Flat``, ``IVF<n>,Flat``, ``HNSW<M>``) or None for no index;
+    ``leaf_size``: cluster size for the exact backend's pruning."""
+
+    scales: list[int]
+    rules: list[str] = field(default_factory=lambda: ["bbELS"])
+    labels: bool = False
+    index: str | None = "Flat"
+    leaf_size: int = 2048
+
+    def __post_init__(self) -> None:
+        for rule in self.rules:
+            if rule in IMAGE_RULES or rule not in RULE_PADDING:
+                raise ValueError(f"a patch bank serves patch rules {sorted(RULE_PADDING)}, not {rule!r}")
+        if self.index is not None:
+            index_kind(self.index)
+
+    def buckets(self, data: ImageData) -> list[BucketKey]:
+        C, H, W = data.shape
+        labels: list[int | None] = [None] + (sorted(int(y) for y in data.labels.unique()) if self.labels else [])
+        return [
+            BucketKey(rule, P, RULE_PADDING[rule], key, label)
+            for rule in self.rules
+            for P in self.scales
+            for key, _ in dictionary_groups(H, W, P, rule)  # type: ignore[arg-type]
+            for label in labels
+        ]
+
+
+def bucket_id(key: BucketKey) -> str:
+    """A file-system name for a bucket, e.g. ``bbELS-P5-zeros-0_2_2_2-all``."""
+    dictionary = "_".join(map(str, key.dictionary)) or "any"
+    label = "all" if key.label is None else f"y{key.label}"
+    return f"{key.rule}-P{key.scale}-{key.padding}-{dictionary}-{label}"
+
+
+class PatchBank(MemoryBank):
+    """A bank on disk. Serves machines exactly like :class:`MemoryBank` (stream, distinct patches,
+    clusters), from stored tables, plus nearest-patch search through per-bucket FAISS indices."""
+
+    def __init__(self, path: Path, data: ImageData, manifest: dict) -> None:
+        super().__init__(data, dedup=True)
+        self.path = Path(path)
+        self.manifest = manifest
+        self.spec = BankSpec(**manifest["spec"])
+        self._buckets = {bucket_id(BucketKey(**_key_from_json(k))) for k in manifest["buckets"]}
+        self._indices: dict[BucketKey, PatchIndex] = {}
+        self._ivf: dict[BucketKey, IVFLists | None] = {}
+
+    # ---- build -------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, data: ImageData, path: str | os.PathLike, spec: BankSpec, progress: bool = True) -> PatchBank:
+        """Build (or resume building) a bank for ``data`` at ``path``; returns the opened bank."""
+        path = Path(path)
+        fingerprint = data.fingerprint()
+        manifest = _new_manifest(data, spec, fingerprint)
+        if (path / "manifest.json").exists():
+            _check_resumable(_read_manifest(path), manifest, path)
+        path.mkdir(parents=True, exist_ok=True)
+        _write_json(path / "manifest.json", {**manifest, "complete": False})
+        if not (path / "data.zarr").exists():
+            _atomic_dir(path / "data.zarr", lambda tmp: _write_data(tmp, data))
+        (path / "buckets").mkdir(exist_ok=True)
+        for stale in (path / "buckets").glob("*.tmp"):
+            shutil.rmtree(stale)
+        builder = MemoryBank(data, dedup=True)
+        keys = spec.buckets(data)
+        start = time.perf_counter()
+        for key in tqdm(keys, desc="building buckets", disable=not progress):
+            target = path / "buckets" / bucket_id(key)
+            if not target.exists():
+                _atomic_dir(target, lambda tmp: _write_bucket(tmp, builder, key, spec))
+        manifest["build_seconds"] = round(time.perf_counter() - start, 2)
+        manifest["buckets"] = [_key_to_json(k) for k in keys]
+        _write_json(path / "manifest.json", {**manifest, "complete": True})
+        return cls.open(path)
+
+    # ---- open --------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike, expect: ImageData | None = None) -> PatchBank:
+        """Open a built bank; with ``expect``, fail unless it was built for exactly that data."""
+        path = Path(path)
+        if not path.is_dir():
+            raise BankError(f"no patch bank at {path}")
+        manifest = _read_manifest(path)
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise BankError(f"{path}: bank format {manifest.get('format_version')}, this code reads {FORMAT_VERSION}")
+        if not manifest.get("complete"):
+            raise BankError(f"{path}: the build did not finish; re-run the same build to resume it")
+        if manifest.get("normalisation") != NORMALISATION:
+            raise BankError(f"{path}: bank normalisation {manifest.get('normalisation')!r} differs from {NORMALISATION!r}")
+        data = _read_data(path)
+        if data.fingerprint() != manifest["fingerprint"]:
+            raise BankError(f"{path}: stored images/labels do not match the manifest fingerprint (corrupted data.zarr)")
+        if expect is not None and expect.fingerprint() != manifest["fingerprint"]:
+            raise BankError(
+                f"{path} was built for other data ({manifest['dataset']}, {manifest['n_images']} images "
+                f"{manifest['image_shape']}, fingerprint {manifest['fingerprint'][:12]}…), not for the "
+                f"{len(expect)} images {list(expect.shape)} given"
+            )
+        return cls(path, data, manifest)
+
+    def info(self) -> dict:
+        """Summary of the manifest and per-scale sizes (patches, distinct, disk bytes)."""
+        per_scale: dict[int, dict] = {}
+        for entry in self.manifest["buckets"]:
+            key = BucketKey(**_key_from_json(entry))
+            stats = self.manifest["bucket_stats"].get(bucket_id(key), {})
+            s = per_scale.setdefault(key.scale, {"buckets": 0, "patches": 0, "distinct": 0, "bytes": 0})  # type: ignore[arg-type]
+            s["buckets"] += 1
+            for f in ("patches", "distinct", "bytes"):
+                s[f] += stats.get(f, 0)
+        return {k: self.manifest[k] for k in ("dataset", "n_images", "image_shape", "fingerprint", "spec", "build_seconds")} | {
+            "scales": per_scale
+        }
+
+    # ---- serving -----------------------------------------------------------------------------
+    def _group(self, key: BucketKey):
+        name = bucket_id(key)
+        if name not in self._buckets:
+            raise BankError(f"{self.path}: no bucket {name}; the bank was built with {self.manifest['spec']}")
+        try:
+            return zarr.open_group(str(self.path / "buckets" / name), mode="r")
+        except Exception as err:  # zarr raises several types for missing/corrupt groups
+            raise BankError(f"{self.path}: bucket {name} is missing or corrupted ({err})") from err
+
+    def unique_patches(self, key: BucketKey) -> UniquePatches:
+        if key not in self._unique:
+            g = self._group(key)
+            try:
+                table = UniquePatches(torch.from_numpy(g["patches"][:]), torch.from_numpy(g["counts"][:]))
+            except Exception as err:
+                raise BankError(f"{self.path}: bucket {bucket_id(key)} is corrupted ({err})") from err
+            expected = len(self.image_ids(key.label)) * key.locations(self.height, self.width).shape[0]
+            if table.total != expected or table.patches.shape[1] != self.channels * key.scale**2:  # type: ignore[operator]
+                raise BankError(f"{self.path}: bucket {bucket_id(key)} holds {table.total} patches, expected {expected} (corrupted)")
+            self._unique[key] = table
+        return self._unique[key]
+
+    def clustered(self, key: BucketKey, leaf_size: int = 2048) -> ClusteredPatches:
+        if leaf_size != self.spec.leaf_size:
+            return super().clustered(key, leaf_size)
+        if (key, leaf_size) not in self._clustered:
+            g = self._group(key)
+            table = self.unique_patches(key)
+            order = torch.from_numpy(g["cluster_order"][:])
+            patches = table.patches[order]
+            values = patches.to(torch.float64) / 255.0
+            self._clustered[(key, leaf_size)] = ClusteredPatches(
+                patches, table.counts[order].to(torch.float64).log(), values.pow(2).sum(1),
+                *(torch.from_numpy(g[n][:]) for n in ("cluster_offsets", "cluster_centres", "cluster_radii", "cluster_max_log_count")),
+                order,
+            )
+        return self._clustered[(key, leaf_size)]  # type: ignore[return-value]
+
+    def search(self, key: BucketKey, queries: torch.Tensor, k: int, nprobe: int = 8, engine: str = "auto") -> SearchResult:
+        """Nearest distinct patches through the bucket's FAISS index (``engine='faiss'``), or exact
+        torch search (``'torch'``; also what ``'auto'`` does without faiss, without an index, or for
+        CUDA queries when faiss-gpu is absent)."""
+        if engine not in ("auto", "faiss", "torch"):
+            raise ValueError(f"engine must be 'auto', 'faiss' or 'torch', got {engine!r}")
+        has_index = self.manifest["bucket_stats"].get(bucket_id(key), {}).get("index") is not None
+        use_faiss = engine == "faiss" or (engine == "auto" and has_index and _faiss_usable(queries))
+        if not use_faiss:
+            return super().search(key, queries, k, nprobe, "torch")
+        index = self.index(key)
+        on_gpu = queries.is_cuda and faiss_gpu_available()
+        k_eff = min(k, 2048) if on_gpu else k  # FAISS GPU answers k ≤ 2048; the certificate covers the rest
+        nb, probed = index.search(queries, k_eff, nprobe, use_gpu=on_gpu)
+        nb = Neighbours(nb.distances.to(queries.device), nb.ids.to(queries.device))
+        return SearchResult(nb, index.kind, probed, index.ivf)
+
+    def index(self, key: BucketKey) -> PatchIndex:
+        """The bucket's FAISS index (loaded once)."""
+        if key not in self._indices:
+            spec = self.manifest["bucket_stats"][bucket_id(key)].get("index")
+            if spec is None:
+                raise BankError(f"{self.path}: built without an index (spec index=None); rebuild with e.g. index='Flat'")
+            g = self._group(key)
+            ivf = None
+            if index_kind(spec) == "ivf":
+                ivf = IVFLists(*(torch.from_numpy(g[n][:]) for n in ("ivf_centroids", "ivf_radii", "ivf_counts")))
+            self._indices[key] = PatchIndex.load(self.path / "buckets" / bucket_id(key) / "index.faiss", spec, ivf)
+        return self._indices[key]
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def _faiss_usable(queries: torch.Tensor) -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return not queries.is_cuda or faiss_gpu_available()
+
+
+def _new_manifest(data: ImageData, spec: BankSpec, fingerprint: str) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "dataset": data.name,
+        "n_images": len(data),
+        "image_shape": list(data.shape),
+        "fingerprint": fingerprint,
+        "normalisation": NORMALISATION,
+        "spec": asdict(spec),
+        "buckets": [],
+        "bucket_stats": {},
+    }
+
+
+def _check_resumable(old: dict, new: dict, path: Path) -> None:
+    for field_ in ("format_version", "fingerprint", "spec", "normalisation"):
+        if old.get(field_) != new[field_]:
+            raise BankError(
+                f"{path} already holds a bank with a different {field_} ({old.get(field_)!r} vs {new[field_]!r}); "
+                "choose another path or delete it"
+            )
+
+
+def _read_manifest(path: Path) -> dict:
+    f = path / "manifest.json"
+    if not f.is_file():
+        raise BankError(f"{path} is not a patch bank (no manifest.json)")
+    try:
+        manifest = json.loads(f.read_text())
+    except json.JSONDecodeError as err:
+        raise BankError(f"{f} is corrupted ({err})") from err
+    stats = {}
+    for d in (path / "buckets").glob("*/stats.json") if (path / "buckets").is_dir() else []:
+        stats[d.parent.name] = json.loads(d.read_text())
+    manifest["bucket_stats"] = stats
+    return manifest
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({k: v for k, v in obj.items() if k != "bucket_stats"}, indent=1))
+    os.replace(tmp, path)
+
+
+def _atomic_dir(target: Path, write) -> None:
+    """Write a directory under ``<target>.tmp`` and rename it into place."""
+    tmp = target.with_name(target.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    os.replace(tmp, target)
+
+
+def _write_data(tmp: Path, data: ImageData) -> None:
+    g = zarr.open_group(str(tmp), mode="w")
+    g.create_array("images", data=data.images.numpy(), chunks=(min(len(data), 1024), *data.shape))
+    g.create_array("labels", data=data.labels.numpy())
+
+
+def _read_data(path: Path) -> ImageData:
+    try:
+        g = zarr.open_group(str(path / "data.zarr"), mode="r")
+        images, labels = g["images"][:], g["labels"][:]
+    except Exception as err:
+        raise BankError(f"{path}: data.zarr is missing or corrupted ({err})") from err
+    return ImageData(torch.from_numpy(images), torch.from_numpy(labels))
+
+
+def _write_bucket(tmp: Path, builder: MemoryBank, key: BucketKey, spec: BankSpec) -> None:
+    table = builder.unique_patches(key)
+    builder._unique.pop(key)  # keep the builder's memory bounded by one bucket
+    g = zarr.open_group(str(tmp), mode="w")
+    g.attrs["key"] = _key_to_json(key)
+    patches = table.patches.numpy()
+    chunk_rows = max(1, (1 << 22) // max(1, patches.shape[1] * 2))
+    g.create_array("patches", data=patches, chunks=(min(chunk_rows, len(patches)), patches.shape[1]))
+    g.create_array("counts", data=table.counts.numpy(), chunks=(min(chunk_rows, len(patches)),))
+    clusters = cluster_patches(table, spec.leaf_size)
+    for name in ("order", "offsets", "centres", "radii", "max_log_count"):
+        g.create_array(f"cluster_{name}", data=getattr(clusters, name).numpy())
+    stats = {"patches": table.total, "distinct": len(patches), "index": None}
+    if spec.index is not None:
+        vectors = (table.patches.to(torch.float32) / 255.0).numpy()
+        index = PatchIndex.build(vectors, table.counts.numpy(), spec.index)
+        index.save(tmp / "index.faiss")
+        stats["index"] = index.spec
+        if index.ivf is not None:
+            for name in ("centroids", "radii", "counts"):
+                g.create_array(f"ivf_{name}", data=getattr(index.ivf, name).numpy())
+    stats["bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+    (tmp / "stats.json").write_text(json.dumps(stats))
+
+
+def _key_to_json(key: BucketKey) -> dict:
+    d = asdict(key)
+    d["dictionary"] = list(key.dictionary)
+    return d
+
+
+def _key_from_json(d: dict) -> dict:
+    return {**d, "dictionary": tuple(d["dictionary"])}

@@ -1,0 +1,108 @@
+"""The on-disk patch bank: build, reopen, resume after interruption, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import patchbank.bank as bank_mod
+from conftest import noised
+from machines import ExactBackend, ScoreMachine
+from patchbank import BankError, BankSpec, BucketKey, ImageData, MemoryBank, PatchBank, load_npz
+
+
+@pytest.fixture(scope="module")
+def mnist_tiny(datasets_dir) -> ImageData:
+    return load_npz(datasets_dir / "mnist.npz").subset(60)
+
+
+@pytest.fixture(scope="module")
+def built(mnist_tiny, tmp_path_factory) -> PatchBank:
+    path = tmp_path_factory.mktemp("bank") / "mnist60"
+    return PatchBank.build(mnist_tiny, path, BankSpec(scales=[3, 5], rules=["bbELS", "ELS"], labels=True, index="Flat"), progress=False)
+
+
+def _tree(path) -> dict:
+    """Every file of a bank except the build timing: name → bytes."""
+    out = {}
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            data = f.read_bytes()
+            if f.name == "manifest.json":
+                data = json.dumps({k: v for k, v in json.loads(data).items() if k != "build_seconds"}).encode()
+            out[str(f.relative_to(path))] = data
+    return out
+
+
+def _first_chunk(array_dir):
+    """The first chunk file of a zarr v3 array (under its ``c/`` folder)."""
+    return next(f for f in sorted((array_dir / "c").rglob("*")) if f.is_file())
+
+
+def test_bank_serves_the_same_posterior_as_memory(built, mnist_tiny):
+    x = noised(mnist_tiny, 0.3, 2)
+    for kind, P in [("bbELS", 5), ("ELS", 3)]:
+        mem = ScoreMachine(mnist_tiny, kind, scales=P, backend=ExactBackend(prune=False))(x, 0.3)
+        disk = ScoreMachine(PatchBank.open(built.path), kind, scales=P)(x, 0.3)
+        assert torch.allclose(disk, mem, atol=1e-12, rtol=0)
+    cond = ScoreMachine(built, "bbELS", scales=3, conditional=True)(x, 0.3, torch.tensor([3, 5]))
+    ref = ScoreMachine(mnist_tiny, "bbELS", scales=3, conditional=True, backend=ExactBackend(prune=False))(x, 0.3, torch.tensor([3, 5]))
+    assert torch.allclose(cond, ref, atol=1e-12, rtol=0)
+
+
+def test_dedup_counts_and_info(built, mnist_tiny):
+    info = built.info()
+    assert info["n_images"] == 60 and set(info["scales"]) == {3, 5}
+    interior = built.unique_patches(BucketKey("bbELS", 3, "zeros", (1, 1, 1, 1)))
+    assert interior.total == 60 * 26 * 26 and len(interior.counts) < interior.total
+    mem = MemoryBank(mnist_tiny, dedup=True).unique_patches(BucketKey("bbELS", 3, "zeros", (1, 1, 1, 1)))
+    assert torch.equal(interior.patches, mem.patches) and torch.equal(interior.counts, mem.counts)
+
+
+def test_interrupted_build_resumes_to_an_identical_bank(mnist_tiny, tmp_path, monkeypatch):
+    spec = BankSpec(scales=[3], rules=["bbELS"], index="IVF4,Flat")
+    whole = PatchBank.build(mnist_tiny, tmp_path / "whole", spec, progress=False)
+    original = bank_mod._write_bucket
+    calls = {"n": 0}
+
+    def dying(tmp, builder, key, spec_):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            original(tmp, builder, key, spec_)  # half-written: the .tmp directory is left behind
+            raise KeyboardInterrupt
+        original(tmp, builder, key, spec_)
+
+    monkeypatch.setattr(bank_mod, "_write_bucket", dying)
+    with pytest.raises(KeyboardInterrupt):
+        PatchBank.build(mnist_tiny, tmp_path / "resumed", spec, progress=False)
+    with pytest.raises(BankError, match="did not finish"):
+        PatchBank.open(tmp_path / "resumed")
+    monkeypatch.setattr(bank_mod, "_write_bucket", original)
+    resumed = PatchBank.build(mnist_tiny, tmp_path / "resumed", spec, progress=False)
+    assert _tree(resumed.path) == _tree(whole.path)
+
+
+def test_mismatched_and_corrupted_banks_fail_clearly(built, mnist_tiny, tmp_path):
+    other = ImageData(255 - mnist_tiny.images, mnist_tiny.labels)
+    with pytest.raises(BankError, match="built for other data"):
+        PatchBank.open(built.path, expect=other)
+    PatchBank.open(built.path, expect=mnist_tiny)
+    with pytest.raises(BankError, match="different fingerprint"):
+        PatchBank.build(other, built.path, BankSpec(scales=[3, 5], rules=["bbELS", "ELS"], labels=True), progress=False)
+    with pytest.raises(BankError, match="no manifest"):
+        PatchBank.open(tmp_path)
+    with pytest.raises(BankError, match="no patch bank"):
+        PatchBank.open(tmp_path / "absent")
+    broken = tmp_path / "broken"
+    shutil.copytree(built.path, broken)
+    _first_chunk(broken / "buckets" / "bbELS-P3-zeros-1_1_1_1-all" / "counts").write_bytes(b"garbage")
+    with pytest.raises(BankError, match="corrupted"):
+        PatchBank.open(broken).unique_patches(BucketKey("bbELS", 3, "zeros", (1, 1, 1, 1)))
+    with pytest.raises(BankError, match="no bucket"):
+        PatchBank.open(broken).unique_patches(BucketKey("LS", 3, "zeros", (0, 0)))
+    _first_chunk(broken / "data.zarr" / "images").write_bytes(b"garbage")
+    with pytest.raises(BankError, match="data.zarr"):
+        PatchBank.open(broken)

@@ -1,0 +1,105 @@
+"""The certified top-k backend against the exact backend on real MNIST banks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import noised
+from machines import ExactBackend, ScoreMachine, TopKBackend, alpha_sigma2, noise_from_seeds, sample
+from patchbank import BankSpec, BucketKey, ImageData, MemoryBank, PatchBank, load_npz, patches_at
+
+TIMES = [0.05, 0.2, 0.5, 0.8, 1.0]
+
+
+@pytest.fixture(scope="module")
+def mnist(datasets_dir) -> ImageData:
+    return load_npz(datasets_dir / "mnist.npz").subset(120)
+
+
+@pytest.fixture(scope="module", params=["Flat", "IVF16,Flat"])
+def bank(request, mnist, tmp_path_factory) -> PatchBank:
+    path = tmp_path_factory.mktemp("topk") / request.param.replace(",", "_")
+    return PatchBank.build(mnist, path, BankSpec(scales=[3, 5], rules=["bbELS"], index=request.param), progress=False)
+
+
+def _queries(data: ImageData, key: BucketKey, t: float) -> torch.Tensor:
+    x = noised(data, t, 2, seed=11)
+    return patches_at(x, key.locations(data.shape[1], data.shape[2]), key.scale, key.padding).flatten(0, 1)
+
+
+INTERIOR = BucketKey("bbELS", 5, "zeros", (2, 2, 2, 2))
+EDGE = BucketKey("bbELS", 5, "zeros", (0, 2, 2, 2))  # the top row's strip: a small bucket
+
+
+def found_kind(bank: PatchBank) -> str:
+    return bank.index(INTERIOR).kind
+
+
+def test_k_at_least_bucket_size_is_exact(bank, mnist):
+    U = len(bank.unique_patches(EDGE).counts)
+    q = _queries(mnist, EDGE, 0.3)
+    a, s2 = alpha_sigma2(0.3)
+    exact = ExactBackend().posterior(bank, EDGE, q, a, s2)
+    topk = TopKBackend(k=U + 5, tol=float("inf"), nprobe=10**6, query_chunk=8)
+    assert torch.allclose(topk.posterior(bank, EDGE, q, a, s2), exact, atol=1e-6, rtol=0)
+    assert max(topk.stats.summary()["eps_max"], 0.0) < 1e-12
+
+
+@pytest.mark.parametrize("t", TIMES)
+@pytest.mark.parametrize("k,nprobe", [(8, 1), (64, 4)])
+def test_measured_error_never_exceeds_the_certificate(bank, mnist, t, k, nprobe):
+    q = _queries(mnist, INTERIOR, t)
+    a, s2 = alpha_sigma2(t)
+    exact = ExactBackend().posterior(bank, INTERIOR, q, a, s2)
+    topk = TopKBackend(k=k, tol=float("inf"), nprobe=nprobe, fallback=None)
+    err = (topk.posterior(bank, INTERIOR, q, a, s2) - exact).abs().amax(1)
+    eps = topk.stats.eps[0]
+    assert topk.stats.certified
+    assert (err <= 2 * eps + 1e-9).all(), f"certificate violated: max err/eps {(err / (2 * eps)).max()}"
+    if t == 0.05 and k == 64 and found_kind(bank) == "flat":
+        assert (eps < 1e-3).float().mean() > 0.5  # at late times the flat certificate is usually tight
+
+
+@pytest.mark.parametrize("t", TIMES)
+def test_fallback_bounds_every_pixel(bank, mnist, t):
+    q = _queries(mnist, INTERIOR, t)
+    a, s2 = alpha_sigma2(t)
+    exact = ExactBackend().posterior(bank, INTERIOR, q, a, s2)
+    topk = TopKBackend(k=32, tol=1e-4, nprobe=4)
+    err = (topk.posterior(bank, INTERIOR, q, a, s2) - exact).abs().max()
+    assert err <= 2e-4 + 1e-12
+
+
+def test_fallback_sample_matches_exact_sample(bank):
+    """A 10-step bbELS sample with tol = 1e-4 stays within 1e-3 of the exact sample (max abs)."""
+    noise = noise_from_seeds([0, 1], (1, 28, 28), torch.float64)
+    exact = sample(ScoreMachine(bank, "bbELS", scales=3), noise, steps=10)
+    backend = TopKBackend(k=32, tol=1e-4, nprobe=4)
+    approx = sample(ScoreMachine(bank, "bbELS", scales=3, backend=backend), noise, steps=10)
+    assert (approx - exact).abs().max() <= 1e-3
+    assert backend.stats.fallback < backend.stats.queries  # the top-k answer was accepted somewhere
+
+
+def test_memory_bank_torch_search_and_reopened_bank_agree(bank, mnist):
+    q = _queries(mnist, INTERIOR, 0.2)
+    a, s2 = alpha_sigma2(0.2)
+    outs = [
+        TopKBackend(k=16, tol=float("inf"), fallback=None, engine=engine).posterior(b, INTERIOR, q, a, s2)
+        for b, engine in [(bank, "auto"), (PatchBank.open(bank.path), "auto"), (bank, "torch"), (MemoryBank(mnist), "torch")]
+    ]
+    if bank.index(INTERIOR).kind == "flat":  # exact search: every engine finds the same neighbours
+        for o in outs[2:]:
+            assert torch.allclose(o, outs[0], atol=1e-9, rtol=0)
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[2], outs[3])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_torch_search_matches_cpu(mnist):
+    bank = MemoryBank(mnist)
+    q = _queries(mnist, INTERIOR, 0.2)
+    a, s2 = alpha_sigma2(0.2)
+    cpu = TopKBackend(k=16, tol=1e-4).posterior(bank, INTERIOR, q, a, s2)
+    gpu = TopKBackend(k=16, tol=1e-4).posterior(bank, INTERIOR, q.cuda(), a, s2)
+    assert torch.allclose(gpu.cpu(), cpu, atol=1e-9, rtol=0)
