@@ -138,7 +138,7 @@ class PatchBank(MemoryBank):
             raise BankError(f"{path}: the build did not finish; re-run the same build to resume it")
         if manifest.get("normalisation") != NORMALISATION:
             raise BankError(f"{path}: bank normalisation {manifest.get('normalisation')!r} differs from {NORMALISATION!r}")
-        data = _read_data(path)
+        data = _read_data(path, manifest.get("dataset", "unnamed"))
         if data.fingerprint() != manifest["fingerprint"]:
             raise BankError(f"{path}: stored images/labels do not match the manifest fingerprint (corrupted data.zarr)")
         if expect is not None and expect.fingerprint() != manifest["fingerprint"]:
@@ -302,13 +302,13 @@ def _write_data(tmp: Path, data: ImageData) -> None:
     g.create_array("labels", data=data.labels.numpy())
 
 
-def _read_data(path: Path) -> ImageData:
+def _read_data(path: Path, name: str) -> ImageData:
     try:
         g = zarr.open_group(str(path / "data.zarr"), mode="r")
         images, labels = g["images"][:], g["labels"][:]
     except Exception as err:
         raise BankError(f"{path}: data.zarr is missing or corrupted ({err})") from err
-    return ImageData(torch.from_numpy(images), torch.from_numpy(labels))
+    return ImageData(torch.from_numpy(images), torch.from_numpy(labels), name)
 
 
 def _write_bucket(tmp: Path, builder: MemoryBank, key: BucketKey, spec: BankSpec) -> None:

@@ -6,6 +6,10 @@ import argparse
 import logging
 from dataclasses import fields
 
+import json
+
+from patchbank import BankSpec, PatchBank, load_dataset
+
 from .sampling import SampleConfig, run_sample
 
 
@@ -36,7 +40,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", type=_seeds, default=d.seeds, help="e.g. 0-7 or 3,5")
     s.add_argument("--steps", type=int, default=d.steps)
     s.add_argument("--chunk-size", type=int, default=d.chunk_size)
+    s.add_argument("--bank", default=None, help="a built patch bank to sample from (instead of --dataset)")
+    s.add_argument("--backend", default=d.backend, choices=["exact", "topk"])
+    s.add_argument("--k", type=int, default=d.k, help="top-k: neighbours per pixel")
+    s.add_argument("--tol", type=float, default=d.tol, help="top-k: certified tolerance before exact fallback")
     s.add_argument("--out", default=d.out)
+
+    b = sub.add_parser("build", help="build (or resume building) a patch bank on disk")
+    b.add_argument("out", help="bank directory")
+    b.add_argument("--dataset", default="mnist")
+    b.add_argument("--resize", type=int, default=0, help="resize to R×R (0 keeps the original size)")
+    b.add_argument("--n-train", type=int, default=0, help="use the first N training images (0 = all)")
+    b.add_argument("--scales", type=int, nargs="+", required=True, help="odd patch sizes, e.g. 3 5 7")
+    b.add_argument("--rules", nargs="+", default=["bbELS"], choices=["LS", "ELS", "bbELS"])
+    b.add_argument("--labels", action="store_true", help="also build per-label buckets (conditional machines)")
+    b.add_argument("--index", default="Flat", help="FAISS index_factory string: Flat, IVF<n>,Flat, HNSW<M>; 'none' for no index")
+    b.add_argument("--leaf-size", type=int, default=2048, help="cluster size for the exact backend's pruning")
+
+    i = sub.add_parser("info", help="describe a built patch bank")
+    i.add_argument("bank")
     return parser
 
 
@@ -48,6 +70,14 @@ def main(argv: list[str] | None = None) -> None:
         values["resize"] = values["resize"] or None
         values["n_train"] = values["n_train"] or None
         print(run_sample(SampleConfig(**values)))
+    elif args.command == "build":
+        data = load_dataset(args.dataset, resize=args.resize or None, limit=args.n_train or None)
+        index = None if args.index.lower() == "none" else args.index
+        spec = BankSpec(scales=args.scales, rules=args.rules, labels=args.labels, index=index, leaf_size=args.leaf_size)
+        bank = PatchBank.build(data, args.out, spec)
+        print(json.dumps(bank.info(), indent=1))
+    elif args.command == "info":
+        print(json.dumps(PatchBank.open(args.bank).info(), indent=1))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from machines import ExactBackend, ScaleSchedule, ScoreMachine, noise_from_seeds, reference_schedule, sample
-from patchbank import load_dataset
+from machines import ExactBackend, ScaleSchedule, ScoreMachine, TopKBackend, noise_from_seeds, reference_schedule, sample
+from patchbank import MemoryBank, PatchBank, load_dataset
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,10 @@ class SampleConfig:
     seeds: list[int] = field(default_factory=lambda: list(range(8)))
     steps: int = 20
     chunk_size: int = 4096
+    bank: str | None = None  # a built PatchBank directory; its data replaces dataset/resize/n_train
+    backend: str = "exact"  # exact | topk
+    k: int = 256
+    tol: float = 1e-4
     out: str = "outputs/sample"
 
     def scales(self) -> ScaleSchedule | None:
@@ -46,10 +50,12 @@ class SampleConfig:
 
 def run_sample(cfg: SampleConfig) -> Path:
     """Sample ``len(cfg.seeds)`` images; writes ``samples.png``, ``samples.pt`` and ``config.json`` under ``cfg.out``."""
-    data = load_dataset(cfg.dataset, resize=cfg.resize, limit=cfg.n_train)
+    bank = PatchBank.open(cfg.bank) if cfg.bank else MemoryBank(load_dataset(cfg.dataset, resize=cfg.resize, limit=cfg.n_train))
+    data = bank.data
+    exact = ExactBackend(chunk_size=cfg.chunk_size)
+    backend = TopKBackend(k=cfg.k, tol=cfg.tol, fallback=exact) if cfg.backend == "topk" else exact
     machine = ScoreMachine(
-        data, cfg.machine, scales=cfg.scales(), padding=cfg.padding, conditional=cfg.conditional,  # type: ignore[arg-type]
-        backend=ExactBackend(chunk_size=cfg.chunk_size),
+        bank, cfg.machine, scales=cfg.scales(), padding=cfg.padding, conditional=cfg.conditional, backend=backend,  # type: ignore[arg-type]
     )
     labels = _labels(cfg, data.labels)
     log.info("%r: %d seeds, %d steps", machine, len(cfg.seeds), cfg.steps)
@@ -62,6 +68,8 @@ def run_sample(cfg: SampleConfig) -> Path:
     _write_atomic(out / "samples.png", lambda p: save_image((x + 1) / 2, p, nrow=min(8, len(cfg.seeds)), format="png"))
     _write_atomic(out / "samples.pt", lambda p: torch.save({"samples": x, "seeds": cfg.seeds, "labels": labels}, p))
     record = {**asdict(cfg), "seconds": round(elapsed, 2), "train_images": len(data), "image_shape": list(data.shape)}
+    if isinstance(backend, TopKBackend):
+        record["topk_stats"] = backend.stats.summary()
     _write_atomic(out / "config.json", lambda p: Path(p).write_text(json.dumps(record, indent=1)))
     return out / "samples.png"
 
