@@ -80,3 +80,17 @@ def test_noise_depends_only_on_its_seed():
     a = noise_from_seeds([5, 6, 7], (2, 3, 3))
     b = noise_from_seeds([7], (2, 3, 3))
     assert torch.equal(a[2], b[0]) and not torch.equal(a[0], a[1])
+
+
+def test_agreement_metrics():
+    from pipelines.metrics import mse, pearson_r, r2
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 1, 5, 5, generator=g, dtype=torch.float64)
+    assert torch.allclose(pearson_r(a, 2 * a + 1), torch.ones(3, dtype=torch.float64))
+    assert torch.allclose(pearson_r(a, -a), -torch.ones(3, dtype=torch.float64))
+    assert torch.allclose(r2(a, a), torch.ones(3, dtype=torch.float64)) and torch.equal(mse(a, a), torch.zeros(3, dtype=torch.float64))
+    b = torch.randn(3, 1, 5, 5, generator=g, dtype=torch.float64)
+    ref = torch.corrcoef(torch.stack([a[0].flatten(), b[0].flatten()]))[0, 1]
+    assert torch.isclose(pearson_r(a, b)[0], ref)
+    assert r2(b, a)[0] < 1 and torch.isclose(mse(a, b)[0], ((a[0] - b[0]) ** 2).mean())
