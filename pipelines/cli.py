@@ -10,7 +10,9 @@ import json
 
 from patchbank import BankSpec, PatchBank, load_dataset
 
+from .jobs import CalibrateConfig, EvaluateConfig, run_calibrate, run_evaluate
 from .sampling import SampleConfig, run_sample
+from .training import TrainConfig, train
 
 
 def _seeds(text: str) -> list[int]:
@@ -59,6 +61,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="describe a built patch bank")
     i.add_argument("bank")
+
+    tr = sub.add_parser("train", help="train (or resume) an eps-predicting ResNet/UNet")
+    tr.add_argument("--config", default=None, help="a JSON file of TrainConfig fields (see configs/)")
+    tr.add_argument("--iters", type=int, default=None)
+    tr.add_argument("--n-train", type=int, default=None)
+    tr.add_argument("--device", default=None)
+    tr.add_argument("--out", default=None)
+
+    c = sub.add_parser("calibrate", help="calibrate a machine's P(t) to a trained network")
+    dc = CalibrateConfig()
+    c.add_argument("--model", default=dc.model)
+    c.add_argument("--machine", default=dc.machine, choices=["LS", "ELS", "bbELS"])
+    c.add_argument("--candidates", type=int, nargs="+", default=dc.candidates)
+    c.add_argument("--seeds", type=_seeds, default=dc.seeds)
+    c.add_argument("--steps", type=int, default=dc.steps)
+    c.add_argument("--bank", default=None)
+    c.add_argument("--out", default=dc.out)
+
+    e = sub.add_parser("evaluate", help="theory vs network agreement of a calibrated machine (with the IS baseline)")
+    de = EvaluateConfig()
+    e.add_argument("--model", default=de.model)
+    e.add_argument("--calibration", default=de.calibration)
+    e.add_argument("--machine", default=de.machine, choices=["LS", "ELS", "bbELS"])
+    e.add_argument("--seeds", type=_seeds, default=de.seeds)
+    e.add_argument("--steps", type=int, default=de.steps)
+    e.add_argument("--bank", default=None)
+    e.add_argument("--backend", default=de.backend, choices=["exact", "topk"])
+    e.add_argument("--batch", type=int, default=de.batch)
+    e.add_argument("--out", default=de.out)
     return parser
 
 
@@ -78,6 +109,18 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(bank.info(), indent=1))
     elif args.command == "info":
         print(json.dumps(PatchBank.open(args.bank).info(), indent=1))
+    elif args.command == "train":
+        cfg = TrainConfig.from_json(args.config) if args.config else TrainConfig()
+        for name in ("iters", "n_train", "device", "out"):
+            if getattr(args, name) is not None:
+                setattr(cfg, name, getattr(args, name))
+        print(train(cfg))
+    elif args.command == "calibrate":
+        result = run_calibrate(CalibrateConfig(**{f.name: getattr(args, f.name) for f in fields(CalibrateConfig)}))
+        print(json.dumps(result["schedule"]))
+    elif args.command == "evaluate":
+        report = run_evaluate(EvaluateConfig(**{f.name: getattr(args, f.name) for f in fields(EvaluateConfig)}))
+        print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,100 @@
+"""Calibration and evaluation jobs: typed configs → files, the same functions the CLI calls.
+
+The machine's dictionary is the network's own training set (read from the model's
+``config.json``: dataset, resize, n_train), or a built bank given with ``bank``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from machines import ExactBackend, ScoreMachine, TopKBackend
+from patchbank import MemoryBank, PatchBank, load_dataset
+
+from .calibration import calibrate, schedule_from, write_calibration
+from .evaluation import evaluate, read_rows
+from .figures import agreement_scatter, image_pairs, scale_curve
+from .training import load_network
+
+
+@dataclass
+class CalibrateConfig:
+    model: str = "outputs/train/model.pt"
+    machine: str = "bbELS"
+    candidates: list[int] = field(default_factory=lambda: [1, 3, 5, 7, 9, 11, 13, 15, 17, 19])
+    seeds: list[int] = field(default_factory=lambda: list(range(8)))
+    steps: int = 20
+    bank: str | None = None
+    out: str = "outputs/calibrate"
+
+
+@dataclass
+class EvaluateConfig:
+    model: str = "outputs/train/model.pt"
+    calibration: str = "outputs/calibrate/calibration.json"
+    machine: str = "bbELS"
+    seeds: list[int] = field(default_factory=lambda: list(range(100)))
+    steps: int = 20
+    bank: str | None = None
+    backend: str = "exact"  # exact | topk
+    batch: int = 10
+    out: str = "outputs/evaluate"
+
+
+def _setup(model: str, bank_path: str | None):
+    """The network, the bank of its training set, and its training config."""
+    train_cfg = json.loads((Path(model).parent / "config.json").read_text())
+    network = load_network(model)
+    if bank_path:
+        bank = PatchBank.open(bank_path)
+        if bank.data.fingerprint() != train_cfg["fingerprint"]:
+            raise ValueError(f"bank {bank_path} holds other data than the network was trained on")
+    else:
+        bank = MemoryBank(load_dataset(train_cfg["dataset"], resize=train_cfg["resize"], limit=train_cfg["n_train"]))
+    return network, bank, train_cfg
+
+
+def _labels_of(train_cfg: dict, seeds: list[int], bank: MemoryBank) -> dict[int, int] | None:
+    if not train_cfg["conditional"]:
+        return None
+    classes = bank.labels.unique().tolist()
+    return {s: int(classes[s % len(classes)]) for s in seeds}
+
+
+def run_calibrate(cfg: CalibrateConfig) -> dict:
+    network, bank, train_cfg = _setup(cfg.model, cfg.bank)
+    labels_of = _labels_of(train_cfg, cfg.seeds, bank)
+    labels = torch.tensor([labels_of[s] for s in cfg.seeds]) if labels_of else None
+    cond = bool(train_cfg["conditional"])
+    result = calibrate(network, lambda P: ScoreMachine(bank, cfg.machine, scales=P, conditional=cond),  # type: ignore[arg-type]
+                       cfg.candidates, cfg.seeds, bank.data.shape, cfg.steps, labels)
+    result["config"] = asdict(cfg)
+    out = Path(cfg.out)
+    write_calibration(result, out / "calibration.json")
+    scale_curve(result["schedule"], out / "scale_curve.png")
+    return result
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict:
+    network, bank, train_cfg = _setup(cfg.model, cfg.bank)
+    schedule = schedule_from(json.loads(Path(cfg.calibration).read_text()))
+    backend = TopKBackend() if cfg.backend == "topk" else ExactBackend()
+    cond = bool(train_cfg["conditional"])
+    machine = ScoreMachine(bank, cfg.machine, scales=schedule, conditional=cond, backend=backend)  # type: ignore[arg-type]
+    ideal = ScoreMachine(bank, "IS", conditional=cond)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"evaluate": asdict(cfg), "train": train_cfg}, indent=1))
+    report = evaluate(network, machine, ideal, cfg.seeds, bank.data.shape, out, cfg.steps,
+                      _labels_of(train_cfg, cfg.seeds, bank), cfg.batch)
+    report["config"] = asdict(cfg)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    samples = torch.load(out / "samples.pt")
+    image_pairs(samples, out / "pairs.png")
+    agreement_scatter(read_rows(out / "per_seed.jsonl"), out / "scatter.png")
+    scale_curve(schedule.to_json(), out / "scale_curve.png")
+    return report

@@ -1,0 +1,102 @@
+"""Networks, training resume, calibration and evaluation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from machines import ScaleSchedule, ScoreMachine, eps_from_x0, noise_from_seeds, sample
+from patchbank import ImageData, random_images
+from pipelines.calibration import calibrate
+from pipelines.networks import NetworkDenoiser, ResNet, UNet
+from pipelines.training import TrainConfig, load_network, train
+
+
+class MachineAsEpsNet(nn.Module):
+    """An analytic machine dressed as an ε-predicting network (all times in a batch equal)."""
+
+    def __init__(self, machine: ScoreMachine) -> None:
+        super().__init__()
+        self.machine = machine
+        self.dummy = nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x, t, labels=None):
+        tt = float(t[0])
+        return eps_from_x0(x, self.machine(x, tt, labels), tt)
+
+
+def test_network_wrapper_gives_the_machine_trajectory(tiny):
+    machine = ScoreMachine(tiny(1), "bbELS", scales=3)
+    noise = noise_from_seeds([0, 1], (1, 7, 9), torch.float64)
+    direct = sample(machine, noise, steps=8)
+    wrapped = sample(NetworkDenoiser(MachineAsEpsNet(machine)), noise, steps=8)
+    assert torch.allclose(direct, wrapped, atol=1e-9, rtol=0)
+
+
+def test_calibration_recovers_a_known_schedule(tiny):
+    data = tiny(1)
+    truth = ScaleSchedule(((0.25, 1), (0.5, 3), (0.75, 5), (1.0, 7)))
+    network = ScoreMachine(data, "bbELS", scales=truth)
+    result = calibrate(network, lambda P: ScoreMachine(data, "bbELS", scales=P), [1, 3, 5, 7], [0, 1, 2], (1, 7, 9), steps=4, progress=False)
+    assert result["schedule"] == [[t, truth(t)] for t in (0.25, 0.5, 0.75, 1.0)]
+    assert all(max(sims[str(P)]) > 1 - 1e-12 for t, sims in result["similarity"].items() for P in [truth(float(t))])
+
+
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+def test_networks_shapes_and_locality(padding):
+    torch.manual_seed(0)
+    net = ResNet(1, 8, 2, padding)
+    assert net.receptive_field == 9
+    x = torch.randn(2, 1, 16, 16)
+    y = x.clone()
+    y[..., 10:12, :] = 0  # rows 10, 11 change; rows 0..5 are > 4 rows away, even around the torus
+    t = torch.full((2,), 0.5)
+    assert torch.allclose(net(x, t)[..., :6, :], net(y, t)[..., :6, :], atol=1e-6)
+    assert not torch.allclose(net(x, t)[..., 7:, :], net(y, t)[..., 7:, :], atol=1e-6)
+    unet = UNet(3, (4, 8, 16), padding, num_classes=10)
+    assert unet(torch.randn(2, 3, 16, 16), t, torch.tensor([1, 2])).shape == (2, 3, 16, 16)
+
+
+def _tiny_config(tmp_path: Path, **kw) -> TrainConfig:
+    base = dict(dataset="random", resize=None, n_train=None, width=8, blocks=2, iters=6, batch=8,
+                checkpoint_every=2, lr=1e-3, device="cpu", out=str(tmp_path))
+    return TrainConfig(**{**base, **kw})
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    whole = load_network(train(_tiny_config(tmp_path / "whole"), progress=False))
+    cfg = _tiny_config(tmp_path / "resumed")
+    train(cfg, stop_after=3, progress=False)  # interrupted mid-way (not on a checkpoint boundary)
+    resumed = load_network(train(cfg, progress=False))
+    for (name, a), (_, b) in zip(whole.net.state_dict().items(), resumed.net.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="different run configuration"):
+        train(_tiny_config(tmp_path / "resumed", lr=5e-3), progress=False)
+
+
+@pytest.mark.slow
+def test_train_calibrate_evaluate_end_to_end(tmp_path, datasets_dir, monkeypatch):
+    from pipelines.jobs import CalibrateConfig, EvaluateConfig, run_calibrate, run_evaluate
+
+    monkeypatch.setenv("PATCHBANK_DATASETS", str(datasets_dir))
+    cfg = _tiny_config(tmp_path / "train", dataset="mnist", resize=12, n_train=40, iters=4, batch=16)
+    model = train(cfg, progress=False)
+    cal = run_calibrate(CalibrateConfig(model=str(model), candidates=[3, 5], seeds=[0, 1], steps=3, out=str(tmp_path / "cal")))
+    assert [P for _, P in cal["schedule"]] and all(P in (3, 5) for _, P in cal["schedule"])
+    report = run_evaluate(EvaluateConfig(model=str(model), calibration=str(tmp_path / "cal" / "calibration.json"),
+                                         seeds=[0, 1, 2], steps=3, batch=2, out=str(tmp_path / "eval")))
+    for name in ("report.json", "per_seed.jsonl", "samples.pt", "pairs.png", "scatter.png", "scale_curve.png", "config.json"):
+        assert (tmp_path / "eval" / name).is_file(), name
+    assert report["seeds"] == 3 and -1 <= report["median_machine_r"] <= 1 and -1 <= report["median_is_r"] <= 1
+    assert 0 <= report["machine_beats_is"] <= 1 and report["median_machine_mse"] >= 0
+    # Resume: a second run with more seeds computes only the new one.
+    rows_before = (tmp_path / "eval" / "per_seed.jsonl").read_text().splitlines()
+    report = run_evaluate(EvaluateConfig(model=str(model), calibration=str(tmp_path / "cal" / "calibration.json"),
+                                         seeds=[0, 1, 2, 3], steps=3, batch=2, out=str(tmp_path / "eval")))
+    rows_after = (tmp_path / "eval" / "per_seed.jsonl").read_text().splitlines()
+    assert rows_after[:3] == rows_before and len(rows_after) == 4 and report["seeds"] == 4
