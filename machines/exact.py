@@ -71,7 +71,7 @@ class ExactBackend:
 
     def posterior(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
         """Posterior means ``[Q, V]`` of queries ``[Q, D]`` against one bucket of the bank."""
-        if self.prune and bucket.rule not in IMAGE_RULES:
+        if self.prune and bucket.rule not in IMAGE_RULES and bank.materialised(bucket):
             centre = centre_index(bank.channels, bucket.scale).to(queries.device)  # type: ignore[arg-type]
             return self._pruned(queries, bank.clustered(bucket, self.leaf_size), centre, a, s2)
         return self.posterior_mean(queries, bank.stream(bucket, self.chunk_size, self.dtype, queries.device), a, s2)

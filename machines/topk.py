@@ -84,6 +84,14 @@ class TopKBackend:
         """Posterior means ``[Q, C]`` of the centre pixels for queries ``[Q, D]`` against one bucket."""
         if bucket.rule in IMAGE_RULES:
             return _require(self.fallback).posterior(bank, bucket, queries, a, s2)
+        if not bank.materialised(bucket):  # no distinct patches, no index at this scale: exact for all
+            start = time.perf_counter()
+            means = _require(self.fallback).posterior(bank, bucket, queries, a, s2)
+            self.stats.exact_s += time.perf_counter() - start
+            self.stats.queries += queries.shape[0]
+            self.stats.fallback += queries.shape[0]
+            self.stats.eps.append(torch.full((queries.shape[0],), torch.inf))
+            return means
         q = queries.to(torch.float64)
         start = time.perf_counter()
         found = bank.search(bucket, (q / a).to(torch.float32), self.k, self.nprobe, self.engine)

@@ -49,13 +49,17 @@ class BankSpec:
     """What to build. ``rules``: dictionary rules (LS, ELS, bbELS); ``scales``: odd P values;
     ``labels``: also build one bucket per label (class-conditional machines); ``index``: a FAISS
     ``index_factory`` string (``Flat``, ``IVF<n>,Flat``, ``HNSW<M>``) or None for no index;
-    ``leaf_size``: cluster size for the exact backend's pruning."""
+    ``leaf_size``: cluster size for the exact backend's pruning; ``materialise_max``: store
+    distinct patches, clusters and indices only for P ≤ this (None: every scale). Larger
+    scales are nearly all distinct and would not fit (CIFAR-10 or 60k MNIST at P = 15: tens of
+    GB); their buckets are streamed from the stored images, exactly, without an index."""
 
     scales: list[int]
     rules: list[str] = field(default_factory=lambda: ["bbELS"])
     labels: bool = False
     index: str | None = "Flat"
     leaf_size: int = 2048
+    materialise_max: int | None = None
 
     def __post_init__(self) -> None:
         for rule in self.rules:
@@ -158,7 +162,8 @@ class PatchBank(MemoryBank):
             s = per_scale.setdefault(key.scale, {"buckets": 0, "patches": 0, "distinct": 0, "bytes": 0})  # type: ignore[arg-type]
             s["buckets"] += 1
             for f in ("patches", "distinct", "bytes"):
-                s[f] += stats.get(f, 0)
+                s[f] += stats.get(f) or 0
+            s["materialised"] = stats.get("materialised", True)
         return {k: self.manifest[k] for k in ("dataset", "n_images", "image_shape", "fingerprint", "spec", "build_seconds")} | {
             "scales": per_scale
         }
@@ -173,8 +178,15 @@ class PatchBank(MemoryBank):
         except Exception as err:  # zarr raises several types for missing/corrupt groups
             raise BankError(f"{self.path}: bucket {name} is missing or corrupted ({err})") from err
 
+    def materialised(self, key: BucketKey) -> bool:
+        self._group(key)  # a clear error for a bucket the bank was not built with
+        return self.manifest["bucket_stats"].get(bucket_id(key), {}).get("materialised", True)
+
     def unique_patches(self, key: BucketKey) -> UniquePatches:
         if key not in self._unique:
+            if not self.materialised(key):
+                raise BankError(f"{self.path}: bucket {bucket_id(key)} is not materialised (P > materialise_max = "
+                                f"{self.spec.materialise_max}); it is served by streaming from the images")
             g = self._group(key)
             try:
                 table = UniquePatches(torch.from_numpy(g["patches"][:]), torch.from_numpy(g["counts"][:]))
@@ -208,6 +220,8 @@ class PatchBank(MemoryBank):
         CUDA queries when faiss-gpu is absent)."""
         if engine not in ("auto", "faiss", "torch"):
             raise ValueError(f"engine must be 'auto', 'faiss' or 'torch', got {engine!r}")
+        if not self.materialised(key):
+            raise BankError(f"{self.path}: bucket {bucket_id(key)} is not materialised; it cannot be searched")
         has_index = self.manifest["bucket_stats"].get(bucket_id(key), {}).get("index") is not None
         use_faiss = engine == "faiss" or (engine == "auto" and has_index and _faiss_usable(queries))
         if not use_faiss:
@@ -312,6 +326,12 @@ def _read_data(path: Path, name: str) -> ImageData:
 
 
 def _write_bucket(tmp: Path, builder: MemoryBank, key: BucketKey, spec: BankSpec) -> None:
+    if spec.materialise_max is not None and key.scale > spec.materialise_max:  # type: ignore[operator]
+        g = zarr.open_group(str(tmp), mode="w")
+        g.attrs["key"] = _key_to_json(key)
+        n = len(builder.image_ids(key.label)) * key.locations(builder.height, builder.width).shape[0]
+        (tmp / "stats.json").write_text(json.dumps({"patches": n, "distinct": None, "index": None, "materialised": False, "bytes": 0}))
+        return
     table = builder.unique_patches(key)
     builder._unique.pop(key)  # keep the builder's memory bounded by one bucket
     g = zarr.open_group(str(tmp), mode="w")

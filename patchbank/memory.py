@@ -89,7 +89,7 @@ class MemoryBank:
         """The bucket's patches in chunks of ≤ ``chunk_size``: keys ``[M, C·P·P]``, centre pixels ``[M, C]``."""
         check_scale(key.scale)
         check_padding(key.padding)
-        if self.dedup:
+        if self.dedup and self.materialised(key):
             yield from self._unique_stream(key, chunk_size, dtype, device)
             return
         locs = key.locations(self.height, self.width)
@@ -103,6 +103,10 @@ class MemoryBank:
                 keys = patches_at(x, sub, key.scale, key.padding).reshape(-1, x.shape[1] * key.scale**2)
                 values = x[:, :, sub[:, 0], sub[:, 1]].permute(0, 2, 1).reshape(-1, x.shape[1])
                 yield Chunk(keys, values)
+
+    def materialised(self, key: BucketKey) -> bool:
+        """Whether the bucket's distinct patches can be served (always, in memory: built on demand)."""
+        return True
 
     def unique_patches(self, key: BucketKey) -> UniquePatches:
         """The bucket's distinct patches and their counts (built once, then cached)."""

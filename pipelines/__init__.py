@@ -1,4 +1,4 @@
-"""pipelines: jobs composed from machines and patchbank (sampling now; training, calibration, evaluation later)."""
+"""pipelines: jobs composed from machines and patchbank: sampling, training, calibration, evaluation, figures."""
 
 from .calibration import calibrate, schedule_from
 from .evaluation import evaluate

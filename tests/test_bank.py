@@ -106,3 +106,22 @@ def test_mismatched_and_corrupted_banks_fail_clearly(built, mnist_tiny, tmp_path
     _first_chunk(broken / "data.zarr" / "images").write_bytes(b"garbage")
     with pytest.raises(BankError, match="data.zarr"):
         PatchBank.open(broken)
+
+
+def test_large_scales_can_stay_unmaterialised(mnist_tiny, tmp_path):
+    """Buckets above materialise_max store no patches and are served exactly by streaming."""
+    from machines import TopKBackend
+
+    bank = PatchBank.build(mnist_tiny, tmp_path / "b", BankSpec(scales=[3, 7], index="Flat", materialise_max=3), progress=False)
+    info = bank.info()["scales"]
+    assert info[3]["materialised"] and not info[7]["materialised"] and info[7]["bytes"] == 0
+    key = BucketKey("bbELS", 7, "zeros", (3, 3, 3, 3))
+    assert not bank.materialised(key)
+    with pytest.raises(BankError, match="not materialised"):
+        bank.unique_patches(key)
+    x = noised(mnist_tiny, 0.4, 2)
+    ref = ScoreMachine(mnist_tiny, "bbELS", scales=7, backend=ExactBackend(prune=False))(x, 0.4)
+    backend = TopKBackend(k=16)
+    assert torch.allclose(ScoreMachine(bank, "bbELS", scales=7)(x, 0.4), ref, atol=1e-12, rtol=0)
+    assert torch.allclose(ScoreMachine(bank, "bbELS", scales=7, backend=backend)(x, 0.4), ref, atol=1e-12, rtol=0)
+    assert backend.stats.fallback == backend.stats.queries == 2 * 28 * 28
