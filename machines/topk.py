@@ -17,7 +17,6 @@ softmax is taken over them with log counts, and the weight left out is bounded:
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Literal

@@ -28,10 +28,11 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
+from .atomic import write_json
 from .clusters import ClusteredPatches, cluster_patches
 from .datasets import ImageData
 from .geometry import RULE_PADDING, BucketKey, dictionary_groups
-from .index import IVFLists, Neighbours, PatchIndex, SearchResult, faiss_gpu_available, index_kind
+from .index import IVFLists, Neighbours, PatchIndex, SearchResult, faiss_gpu_available, index_kind, require_faiss
 from .memory import IMAGE_RULES, MemoryBank, UniquePatches
 
 log = logging.getLogger(__name__)
@@ -250,7 +251,7 @@ class PatchBank(MemoryBank):
 # ---- helpers ---------------------------------------------------------------------------------
 def _faiss_usable(queries: torch.Tensor) -> bool:
     try:
-        import faiss  # noqa: F401
+        require_faiss()
     except ImportError:
         return False
     return not queries.is_cuda or faiss_gpu_available()
@@ -295,9 +296,7 @@ def _read_manifest(path: Path) -> dict:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({k: v for k, v in obj.items() if k != "bucket_stats"}, indent=1))
-    os.replace(tmp, path)
+    write_json(path, {k: v for k, v in obj.items() if k != "bucket_stats"})
 
 
 def _atomic_dir(target: Path, write) -> None:

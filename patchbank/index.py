@@ -80,14 +80,12 @@ def _pad(nb: Neighbours, k: int) -> Neighbours:
 def require_faiss():
     """Import faiss or fail with the install command."""
     try:
-        import faiss  # noqa: F401
+        import faiss
     except ImportError as err:
         raise ImportError(
             "this needs FAISS, which is not installed: pip install 'patchbank[cpu]' (faiss-cpu) or "
             "'patchbank[gpu]' (faiss-gpu; never both). The exact backend and the 'torch' index work without it."
         ) from err
-    import faiss
-
     return faiss
 
 

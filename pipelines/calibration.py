@@ -9,7 +9,6 @@ choices and the similarity curves.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,6 +16,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from patchbank.atomic import write_json
 from machines import Denoiser, ScaleSchedule, eps_from_x0, noise_from_seeds, sample
 
 MachineFactory = Callable[[int], Denoiser]
@@ -69,8 +69,5 @@ def schedule_from(result: dict) -> ScaleSchedule:
 
 
 def write_calibration(result: dict, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, result)

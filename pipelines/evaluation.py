@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from machines import Denoiser, noise_from_seeds, sample
+from patchbank.atomic import atomic_write, write_json
 
 from .metrics import mse, pearson_r, r2
 
@@ -64,11 +65,11 @@ def evaluate(
             rows.append({"seed": seed, **row})
         for i, seed in enumerate(chunk):
             samples[seed] = {name: x[i].float() for name, x in finals.items()}
-        _atomic(out / "samples.pt", lambda p: torch.save(samples, p))
-        _atomic(out / "per_seed.jsonl", lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+        atomic_write(out / "samples.pt", lambda p: torch.save(samples, p))
+        atomic_write(out / "per_seed.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
     rows = [r for r in rows if r["seed"] in set(seeds)]
     report = summarise(rows)
-    _atomic(out / "report.json", lambda p: Path(p).write_text(json.dumps(report, indent=1)))
+    write_json(out / "report.json", report)
     return report
 
 
@@ -76,9 +77,3 @@ def read_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import matplotlib
 
@@ -12,13 +11,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
+from patchbank.atomic import atomic_write  # noqa: E402
+
 
 def _save(fig, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def image_pairs(samples: dict[int, dict[str, torch.Tensor]], path: str | os.PathLike, n: int = 8) -> None:

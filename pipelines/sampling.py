@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -13,6 +12,7 @@ from torchvision.utils import save_image
 
 from machines import ExactBackend, ScaleSchedule, ScoreMachine, TopKBackend, noise_from_seeds, reference_schedule, sample
 from patchbank import MemoryBank, PatchBank, load_dataset
+from patchbank.atomic import atomic_write, write_json
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,12 @@ def run_sample(cfg: SampleConfig) -> Path:
     elapsed = time.perf_counter() - start
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "samples.png", lambda p: save_image((x + 1) / 2, p, nrow=min(8, len(cfg.seeds)), format="png"))
-    _write_atomic(out / "samples.pt", lambda p: torch.save({"samples": x, "seeds": cfg.seeds, "labels": labels}, p))
+    atomic_write(out / "samples.png", lambda p: save_image((x + 1) / 2, p, nrow=min(8, len(cfg.seeds)), format="png"))
+    atomic_write(out / "samples.pt", lambda p: torch.save({"samples": x, "seeds": cfg.seeds, "labels": labels}, p))
     record = {**asdict(cfg), "seconds": round(elapsed, 2), "train_images": len(data), "image_shape": list(data.shape)}
     if isinstance(backend, TopKBackend):
         record["topk_stats"] = backend.stats.summary()
-    _write_atomic(out / "config.json", lambda p: Path(p).write_text(json.dumps(record, indent=1)))
+    write_json(out / "config.json", record)
     return out / "samples.png"
 
 
@@ -83,10 +83,3 @@ def _labels(cfg: SampleConfig, train_labels: torch.Tensor) -> torch.Tensor | Non
     if len(cfg.labels) != len(cfg.seeds):
         raise ValueError(f"give one label per seed: {len(cfg.labels)} labels for {len(cfg.seeds)} seeds")
     return torch.tensor(cfg.labels)
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temporary name, then rename: a killed run never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from machines.schedule import COSINE_DENOM
 from patchbank import ImageData, load_dataset, to_model_range
+from patchbank.atomic import atomic_write, write_json
 
 from .networks import ARCHITECTURES, NetworkDenoiser
 
@@ -93,7 +94,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.gamma)
     gen = torch.Generator().manual_seed(cfg.seed)
     start = _resume(out / "checkpoint.pt", cfg, net, opt, sched, gen)
-    _write_json(out / "config.json", {**asdict(cfg), "train_images": len(data), "image_shape": list(data.shape),
+    write_json(out / "config.json", {**asdict(cfg), "train_images": len(data), "image_shape": list(data.shape),
                                       "num_classes": num_classes, "fingerprint": data.fingerprint()})
     bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc="train", disable=not progress)
     done = 0
@@ -109,8 +110,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
             bar.set_postfix(loss=f"{loss:.4f}")
         if stop_after is not None and done >= stop_after:
             return out / "checkpoint.pt"
-    _atomic_save({"state_dict": net.state_dict(), "config": asdict(cfg), "num_classes": num_classes,
-                  "channels": data.shape[0]}, out / "model.pt")
+    atomic_write(out / "model.pt", lambda p: torch.save({"state_dict": net.state_dict(), "config": asdict(cfg), "num_classes": num_classes,
+                  "channels": data.shape[0]}, p))
     return out / "model.pt"
 
 
@@ -142,20 +143,9 @@ def _resume(path: Path, cfg: TrainConfig, net, opt, sched, gen: torch.Generator)
 
 
 def _save_checkpoint(path: Path, cfg: TrainConfig, net, opt, sched, gen: torch.Generator, iteration: int) -> None:
-    _atomic_save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                  "gen": gen.get_state(), "iteration": iteration, "config": asdict(cfg)}, path)
-
-
-def _atomic_save(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    state = {"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+             "gen": gen.get_state(), "iteration": iteration, "config": asdict(cfg)}
+    atomic_write(path, lambda p: torch.save(state, p))
 
 
 def load_network(path: str | os.PathLike, device: str = "auto") -> NetworkDenoiser:

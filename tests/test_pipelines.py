@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -11,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from machines import ScaleSchedule, ScoreMachine, eps_from_x0, noise_from_seeds, sample
-from patchbank import ImageData, random_images
+
 from pipelines.calibration import calibrate
 from pipelines.networks import NetworkDenoiser, ResNet, UNet
 from pipelines.training import TrainConfig, load_network, train
