@@ -40,6 +40,7 @@ class TopKStats:
     fallback: int = 0
     certified: bool = True
     eps: list[torch.Tensor] = field(default_factory=list)
+    accepted_eps_max: float = 0.0  # largest ε among answers kept without fallback: their x̂0 error ≤ 2·this
     search_s: float = 0.0
     topk_s: float = 0.0
     exact_s: float = 0.0
@@ -54,6 +55,7 @@ class TopKStats:
             "fallback_fraction": self.fallback / self.queries if self.queries else 0.0,
             "eps_median": float(eps.median()) if eps.numel() else 0.0,
             "eps_max": float(eps.max()) if eps.numel() else 0.0,
+            "accepted_eps_max": self.accepted_eps_max,
             "certified": self.certified,
             "search_s": round(self.search_s, 4),
             "topk_s": round(self.topk_s, 4),
@@ -93,7 +95,8 @@ class TopKBackend:
             return means
         q = queries.to(torch.float64)
         start = time.perf_counter()
-        found = bank.search(bucket, (q / a).to(torch.float32), self.k, self.nprobe, self.engine)
+        k = min(self.k, bank.unique_patches(bucket).patches.shape[0])  # more than the bucket holds is the bucket
+        found = bank.search(bucket, (q / a).to(torch.float32), k, self.nprobe, self.engine)
         self.stats.search_s += time.perf_counter() - start
         start = time.perf_counter()
         means, eps = self._truncated(bank, bucket, q, found, a, s2)
@@ -101,8 +104,11 @@ class TopKBackend:
         self.stats.queries += q.shape[0]
         self.stats.certified &= found.kind != "hnsw"
         self.stats.eps.append(eps.cpu())
-        redo = torch.nonzero(eps > self.tol).view(-1)
-        if redo.numel() and self.fallback is not None:
+        redo = torch.nonzero(eps > self.tol).view(-1) if self.fallback is not None else eps.new_zeros(0, dtype=torch.long)
+        kept = eps[eps <= self.tol] if self.fallback is not None else eps
+        if kept.numel():
+            self.stats.accepted_eps_max = max(self.stats.accepted_eps_max, float(kept.max()))
+        if redo.numel():
             start = time.perf_counter()
             means[redo] = self.fallback.posterior(bank, bucket, q[redo], a, s2).to(means.dtype)
             self.stats.exact_s += time.perf_counter() - start

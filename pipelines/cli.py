@@ -7,9 +7,11 @@ import logging
 from dataclasses import fields
 
 import json
+from pathlib import Path
 
 from patchbank import BankSpec, PatchBank, load_dataset
 
+from .ablation import AblationConfig, run_ablation
 from .jobs import CalibrateConfig, EvaluateConfig, run_calibrate, run_evaluate
 from .sampling import SampleConfig, run_sample
 from .training import TrainConfig, train
@@ -90,7 +92,38 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", default=de.backend, choices=["exact", "topk"])
     e.add_argument("--batch", type=int, default=de.batch)
     e.add_argument("--out", default=de.out)
+    ab = sub.add_parser("ablate", help="exact-vs-approximate ablation grid and the posterior-concentration study")
+    da = AblationConfig()
+    ab.add_argument("--config", default=None, help="a JSON of AblationConfig fields, e.g. a previous run's config.json (re-runs it)")
+    ab.add_argument("--dataset", default=None, help=f"default {da.dataset}")
+    ab.add_argument("--resize", type=int, default=None, help=f"default {da.resize} (0 keeps the original size)")
+    ab.add_argument("--n-train", type=int, default=None, help=f"default {da.n_train} (0 = all)")
+    ab.add_argument("--machine", default=None, choices=["LS", "ELS", "bbELS"])
+    ab.add_argument("--conditional", action="store_true", default=None)
+    ab.add_argument("--schedule", default=None, help=f"reference scale schedule, default {da.schedule}")
+    ab.add_argument("--calibration", default=None, help="a calibration.json to use as the schedule instead")
+    ab.add_argument("--seeds", type=_seeds, default=None, help="default 0-1")
+    ab.add_argument("--steps", type=int, default=None)
+    ab.add_argument("--grid", nargs="+", default=None, help="configurations, e.g. exact topk:k=64 'topk:k=256:index=IVF64,Flat:nprobe=8'")
+    ab.add_argument("--banks", default=None, help=f"where per-index banks are built and reused (default {da.banks})")
+    ab.add_argument("--materialise-max", type=int, default=None)
+    ab.add_argument("--model", default=None, help="a trained model.pt: also report machine-vs-network agreement")
+    ab.add_argument("--no-teacher-forced", dest="teacher_forced", action="store_false", default=None)
+    ab.add_argument("--no-concentration", dest="concentration", action="store_false", default=None)
+    ab.add_argument("--concentration-times", type=float, nargs="+", default=None)
+    ab.add_argument("--concentration-scales", type=int, nargs="+", default=None)
+    ab.add_argument("--concentration-pixels", type=int, default=None)
+    ab.add_argument("--out", default=None, help=f"default {da.out}")
     return parser
+
+
+def _ablation_config(args: argparse.Namespace) -> AblationConfig:
+    cfg = AblationConfig.from_json(args.config) if args.config else AblationConfig()
+    for f in fields(AblationConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            setattr(cfg, f.name, (value or None) if f.name in ("resize", "n_train", "materialise_max") else value)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,6 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "evaluate":
         report = run_evaluate(EvaluateConfig(**{f.name: getattr(args, f.name) for f in fields(EvaluateConfig)}))
         print(json.dumps(report, indent=1))
+    elif args.command == "ablate":
+        report = run_ablation(_ablation_config(args))
+        print((Path(report["config"]["out"]) / "summary.md").read_text())
 
 
 if __name__ == "__main__":

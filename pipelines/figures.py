@@ -49,3 +49,48 @@ def scale_curve(schedule: list[list[float]], path: str | os.PathLike, reference:
     ax.set(xlabel="t", ylabel="patch size P")
     ax.legend()
     _save(fig, path)
+
+
+def pareto_plot(rows: list[dict], path: str | os.PathLike) -> None:
+    """Error vs time: seconds per sample against 1 − min Pearson r with exact (log), one point per config."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        err = max(1 - r["pearson_r_min"], 1e-12)
+        marker = "o" if r["certified"] else "x"
+        ax.scatter(r["seconds_per_sample"], err, marker=marker)
+        ax.annotate(r["config"], (r["seconds_per_sample"], err), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(1e-3, color="k", ls="--", lw=0.8, label="r = 0.999")
+    ax.set(xscale="log", yscale="log", xlabel="seconds per sample", ylabel="1 − min r against exact (floor 1e-12)")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def fallback_curves(steps: dict[str, list[dict]], path: str | os.PathLike) -> None:
+    """Fraction of pixels recomputed exactly, per step, for every top-k configuration."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, recs in steps.items():
+        if recs and "fallback_fraction" in recs[0]:
+            ax.plot([r["t"] for r in recs], [r["fallback_fraction"] for r in recs], marker=".", label=name)
+    ax.set(xlabel="t", ylabel="fallback fraction", ylim=(-0.02, 1.02))
+    ax.legend(fontsize=6)
+    _save(fig, path)
+
+
+def concentration_heatmap(cells: list[dict], path: str | os.PathLike) -> None:
+    """log10 of the distinct patches holding 1 − 10⁻³ of the posterior, over (t, P), with its fraction of the bucket."""
+    ts = sorted({c["t"] for c in cells})
+    Ps = sorted({c["P"] for c in cells})
+    grid = torch.full((len(Ps), len(ts)), float("nan"))
+    for c in cells:
+        grid[Ps.index(c["P"]), ts.index(c["t"])] = torch.tensor(float(c["k_mass_median"])).log10()
+    fig, ax = plt.subplots(figsize=(1 + 0.7 * len(ts), 1 + 0.5 * len(Ps)))
+    im = ax.imshow(grid.numpy(), origin="lower", aspect="auto", cmap="viridis")
+    for c in cells:
+        frac = c["k_mass_median"] / max(c["entries_median"], 1)
+        ax.text(ts.index(c["t"]), Ps.index(c["P"]), f"{frac:.0%}" if frac >= 0.01 else f"{frac:.1%}", ha="center", va="center",
+                fontsize=6, color="w")
+    ax.set_xticks(range(len(ts)), [f"{t:.2f}" for t in ts])
+    ax.set_yticks(range(len(Ps)), [str(P) for P in Ps])
+    ax.set(xlabel="t", ylabel="P", title="log10 k(0.999) (text: fraction of the bucket)")
+    fig.colorbar(im, ax=ax)
+    _save(fig, path)

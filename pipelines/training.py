@@ -46,6 +46,7 @@ class TrainConfig:
     batch: int = 128
     lr: float = 1e-4
     gamma: float = 0.999965
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0: none); model.pt holds the average
     seed: int = 0
     checkpoint_every: int = 200
     device: str = "auto"
@@ -93,7 +94,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.gamma)
     gen = torch.Generator().manual_seed(cfg.seed)
-    start = _resume(out / "checkpoint.pt", cfg, net, opt, sched, gen)
+    ema = _ema_copy(net) if cfg.ema > 0 else None
+    start = _resume(out / "checkpoint.pt", cfg, net, opt, sched, gen, ema)
     write_json(out / "config.json", {**asdict(cfg), "train_images": len(data), "image_shape": list(data.shape),
                                       "num_classes": num_classes, "fingerprint": data.fingerprint()})
     bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc="train", disable=not progress)
@@ -104,13 +106,16 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
         eps = torch.randn((cfg.batch, *data.shape), generator=gen)
         loss = _step(net, opt, sched, x_all[idx.to(device)], t.to(device), eps.to(device),
                      labels_all[idx.to(device)] if num_classes else None)
+        if ema is not None:
+            _ema_update(ema, net, cfg.ema)
         done += 1
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iters or (stop_after is not None and done >= stop_after):
-            _save_checkpoint(out / "checkpoint.pt", cfg, net, opt, sched, gen, it + 1)
+            _save_checkpoint(out / "checkpoint.pt", cfg, net, opt, sched, gen, it + 1, ema)
             bar.set_postfix(loss=f"{loss:.4f}")
         if stop_after is not None and done >= stop_after:
             return out / "checkpoint.pt"
-    atomic_write(out / "model.pt", lambda p: torch.save({"state_dict": net.state_dict(), "config": asdict(cfg), "num_classes": num_classes,
+    final = ema if ema is not None else net
+    atomic_write(out / "model.pt", lambda p: torch.save({"state_dict": final.state_dict(), "config": asdict(cfg), "num_classes": num_classes,
                   "channels": data.shape[0]}, p))
     return out / "model.pt"
 
@@ -126,7 +131,22 @@ def _step(net: nn.Module, opt, sched, x0: torch.Tensor, t: torch.Tensor, eps: to
     return float(loss.detach())
 
 
-def _resume(path: Path, cfg: TrainConfig, net, opt, sched, gen: torch.Generator) -> int:
+def _ema_copy(net: nn.Module) -> nn.Module:
+    import copy
+
+    ema = copy.deepcopy(net)
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def _ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), net.parameters()):
+        e.lerp_(p, 1.0 - decay)
+
+
+def _resume(path: Path, cfg: TrainConfig, net, opt, sched, gen: torch.Generator, ema: nn.Module | None = None) -> int:
     if not path.exists():
         return 0
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -138,13 +158,18 @@ def _resume(path: Path, cfg: TrainConfig, net, opt, sched, gen: torch.Generator)
     opt.load_state_dict(ckpt["opt"])
     sched.load_state_dict(ckpt["sched"])
     gen.set_state(ckpt["gen"])
+    if ema is not None:
+        ema.load_state_dict(ckpt["ema"])
     log.info("resuming %s at iteration %d", path, ckpt["iteration"])
     return int(ckpt["iteration"])
 
 
-def _save_checkpoint(path: Path, cfg: TrainConfig, net, opt, sched, gen: torch.Generator, iteration: int) -> None:
+def _save_checkpoint(path: Path, cfg: TrainConfig, net, opt, sched, gen: torch.Generator, iteration: int,
+                     ema: nn.Module | None = None) -> None:
     state = {"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
              "gen": gen.get_state(), "iteration": iteration, "config": asdict(cfg)}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
     atomic_write(path, lambda p: torch.save(state, p))
 
 

@@ -66,15 +66,16 @@ def _tiny_config(tmp_path: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
-    whole = load_network(train(_tiny_config(tmp_path / "whole"), progress=False))
-    cfg = _tiny_config(tmp_path / "resumed")
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, ema):
+    whole = load_network(train(_tiny_config(tmp_path / "whole", ema=ema), progress=False))
+    cfg = _tiny_config(tmp_path / "resumed", ema=ema)
     train(cfg, stop_after=3, progress=False)  # interrupted mid-way (not on a checkpoint boundary)
     resumed = load_network(train(cfg, progress=False))
     for (name, a), (_, b) in zip(whole.net.state_dict().items(), resumed.net.state_dict().items()):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="different run configuration"):
-        train(_tiny_config(tmp_path / "resumed", lr=5e-3), progress=False)
+        train(_tiny_config(tmp_path / "resumed", lr=5e-3, ema=ema), progress=False)
 
 
 @pytest.mark.slow

@@ -1,0 +1,570 @@
+"""Exact-vs-approximate ablations and the posterior-concentration study (issue 5).
+
+One reference run (the exact backend on the deduplicated bank) fixes, for every seed, the DDIM
+states ``x_i`` it visits and its denoised estimates ``x̂0_i``. Every configuration of the grid is
+then measured twice:
+
+* **free run** — its own DDIM trajectory from the same noise, timed, with the backend's per-step
+  statistics (fallback fraction, certified ε, search/top-k/exact seconds) and the peak memory;
+  its final samples are compared with the reference's (Pearson r, R², max |Δ|) and, when a
+  trained network is given, with the network's (does the approximation change the science?);
+* **teacher-forced** — its ``x̂0`` at the reference's states, so the measured per-step error
+  ``max |x̂0 − x̂0_exact|`` is compared with what the certificate promises (2·ε of the answers
+  it kept; rows of uncertified indices are flagged).
+
+A grid entry is a string ``kind[:key=value…]``:
+
+``exact``               exact backend on the deduplicated bank (pruning on)
+``exact:prune=0``       exact, every (query, distinct patch) pair
+``exact:dedup=0``       exact over every patch, no deduplication (and no pruning)
+``topk:k=64``           top-k by exact k-NN (torch matmul + top-k; Flat certificate)
+``topk:k=256:index=IVF64,Flat:nprobe=8``   through a FAISS index (a bank is built per index spec)
+``topk:k=256:index=HNSW32``                graph index: ε reported, not certified
+``topk:k=256:tol=1e-2`` fallback tolerance; ``tol=none`` keeps every top-k answer (no fallback)
+``…:device=cuda``       run this configuration on the GPU
+
+The posterior-concentration study measures, for noised held-out images at each (t, P), the
+effective number of entries in every sampled pixel's posterior (exp of its entropy, over
+distinct patches and over patches) and the number of distinct patches needed to hold
+``1 − 10⁻³`` of its mass (DESIGN §6).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from machines import ExactBackend, ScaleSchedule, ScoreMachine, TopKBackend, noise_from_seeds, reference_schedule, sample
+from machines.schedule import alpha_sigma2
+from patchbank import BankSpec, ImageData, MemoryBank, PatchBank, load_dataset
+from patchbank.atomic import atomic_write, write_json
+from patchbank.geometry import BucketKey, dictionary_groups, patches_at
+
+from .metrics import pearson_r, r2
+
+DEFAULT_GRID = [
+    "exact",
+    "exact:dedup=0",
+    "topk:k=16",
+    "topk:k=64",
+    "topk:k=256",
+    "topk:k=1024",
+    "topk:k=256:tol=1e-2",
+    "topk:k=256:index=IVF64,Flat:nprobe=4",
+    "topk:k=256:index=IVF64,Flat:nprobe=16",
+    "topk:k=256:index=HNSW32",
+]
+BOUND_SLACK = 1e-9  # float64 round-off allowance when comparing measured errors with 2ε
+
+
+@dataclass
+class AblationConfig:
+    """Resolved options of an ablation run (written beside the results as ``config.json``)."""
+
+    dataset: str = "mnist"
+    resize: int | None = 32
+    n_train: int | None = 1000
+    split: str = "train"
+    machine: str = "bbELS"
+    conditional: bool = False
+    schedule: str = "MNIST_ResNet_zeros"  # a reference schedule name ...
+    reading: str = "calibrated"
+    calibration: str | None = None  # ... or a calibration.json (pipelines.calibration)
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    steps: int = 20
+    grid: list[str] = field(default_factory=lambda: list(DEFAULT_GRID))
+    banks: str = "outputs/banks"  # where per-index banks are built (and reused)
+    materialise_max: int | None = None
+    model: str | None = None  # a trained network (model.pt): machine-vs-network agreement per row
+    teacher_forced: bool = True
+    concentration: bool = True
+    concentration_times: list[float] = field(default_factory=lambda: [0.05, 0.15, 0.25, 0.35, 0.5, 0.65, 0.75, 0.85, 0.95])
+    concentration_scales: list[int] | None = None  # default: the schedule's scales
+    concentration_pixels: int = 32
+    concentration_mass: float = 1e-3
+    out: str = "outputs/ablate"
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> AblationConfig:
+        values = json.loads(Path(path).read_text())
+        values = values.get("ablation", values)  # a results' config.json holds {"ablation": …, "environment": …}
+        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One grid entry, parsed: see the module docstring for the string form."""
+
+    name: str
+    kind: str  # exact | topk
+    k: int = 256
+    tol: float | None = 1e-4  # None: no fallback
+    nprobe: int = 8
+    index: str | None = None  # FAISS index_factory string; None = exact k-NN by torch
+    dedup: bool = True
+    prune: bool = True
+    device: str = "cpu"
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        kind, *items = text.split(":")
+        if kind not in ("exact", "topk"):
+            raise ValueError(f"grid entry {text!r}: the kind must be 'exact' or 'topk'")
+        values: dict = {}
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"grid entry {text!r}: {item!r} is not key=value")
+            if key == "k" or key == "nprobe":
+                values[key] = int(value)
+            elif key == "tol":
+                values[key] = None if value.lower() in ("none", "inf") else float(value)
+            elif key in ("dedup", "prune"):
+                values[key] = value.lower() in ("1", "true", "yes", "on")
+            elif key in ("index", "device"):
+                values[key] = value
+            else:
+                raise ValueError(f"grid entry {text!r}: unknown option {key!r}")
+        if kind == "exact" and values.keys() - {"dedup", "prune", "device"}:
+            raise ValueError(f"grid entry {text!r}: exact takes only dedup, prune and device")
+        if kind == "topk" and not values.get("dedup", True):
+            raise ValueError(f"grid entry {text!r}: top-k searches distinct patches; dedup=0 applies to exact only")
+        return cls(text, kind, **values)
+
+    @property
+    def certified(self) -> bool:
+        return self.kind == "exact" or self.index is None or not self.index.upper().startswith("HNSW")
+
+
+# ---- resources ----------------------------------------------------------------------------------
+class PeakMemory:
+    """Peak resident memory (MB) of this process while the block runs, sampled every 20 ms;
+    on CUDA also the peak allocated GPU memory."""
+
+    def __init__(self, device: str = "cpu", interval: float = 0.02) -> None:
+        self.device, self.interval = device, interval
+        self.peak_mb = self.base_mb = self.gpu_mb = 0.0
+
+    def __enter__(self) -> PeakMemory:
+        self.base_mb = self.peak_mb = _rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_mb = max(self.peak_mb, _rss_mb())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, _rss_mb())
+        if self.device.startswith("cuda"):
+            self.gpu_mb = torch.cuda.max_memory_allocated() / 2**20
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):  # not Linux: fall back to the process-lifetime peak
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def environment() -> dict:
+    """Library versions, threads and devices: what a reader needs to re-run or compare timings."""
+    import numpy
+    import zarr
+
+    env = {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+           "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "numpy": numpy.__version__,
+           "zarr": zarr.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        import faiss  # type: ignore[import-not-found]
+
+        env["faiss"] = faiss.__version__
+        env["faiss_gpus"] = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    except ImportError:
+        env["faiss"] = None
+    return env
+
+
+# ---- the ablation ---------------------------------------------------------------------------------
+def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
+    """Run every grid configuration against the exact reference; writes the report under ``cfg.out``.
+
+    Files: ``config.json`` (resolved config + environment; ``patchbank ablate --config`` re-runs
+    it), ``rows.csv``, ``results.json`` (rows + per-step records), ``summary.md``,
+    ``pareto.png``, ``fallback.png`` and, with the concentration study, ``concentration.json``
+    and ``concentration.png``. Finished configurations are kept under ``variants/`` and skipped
+    when the same run is repeated, so an interrupted ablation resumes.
+    """
+    variants = [Variant.parse(g) for g in cfg.grid]
+    if len({v.name for v in variants}) != len(variants):
+        raise ValueError("the grid lists a configuration twice")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(cfg.dataset, split=cfg.split, resize=cfg.resize, limit=cfg.n_train)
+    schedule = _schedule(cfg)
+    key = {"ablation": asdict(cfg), "fingerprint": data.fingerprint()}
+    write_json(out / "config.json", {"ablation": asdict(cfg), "environment": environment(), "fingerprint": key["fingerprint"]})
+    done_dir = out / "variants"
+    done_dir.mkdir(exist_ok=True)
+    labels = _labels(cfg, data, len(cfg.seeds))
+    noise = noise_from_seeds(cfg.seeds, data.shape, torch.float64)
+    memory_bank = MemoryBank(data, dedup=True)
+    reference = _reference(cfg, memory_bank, schedule, noise, labels, out, key, progress)
+    network_final = _network_final(cfg, noise, labels) if cfg.model else None
+    rows, steps = [], {}
+    for v in variants:
+        f = done_dir / (_slug(v.name) + ".json")
+        if f.exists() and json.loads(f.read_text()).get("key") == _variant_key(key, v):
+            result = json.loads(f.read_text())
+        else:
+            result = _run_variant(cfg, v, data, memory_bank, schedule, noise, labels, reference, network_final, progress)
+            write_json(f, {"key": _variant_key(key, v), **result})
+        rows.append(result["row"])
+        steps[v.name] = result["steps"]
+    exact_row = next((r for r in rows if r["config"] == "exact"), None)
+    for r in rows:  # against the warm exact row when there is one (the reference run also pays one-off table builds)
+        base = exact_row["seconds"] if exact_row else reference["seconds"]
+        r["speedup_vs_exact"] = base / r["seconds"] if r["seconds"] else None
+    report = {"config": asdict(cfg), "rows": rows, "steps": steps, "reference_seconds": reference["seconds"],
+              "best": best_configuration(rows)}
+    if cfg.concentration:
+        conc = concentration_study(memory_bank, cfg.machine, cfg.concentration_times,
+                                   cfg.concentration_scales or sorted(set(schedule.scales)), _held_out(cfg),
+                                   cfg.concentration_pixels, cfg.concentration_mass, progress=progress)
+        write_json(out / "concentration.json", {"cells": conc})
+        report["concentration"] = conc
+    write_json(out / "results.json", report)
+    _write_csv(rows, out / "rows.csv")
+    atomic_write(out / "summary.md", lambda p: Path(p).write_text(summary_markdown(report)))
+    from .figures import concentration_heatmap, fallback_curves, pareto_plot
+
+    pareto_plot(rows, out / "pareto.png")
+    fallback_curves(steps, out / "fallback.png")
+    if cfg.concentration:
+        concentration_heatmap(report["concentration"], out / "concentration.png")
+    return report
+
+
+def _schedule(cfg: AblationConfig) -> ScaleSchedule:
+    if cfg.calibration:
+        from .calibration import schedule_from
+
+        return schedule_from(json.loads(Path(cfg.calibration).read_text()))
+    return reference_schedule(cfg.schedule, cfg.reading)  # type: ignore[arg-type]
+
+
+def _labels(cfg: AblationConfig, data: ImageData, n: int) -> torch.Tensor | None:
+    if not cfg.conditional:
+        return None
+    classes = data.labels.unique()
+    return classes[torch.arange(n) % len(classes)]
+
+
+def _held_out(cfg: AblationConfig) -> ImageData:
+    """Images for the concentration queries: the test split where there is one, else the training set."""
+    try:
+        return load_dataset(cfg.dataset, split="test", resize=cfg.resize, limit=max(64, cfg.concentration_pixels))
+    except (ValueError, KeyError, FileNotFoundError):
+        return load_dataset(cfg.dataset, split=cfg.split, resize=cfg.resize, limit=max(64, cfg.concentration_pixels))
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in name)
+
+
+def _variant_key(key: dict, v: Variant) -> dict:
+    cfg = {k: val for k, val in key["ablation"].items() if k in ("dataset", "resize", "n_train", "split", "machine", "conditional",
+                                                                   "schedule", "reading", "calibration", "seeds", "steps",
+                                                                   "materialise_max", "model", "teacher_forced")}
+    return {"config": cfg, "fingerprint": key["fingerprint"], "variant": v.name}
+
+
+def _machine(cfg: AblationConfig, bank: MemoryBank, schedule: ScaleSchedule, backend) -> ScoreMachine:
+    return ScoreMachine(bank, cfg.machine, scales=schedule, conditional=cfg.conditional, backend=backend)  # type: ignore[arg-type]
+
+
+def _reference(cfg, bank, schedule, noise, labels, out: Path, key: dict, progress: bool) -> dict:
+    """The exact run: states x_i, estimates x̂0_i and final samples (cached in ``reference.pt``)."""
+    f = out / "reference.pt"
+    if f.exists():
+        ref = torch.load(f, weights_only=False)
+        if ref.get("key") == _variant_key(key, Variant("exact", "exact")):
+            return ref
+    machine = _machine(cfg, bank, schedule, ExactBackend())
+    states, x0s = [], []
+
+    def record(step, t, x, x0):
+        x0s.append(x0.clone())
+        states.append(x.clone())
+
+    start = time.perf_counter()
+    final = sample(machine, noise, cfg.steps, labels, callback=record, progress=progress)
+    seconds = time.perf_counter() - start
+    inputs = [noise] + states[:-1]  # the state each step was applied to
+    ref = {"key": _variant_key(key, Variant("exact", "exact")), "inputs": inputs, "x0": x0s, "final": final, "seconds": seconds}
+    atomic_write(f, lambda p: torch.save(ref, p))
+    return ref
+
+
+def _network_final(cfg: AblationConfig, noise: torch.Tensor, labels) -> torch.Tensor:
+    from .training import load_network
+
+    network = load_network(cfg.model, device="cpu")  # type: ignore[arg-type]
+    return sample(network, noise.to(torch.float32), cfg.steps, labels).to(torch.float64)
+
+
+def _bank_for(cfg: AblationConfig, v: Variant, data: ImageData, memory_bank: MemoryBank, schedule: ScaleSchedule,
+              progress: bool) -> MemoryBank:
+    if v.kind == "exact" and not v.dedup:
+        return MemoryBank(data, dedup=False)
+    if v.index is None:
+        return memory_bank
+    path = Path(cfg.banks) / f"{data.name}-{data.fingerprint()[:12]}-{cfg.machine}-{_slug(v.index)}-m{cfg.materialise_max or 0}"
+    spec = BankSpec(scales=sorted(set(schedule.scales)), rules=[cfg.machine], labels=cfg.conditional, index=v.index,
+                    materialise_max=cfg.materialise_max)
+    if (path / "manifest.json").exists():
+        try:
+            return PatchBank.open(path, expect=data)
+        except Exception:  # unfinished or other build: resume/raise through build
+            pass
+    return PatchBank.build(data, path, spec, progress=progress)
+
+
+def _backend(v: Variant):
+    exact = ExactBackend(prune=v.prune and v.dedup)
+    if v.kind == "exact":
+        return exact
+    return TopKBackend(k=v.k, tol=v.tol if v.tol is not None else math.inf, nprobe=v.nprobe,
+                       engine="auto" if v.index else "torch", fallback=exact if v.tol is not None else None)
+
+
+def _run_variant(cfg, v: Variant, data, memory_bank, schedule, noise, labels, reference, network_final, progress) -> dict:
+    bank = _bank_for(cfg, v, data, memory_bank, schedule, progress)
+    backend = _backend(v)
+    machine = _machine(cfg, bank, schedule, backend)
+    device = v.device
+    dev_noise = noise.to(device)
+    dev_labels = labels.to(device) if labels is not None else None
+    steps: list[dict] = []
+    last = [time.perf_counter()]
+
+    def on_step(step, t, x, x0):
+        now = time.perf_counter()
+        rec = {"step": step, "t": t, "P": schedule(t), "seconds": now - last[0]}
+        if isinstance(backend, TopKBackend):
+            rec |= backend.stats.summary()
+            backend.stats.reset()
+        steps.append(rec)
+        last[0] = time.perf_counter()
+
+    machine(dev_noise[:1], 1.0, dev_labels[:1] if dev_labels is not None else None)  # warm caches (tables, indices) untimed
+    if isinstance(backend, TopKBackend):
+        backend.stats.reset()
+    with PeakMemory(device) as mem:
+        last[0] = time.perf_counter()
+        start = time.perf_counter()
+        final = sample(machine, dev_noise, cfg.steps, dev_labels, callback=on_step, progress=progress).cpu().to(torch.float64)
+        seconds = time.perf_counter() - start
+    if cfg.teacher_forced:
+        for i, rec in enumerate(steps):
+            x0 = machine(reference["inputs"][i].to(device), rec["t"], dev_labels).cpu().to(torch.float64)
+            err = (x0 - reference["x0"][i]).abs()
+            rec["error_max"] = float(err.max())
+            rec["error_mean"] = float(err.mean())
+            if isinstance(backend, TopKBackend):
+                rec["bound"] = 2 * backend.stats.accepted_eps_max
+                rec["within_bound"] = rec["error_max"] <= rec["bound"] + BOUND_SLACK
+                backend.stats.reset()
+            else:
+                rec["bound"] = 0.0
+                rec["within_bound"] = rec["error_max"] <= BOUND_SLACK
+    ref_final = reference["final"]
+    r = pearson_r(final, ref_final)
+    row = {
+        "config": v.name,
+        "kind": v.kind,
+        "index": v.index or ("flat (torch)" if v.kind == "topk" else "-"),
+        "k": v.k if v.kind == "topk" else None,
+        "nprobe": v.nprobe if v.index and v.index.upper().startswith("IVF") else None,
+        "tol": v.tol if v.kind == "topk" else None,
+        "dedup": v.dedup,
+        "device": device,
+        "certified": v.certified,
+        "seconds_per_sample": seconds / len(cfg.seeds),
+        "seconds": seconds,
+        "peak_rss_mb": round(mem.peak_mb, 1),
+        "peak_rss_increase_mb": round(mem.peak_mb - mem.base_mb, 1),
+        "peak_gpu_mb": round(mem.gpu_mb, 1) if device.startswith("cuda") else None,
+        "pearson_r_median": statistics.median(r.tolist()),
+        "pearson_r_min": float(r.min()),
+        "r2_median": statistics.median(r2(final, ref_final).tolist()),
+        "max_abs_diff": float((final - ref_final).abs().max()),
+        "fallback_fraction": _mean([s.get("fallback_fraction") for s in steps]),
+        "eps_median": _median([s.get("eps_median") for s in steps]),
+        "eps_max": _max([s.get("eps_max") for s in steps]),
+        "search_s": sum(s.get("search_s", 0.0) for s in steps),
+        "exact_s": sum(s.get("exact_s", 0.0) for s in steps) if v.kind == "topk" else seconds,
+        "step_error_max": _max([s.get("error_max") for s in steps]),
+        "within_bound": all(s.get("within_bound", True) for s in steps) if v.certified else None,
+    }
+    if network_final is not None:
+        row["network_r_median"] = statistics.median(pearson_r(final, network_final).tolist())
+        row["exact_network_r_median"] = statistics.median(pearson_r(ref_final, network_final).tolist())
+    return {"row": row, "steps": steps}
+
+
+def _clean(xs):
+    return [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+
+
+def _mean(xs):
+    xs = _clean(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def _median(xs):
+    xs = _clean(xs)
+    return statistics.median(xs) if xs else None
+
+
+def _max(xs):
+    xs = _clean(xs)
+    return max(xs) if xs else None
+
+
+def best_configuration(rows: list[dict], min_r: float = 0.999) -> dict | None:
+    """The fastest row whose final samples keep Pearson r ≥ ``min_r`` (minimum over seeds) with exact."""
+    ok = [r for r in rows if r["pearson_r_min"] >= min_r]
+    if not ok:
+        return None
+    best = min(ok, key=lambda r: r["seconds"])
+    exact = next((r for r in rows if r["config"] == "exact"), None)
+    return {"config": best["config"], "seconds_per_sample": best["seconds_per_sample"], "pearson_r_min": best["pearson_r_min"],
+            "speedup_vs_exact_row": exact["seconds"] / best["seconds"] if exact else None}
+
+
+def _write_csv(rows: list[dict], path: Path) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+
+    def write(p):
+        with open(p, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(path, write)
+
+
+def summary_markdown(report: dict) -> str:
+    """A markdown table of the rows (and the concentration cells) for a README or a paper."""
+    cfg = report["config"]
+    lines = [f"Ablation: {cfg['machine']} on {cfg['dataset']} ({cfg['n_train'] or 'all'} images, resize {cfg['resize']}), "
+             f"schedule {cfg['calibration'] or cfg['schedule']}, {len(cfg['seeds'])} seeds × {cfg['steps']} steps; "
+             f"exact reference {report['reference_seconds'] / len(cfg['seeds']):.1f} s/sample (cold: includes building tables); "
+             "× exact is against the warm `exact` row.", "",
+             "| config | s/sample | × exact | r min | max abs Δ | fallback | ε median | step err max | within bound | peak MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        lines.append(
+            f"| `{r['config']}` | {r['seconds_per_sample']:.2f} | {r['speedup_vs_exact'] or 0:.2f} | {r['pearson_r_min']:.6f} | "
+            f"{r['max_abs_diff']:.1e} | {_fmt(r['fallback_fraction'], '.3f')} | {_fmt(r['eps_median'], '.1e')} | "
+            f"{_fmt(r['step_error_max'], '.1e')} | {'uncertified' if r['within_bound'] is None else r['within_bound']} | "
+            f"{r['peak_rss_mb']:.0f} |")
+    best = report.get("best")
+    lines += ["", f"Fastest configuration with r ≥ 0.999 against exact: `{best['config']}`, "
+                  f"{best['seconds_per_sample']:.2f} s/sample, ×{best['speedup_vs_exact_row']:.2f} vs the exact row."
+              if best else "No configuration kept r ≥ 0.999 against exact."]
+    if "network_r_median" in report["rows"][0]:
+        lines += ["", "Machine-vs-network median r per config: " + ", ".join(
+            f"`{r['config']}` {r['network_r_median']:.4f}" for r in report["rows"])]
+    if report.get("concentration"):
+        lines += ["", "Posterior concentration (median over pixels): distinct patches holding 1 − 10⁻³ of the mass / bucket distinct "
+                      "entries; effective number exp(H).", "", "| t | P | k(0.999) | of | exp(H) distinct | exp(H) patches |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        for c in report["concentration"]:
+            lines.append(f"| {c['t']:.2f} | {c['P']} | {c['k_mass_median']:.0f} | {c['entries_median']:.0f} | "
+                         f"{c['n_eff_distinct_median']:.1f} | {c['n_eff_patches_median']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(x, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+# ---- posterior concentration -------------------------------------------------------------------
+@torch.no_grad()
+def posterior_concentration(bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float,
+                            mass: float = 1e-3, chunk_size: int = 1 << 16) -> dict[str, torch.Tensor]:
+    """Per query ``[Q, D]``: the effective number of entries (exp of the posterior's entropy) over
+    the bucket's entries (distinct patches with counts on a deduplicating bank) and over individual
+    patches, and the number of entries holding ``1 − mass`` of the posterior. Returns ``[Q]`` tensors
+    and the bucket's entry count."""
+    q = queries.to(torch.float64)
+    logits, logc = [], []
+    for chunk in bank.stream(bucket, chunk_size, torch.float64):
+        keys = chunk.keys
+        lc = chunk.log_counts if chunk.log_counts is not None else torch.zeros(keys.shape[0], dtype=torch.float64)
+        logits.append(((2 * a) * q @ keys.T - (a * a) * keys.pow(2).sum(1)) / (2 * s2) + lc)
+        logc.append(lc)
+    ell = torch.cat(logits, 1)  # [Q, U]
+    lc = torch.cat(logc)
+    logp = ell - torch.logsumexp(ell, 1, keepdim=True)
+    p = logp.exp()
+    H = -(p * logp).sum(1)  # over entries
+    H_patches = H + (p * lc).sum(1)  # each of c copies carries p/c
+    need = torch.empty(q.shape[0], dtype=torch.long)
+    for i in range(q.shape[0]):
+        cum = p[i].sort(descending=True).values.cumsum(0)
+        need[i] = int(torch.searchsorted(cum, torch.tensor([(1 - mass) * float(cum[-1])], dtype=cum.dtype))[0]) + 1
+    return {"n_eff_distinct": H.exp(), "n_eff_patches": H_patches.exp(), "k_mass": need.clamp(max=ell.shape[1]),
+            "entries": torch.full((q.shape[0],), ell.shape[1])}
+
+
+def concentration_study(bank: MemoryBank, machine: str, times: list[float], scales: list[int], held_out: ImageData,
+                        pixels: int = 32, mass: float = 1e-3, seed: int = 0, progress: bool = True) -> list[dict]:
+    """For every (t, P): medians over ``pixels`` random pixels of noised held-out images (each
+    pixel against its own bucket under ``machine``'s rule) of :func:`posterior_concentration`."""
+    gen = torch.Generator().manual_seed(seed)
+    H, W = bank.height, bank.width
+    x0 = (held_out.images.to(torch.float64) / 127.5 - 1)
+    cells = []
+    for t in tqdm(times, desc="concentration", disable=not progress):
+        a, s2 = alpha_sigma2(t)
+        img = torch.randint(len(x0), (pixels,), generator=gen)
+        pix = torch.stack([torch.randint(H, (pixels,), generator=gen), torch.randint(W, (pixels,), generator=gen)], 1)
+        xt = a * x0[img] + math.sqrt(s2) * torch.randn(x0[img].shape, generator=gen, dtype=torch.float64)
+        for P in scales:
+            results: dict[str, list] = {}
+            padding = "circular" if machine == "ELS" else "zeros"
+            for key, locs in dictionary_groups(H, W, P, machine):  # type: ignore[arg-type]
+                member = (pix[:, None, :] == locs[None, :, :]).all(-1)  # [pixels, L]
+                rows = torch.nonzero(member.any(1)).view(-1)
+                if rows.numel() == 0:
+                    continue
+                queries = torch.stack([patches_at(xt[i : i + 1], pix[i : i + 1], P, padding)[0, 0] for i in rows.tolist()])
+                res = posterior_concentration(bank, BucketKey(machine, P, padding, key, None), queries.flatten(1), a, s2, mass)
+                for name, v in res.items():
+                    results.setdefault(name, []).extend(v.tolist())
+            cells.append({"t": t, "P": P, "pixels": pixels, "mass": mass,
+                          **{f"{name}_median": statistics.median(v) for name, v in results.items()}})
+    return cells

@@ -1,0 +1,130 @@
+"""The ablation tool (issue 5) on a small real bank: exact rows have zero error, a top-k row that
+retrieves whole buckets has zero error, certified rows stay within their bounds, runs resume, and
+the concentration study agrees with a brute-force computation over undeduplicated patches."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from machines import alpha_sigma2
+from patchbank import MemoryBank, load_dataset
+from patchbank.geometry import BucketKey, patches_at
+from pipelines import ablation
+from pipelines.ablation import AblationConfig, Variant, posterior_concentration, run_ablation
+from pipelines.cli import _ablation_config, build_parser
+
+GRID = [
+    "exact",
+    "exact:dedup=0",
+    "topk:k=100000",  # more than any bucket holds: the whole posterior
+    "topk:k=8:tol=none",  # truncated, no fallback: a real, certified error
+    "topk:k=8:index=IVF4,Flat:nprobe=1:tol=none",
+    "topk:k=8:index=Flat:tol=1e-3",
+]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, datasets_dir):
+    import os
+
+    os.environ["PATCHBANK_DATASETS"] = str(datasets_dir)
+    root = tmp_path_factory.mktemp("ablate")
+    (root / "calibration.json").write_text(json.dumps({"schedule": [[0.25, 3], [0.5, 5], [1.0, 5]]}))
+    cfg = AblationConfig(dataset="mnist", resize=12, n_train=40, seeds=[0, 1], steps=4, grid=GRID,
+                         calibration=str(root / "calibration.json"), banks=str(root / "banks"), out=str(root / "out"),
+                         concentration_times=[0.1, 0.9], concentration_scales=[3], concentration_pixels=6)
+    return cfg, run_ablation(cfg, progress=False)
+
+
+def test_every_report_file_is_written(small_run):
+    cfg, report = small_run
+    out = Path(cfg.out)
+    for name in ("config.json", "rows.csv", "results.json", "summary.md", "pareto.png", "fallback.png",
+                 "concentration.json", "concentration.png"):
+        assert (out / name).is_file(), name
+    assert [r["config"] for r in report["rows"]] == GRID
+    assert len(report["steps"]["exact"]) == cfg.steps
+    env = json.loads((out / "config.json").read_text())["environment"]
+    assert env["torch"] == torch.__version__ and env["torch_threads"] >= 1
+
+
+def test_exact_rows_and_whole_bucket_topk_have_zero_error(small_run):
+    rows = {r["config"]: r for r in small_run[1]["rows"]}
+    assert rows["exact"]["step_error_max"] == 0 and rows["exact"]["max_abs_diff"] == 0
+    for name in ("exact:dedup=0", "topk:k=100000"):
+        assert rows[name]["step_error_max"] < 1e-12, name
+        assert rows[name]["max_abs_diff"] < 1e-10 and rows[name]["pearson_r_min"] > 1 - 1e-12, name
+    assert rows["topk:k=100000"]["eps_max"] == 0 and rows["topk:k=100000"]["fallback_fraction"] == 0
+
+
+def test_certified_rows_stay_within_their_bounds(small_run):
+    cfg, report = small_run
+    for r in report["rows"]:
+        assert r["certified"] and r["within_bound"], r["config"]
+        for s in report["steps"][r["config"]]:
+            assert s["error_max"] <= s["bound"] + ablation.BOUND_SLACK
+    truncated = next(r for r in report["rows"] if r["config"] == "topk:k=8:tol=none")
+    assert truncated["step_error_max"] > 1e-6  # the measurement is not vacuous: truncation does change x̂0
+    assert truncated["fallback_fraction"] == 0
+
+
+def test_rerun_resumes_from_finished_configurations(small_run, monkeypatch):
+    cfg, report = small_run
+
+    def fail(*a, **k):
+        raise AssertionError("a finished configuration was recomputed")
+
+    monkeypatch.setattr(ablation, "_run_variant", fail)
+    monkeypatch.setattr(ablation, "sample", fail)  # the reference run is cached too
+    again = run_ablation(AblationConfig.from_json(Path(cfg.out) / "config.json"), progress=False)
+    assert [r["pearson_r_min"] for r in again["rows"]] == [r["pearson_r_min"] for r in report["rows"]]
+
+
+def test_concentration_dedup_invariance_and_brute_force(datasets_dir, monkeypatch):
+    monkeypatch.setenv("PATCHBANK_DATASETS", str(datasets_dir))
+    data = load_dataset("mnist", resize=12, limit=30)
+    key = BucketKey("bbELS", 3, "zeros", (1, 1, 1, 1), None)  # interior pixels
+    locs = key.locations(12, 12)
+    x = (data.images[:3].double() / 127.5 - 1)
+    for t in (0.1, 0.6):
+        a, s2 = alpha_sigma2(t)
+        xt = a * x + s2**0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        q = patches_at(xt, locs[:4], 3, "zeros").flatten(0, 1)
+        dedup = posterior_concentration(MemoryBank(data, dedup=True), key, q, a, s2)
+        raw = posterior_concentration(MemoryBank(data, dedup=False), key, q, a, s2)
+        # per-patch entropy is invariant to storing identical patches once with a count
+        torch.testing.assert_close(dedup["n_eff_patches"], raw["n_eff_patches"], rtol=1e-9, atol=0)
+        assert (dedup["entries"] < raw["entries"]).all() and (dedup["k_mass"] <= raw["k_mass"]).all()
+        # brute force over every patch
+        patches = patches_at(data.images.double() / 127.5 - 1, locs, 3, "zeros").flatten(0, 1)
+        logits = -((q[:, None, :] - a * patches[None]) ** 2).sum(-1) / (2 * s2)
+        p = logits.softmax(1)
+        n_eff = torch.exp(-(p * p.clamp_min(1e-300).log()).sum(1))
+        torch.testing.assert_close(raw["n_eff_patches"], n_eff, rtol=1e-9, atol=0)
+        k = [(int((ps.sort(descending=True).values.cumsum(0) < 1 - 1e-3).sum()) + 1) for ps in p]
+        assert raw["k_mass"].tolist() == k
+        assert (dedup["n_eff_distinct"] >= 1).all() and (dedup["k_mass"] <= dedup["entries"]).all()
+
+
+def test_grid_entries_parse_and_reject_nonsense():
+    v = Variant.parse("topk:k=64:index=IVF64,Flat:nprobe=4:tol=none:device=cpu")
+    assert (v.k, v.index, v.nprobe, v.tol, v.certified) == (64, "IVF64,Flat", 4, None, True)
+    assert not Variant.parse("topk:index=HNSW32").certified
+    assert Variant.parse("exact:dedup=0").dedup is False
+    for bad in ("fast", "topk:k", "topk:foo=1", "exact:k=3", "topk:dedup=0"):
+        with pytest.raises(ValueError):
+            Variant.parse(bad)
+
+
+def test_cli_overrides_a_saved_config(tmp_path):
+    saved = AblationConfig(n_train=77, seeds=[3], out=str(tmp_path / "a"))
+    (tmp_path / "config.json").write_text(json.dumps({"ablation": asdict(saved), "environment": {}}))
+    args = build_parser().parse_args(["ablate", "--config", str(tmp_path / "config.json"), "--steps", "5", "--n-train", "0",
+                                      "--grid", "exact", "topk:k=16"])
+    cfg = _ablation_config(args)
+    assert (cfg.steps, cfg.n_train, cfg.seeds, cfg.grid, cfg.out) == (5, None, [3], ["exact", "topk:k=16"], str(tmp_path / "a"))
