@@ -2,6 +2,7 @@
 
 from .analytic import MACHINES, Denoiser, ScoreMachine
 from .exact import ExactBackend, PairStats
+from .tail import SampledTailBackend, TailEstimate, TailStats
 from .topk import TopKBackend, TopKStats
 from .sampler import ddim_grid, noise_from_seeds, sample
 from .schedule import (
@@ -20,8 +21,11 @@ __all__ = [
     "Denoiser",
     "ExactBackend",
     "PairStats",
+    "TailEstimate",
+    "TailStats",
     "TopKBackend",
     "TopKStats",
+    "SampledTailBackend",
     "ScaleSchedule",
     "ScoreMachine",
     "abar",

@@ -1,0 +1,197 @@
+"""Head + importance-sampled tail posterior backend (issue 6, item 2; DESIGN §6 (b)).
+
+For one query and one bucket of distinct patches ``p_j`` with counts ``c_j`` (``n = Σ c_j``),
+weights ``w_j = c_j·exp(ℓ_j)``, ``ℓ_j = −a²‖q/a − p_j‖²/(2s²)`` and centre pixels ``v_j``, the
+posterior mean is ``μ = (S_H + S_T)/(Z_H + Z_T)`` where ``H`` is the head (the ``k`` nearest
+distinct patches, summed exactly) and ``T`` the rest. The tail sums are estimated without bias
+from ``m`` draws ``j_1 … j_m`` of a proposal ``π`` over the bucket:
+
+* ``proposal="count"``: ``π_j = c_j/n`` (a uniformly drawn training patch), weight ``n·exp(ℓ_j)``;
+* ``proposal="uniform"``: ``π_j = 1/U`` over distinct patches, weight ``U·c_j·exp(ℓ_j)``;
+
+``Ẑ_T = mean_i 1[j_i ∉ H]·w_{j_i}/π_{j_i}`` and ``Ŝ_T`` likewise with ``v``. The returned mean is
+the self-normalised ratio ``(S_H + Ŝ_T)/(Z_H + Ẑ_T)`` (consistent; its bias is O(1/m)), and its
+standard error per query is the delta-method ``sqrt(var_i(y_i·(v_{j_i} − μ̂))/m)/(Z_H + Ẑ_T)``
+(largest over channels). ``k = 0`` is pure importance sampling (no search). Draws are
+deterministic given ``seed``, the bucket and the noise level.
+
+The standard error is itself estimated from the draws and means little when a few draws carry
+all the tail weight (or none lands in the tail): a query whose draws have an effective sample
+size ``ESS = (Σ y)²/Σ y²`` below ``min_ess`` is recomputed by the exact backend (like the top-k
+fallback). At late times the head holds the posterior and the tail barely matters; at early
+times the posterior is broad, the draws are well spread and the ESS is high.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+import torch
+
+from patchbank.geometry import BucketKey, centre_index
+from patchbank.memory import IMAGE_RULES, MemoryBank
+
+from .exact import ExactBackend
+
+
+class TailEstimate(NamedTuple):
+    """Means ``[Q, C]``, standard errors ``[Q]`` (0 where exact) and ``log Ẑ [Q]``, the log of the
+    unbiased estimate of the bucket's total weight ``Σ_j c_j·exp(ℓ_j)`` (NaN where exact)."""
+
+    means: torch.Tensor
+    se: torch.Tensor
+    log_z: torch.Tensor
+
+
+@dataclass
+class TailStats:
+    """Per-call statistics until :meth:`reset`: queries, standard errors, head mass, seconds."""
+
+    queries: int = 0
+    exact_queries: int = 0
+    fallback: int = 0
+    se: list[torch.Tensor] = field(default_factory=list)
+    head_mass: list[torch.Tensor] = field(default_factory=list)
+    search_s: float = 0.0
+    sample_s: float = 0.0
+    exact_s: float = 0.0
+
+    def reset(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def summary(self) -> dict:
+        se = torch.cat(self.se) if self.se else torch.zeros(0)
+        head = torch.cat(self.head_mass) if self.head_mass else torch.zeros(0)
+        return {
+            "queries": self.queries,
+            "exact_fraction": self.exact_queries / self.queries if self.queries else 0.0,
+            "fallback_fraction": self.fallback / self.queries if self.queries else 0.0,
+            "se_median": float(se.median()) if se.numel() else 0.0,
+            "se_max": float(se.max()) if se.numel() else 0.0,
+            "head_mass_median": float(head.median()) if head.numel() else 0.0,
+            "search_s": round(self.search_s, 4),
+            "sample_s": round(self.sample_s, 4),
+            "exact_s": round(self.exact_s, 4),
+        }
+
+
+@dataclass
+class SampledTailBackend:
+    """Posterior means from an exact top-``k`` head plus ``samples`` importance-sampled tail draws.
+
+    ``proposal``: ``count`` (uniform over training patches) or ``uniform`` (over distinct
+    patches). ``exact``: the backend for buckets without distinct patches (not materialised) and
+    whole-image rules, and for queries whose tail draws have an effective sample size below
+    ``min_ess`` (None: keep every sampled answer). ``engine``/``nprobe``: how the head is searched (see
+    :meth:`patchbank.PatchBank.search`). Memory: ``query_chunk × (k + samples) × D``.
+    """
+
+    k: int = 64
+    samples: int = 1024
+    proposal: Literal["count", "uniform"] = "count"
+    seed: int = 0
+    min_ess: float | None = 32.0
+    nprobe: int = 8
+    engine: Literal["auto", "faiss", "torch"] = "auto"
+    exact: ExactBackend = field(default_factory=ExactBackend)
+    query_chunk: int = 128
+    stats: TailStats = field(default_factory=TailStats)
+
+    def __post_init__(self) -> None:
+        if self.k < 0 or self.samples < 1:
+            raise ValueError(f"need k >= 0 and samples >= 1, got k={self.k}, samples={self.samples}")
+        if self.proposal not in ("count", "uniform"):
+            raise ValueError(f"proposal must be 'count' or 'uniform', got {self.proposal!r}")
+
+    def posterior(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
+        """Posterior means ``[Q, C]`` of queries ``[Q, D]`` against one bucket."""
+        return self.estimate(bank, bucket, queries, a, s2).means
+
+    def estimate(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float,
+                 seed: int | None = None) -> TailEstimate:
+        """The estimate with its standard errors; ``seed`` overrides the backend's."""
+        Q = queries.shape[0]
+        self.stats.queries += Q
+        if bucket.rule in IMAGE_RULES or not bank.materialised(bucket):
+            start = time.perf_counter()
+            means = self.exact.posterior(bank, bucket, queries, a, s2)
+            self.stats.exact_s += time.perf_counter() - start
+            self.stats.exact_queries += Q
+            se = torch.zeros(Q, dtype=torch.float64)
+            self.stats.se.append(se)
+            return TailEstimate(means, se, torch.full((Q,), torch.nan, dtype=torch.float64))
+        table = bank.unique_patches(bucket)
+        U = table.patches.shape[0]
+        k = min(self.k, U)
+        q = queries.to(torch.float64)
+        dev = q.device
+        start = time.perf_counter()
+        head = bank.search(bucket, (q / a).to(torch.float32), k, self.nprobe, self.engine).neighbours.ids if k else None
+        self.stats.search_s += time.perf_counter() - start
+        start = time.perf_counter()
+        gen = torch.Generator().manual_seed(_seed(self.seed if seed is None else seed, bucket, a))
+        counts = table.counts.to(torch.float64)
+        n = float(counts.sum())
+        if self.proposal == "count":
+            draws = torch.multinomial(counts, Q * self.samples, replacement=True, generator=gen).view(Q, self.samples)
+            log_scale = torch.full((U,), math.log(n), dtype=torch.float64)  # log(c_j / π_j) with π_j = c_j / n
+        else:
+            draws = torch.randint(U, (Q, self.samples), generator=gen)
+            log_scale = counts.log() + math.log(U)
+        centre = centre_index(bank.channels, bucket.scale)  # type: ignore[arg-type]
+        parts = [self._block(table.patches, counts, log_scale, centre, q[s : s + self.query_chunk],
+                             head[s : s + self.query_chunk].cpu() if head is not None else None,
+                             draws[s : s + self.query_chunk], a, s2)
+                 for s in range(0, Q, self.query_chunk)]
+        self.stats.sample_s += time.perf_counter() - start
+        means, se, head_mass, log_z, ess = (torch.cat(x) for x in zip(*parts))
+        if self.min_ess is not None and k < U:
+            redo = torch.nonzero(ess < self.min_ess).view(-1)
+            if redo.numel():
+                start = time.perf_counter()
+                means[redo] = self.exact.posterior(bank, bucket, q[redo], a, s2).cpu().to(means.dtype)
+                self.stats.exact_s += time.perf_counter() - start
+                self.stats.fallback += redo.numel()
+                se[redo] = 0.0
+                log_z[redo] = torch.nan
+        self.stats.se.append(se)
+        self.stats.head_mass.append(head_mass)
+        return TailEstimate(means.to(dev), se, log_z)
+
+    def _block(self, patches, counts, log_scale, centre, q, head, draws, a, s2):
+        qa = q.cpu() / a
+        coef = -(a * a) / (2 * s2)
+        cand = patches[draws].to(torch.float64) / 255.0  # [b, m, D]
+        lw = coef * (qa[:, None, :] - cand).pow(2).sum(-1) + log_scale[draws]  # log(w_j / π_j)
+        if head is not None:
+            valid = head >= 0
+            hid = head.clamp(min=0)
+            hp = patches[hid].to(torch.float64) / 255.0  # [b, k, D]
+            lh = torch.where(valid, coef * (qa[:, None, :] - hp).pow(2).sum(-1) + counts[hid].log(), -torch.inf)
+            in_head = (draws[:, :, None] == torch.where(valid, head, -1)[:, None, :]).any(-1)
+            lw = lw.masked_fill(in_head, -torch.inf)
+        else:
+            lh = torch.full((q.shape[0], 1), -torch.inf, dtype=torch.float64)
+            hp = torch.zeros(q.shape[0], 1, patches.shape[1], dtype=torch.float64)
+        m_draws = draws.shape[1]
+        M = torch.maximum(lh.amax(1), lw.amax(1) - math.log(m_draws))[:, None]  # [b, 1]
+        wh = (lh - M).exp()
+        y = (lw - M).exp()  # per-draw unbiased tail contribution, times m
+        vh, vt = hp[..., centre], cand[..., centre]  # [b, k, C], [b, m, C]
+        Z = wh.sum(1) + y.mean(1)  # [b]
+        S = (wh[..., None] * vh).sum(1) + (y[..., None] * vt).mean(1)
+        mu = S / Z[:, None]
+        r = y[..., None] * (vt - mu[:, None, :])  # [b, m, C]
+        se = (r.var(1, correction=1) / m_draws).sqrt().amax(1) / Z if m_draws > 1 else torch.full_like(Z, torch.inf)
+        ess = y.sum(1).pow(2) / y.pow(2).sum(1)  # NaN (→ fallback) when no draw lands in the tail
+        return mu, se, wh.sum(1) / Z, Z.log() + M[:, 0], ess.nan_to_num(0.0)
+
+
+def _seed(seed: int, bucket: BucketKey, a: float) -> int:
+    """A generator seed from the user's seed, the bucket and the noise level (stable across runs)."""
+    text = f"{seed}|{bucket.rule}|{bucket.scale}|{bucket.padding}|{bucket.dictionary}|{bucket.label}|{a!r}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & ((1 << 63) - 1)
