@@ -21,6 +21,8 @@ A grid entry is a string ``kind[:key=value…]``:
 ``topk:k=256:index=IVF64,Flat:nprobe=8``   through a FAISS index (a bank is built per index spec)
 ``topk:k=256:index=HNSW32``                graph index: ε reported, not certified
 ``topk:k=256:tol=1e-2`` fallback tolerance; ``tol=none`` keeps every top-k answer (no fallback)
+``tail:k=64:samples=1024``  exact top-k head + importance-sampled tail (``proposal=count|uniform``,
+                        ``min_ess=``; statistical, reported with its standard errors, uncertified)
 ``…:device=cuda``       run this configuration on the GPU
 
 The posterior-concentration study measures, for noised held-out images at each (t, P), the
@@ -45,7 +47,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from machines import ExactBackend, ScaleSchedule, ScoreMachine, TopKBackend, noise_from_seeds, reference_schedule, sample
+from machines import ExactBackend, SampledTailBackend, ScaleSchedule, ScoreMachine, TopKBackend, noise_from_seeds, reference_schedule, sample
 from machines.schedule import alpha_sigma2
 from patchbank import BankSpec, ImageData, MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import atomic_write, write_json
@@ -64,6 +66,7 @@ DEFAULT_GRID = [
     "topk:k=256:index=IVF64,Flat:nprobe=4",
     "topk:k=256:index=IVF64,Flat:nprobe=16",
     "topk:k=256:index=HNSW32",
+    "tail:k=64:samples=1024",
 ]
 BOUND_SLACK = 1e-9  # float64 round-off allowance when comparing measured errors with 2ε
 
@@ -107,8 +110,11 @@ class Variant:
     """One grid entry, parsed: see the module docstring for the string form."""
 
     name: str
-    kind: str  # exact | topk
+    kind: str  # exact | topk | tail
     k: int = 256
+    samples: int = 1024
+    proposal: str = "count"
+    min_ess: float | None = 32.0
     tol: float | None = 1e-4  # None: no fallback
     nprobe: int = 8
     index: str | None = None  # FAISS index_factory string; None = exact k-NN by torch
@@ -119,31 +125,37 @@ class Variant:
     @classmethod
     def parse(cls, text: str) -> Variant:
         kind, *items = text.split(":")
-        if kind not in ("exact", "topk"):
-            raise ValueError(f"grid entry {text!r}: the kind must be 'exact' or 'topk'")
+        if kind not in ("exact", "topk", "tail"):
+            raise ValueError(f"grid entry {text!r}: the kind must be 'exact', 'topk' or 'tail'")
         values: dict = {}
         for item in items:
             key, sep, value = item.partition("=")
             if not sep:
                 raise ValueError(f"grid entry {text!r}: {item!r} is not key=value")
-            if key == "k" or key == "nprobe":
+            if key in ("k", "nprobe", "samples"):
                 values[key] = int(value)
+            elif key == "min_ess":
+                values[key] = None if value.lower() in ("none", "0") else float(value)
             elif key == "tol":
                 values[key] = None if value.lower() in ("none", "inf") else float(value)
             elif key in ("dedup", "prune"):
                 values[key] = value.lower() in ("1", "true", "yes", "on")
-            elif key in ("index", "device"):
+            elif key in ("index", "device", "proposal"):
                 values[key] = value
             else:
                 raise ValueError(f"grid entry {text!r}: unknown option {key!r}")
         if kind == "exact" and values.keys() - {"dedup", "prune", "device"}:
             raise ValueError(f"grid entry {text!r}: exact takes only dedup, prune and device")
-        if kind == "topk" and not values.get("dedup", True):
-            raise ValueError(f"grid entry {text!r}: top-k searches distinct patches; dedup=0 applies to exact only")
+        if kind != "exact" and not values.get("dedup", True):
+            raise ValueError(f"grid entry {text!r}: {kind} works on distinct patches; dedup=0 applies to exact only")
+        if kind == "tail" and values.keys() & {"tol"}:
+            raise ValueError(f"grid entry {text!r}: tail takes k, samples, proposal, min_ess, index, nprobe, device")
         return cls(text, kind, **values)
 
     @property
     def certified(self) -> bool:
+        if self.kind == "tail":
+            return False
         return self.kind == "exact" or self.index is None or not self.index.upper().startswith("HNSW")
 
 
@@ -354,6 +366,9 @@ def _backend(v: Variant):
     exact = ExactBackend(prune=v.prune and v.dedup)
     if v.kind == "exact":
         return exact
+    if v.kind == "tail":
+        return SampledTailBackend(k=v.k, samples=v.samples, proposal=v.proposal, min_ess=v.min_ess, nprobe=v.nprobe,  # type: ignore[arg-type]
+                                  engine="auto" if v.index else "torch", exact=exact)
     return TopKBackend(k=v.k, tol=v.tol if v.tol is not None else math.inf, nprobe=v.nprobe,
                        engine="auto" if v.index else "torch", fallback=exact if v.tol is not None else None)
 
@@ -371,14 +386,14 @@ def _run_variant(cfg, v: Variant, data, memory_bank, schedule, noise, labels, re
     def on_step(step, t, x, x0):
         now = time.perf_counter()
         rec = {"step": step, "t": t, "P": schedule(t), "seconds": now - last[0]}
-        if isinstance(backend, TopKBackend):
+        if v.kind != "exact":
             rec |= backend.stats.summary()
             backend.stats.reset()
         steps.append(rec)
         last[0] = time.perf_counter()
 
     machine(dev_noise[:1], 1.0, dev_labels[:1] if dev_labels is not None else None)  # warm caches (tables, indices) untimed
-    if isinstance(backend, TopKBackend):
+    if v.kind != "exact":
         backend.stats.reset()
     with PeakMemory(device) as mem:
         last[0] = time.perf_counter()
@@ -395,6 +410,9 @@ def _run_variant(cfg, v: Variant, data, memory_bank, schedule, noise, labels, re
                 rec["bound"] = 2 * backend.stats.accepted_eps_max
                 rec["within_bound"] = rec["error_max"] <= rec["bound"] + BOUND_SLACK
                 backend.stats.reset()
+            elif isinstance(backend, SampledTailBackend):
+                rec["se_max_teacher"] = backend.stats.summary()["se_max"]
+                backend.stats.reset()
             else:
                 rec["bound"] = 0.0
                 rec["within_bound"] = rec["error_max"] <= BOUND_SLACK
@@ -403,8 +421,9 @@ def _run_variant(cfg, v: Variant, data, memory_bank, schedule, noise, labels, re
     row = {
         "config": v.name,
         "kind": v.kind,
-        "index": v.index or ("flat (torch)" if v.kind == "topk" else "-"),
-        "k": v.k if v.kind == "topk" else None,
+        "index": v.index or ("flat (torch)" if v.kind != "exact" else "-"),
+        "k": v.k if v.kind != "exact" else None,
+        "samples": v.samples if v.kind == "tail" else None,
         "nprobe": v.nprobe if v.index and v.index.upper().startswith("IVF") else None,
         "tol": v.tol if v.kind == "topk" else None,
         "dedup": v.dedup,
@@ -422,10 +441,11 @@ def _run_variant(cfg, v: Variant, data, memory_bank, schedule, noise, labels, re
         "fallback_fraction": _mean([s.get("fallback_fraction") for s in steps]),
         "eps_median": _median([s.get("eps_median") for s in steps]),
         "eps_max": _max([s.get("eps_max") for s in steps]),
+        "se_median": _median([s.get("se_median") for s in steps]),
         "search_s": sum(s.get("search_s", 0.0) for s in steps),
-        "exact_s": sum(s.get("exact_s", 0.0) for s in steps) if v.kind == "topk" else seconds,
+        "exact_s": sum(s.get("exact_s", 0.0) for s in steps) if v.kind != "exact" else seconds,
         "step_error_max": _max([s.get("error_max") for s in steps]),
-        "within_bound": all(s.get("within_bound", True) for s in steps) if v.certified else None,
+        "within_bound": all(s.get("within_bound", True) for s in steps) if v.certified and v.kind != "tail" else None,
     }
     if network_final is not None:
         row["network_r_median"] = statistics.median(pearson_r(final, network_final).tolist())
@@ -488,7 +508,7 @@ def summary_markdown(report: dict) -> str:
         lines.append(
             f"| `{r['config']}` | {r['seconds_per_sample']:.2f} | {r['speedup_vs_exact'] or 0:.2f} | {r['pearson_r_min']:.6f} | "
             f"{r['max_abs_diff']:.1e} | {_fmt(r['fallback_fraction'], '.3f')} | {_fmt(r['eps_median'], '.1e')} | "
-            f"{_fmt(r['step_error_max'], '.1e')} | {'uncertified' if r['within_bound'] is None else r['within_bound']} | "
+            f"{_fmt(r['step_error_max'], '.1e')} | {_bound_text(r)} | "
             f"{r['peak_rss_mb']:.0f} |")
     best = report.get("best")
     lines += ["", f"Fastest configuration with r ≥ 0.999 against exact: `{best['config']}`, "
@@ -505,6 +525,12 @@ def summary_markdown(report: dict) -> str:
             lines.append(f"| {c['t']:.2f} | {c['P']} | {c['k_mass_median']:.0f} | {c['entries_median']:.0f} | "
                          f"{c['n_eff_distinct_median']:.1f} | {c['n_eff_patches_median']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _bound_text(r: dict) -> str:
+    if r["kind"] == "tail":
+        return f"statistical (SE median {_fmt(r.get('se_median'), '.1e')})"
+    return "uncertified" if r["within_bound"] is None else str(r["within_bound"])
 
 
 def _fmt(x, spec: str) -> str:

@@ -25,6 +25,7 @@ GRID = [
     "topk:k=8:tol=none",  # truncated, no fallback: a real, certified error
     "topk:k=8:index=IVF4,Flat:nprobe=1:tol=none",
     "topk:k=8:index=Flat:tol=1e-3",
+    "tail:k=8:samples=256",  # statistical: reported, not certified
 ]
 
 
@@ -65,6 +66,9 @@ def test_exact_rows_and_whole_bucket_topk_have_zero_error(small_run):
 def test_certified_rows_stay_within_their_bounds(small_run):
     cfg, report = small_run
     for r in report["rows"]:
+        if r["kind"] == "tail":
+            assert not r["certified"] and r["within_bound"] is None and r["se_median"] is not None
+            continue
         assert r["certified"] and r["within_bound"], r["config"]
         for s in report["steps"][r["config"]]:
             assert s["error_max"] <= s["bound"] + ablation.BOUND_SLACK
@@ -114,9 +118,11 @@ def test_concentration_dedup_invariance_and_brute_force(datasets_dir, monkeypatc
 def test_grid_entries_parse_and_reject_nonsense():
     v = Variant.parse("topk:k=64:index=IVF64,Flat:nprobe=4:tol=none:device=cpu")
     assert (v.k, v.index, v.nprobe, v.tol, v.certified) == (64, "IVF64,Flat", 4, None, True)
+    t = Variant.parse("tail:k=8:samples=128:proposal=uniform:min_ess=none")
+    assert (t.kind, t.samples, t.proposal, t.min_ess, t.certified) == ("tail", 128, "uniform", None, False)
     assert not Variant.parse("topk:index=HNSW32").certified
     assert Variant.parse("exact:dedup=0").dedup is False
-    for bad in ("fast", "topk:k", "topk:foo=1", "exact:k=3", "topk:dedup=0"):
+    for bad in ("fast", "topk:k", "topk:foo=1", "exact:k=3", "topk:dedup=0", "tail:tol=1e-3"):
         with pytest.raises(ValueError):
             Variant.parse(bad)
 
