@@ -104,8 +104,9 @@ class TopKBackend:
         self.stats.queries += q.shape[0]
         self.stats.certified &= found.kind != "hnsw"
         self.stats.eps.append(eps.cpu())
-        redo = torch.nonzero(eps > self.tol).view(-1) if self.fallback is not None else eps.new_zeros(0, dtype=torch.long)
-        kept = eps[eps <= self.tol] if self.fallback is not None else eps
+        accept = eps <= self.tol if self.fallback is not None else torch.ones_like(eps, dtype=torch.bool)
+        redo = torch.nonzero(~accept).view(-1)
+        kept = eps[accept]
         if kept.numel():
             self.stats.accepted_eps_max = max(self.stats.accepted_eps_max, float(kept.max()))
         if redo.numel():

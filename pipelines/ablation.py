@@ -49,11 +49,12 @@ from tqdm.auto import tqdm
 
 from machines import ExactBackend, SampledTailBackend, ScaleSchedule, ScoreMachine, TopKBackend, noise_from_seeds, reference_schedule, sample
 from machines.schedule import alpha_sigma2
-from patchbank import BankSpec, ImageData, MemoryBank, PatchBank, load_dataset
+from patchbank import BankError, BankSpec, ImageData, MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import atomic_write, write_json
 from patchbank.geometry import BucketKey, dictionary_groups, patches_at
 
 from .metrics import pearson_r, r2
+from .sampling import cycled_labels
 
 DEFAULT_GRID = [
     "exact",
@@ -246,9 +247,8 @@ def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
     rows, steps = [], {}
     for v in variants:
         f = done_dir / (_slug(v.name) + ".json")
-        if f.exists() and json.loads(f.read_text()).get("key") == _variant_key(key, v):
-            result = json.loads(f.read_text())
-        else:
+        result = json.loads(f.read_text()) if f.exists() else {}
+        if result.get("key") != _variant_key(key, v):
             result = _run_variant(cfg, v, data, memory_bank, schedule, noise, labels, reference, network_final, progress)
             write_json(f, {"key": _variant_key(key, v), **result})
         rows.append(result["row"])
@@ -286,10 +286,7 @@ def _schedule(cfg: AblationConfig) -> ScaleSchedule:
 
 
 def _labels(cfg: AblationConfig, data: ImageData, n: int) -> torch.Tensor | None:
-    if not cfg.conditional:
-        return None
-    classes = data.labels.unique()
-    return classes[torch.arange(n) % len(classes)]
+    return cycled_labels(data.labels, n) if cfg.conditional else None
 
 
 def _held_out(cfg: AblationConfig) -> ImageData:
@@ -357,7 +354,7 @@ def _bank_for(cfg: AblationConfig, v: Variant, data: ImageData, memory_bank: Mem
     if (path / "manifest.json").exists():
         try:
             return PatchBank.open(path, expect=data)
-        except Exception:  # unfinished or other build: resume/raise through build
+        except BankError:  # unfinished or other build: build resumes it, or says why it cannot
             pass
     return PatchBank.build(data, path, spec, progress=progress)
 
@@ -445,7 +442,7 @@ def _run_variant(cfg, v: Variant, data, memory_bank, schedule, noise, labels, re
         "search_s": sum(s.get("search_s", 0.0) for s in steps),
         "exact_s": sum(s.get("exact_s", 0.0) for s in steps) if v.kind != "exact" else seconds,
         "step_error_max": _max([s.get("error_max") for s in steps]),
-        "within_bound": all(s.get("within_bound", True) for s in steps) if v.certified and v.kind != "tail" else None,
+        "within_bound": all(s.get("within_bound", True) for s in steps) if v.certified else None,
     }
     if network_final is not None:
         row["network_r_median"] = statistics.median(pearson_r(final, network_final).tolist())

@@ -74,12 +74,17 @@ def run_sample(cfg: SampleConfig) -> Path:
     return out / "samples.png"
 
 
+def cycled_labels(train_labels: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` labels cycling through the classes present in ``train_labels`` (sample i gets class i mod #classes)."""
+    classes = train_labels.unique()
+    return classes[torch.arange(n) % len(classes)]
+
+
 def _labels(cfg: SampleConfig, train_labels: torch.Tensor) -> torch.Tensor | None:
     if not cfg.conditional:
         return None
     if cfg.labels is None:
-        classes = train_labels.unique()
-        return classes[torch.arange(len(cfg.seeds)) % len(classes)]
+        return cycled_labels(train_labels, len(cfg.seeds))
     if len(cfg.labels) != len(cfg.seeds):
         raise ValueError(f"give one label per seed: {len(cfg.labels)} labels for {len(cfg.seeds)} seeds")
     return torch.tensor(cfg.labels)

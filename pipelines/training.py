@@ -9,6 +9,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -132,8 +133,6 @@ def _step(net: nn.Module, opt, sched, x0: torch.Tensor, t: torch.Tensor, eps: to
 
 
 def _ema_copy(net: nn.Module) -> nn.Module:
-    import copy
-
     ema = copy.deepcopy(net)
     for p in ema.parameters():
         p.requires_grad_(False)
