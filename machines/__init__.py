@@ -2,6 +2,7 @@
 
 from .analytic import MACHINES, Denoiser, ScoreMachine
 from .exact import ExactBackend, PairStats
+from .policy import AutoBackend, PolicyStats
 from .tail import SampledTailBackend, TailEstimate, TailStats
 from .topk import TopKBackend, TopKStats
 from .sampler import ddim_grid, noise_from_seeds, sample
@@ -18,6 +19,8 @@ from .schedule import (
 
 __all__ = [
     "MACHINES",
+    "AutoBackend",
+    "PolicyStats",
     "Denoiser",
     "ExactBackend",
     "PairStats",

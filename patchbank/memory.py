@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .datasets import ImageData, to_model_range
-from .geometry import BucketKey, centre_index, check_padding, check_scale, patches_at
+from .geometry import BucketKey, centre_index, check_padding, check_scale, pad_images, patches_at
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,14 @@ class MemoryBank:
 
     With ``dedup=True`` each patch bucket is served as its distinct patches with log counts
     (identical uint8 patches are exactly identical, so the posterior is unchanged). The
-    distinct-patch tables are built on first use and kept (see :meth:`unique_patches`).
+    distinct-patch tables are built on first use and kept (see :meth:`unique_patches`); scales
+    above ``materialise_max`` never get one (their patches are streamed from the images).
     """
 
-    def __init__(self, data: ImageData, dedup: bool = False, dedup_chunk: int = 1 << 20) -> None:
+    def __init__(self, data: ImageData, dedup: bool = False, dedup_chunk: int = 1 << 20,
+                 materialise_max: int | None = None) -> None:
         self.data = data
+        self.materialise_max = materialise_max
         self.channels, self.height, self.width = data.shape
         self.labels = data.labels
         self.dedup = dedup
@@ -59,6 +62,7 @@ class MemoryBank:
         self._unique: dict[BucketKey, UniquePatches] = {}
         self._clustered: dict[tuple[BucketKey, int], object] = {}
         self._search_tables: dict[tuple[BucketKey, str], torch.Tensor] = {}
+        self._padded_cache: tuple[tuple[int, str], torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.data)
@@ -104,12 +108,57 @@ class MemoryBank:
                 values = x[:, :, sub[:, 0], sub[:, 1]].permute(0, 2, 1).reshape(-1, x.shape[1])
                 yield Chunk(keys, values)
 
+    def bucket_size(self, key: BucketKey) -> int:
+        """Number of training patches in a patch bucket (with repetitions): images × locations."""
+        return self.image_ids(key.label).numel() * key.locations(self.height, self.width).shape[0]
+
+    def sample_patches(
+        self, key: BucketKey, m: int, generator: torch.Generator, dtype: torch.dtype = torch.float64,
+        device: torch.device | str = "cpu",
+    ) -> Chunk:
+        """``m`` training patches of a patch bucket drawn uniformly with replacement (no distinct-patch
+        table needed): keys ``[m, C·P·P]`` and centre pixels ``[m, C]`` in model units.
+
+        A uniform draw over the bucket's (image, location) pairs is a draw of a distinct patch with
+        probability proportional to its count.
+        """
+        if key.rule in IMAGE_RULES:
+            raise ValueError(f"{key.rule} buckets hold whole images, not patches")
+        if m < 1:
+            raise ValueError(f"need m >= 1 draws, got {m}")
+        P = int(key.scale)  # type: ignore[arg-type]
+        check_scale(P)
+        check_padding(key.padding)
+        locs = key.locations(self.height, self.width)
+        ids = self.image_ids(key.label)
+        img = ids[torch.randint(ids.numel(), (m,), generator=generator)]
+        loc = locs[torch.randint(locs.shape[0], (m,), generator=generator)]
+        table = self._padded(P, key.padding)  # int16 [N, C, H+2r, W+2r], units of 1/255
+        off = torch.arange(P)
+        rows = loc[:, 0, None, None] + off[None, :, None]  # [m, P, 1]
+        cols = loc[:, 1, None, None] + off[None, None, :]  # [m, 1, P]
+        patches = table[img[:, None, None], :, rows, cols]  # [m, P, P, C]
+        keys = patches.permute(0, 3, 1, 2).reshape(m, -1).to(device=device, dtype=dtype).div_(255.0)
+        return Chunk(keys, keys[:, centre_index(self.channels, P).to(keys.device)])
+
+    def _padded(self, P: int, padding: str) -> torch.Tensor:
+        """The training images as int16 ``2·u8 − 255`` (zero padding is exact 0), padded by ``P // 2``;
+        only the latest (P, padding) is kept."""
+        if self._padded_cache is None or self._padded_cache[0] != (P, padding):
+            x = self.data.images.to(torch.int16).mul_(2).sub_(255)
+            self._padded_cache = ((P, padding), pad_images(x, P // 2, padding).contiguous())  # type: ignore[arg-type]
+        return self._padded_cache[1]
+
     def materialised(self, key: BucketKey) -> bool:
-        """Whether the bucket's distinct patches can be served (always, in memory: built on demand)."""
-        return True
+        """Whether the bucket's distinct patches can be served: in memory they are built on demand, for
+        every patch scale up to ``materialise_max`` (None: all); larger scales are streamed from the images."""
+        return key.rule not in IMAGE_RULES and (self.materialise_max is None or key.scale <= self.materialise_max)
 
     def unique_patches(self, key: BucketKey) -> UniquePatches:
         """The bucket's distinct patches and their counts (built once, then cached)."""
+        if not self.materialised(key):
+            raise ValueError(f"bucket {key} has no distinct-patch table (materialise_max={self.materialise_max}); "
+                             "its patches are streamed from the images")
         if key not in self._unique:
             self._unique[key] = self._build_unique(key)
         return self._unique[key]

@@ -23,6 +23,8 @@ A grid entry is a string ``kind[:key=value…]``:
 ``topk:k=256:tol=1e-2`` fallback tolerance; ``tol=none`` keeps every top-k answer (no fallback)
 ``tail:k=64:samples=1024``  exact top-k head + importance-sampled tail (``proposal=count|uniform``,
                         ``min_ess=``; statistical, reported with its standard errors, uncertified)
+``auto:samples=16384:se_tol=1e-2``  the automatic policy (:class:`machines.AutoBackend`): shared
+                        draws, answers with SE ≤ ``se_tol`` and ESS ≥ ``min_ess`` kept, the rest exact
 ``…:device=cuda``       run this configuration on the GPU
 
 The posterior-concentration study measures, for noised held-out images at each (t, P), the
@@ -47,7 +49,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from machines import ExactBackend, SampledTailBackend, ScaleSchedule, ScoreMachine, TopKBackend, noise_from_seeds, reference_schedule, sample
+from machines import AutoBackend, ExactBackend, SampledTailBackend, ScaleSchedule, ScoreMachine, TopKBackend, noise_from_seeds, reference_schedule, sample
 from machines.schedule import alpha_sigma2
 from patchbank import BankError, BankSpec, ImageData, MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import atomic_write, write_json
@@ -111,9 +113,11 @@ class Variant:
     """One grid entry, parsed: see the module docstring for the string form."""
 
     name: str
-    kind: str  # exact | topk | tail
+    kind: str  # exact | topk | tail | auto
     k: int = 256
-    samples: int = 1024
+    samples: int = 1024  # tail draws per query; auto: first-round shared draws per bucket (default 16384)
+    max_samples: int = 262144  # auto: most draws per bucket
+    se_tol: float = 1e-2  # auto: largest accepted standard error
     proposal: str = "count"
     min_ess: float | None = 32.0
     tol: float | None = 1e-4  # None: no fallback
@@ -126,15 +130,17 @@ class Variant:
     @classmethod
     def parse(cls, text: str) -> Variant:
         kind, *items = text.split(":")
-        if kind not in ("exact", "topk", "tail"):
-            raise ValueError(f"grid entry {text!r}: the kind must be 'exact', 'topk' or 'tail'")
+        if kind not in ("exact", "topk", "tail", "auto"):
+            raise ValueError(f"grid entry {text!r}: the kind must be 'exact', 'topk', 'tail' or 'auto'")
         values: dict = {}
         for item in items:
             key, sep, value = item.partition("=")
             if not sep:
                 raise ValueError(f"grid entry {text!r}: {item!r} is not key=value")
-            if key in ("k", "nprobe", "samples"):
+            if key in ("k", "nprobe", "samples", "max_samples"):
                 values[key] = int(value)
+            elif key == "se_tol":
+                values[key] = float(value)
             elif key == "min_ess":
                 values[key] = None if value.lower() in ("none", "0") else float(value)
             elif key == "tol":
@@ -149,13 +155,22 @@ class Variant:
             raise ValueError(f"grid entry {text!r}: exact takes only dedup, prune and device")
         if kind != "exact" and not values.get("dedup", True):
             raise ValueError(f"grid entry {text!r}: {kind} works on distinct patches; dedup=0 applies to exact only")
-        if kind == "tail" and values.keys() & {"tol"}:
+        if kind == "tail" and values.keys() - {"k", "samples", "proposal", "min_ess", "index", "nprobe", "device"}:
             raise ValueError(f"grid entry {text!r}: tail takes k, samples, proposal, min_ess, index, nprobe, device")
+        if kind == "auto":
+            if values.keys() - {"samples", "max_samples", "se_tol", "min_ess", "device"}:
+                raise ValueError(f"grid entry {text!r}: auto takes samples, max_samples, se_tol, min_ess, device")
+            values.setdefault("samples", 16384)
+            values.setdefault("min_ess", 64.0)
+            if values["min_ess"] is None:
+                raise ValueError(f"grid entry {text!r}: auto needs min_ess >= 1")
+        elif values.keys() & {"max_samples", "se_tol"}:
+            raise ValueError(f"grid entry {text!r}: max_samples and se_tol belong to auto")
         return cls(text, kind, **values)
 
     @property
     def certified(self) -> bool:
-        if self.kind == "tail":
+        if self.kind in ("tail", "auto"):
             return False
         return self.kind == "exact" or self.index is None or not self.index.upper().startswith("HNSW")
 
@@ -363,6 +378,9 @@ def _backend(v: Variant):
     exact = ExactBackend(prune=v.prune and v.dedup)
     if v.kind == "exact":
         return exact
+    if v.kind == "auto":
+        return AutoBackend(samples=v.samples, max_samples=max(v.samples, v.max_samples), se_tol=v.se_tol,
+                           min_ess=v.min_ess, exact=exact)  # type: ignore[arg-type]
     if v.kind == "tail":
         return SampledTailBackend(k=v.k, samples=v.samples, proposal=v.proposal, min_ess=v.min_ess, nprobe=v.nprobe,  # type: ignore[arg-type]
                                   engine="auto" if v.index else "torch", exact=exact)
@@ -407,7 +425,7 @@ def _run_variant(cfg, v: Variant, data, memory_bank, schedule, noise, labels, re
                 rec["bound"] = 2 * backend.stats.accepted_eps_max
                 rec["within_bound"] = rec["error_max"] <= rec["bound"] + BOUND_SLACK
                 backend.stats.reset()
-            elif isinstance(backend, SampledTailBackend):
+            elif isinstance(backend, (SampledTailBackend, AutoBackend)):
                 rec["se_max_teacher"] = backend.stats.summary()["se_max"]
                 backend.stats.reset()
             else:
@@ -420,7 +438,7 @@ def _run_variant(cfg, v: Variant, data, memory_bank, schedule, noise, labels, re
         "kind": v.kind,
         "index": v.index or ("flat (torch)" if v.kind != "exact" else "-"),
         "k": v.k if v.kind != "exact" else None,
-        "samples": v.samples if v.kind == "tail" else None,
+        "samples": v.samples if v.kind in ("tail", "auto") else None,
         "nprobe": v.nprobe if v.index and v.index.upper().startswith("IVF") else None,
         "tol": v.tol if v.kind == "topk" else None,
         "dedup": v.dedup,
@@ -525,7 +543,7 @@ def summary_markdown(report: dict) -> str:
 
 
 def _bound_text(r: dict) -> str:
-    if r["kind"] == "tail":
+    if r["kind"] in ("tail", "auto"):
         return f"statistical (SE median {_fmt(r.get('se_median'), '.1e')})"
     return "uncertified" if r["within_bound"] is None else str(r["within_bound"])
 

@@ -26,6 +26,7 @@ GRID = [
     "topk:k=8:index=IVF4,Flat:nprobe=1:tol=none",
     "topk:k=8:index=Flat:tol=1e-3",
     "tail:k=8:samples=256",  # statistical: reported, not certified
+    "auto:samples=512:max_samples=2048:se_tol=0.05",  # the automatic policy: statistical too
 ]
 
 
@@ -66,8 +67,9 @@ def test_exact_rows_and_whole_bucket_topk_have_zero_error(small_run):
 def test_certified_rows_stay_within_their_bounds(small_run):
     cfg, report = small_run
     for r in report["rows"]:
-        if r["kind"] == "tail":
+        if r["kind"] in ("tail", "auto"):
             assert not r["certified"] and r["within_bound"] is None and r["se_median"] is not None
+            assert r["pearson_r_min"] > 0.99, r["config"]
             continue
         assert r["certified"] and r["within_bound"], r["config"]
         for s in report["steps"][r["config"]]:
@@ -122,7 +124,10 @@ def test_grid_entries_parse_and_reject_nonsense():
     assert (t.kind, t.samples, t.proposal, t.min_ess, t.certified) == ("tail", 128, "uniform", None, False)
     assert not Variant.parse("topk:index=HNSW32").certified
     assert Variant.parse("exact:dedup=0").dedup is False
-    for bad in ("fast", "topk:k", "topk:foo=1", "exact:k=3", "topk:dedup=0", "tail:tol=1e-3"):
+    auto = Variant.parse("auto:se_tol=0.02:max_samples=65536")
+    assert (auto.kind, auto.samples, auto.max_samples, auto.se_tol, auto.min_ess, auto.certified) == ("auto", 16384, 65536, 0.02, 64.0, False)
+    for bad in ("fast", "topk:k", "topk:foo=1", "exact:k=3", "topk:dedup=0", "tail:tol=1e-3", "auto:k=3", "auto:min_ess=none",
+                "topk:se_tol=1e-3"):
         with pytest.raises(ValueError):
             Variant.parse(bad)
 

@@ -1,0 +1,235 @@
+"""Automatic posterior policy (issue 6, item 4): shared importance draws first, exact work only where needed.
+
+For one bucket call (all query pixels that share a dictionary) the policy
+
+1. goes **exact** at once when that is cheaper: an exact sum costs ``Q·N`` (query, entry) pairs
+   (``N`` the bucket's distinct patches where it has a table, else its patches), a round of
+   draws ``samples·(Q + GATHER_COST)`` (a drawn patch is gathered once and then shared);
+2. otherwise draws ``samples`` training patches uniformly from the bucket (the count proposal:
+   a distinct patch is drawn with probability proportional to its count) — **one set of draws
+   shared by every query**, so the logits are one matrix product, and no distinct-patch table or
+   index is needed (any P, any bank size). Each query's posterior mean is the self-normalised
+   estimate ``Σ_i e^{ℓ_i} v_i / Σ_i e^{ℓ_i}`` over the draws, with its delta-method standard error
+   ``sqrt(Σ_i w̄_i² (v_i − μ̂)²)`` (``w̄`` the normalised weights, largest over channels) and
+   effective sample size ``ESS = 1/Σ_i w̄_i²``;
+3. **accepts** a query's sampled answer when ``ESS ≥ min_ess`` and ``SE ≤ se_tol``; queries that
+   fail get ``growth``× more draws (added to the same running sums, still an i.i.d. sample) until
+   they pass or ``max_samples`` draws (at most ``N/4``: more would cost about an exact sum) are spent;
+4. sends what remains to the certified **top-k** backend when one is given and the bucket has a
+   distinct-patch table (it falls back to exact itself), else to the **exact** backend.
+
+Broad posteriors (early and middle times: thousands of patches carry weight) pass at step 2 for
+a few hundred milliseconds per bucket; concentrated posteriors (late times, stroke pixels)
+fail the ESS test and are summed exactly, where cluster pruning makes the exact sum cheap. The
+per-step statistics report which route each query took and the resulting error measure: the
+standard error for sampled answers (statistical, not a bound), the certificate for top-k
+answers, zero (to ``prune_tol``) for exact ones.
+
+Draws are deterministic given ``seed``, the bucket and the noise level.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from patchbank.geometry import BucketKey
+from patchbank.memory import IMAGE_RULES, MemoryBank
+
+from .exact import ExactBackend
+from .tail import _seed
+from .topk import TopKBackend
+
+GATHER_COST = 8  # a drawn patch's gather, counted in (query, entry) pairs
+
+
+@dataclass
+class PolicyStats:
+    """Per-call statistics until :meth:`reset`: which route each query took, errors, seconds."""
+
+    queries: int = 0
+    sampled: int = 0
+    topk: int = 0
+    exact: int = 0
+    draws: int = 0  # Σ over buckets of the draws made (each shared by that bucket's queries)
+    buckets: int = 0
+    se: list[torch.Tensor] = field(default_factory=list)
+    sample_s: float = 0.0
+    topk_s: float = 0.0
+    exact_s: float = 0.0
+
+    def reset(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    @property
+    def choice(self) -> str:
+        """The route most queries took: ``sampled``, ``topk`` or ``exact`` (``mixed`` if none holds 90%)."""
+        if not self.queries:
+            return "none"
+        route, n = max((("sampled", self.sampled), ("topk", self.topk), ("exact", self.exact)), key=lambda r: r[1])
+        return route if n >= 0.9 * self.queries else "mixed"
+
+    def summary(self) -> dict:
+        se = torch.cat(self.se) if self.se else torch.zeros(0)
+        q = self.queries or 1
+        return {
+            "queries": self.queries,
+            "choice": self.choice,
+            "sampled_fraction": self.sampled / q,
+            "topk_fraction": self.topk / q,
+            "exact_fraction": self.exact / q,
+            "fallback_fraction": (self.topk + self.exact) / q,  # answered by other than the draws
+            "draws_per_bucket": self.draws / self.buckets if self.buckets else 0.0,
+            "se_median": float(se.median()) if se.numel() else 0.0,
+            "se_max": float(se.max()) if se.numel() else 0.0,
+            "sample_s": round(self.sample_s, 4),
+            "topk_s": round(self.topk_s, 4),
+            "exact_s": round(self.exact_s, 4),
+        }
+
+
+@dataclass
+class AutoBackend:
+    """Shared importance draws with per-query acceptance, then certified top-k or exact for the rest.
+
+    ``samples``: first-round draws per bucket call; ``growth``/``max_samples``: escalation for
+    queries that fail (cumulative draws at most ``max_samples``); ``se_tol``: largest accepted
+    standard error of a sampled x̂0 pixel; ``min_ess``: smallest accepted effective sample size
+    (guards the standard error, which is itself estimated from the draws); ``topk``: optional
+    certified backend for the rest (used on buckets with distinct-patch tables); ``exact``: the
+    exact backend; ``chunk``: draws per matrix product (memory ``queries × chunk``).
+    """
+
+    samples: int = 16384
+    growth: int = 4
+    max_samples: int = 262144
+    se_tol: float = 1e-2
+    min_ess: float = 64.0
+    seed: int = 0
+    topk: TopKBackend | None = None
+    exact: ExactBackend = field(default_factory=ExactBackend)
+    chunk: int = 8192
+    stats: PolicyStats = field(default_factory=PolicyStats)
+
+    def __post_init__(self) -> None:
+        if self.samples < 2 or self.max_samples < self.samples or self.growth < 2:
+            raise ValueError(f"need 2 <= samples <= max_samples and growth >= 2, got samples={self.samples}, "
+                             f"max_samples={self.max_samples}, growth={self.growth}")
+        if not self.se_tol > 0 or self.min_ess < 1:
+            raise ValueError(f"need se_tol > 0 and min_ess >= 1, got {self.se_tol}, {self.min_ess}")
+        if self.chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {self.chunk}")
+
+    def posterior(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
+        """Posterior means ``[Q, C]`` of queries ``[Q, D]`` against one bucket."""
+        Q = queries.shape[0]
+        self.stats.queries += Q
+        self.stats.buckets += 1
+        if bucket.rule in IMAGE_RULES:
+            return self._exact(bank, bucket, queries, a, s2)
+        N = _entries(bank, bucket)
+        if Q * N <= self.samples * (Q + GATHER_COST):
+            return self._exact(bank, bucket, queries, a, s2)
+        start = time.perf_counter()
+        means, se, ok = self.sampled(bank, bucket, queries, a, s2)
+        self.stats.sample_s += time.perf_counter() - start
+        self.stats.sampled += int(ok.sum())
+        self.stats.se.append(se[ok].cpu())
+        rest = torch.nonzero(~ok).view(-1)
+        if rest.numel():
+            q = queries[rest.to(queries.device)]
+            if self.topk is not None and bank.materialised(bucket):
+                start = time.perf_counter()
+                means[rest] = self.topk.posterior(bank, bucket, q, a, s2).cpu().to(means.dtype)
+                self.stats.topk_s += time.perf_counter() - start
+                self.stats.topk += rest.numel()
+            else:
+                means[rest] = self._exact(bank, bucket, q, a, s2, count=False).cpu().to(means.dtype)
+        return means.to(queries.device)
+
+    def sampled(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float,
+                limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Shared-draw estimates: means ``[Q, C]``, standard errors ``[Q]``, accepted mask ``[Q]`` (on the CPU);
+        ``limit``: most draws for queries that fail (default ``max_samples``, at most a quarter of the
+        bucket's entries)."""
+        if limit is None:
+            limit = max(self.samples, min(self.max_samples, _entries(bank, bucket) // 4))
+        gen = torch.Generator().manual_seed(_seed(self.seed, bucket, a))
+        q = queries.to(torch.float64)
+        state = _Sums.empty(q.shape[0], bank.channels, q.device)
+        rows = torch.arange(q.shape[0], device=q.device)
+        drawn, target = 0, self.samples
+        while True:
+            while drawn < target:
+                m = min(self.chunk, target - drawn)
+                draws = bank.sample_patches(bucket, m, gen, torch.float64, q.device)
+                state.update(rows, q[rows], draws.keys, draws.values, a, s2)
+                drawn += m
+                self.stats.draws += m
+            means, se, ess = state.result()
+            ok = (ess >= self.min_ess) & (se <= self.se_tol)
+            rows = torch.nonzero(~ok).view(-1)
+            if not rows.numel() or target >= limit:
+                return means.cpu(), se.cpu(), ok.cpu()
+            target = min(target * self.growth, limit)
+
+    def _exact(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float,
+               count: bool = True) -> torch.Tensor:
+        start = time.perf_counter()
+        means = self.exact.posterior(bank, bucket, queries, a, s2)
+        self.stats.exact_s += time.perf_counter() - start
+        self.stats.exact += queries.shape[0]
+        if count:
+            self.stats.se.append(torch.zeros(0))
+        return means
+
+
+def _entries(bank: MemoryBank, bucket: BucketKey) -> int:
+    """Entries an exact sum over the bucket visits: its distinct patches where it has a table, else its patches."""
+    if bank.dedup and bank.materialised(bucket):
+        return bank.unique_patches(bucket).patches.shape[0]
+    return bank.bucket_size(bucket)
+
+
+@dataclass
+class _Sums:
+    """Running sums over draws per query, relative to a running maximum logit ``m [Q]``:
+    ``s1 [Q, 1+C]`` = Σ w·(1, v) and ``s2 [Q, 1+2C]`` = Σ w²·(1, v, v²)."""
+
+    m: torch.Tensor
+    s1: torch.Tensor
+    s2: torch.Tensor
+
+    @classmethod
+    def empty(cls, Q: int, C: int, device: torch.device) -> _Sums:
+        f64 = torch.float64
+        return cls(torch.full((Q,), -torch.inf, dtype=f64, device=device),
+                   torch.zeros(Q, 1 + C, dtype=f64, device=device), torch.zeros(Q, 1 + 2 * C, dtype=f64, device=device))
+
+    def update(self, rows: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, a: float, s2: float) -> None:
+        # ℓ = −‖q − a·p‖²/(2s²) up to a per-query constant (−‖q‖²/2s², which cancels).
+        bias = keys.pow(2).sum(1) * (-(a * a) / (2 * s2))
+        logits = torch.addmm(bias[None, :], q, keys.T, alpha=a / s2)  # [R, M]
+        m_old = self.m[rows]
+        m_new = torch.maximum(m_old, logits.amax(1))
+        w = logits.sub_(m_new[:, None]).exp_()
+        ones = torch.ones(values.shape[0], 1, dtype=values.dtype, device=values.device)
+        v1 = torch.cat([ones, values], 1)
+        v2 = torch.cat([ones, values, values * values], 1)
+        scale = torch.exp(m_old - m_new).nan_to_num_(0.0)  # m_old = −inf on the first chunk
+        self.s1[rows] = self.s1[rows] * scale[:, None] + w @ v1
+        self.s2[rows] = self.s2[rows] * (scale * scale)[:, None] + (w * w) @ v2
+        self.m[rows] = m_new
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Means ``[Q, C]``, standard errors ``[Q]`` and effective sample sizes ``[Q]``."""
+        C = self.s1.shape[1] - 1
+        Z = self.s1[:, :1]
+        mu = self.s1[:, 1:] / Z
+        w2, w2v, w2vv = self.s2[:, :1], self.s2[:, 1 : 1 + C], self.s2[:, 1 + C :]
+        var = (w2vv - 2 * mu * w2v + mu * mu * w2) / (Z * Z)
+        se = var.clamp(min=0).sqrt().amax(1)
+        ess = (Z[:, 0] * Z[:, 0]) / w2[:, 0]
+        return mu, se, ess

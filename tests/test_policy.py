@@ -1,0 +1,169 @@
+"""The automatic policy backend (issue 6, item 4) and raw patch draws, against brute force and exact."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from machines import AutoBackend, ExactBackend, ScoreMachine, TopKBackend, alpha_sigma2, noise_from_seeds, sample
+from patchbank import MemoryBank, load_dataset
+from patchbank.geometry import BucketKey, centre_index, patches_at
+
+H = 12
+
+
+@pytest.fixture(scope="module")
+def mnist(datasets_dir):
+    os.environ["PATCHBANK_DATASETS"] = str(datasets_dir)
+    return load_dataset("mnist", resize=H, limit=80)
+
+
+@pytest.fixture(scope="module")
+def bank(mnist):
+    return MemoryBank(mnist, dedup=True)
+
+
+def _queries(mnist, t: float, P: int = 3, seed: int = 0, key: tuple[int, ...] | None = None):
+    a, s2 = alpha_sigma2(t)
+    x = mnist.images[-4:].double() / 127.5 - 1
+    xt = a * x + s2**0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    bucket = BucketKey("bbELS", P, "zeros", key or (P // 2,) * 4, None)
+    return patches_at(xt, bucket.locations(H, H), P, "zeros").flatten(0, 1), bucket, a, s2
+
+
+@pytest.mark.parametrize("P,key", [(3, None), (5, (0, 2, 2, 2)), (5, (0, 2, 0, 2))])
+def test_raw_draws_follow_the_counts(bank, P, key):
+    """Uniform draws over (image, location) are draws of distinct patches with probability count/n."""
+    bucket = BucketKey("bbELS", P, "zeros", key or (P // 2,) * 4, None)
+    table = bank.unique_patches(bucket)
+    m = 20000
+    draws = bank.sample_patches(bucket, m, torch.Generator().manual_seed(1))
+    assert draws.keys.shape == (m, P * P) and draws.values.shape == (m, 1)
+    torch.testing.assert_close(draws.values[:, 0], draws.keys[:, centre_index(1, P)[0]])
+    rows = {tuple(r): i for i, r in enumerate(table.patches.tolist())}
+    ids = torch.tensor([rows[tuple(r)] for r in (draws.keys * 255).round().to(torch.int64).tolist()])  # KeyError: not in bucket
+    freq = torch.bincount(ids, minlength=len(rows)).double() / m
+    p = table.counts.double() / table.total
+    top = p.argsort(descending=True)[:5]
+    assert ((freq[top] - p[top]).abs() <= 5 * (p[top] * (1 - p[top]) / m).sqrt() + 1e-12).all()
+    assert bank.bucket_size(bucket) == table.total
+
+
+def test_draw_errors(bank):
+    with pytest.raises(ValueError, match="whole images"):
+        bank.sample_patches(BucketKey("IS", None, "zeros", (), None), 4, torch.Generator())
+    with pytest.raises(ValueError, match="m >= 1"):
+        bank.sample_patches(BucketKey("bbELS", 3, "zeros", (1, 1, 1, 1)), 0, torch.Generator())
+
+
+def test_shared_estimates_match_brute_force_snis(bank, mnist):
+    """Means, standard errors and ESS over the same draws, computed one query at a time."""
+    q, bucket, a, s2 = _queries(mnist, 0.6)
+    backend = AutoBackend(samples=3000, max_samples=3000, growth=2, chunk=700, seed=5)
+    means, se, ok = backend.sampled(bank, bucket, q, a, s2)
+    from machines.tail import _seed
+
+    draws = bank.sample_patches(bucket, 700, gen := torch.Generator().manual_seed(_seed(5, bucket, a)))
+    keys = [draws.keys] + [bank.sample_patches(bucket, m, gen).keys for m in (700, 700, 700, 200)]
+    keys = torch.cat(keys)
+    v = keys[:, centre_index(1, 3)]
+    for i in range(0, q.shape[0], 7):
+        logw = -(q[i] - a * keys).pow(2).sum(1) / (2 * s2)
+        w = torch.softmax(logw, 0)
+        mu = (w[:, None] * v).sum(0)
+        torch.testing.assert_close(means[i], mu, rtol=0, atol=1e-12)
+        torch.testing.assert_close(se[i], (w.pow(2) * (v[:, 0] - mu[0]).pow(2)).sum().sqrt(), rtol=1e-9, atol=1e-14)
+        ess = 1 / w.pow(2).sum()
+        assert bool(ok[i]) == bool(ess >= backend.min_ess and se[i] <= backend.se_tol)
+
+
+@pytest.mark.parametrize("t", [0.05, 0.3, 0.6, 1.0])
+def test_answers_are_exact_or_within_a_few_standard_errors(bank, mnist, t):
+    q, bucket, a, s2 = _queries(mnist, t)
+    backend = AutoBackend(samples=1024, max_samples=4096, se_tol=0.05, min_ess=64, seed=2)
+    out = backend.posterior(bank, bucket, q, a, s2)
+    exact = ExactBackend().posterior(bank, bucket, q, a, s2)
+    means, se, ok = AutoBackend(samples=1024, max_samples=4096, se_tol=0.05, min_ess=64, seed=2).sampled(bank, bucket, q, a, s2)
+    err = (out - exact).abs().amax(1)
+    assert (err[~ok] < 1e-12).all()  # the rest went to the exact backend
+    torch.testing.assert_close(out[ok], means[ok])
+    if ok.any():
+        assert (se[ok] <= 0.05).all()
+        # the requested tolerance holds for the measured errors too (as a standard error does)
+        assert (err[ok] <= 2 * 0.05).double().mean() >= 0.95 and (err[ok] <= 5 * 0.05).all()
+        if t >= 0.3:  # at late times a few unseen heavy patches make the SE optimistic (errors ~1e-5 there)
+            assert (err[ok] <= 4 * se[ok] + 1e-9).double().mean() >= 0.9
+    s = backend.stats.summary()
+    assert s["queries"] == q.shape[0]
+    assert s["sampled_fraction"] + s["exact_fraction"] == pytest.approx(1.0)
+    assert s["sampled_fraction"] == pytest.approx(float(ok.double().mean()))
+
+
+def test_unbiased_over_seeds_for_a_broad_posterior(bank, mnist):
+    """At t = 1 every query passes; the average over seeds converges to the exact mean (SNIS bias O(1/m))."""
+    q, bucket, a, s2 = _queries(mnist, 1.0)
+    q = q[:20]
+    exact = ExactBackend().posterior(bank, bucket, q, a, s2)[:, 0]
+    runs = torch.stack([AutoBackend(samples=256, max_samples=256, se_tol=1.0, min_ess=8, seed=s).sampled(bank, bucket, q, a, s2)[0][:, 0]
+                        for s in range(200)])
+    sem = runs.std(0) / 200**0.5
+    assert ((runs.mean(0) - exact).abs() <= 4 * sem + 1e-6).double().mean() >= 0.9
+    assert (runs.std(0) > 0).all()  # the draws do differ between seeds
+
+
+def test_small_buckets_go_exact_and_everything_can_go_exact(bank, mnist):
+    q, bucket, a, s2 = _queries(mnist, 0.5, P=5, key=(0, 2, 0, 2))  # a corner: a single location
+    backend = AutoBackend(samples=512)
+    torch.testing.assert_close(backend.posterior(bank, bucket, q[:2], a, s2), ExactBackend().posterior(bank, bucket, q[:2], a, s2),
+                               rtol=0, atol=1e-12)
+    assert backend.stats.summary()["choice"] == "exact"
+    q, bucket, a, s2 = _queries(mnist, 0.5)
+    strict = AutoBackend(samples=256, max_samples=512, se_tol=1e-12)  # nothing passes
+    torch.testing.assert_close(strict.posterior(bank, bucket, q, a, s2), ExactBackend().posterior(bank, bucket, q, a, s2),
+                               rtol=0, atol=1e-12)
+    assert strict.stats.exact == q.shape[0] and strict.stats.sampled == 0
+
+
+def test_rest_goes_to_certified_topk(bank, mnist):
+    q, bucket, a, s2 = _queries(mnist, 0.1)
+    topk = TopKBackend(k=64, tol=1e-6)
+    backend = AutoBackend(samples=256, max_samples=512, se_tol=0.02, topk=topk)
+    out = backend.posterior(bank, bucket, q, a, s2)
+    exact = ExactBackend().posterior(bank, bucket, q, a, s2)
+    rest = backend.stats.topk
+    assert rest > 0 and topk.stats.queries == rest
+    assert (out - exact).abs().max() <= 0.2  # sampled answers are statistical; top-k ones within 2·tol
+    means, se, ok = AutoBackend(samples=256, max_samples=512, se_tol=0.02).sampled(bank, bucket, q, a, s2)
+    assert ((out - exact).abs().amax(1)[~ok] <= 2 * topk.tol + 1e-12).all()
+
+
+def test_deterministic_and_sampler_tracks_exact(bank, mnist):
+    noise = noise_from_seeds([0, 1], (1, H, H), torch.float64)
+    runs = [sample(ScoreMachine(bank, "bbELS", 5, backend=AutoBackend(samples=1024, se_tol=0.02)), noise, steps=6) for _ in range(2)]
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    exact = sample(ScoreMachine(bank, "bbELS", 5), noise, steps=6)
+    for i in range(2):
+        r = torch.corrcoef(torch.stack([runs[0][i].flatten(), exact[i].flatten()]))[0, 1]
+        assert r > 0.99
+
+
+def test_not_materialised_scales_stream_exactly(mnist):
+    streamed = MemoryBank(mnist, dedup=True, materialise_max=3)
+    q, bucket, a, s2 = _queries(mnist, 0.4, P=5)
+    with pytest.raises(ValueError, match="no distinct-patch table"):
+        streamed.unique_patches(bucket)
+    torch.testing.assert_close(ExactBackend().posterior(streamed, bucket, q, a, s2),
+                               ExactBackend().posterior(MemoryBank(mnist, dedup=True), bucket, q, a, s2), rtol=0, atol=1e-12)
+    out = AutoBackend(samples=512, se_tol=0.05).posterior(streamed, bucket, q, a, s2)  # draws need no table either
+    assert out.shape == (q.shape[0], 1) and torch.isfinite(out).all()
+
+
+def test_bad_parameters():
+    with pytest.raises(ValueError):
+        AutoBackend(samples=1)
+    with pytest.raises(ValueError):
+        AutoBackend(samples=1024, max_samples=512)
+    with pytest.raises(ValueError):
+        AutoBackend(se_tol=0)
