@@ -2,9 +2,10 @@
 
 For one bucket call (all query pixels that share a dictionary) the policy
 
-1. goes **exact** at once when that is cheaper: an exact sum costs ``Q·N`` (query, entry) pairs
-   (``N`` the bucket's distinct patches where it has a table, else its patches), a round of
-   draws ``samples·(Q + GATHER_COST)`` (a drawn patch is gathered once and then shared);
+1. goes **exact** at once when the bucket has no more entries ``N`` than a round has draws (``N``:
+   its distinct patches where it has a table, else its patches). Both an exact sum and a round of
+   draws gather and convert their entries once and then take one product per query, so their
+   costs are in the ratio ``N : samples`` whatever the number of queries;
 2. otherwise draws ``samples`` training patches uniformly from the bucket (the count proposal:
    a distinct patch is drawn with probability proportional to its count) — **one set of draws
    shared by every query**, so the logits are one matrix product, and no distinct-patch table or
@@ -41,8 +42,6 @@ from patchbank.memory import IMAGE_RULES, MemoryBank
 from .exact import ExactBackend
 from .tail import _seed
 from .topk import TopKBackend
-
-GATHER_COST = 8  # a drawn patch's gather, counted in (query, entry) pairs
 
 
 @dataclass
@@ -102,9 +101,9 @@ class AutoBackend:
     exact backend; ``chunk``: draws per matrix product (memory ``queries × chunk``).
     """
 
-    samples: int = 16384
+    samples: int = 4096
     growth: int = 4
-    max_samples: int = 262144
+    max_samples: int = 1 << 22
     se_tol: float = 1e-2
     min_ess: float = 64.0
     seed: int = 0
@@ -130,7 +129,7 @@ class AutoBackend:
         if bucket.rule in IMAGE_RULES:
             return self._exact(bank, bucket, queries, a, s2)
         N = _entries(bank, bucket)
-        if Q * N <= self.samples * (Q + GATHER_COST):
+        if N <= self.samples:
             return self._exact(bank, bucket, queries, a, s2)
         start = time.perf_counter()
         means, se, ok = self.sampled(bank, bucket, queries, a, s2)

@@ -100,13 +100,19 @@ class MemoryBank:
         ids = self.image_ids(key.label)
         n_img = max(1, chunk_size // locs.shape[0])
         n_loc = min(chunk_size, locs.shape[0])
+        table = self._padded(key.scale, key.padding)  # type: ignore[arg-type]  # int16, units of 1/255
+        offs = torch.arange(key.scale)  # type: ignore[arg-type]
+        centre = centre_index(self.channels, key.scale).to(device)  # type: ignore[arg-type]
         for s in range(0, ids.numel(), n_img):
-            x = self._images(ids[s : s + n_img], dtype, device)
+            img = ids[s : s + n_img, None, None, None]
             for l0 in range(0, locs.shape[0], n_loc):
                 sub = locs[l0 : l0 + n_loc]
-                keys = patches_at(x, sub, key.scale, key.padding).reshape(-1, x.shape[1] * key.scale**2)
-                values = x[:, :, sub[:, 0], sub[:, 1]].permute(0, 2, 1).reshape(-1, x.shape[1])
-                yield Chunk(keys, values)
+                rows = (sub[:, 0:1] + offs)[None, :, :, None]  # [1, L, P, 1]
+                cols = (sub[:, 1:2] + offs)[None, :, None, :]  # [1, L, 1, P]
+                blocks = table[img, :, rows, cols]  # [n, L, P, P, C]: only the patches are gathered, then converted
+                keys = blocks.permute(0, 1, 4, 2, 3).reshape(-1, self.channels * key.scale**2)  # type: ignore[operator]
+                keys = keys.to(device=device, dtype=dtype).div_(255.0)
+                yield Chunk(keys, keys[:, centre])
 
     def bucket_size(self, key: BucketKey) -> int:
         """Number of training patches in a patch bucket (with repetitions): images × locations."""

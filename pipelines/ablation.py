@@ -23,7 +23,7 @@ A grid entry is a string ``kind[:key=value…]``:
 ``topk:k=256:tol=1e-2`` fallback tolerance; ``tol=none`` keeps every top-k answer (no fallback)
 ``tail:k=64:samples=1024``  exact top-k head + importance-sampled tail (``proposal=count|uniform``,
                         ``min_ess=``; statistical, reported with its standard errors, uncertified)
-``auto:samples=16384:se_tol=1e-2``  the automatic policy (:class:`machines.AutoBackend`): shared
+``auto:samples=4096:se_tol=1e-2``  the automatic policy (:class:`machines.AutoBackend`): shared
                         draws, answers with SE ≤ ``se_tol`` and ESS ≥ ``min_ess`` kept, the rest exact
 ``…:device=cuda``       run this configuration on the GPU
 
@@ -115,8 +115,8 @@ class Variant:
     name: str
     kind: str  # exact | topk | tail | auto
     k: int = 256
-    samples: int = 1024  # tail draws per query; auto: first-round shared draws per bucket (default 16384)
-    max_samples: int = 262144  # auto: most draws per bucket
+    samples: int = 1024  # tail draws per query; auto: first-round shared draws per bucket (default 4096)
+    max_samples: int = 1 << 22  # auto: most draws per bucket
     se_tol: float = 1e-2  # auto: largest accepted standard error
     proposal: str = "count"
     min_ess: float | None = 32.0
@@ -160,7 +160,7 @@ class Variant:
         if kind == "auto":
             if values.keys() - {"samples", "max_samples", "se_tol", "min_ess", "device"}:
                 raise ValueError(f"grid entry {text!r}: auto takes samples, max_samples, se_tol, min_ess, device")
-            values.setdefault("samples", 16384)
+            values.setdefault("samples", 4096)
             values.setdefault("min_ess", 64.0)
             if values["min_ess"] is None:
                 raise ValueError(f"grid entry {text!r}: auto needs min_ess >= 1")

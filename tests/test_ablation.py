@@ -125,7 +125,7 @@ def test_grid_entries_parse_and_reject_nonsense():
     assert not Variant.parse("topk:index=HNSW32").certified
     assert Variant.parse("exact:dedup=0").dedup is False
     auto = Variant.parse("auto:se_tol=0.02:max_samples=65536")
-    assert (auto.kind, auto.samples, auto.max_samples, auto.se_tol, auto.min_ess, auto.certified) == ("auto", 16384, 65536, 0.02, 64.0, False)
+    assert (auto.kind, auto.samples, auto.max_samples, auto.se_tol, auto.min_ess, auto.certified) == ("auto", 4096, 65536, 0.02, 64.0, False)
     for bad in ("fast", "topk:k", "topk:foo=1", "exact:k=3", "topk:dedup=0", "tail:tol=1e-3", "auto:k=3", "auto:min_ess=none",
                 "topk:se_tol=1e-3"):
         with pytest.raises(ValueError):
