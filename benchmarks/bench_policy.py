@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -52,6 +53,9 @@ def main() -> None:
     ap.add_argument("--materialise-max", type=int, default=3, help="distinct-patch tables (and pruning) up to this P")
     ap.add_argument("--check-pixels", type=int, default=0, help="per step, exact check of this many pixels of the first seed")
     ap.add_argument("--exact", action="store_true", help="also sample every seed exactly and report Pearson r")
+    ap.add_argument("--exact-cache", default=None, help="file for the exact finals (read if present, else written)")
+    ap.add_argument("--fallback-dtype", choices=["float64", "float32"], default="float64",
+                    help="precision of the policy's exact fallback (the reference is always float64)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     lo, _, hi = args.seeds.partition("-")
@@ -71,7 +75,8 @@ def main() -> None:
     build_s = time.perf_counter() - start
     print(f"{len(data)} images {C}x{H}x{W}; tables for P <= {args.materialise_max}: {build_s:.1f} s", flush=True)
 
-    policy = AutoBackend(samples=args.samples, max_samples=args.max_samples, se_tol=args.se_tol, min_ess=args.min_ess, exact=exact)
+    fallback = ExactBackend(dtype=getattr(torch, args.fallback_dtype))
+    policy = AutoBackend(samples=args.samples, max_samples=args.max_samples, se_tol=args.se_tol, min_ess=args.min_ess, exact=fallback)
     machine = ScoreMachine(bank, "bbELS", schedule, backend=policy)
     gen = torch.Generator().manual_seed(1234)
     steps: list[dict] = []
@@ -108,15 +113,22 @@ def main() -> None:
     per_sample = [sum(s["seconds"] for s in steps if s["seed"] == sd) for sd in seeds]  # step times exclude the checks
     report = {
         "images": len(data), "seeds": seeds, "build_s": build_s,
-        "policy": {"samples": args.samples, "max_samples": args.max_samples, "se_tol": args.se_tol, "min_ess": args.min_ess,
+        "policy": {"fallback_dtype": args.fallback_dtype, "samples": args.samples, "max_samples": args.max_samples, "se_tol": args.se_tol, "min_ess": args.min_ess,
                    "materialise_max": args.materialise_max},
         "seconds_per_sample_median": statistics.median(per_sample),
         "per_step": [{k: v for k, v in s.items()} for s in steps],
     }
     if args.exact:
-        t0 = time.perf_counter()
-        ref = sample(ScoreMachine(bank, "bbELS", schedule, backend=exact), noise)
-        report["exact_seconds_per_sample"] = (time.perf_counter() - t0) / len(seeds)
+        cached = torch.load(args.exact_cache) if args.exact_cache and os.path.exists(args.exact_cache) else None
+        if cached is not None and cached["seeds"] == seeds and cached["images"] == len(data):
+            ref, report["exact_seconds_per_sample"] = cached["final"], cached["seconds_per_sample"]
+        else:
+            t0 = time.perf_counter()
+            ref = sample(ScoreMachine(bank, "bbELS", schedule, backend=exact), noise)
+            report["exact_seconds_per_sample"] = (time.perf_counter() - t0) / len(seeds)
+            if args.exact_cache:
+                torch.save({"seeds": seeds, "images": len(data), "final": ref,
+                            "seconds_per_sample": report["exact_seconds_per_sample"]}, args.exact_cache)
         r = pearson_r(final, ref)
         report["pearson_r"] = r.tolist()
         report["pearson_r_min"] = float(r.min())
@@ -126,13 +138,13 @@ def main() -> None:
     by_step: dict[int, list[dict]] = {}
     for s in steps:
         by_step.setdefault(s["step"], []).append(s)
-    print("step  t     P   s/step  choice   sampled  exact  SE max   sample_s exact_s  check_err_max")
+    print("step  t     P   s/step  choice   sampled  exact  lowESS highSE  SE max   sample_s exact_s  check_err_max")
     for k in sorted(by_step):
         rs = by_step[k]
         med = lambda key: statistics.median(r[key] for r in rs)  # noqa: E731
         chk = next((r.get("check_error_max") for r in rs if "check_error_max" in r), None)
         print(f"{k:4d}  {rs[0]['t']:.2f}  {rs[0]['P']:2d}  {med('seconds'):6.2f}  {rs[0]['choice']:7s}  {med('sampled_fraction'):6.3f}  "
-              f"{med('exact_fraction'):5.3f}  {max(r['se_max'] for r in rs):.1e}  {med('sample_s'):7.2f}  {med('exact_s'):6.2f}  "
+              f"{med('exact_fraction'):5.3f}  {med('low_ess_fraction'):5.3f}  {med('high_se_fraction'):5.3f}  {max(r['se_max'] for r in rs):.1e}  {med('sample_s'):7.2f}  {med('exact_s'):6.2f}  "
               f"{'' if chk is None else f'{chk:.1e}'}")
     if args.exact:
         print(f"exact: {report['exact_seconds_per_sample']:.1f} s per sample; Pearson r policy vs exact: min {report['pearson_r_min']:.6f}, "

@@ -52,6 +52,8 @@ class PolicyStats:
     sampled: int = 0
     topk: int = 0
     exact: int = 0
+    low_ess: int = 0  # queries that left the draws with ESS < min_ess
+    high_se: int = 0  # … with enough ESS but SE > se_tol
     draws: int = 0  # Σ over buckets of the draws made (each shared by that bucket's queries)
     buckets: int = 0
     se: list[torch.Tensor] = field(default_factory=list)
@@ -80,6 +82,8 @@ class PolicyStats:
             "topk_fraction": self.topk / q,
             "exact_fraction": self.exact / q,
             "fallback_fraction": (self.topk + self.exact) / q,  # answered by other than the draws
+            "low_ess_fraction": self.low_ess / q,
+            "high_se_fraction": self.high_se / q,
             "draws_per_bucket": self.draws / self.buckets if self.buckets else 0.0,
             "se_median": float(se.median()) if se.numel() else 0.0,
             "se_max": float(se.max()) if se.numel() else 0.0,
@@ -171,6 +175,9 @@ class AutoBackend:
             ok = (ess >= self.min_ess) & (se <= self.se_tol)
             rows = torch.nonzero(~ok).view(-1)
             if not rows.numel() or target >= limit:
+                low = ess < self.min_ess
+                self.stats.low_ess += int(low.sum())
+                self.stats.high_se += int((~low & ~ok).sum())
                 return means.cpu(), se.cpu(), ok.cpu()
             target = min(target * self.growth, limit)
 

@@ -99,6 +99,7 @@ def test_answers_are_exact_or_within_a_few_standard_errors(bank, mnist, t):
     assert s["queries"] == q.shape[0]
     assert s["sampled_fraction"] + s["exact_fraction"] == pytest.approx(1.0)
     assert s["sampled_fraction"] == pytest.approx(float(ok.double().mean()))
+    assert s["low_ess_fraction"] + s["high_se_fraction"] == pytest.approx(s["exact_fraction"])
 
 
 def test_unbiased_over_seeds_for_a_broad_posterior(bank, mnist):
