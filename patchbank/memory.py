@@ -101,8 +101,19 @@ class MemoryBank:
         n_img = max(1, chunk_size // locs.shape[0])
         n_loc = min(chunk_size, locs.shape[0])
         table = self._padded(key.scale, key.padding)  # type: ignore[arg-type]  # int16, units of 1/255
-        offs = torch.arange(key.scale)  # type: ignore[arg-type]
-        centre = centre_index(self.channels, key.scale).to(device)  # type: ignore[arg-type]
+        P, C = int(key.scale), self.channels  # type: ignore[arg-type]
+        centre = centre_index(C, P).to(device)
+        box = _rectangle(locs) if locs.shape[0] <= chunk_size else None
+        if box is not None:  # every rule's dictionaries are rectangles of pixels: strided views, no index arithmetic
+            i0, j0, h, w = box
+            for s in range(0, ids.numel(), n_img):
+                sel = ids[s : s + n_img]
+                x = table[sel] if sel.numel() != table.shape[0] else table
+                view = x[:, :, i0 : i0 + h + P - 1, j0 : j0 + w + P - 1].unfold(2, P, 1).unfold(3, P, 1)  # [n, C, h, w, P, P]
+                keys = view.permute(0, 2, 3, 1, 4, 5).reshape(-1, C * P * P).to(device=device, dtype=dtype).div_(255.0)
+                yield Chunk(keys, keys[:, centre])
+            return
+        offs = torch.arange(P)
         for s in range(0, ids.numel(), n_img):
             img = ids[s : s + n_img, None, None, None]
             for l0 in range(0, locs.shape[0], n_loc):
@@ -110,8 +121,7 @@ class MemoryBank:
                 rows = (sub[:, 0:1] + offs)[None, :, :, None]  # [1, L, P, 1]
                 cols = (sub[:, 1:2] + offs)[None, :, None, :]  # [1, L, 1, P]
                 blocks = table[img, :, rows, cols]  # [n, L, P, P, C]: only the patches are gathered, then converted
-                keys = blocks.permute(0, 1, 4, 2, 3).reshape(-1, self.channels * key.scale**2)  # type: ignore[operator]
-                keys = keys.to(device=device, dtype=dtype).div_(255.0)
+                keys = blocks.permute(0, 1, 4, 2, 3).reshape(-1, C * P * P).to(device=device, dtype=dtype).div_(255.0)
                 yield Chunk(keys, keys[:, centre])
 
     def bucket_size(self, key: BucketKey) -> int:
@@ -236,6 +246,16 @@ class MemoryBank:
                 rolled = x[:, :, shifts[s0 : s0 + n_shift]]  # [n, C, S, H·W]
                 flat = rolled.permute(0, 2, 1, 3).reshape(-1, x.shape[1] * H * W)
                 yield Chunk(flat, flat)
+
+
+def _rectangle(locs: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """``(i0, j0, h, w)`` when the pixels ``[L, 2]`` are exactly a rectangle in row-major order, else None."""
+    i0, j0 = int(locs[:, 0].min()), int(locs[:, 1].min())
+    h, w = int(locs[:, 0].max()) - i0 + 1, int(locs[:, 1].max()) - j0 + 1
+    if h * w != locs.shape[0]:
+        return None
+    i, j = torch.meshgrid(torch.arange(i0, i0 + h), torch.arange(j0, j0 + w), indexing="ij")
+    return (i0, j0, h, w) if torch.equal(locs, torch.stack([i.reshape(-1), j.reshape(-1)], 1)) else None
 
 
 def _shift_index(H: int, W: int, translates: bool) -> torch.Tensor:

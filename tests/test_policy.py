@@ -168,3 +168,21 @@ def test_bad_parameters():
         AutoBackend(samples=1024, max_samples=512)
     with pytest.raises(ValueError):
         AutoBackend(se_tol=0)
+
+
+@pytest.mark.parametrize("rule,P,key", [("bbELS", 5, (2, 2, 2, 2)), ("bbELS", 5, (0, 2, 1, 2)), ("ELS", 3, ()), ("LS", 3, (4, 7))])
+def test_streamed_patches_equal_by_strided_views_and_by_gathers(mnist, monkeypatch, rule, P, key):
+    """Dictionaries are pixel rectangles, streamed through strided views; the general gather path gives the same."""
+    import patchbank.memory as memory
+
+    padding = "circular" if rule == "ELS" else "zeros"
+    bucket = BucketKey(rule, P, padding, key, None)
+    bank = MemoryBank(mnist, dedup=False)
+    assert memory._rectangle(bucket.locations(H, H)) is not None
+    views = torch.cat([c.keys for c in bank.stream(bucket, 300)])
+    monkeypatch.setattr(memory, "_rectangle", lambda locs: None)
+    gathers = torch.cat([c.keys for c in bank.stream(bucket, 300)])
+    x = mnist.images.double() / 127.5 - 1
+    direct = patches_at(x, bucket.locations(H, H), P, padding).flatten(0, 1)  # image-major, pixels row-major
+    torch.testing.assert_close(views, gathers, rtol=0, atol=0)
+    torch.testing.assert_close(views, direct, rtol=0, atol=1e-15)
