@@ -39,7 +39,7 @@ import torch
 from patchbank.geometry import BucketKey
 from patchbank.memory import IMAGE_RULES, MemoryBank
 
-from .exact import ExactBackend
+from .exact import ExactBackend, _bias, _with_ones
 from .tail import _seed
 from .topk import TopKBackend
 
@@ -136,7 +136,7 @@ class AutoBackend:
         if N <= self.samples:
             return self._exact(bank, bucket, queries, a, s2)
         start = time.perf_counter()
-        means, se, ok = self.sampled(bank, bucket, queries, a, s2)
+        means, se, ok = self.sampled(bank, bucket, queries, a, s2, limit=self._limit(N))
         self.stats.sample_s += time.perf_counter() - start
         self.stats.sampled += int(ok.sum())
         self.stats.se.append(se[ok].cpu())
@@ -149,7 +149,7 @@ class AutoBackend:
                 self.stats.topk_s += time.perf_counter() - start
                 self.stats.topk += rest.numel()
             else:
-                means[rest] = self._exact(bank, bucket, q, a, s2, count=False).cpu().to(means.dtype)
+                means[rest] = self._exact(bank, bucket, q, a, s2).cpu().to(means.dtype)
         return means.to(queries.device)
 
     def sampled(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float,
@@ -158,7 +158,7 @@ class AutoBackend:
         ``limit``: most draws for queries that fail (default ``max_samples``, at most a quarter of the
         bucket's entries)."""
         if limit is None:
-            limit = max(self.samples, min(self.max_samples, _entries(bank, bucket) // 4))
+            limit = self._limit(_entries(bank, bucket))
         gen = torch.Generator().manual_seed(_seed(self.seed, bucket, a))
         q = queries.to(torch.float64)
         state = _Sums.empty(q.shape[0], bank.channels, q.device)
@@ -181,14 +181,15 @@ class AutoBackend:
                 return means.cpu(), se.cpu(), ok.cpu()
             target = min(target * self.growth, limit)
 
-    def _exact(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float,
-               count: bool = True) -> torch.Tensor:
+    def _limit(self, entries: int) -> int:
+        """Most draws for failing queries: ``max_samples``, but no more than a quarter of the bucket's entries."""
+        return max(self.samples, min(self.max_samples, entries // 4))
+
+    def _exact(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
         start = time.perf_counter()
         means = self.exact.posterior(bank, bucket, queries, a, s2)
         self.stats.exact_s += time.perf_counter() - start
         self.stats.exact += queries.shape[0]
-        if count:
-            self.stats.se.append(torch.zeros(0))
         return means
 
 
@@ -202,7 +203,7 @@ def _entries(bank: MemoryBank, bucket: BucketKey) -> int:
 @dataclass
 class _Sums:
     """Running sums over draws per query, relative to a running maximum logit ``m [Q]``:
-    ``s1 [Q, 1+C]`` = Σ w·(1, v) and ``s2 [Q, 1+2C]`` = Σ w²·(1, v, v²)."""
+    ``s1 [Q, C+1]`` = Σ w·(v, 1) and ``s2 [Q, 2C+1]`` = Σ w²·(v, v², 1)."""
 
     m: torch.Tensor
     s1: torch.Tensor
@@ -212,18 +213,16 @@ class _Sums:
     def empty(cls, Q: int, C: int, device: torch.device) -> _Sums:
         f64 = torch.float64
         return cls(torch.full((Q,), -torch.inf, dtype=f64, device=device),
-                   torch.zeros(Q, 1 + C, dtype=f64, device=device), torch.zeros(Q, 1 + 2 * C, dtype=f64, device=device))
+                   torch.zeros(Q, C + 1, dtype=f64, device=device), torch.zeros(Q, 2 * C + 1, dtype=f64, device=device))
 
     def update(self, rows: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, a: float, s2: float) -> None:
         # ℓ = −‖q − a·p‖²/(2s²) up to a per-query constant (−‖q‖²/2s², which cancels).
-        bias = keys.pow(2).sum(1) * (-(a * a) / (2 * s2))
-        logits = torch.addmm(bias[None, :], q, keys.T, alpha=a / s2)  # [R, M]
+        logits = torch.addmm(_bias(keys.pow(2).sum(1), None, a, s2, keys.dtype), q, keys.T, alpha=a / s2)  # [R, M]
         m_old = self.m[rows]
         m_new = torch.maximum(m_old, logits.amax(1))
         w = logits.sub_(m_new[:, None]).exp_()
-        ones = torch.ones(values.shape[0], 1, dtype=values.dtype, device=values.device)
-        v1 = torch.cat([ones, values], 1)
-        v2 = torch.cat([ones, values, values * values], 1)
+        v1 = _with_ones(values, values.dtype)
+        v2 = _with_ones(torch.cat([values, values * values], 1), values.dtype)
         scale = torch.exp(m_old - m_new).nan_to_num_(0.0)  # m_old = −inf on the first chunk
         self.s1[rows] = self.s1[rows] * scale[:, None] + w @ v1
         self.s2[rows] = self.s2[rows] * (scale * scale)[:, None] + (w * w) @ v2
@@ -232,9 +231,9 @@ class _Sums:
     def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Means ``[Q, C]``, standard errors ``[Q]`` and effective sample sizes ``[Q]``."""
         C = self.s1.shape[1] - 1
-        Z = self.s1[:, :1]
-        mu = self.s1[:, 1:] / Z
-        w2, w2v, w2vv = self.s2[:, :1], self.s2[:, 1 : 1 + C], self.s2[:, 1 + C :]
+        Z = self.s1[:, C:]
+        mu = self.s1[:, :C] / Z
+        w2v, w2vv, w2 = self.s2[:, :C], self.s2[:, C : 2 * C], self.s2[:, 2 * C :]
         var = (w2vv - 2 * mu * w2v + mu * mu * w2) / (Z * Z)
         se = var.clamp(min=0).sqrt().amax(1)
         ess = (Z[:, 0] * Z[:, 0]) / w2[:, 0]

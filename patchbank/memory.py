@@ -107,21 +107,17 @@ class MemoryBank:
         if box is not None:  # every rule's dictionaries are rectangles of pixels: strided views, no index arithmetic
             i0, j0, h, w = box
             for s in range(0, ids.numel(), n_img):
-                sel = ids[s : s + n_img]
-                x = table[sel] if sel.numel() != table.shape[0] else table
-                view = x[:, :, i0 : i0 + h + P - 1, j0 : j0 + w + P - 1].unfold(2, P, 1).unfold(3, P, 1)  # [n, C, h, w, P, P]
-                keys = view.permute(0, 2, 3, 1, 4, 5).reshape(-1, C * P * P).to(device=device, dtype=dtype).div_(255.0)
+                x = table[ids[s : s + n_img], :, i0 : i0 + h + P - 1, j0 : j0 + w + P - 1]
+                view = x.unfold(2, P, 1).unfold(3, P, 1)  # [n, C, h, w, P, P]
+                keys = _model_units(view.permute(0, 2, 3, 1, 4, 5).reshape(-1, C * P * P), dtype, device)
                 yield Chunk(keys, keys[:, centre])
             return
-        offs = torch.arange(P)
         for s in range(0, ids.numel(), n_img):
-            img = ids[s : s + n_img, None, None, None]
+            img = ids[s : s + n_img]
             for l0 in range(0, locs.shape[0], n_loc):
-                sub = locs[l0 : l0 + n_loc]
-                rows = (sub[:, 0:1] + offs)[None, :, :, None]  # [1, L, P, 1]
-                cols = (sub[:, 1:2] + offs)[None, :, None, :]  # [1, L, 1, P]
-                blocks = table[img, :, rows, cols]  # [n, L, P, P, C]: only the patches are gathered, then converted
-                keys = blocks.permute(0, 1, 4, 2, 3).reshape(-1, C * P * P).to(device=device, dtype=dtype).div_(255.0)
+                sub = locs[l0 : l0 + n_loc]  # every (image, pixel) pair of the block, image-major
+                pairs = _gather(table, img.repeat_interleave(sub.shape[0]), sub.repeat(img.numel(), 1), P)
+                keys = _model_units(pairs, dtype, device)
                 yield Chunk(keys, keys[:, centre])
 
     def bucket_size(self, key: BucketKey) -> int:
@@ -149,12 +145,7 @@ class MemoryBank:
         ids = self.image_ids(key.label)
         img = ids[torch.randint(ids.numel(), (m,), generator=generator)]
         loc = locs[torch.randint(locs.shape[0], (m,), generator=generator)]
-        table = self._padded(P, key.padding)  # int16 [N, C, H+2r, W+2r], units of 1/255
-        off = torch.arange(P)
-        rows = loc[:, 0, None, None] + off[None, :, None]  # [m, P, 1]
-        cols = loc[:, 1, None, None] + off[None, None, :]  # [m, 1, P]
-        patches = table[img[:, None, None], :, rows, cols]  # [m, P, P, C]
-        keys = patches.permute(0, 3, 1, 2).reshape(m, -1).to(device=device, dtype=dtype).div_(255.0)
+        keys = _model_units(_gather(self._padded(P, key.padding), img, loc, P), dtype, device)
         return Chunk(keys, keys[:, centre_index(self.channels, P).to(keys.device)])
 
     def _padded(self, P: int, padding: str) -> torch.Tensor:
@@ -222,7 +213,7 @@ class MemoryBank:
         table = self.unique_patches(key)
         centre = centre_index(self.channels, key.scale).to(device)
         for s in range(0, table.patches.shape[0], chunk_size):
-            keys = table.patches[s : s + chunk_size].to(device=device, dtype=dtype).div_(255.0)
+            keys = _model_units(table.patches[s : s + chunk_size], dtype, device)
             log_counts = table.counts[s : s + chunk_size].to(device=device, dtype=dtype).log_()
             yield Chunk(keys, keys[:, centre], log_counts)
 
@@ -246,6 +237,21 @@ class MemoryBank:
                 rolled = x[:, :, shifts[s0 : s0 + n_shift]]  # [n, C, S, H·W]
                 flat = rolled.permute(0, 2, 1, 3).reshape(-1, x.shape[1] * H * W)
                 yield Chunk(flat, flat)
+
+
+def _gather(table: torch.Tensor, img: torch.Tensor, loc: torch.Tensor, P: int) -> torch.Tensor:
+    """Patches of a padded image table ``[N, C, H+P−1, W+P−1]`` for paired ``img [M]`` and pixels
+    ``loc [M, 2]``: ``[M, C·P·P]`` in the table's dtype (channel-major, like :func:`patches_at`)."""
+    off = torch.arange(P)
+    rows = loc[:, 0, None, None] + off[None, :, None]  # [M, P, 1]
+    cols = loc[:, 1, None, None] + off[None, None, :]  # [M, 1, P]
+    patches = table[img[:, None, None], :, rows, cols]  # [M, P, P, C]
+    return patches.permute(0, 3, 1, 2).reshape(img.numel(), -1)
+
+
+def _model_units(rows: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """int16 patch rows in units of 1/255 (``2·u8 − 255``) → model units in ``dtype`` on ``device``."""
+    return rows.to(device=device, dtype=dtype).div_(255.0)
 
 
 def _rectangle(locs: torch.Tensor) -> tuple[int, int, int, int] | None:
