@@ -6,11 +6,13 @@ then the median step time over ``--repeat`` runs.
 
     python benchmarks/bench_exact.py --n-train 1000 --scales 3 7 11
     python benchmarks/bench_exact.py --n-train 0 --scales 3 7 --times 0.05 0.35   # full 60k
+    python benchmarks/bench_exact.py --kernel torch fused --dedup off --prune off   # fused kernel vs torch ops
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -32,7 +34,9 @@ def main() -> None:
     ap.add_argument("--dedup", choices=["on", "off", "both"], default="both")
     ap.add_argument("--prune", choices=["on", "off", "both"], default="both")
     ap.add_argument("--leaf-size", type=int, default=2048)
-    ap.add_argument("--chunk-size", type=int, default=4096)
+    ap.add_argument("--chunk-size", type=int, default=ExactBackend.chunk_size)
+    ap.add_argument("--query-chunk", type=int, default=ExactBackend.query_chunk)
+    ap.add_argument("--kernel", nargs="+", choices=["auto", "fused", "torch"], default=["auto"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
@@ -42,11 +46,12 @@ def main() -> None:
     x0 = test.images.double() / 127.5 - 1
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     print(f"# {len(data)} training images {tuple(data.shape)}, 1 query, {args.dtype}, {torch.get_num_threads()} threads")
-    print(f"{'machine':7} {'P':>3} {'dedup':>5} {'prune':>5} {'t':>5} {'build_s':>8} {'step_s':>8} {'visited':>8}")
+    print(f"{'machine':7} {'P':>3} {'dedup':>5} {'prune':>5} {'kernel':>6} {'t':>5} {'build_s':>8} {'step_s':>8} {'visited':>8} {'no_exp':>7}")
     choice = {"on": [True], "off": [False], "both": [False, True]}
     configs = [(d, p) for p in choice[args.prune] for d in choice[args.dedup] if not (p and not d)]  # pruning implies dedup
-    for dedup, prune in configs:
-        backend = ExactBackend(chunk_size=args.chunk_size, dtype=getattr(torch, args.dtype), prune=prune, leaf_size=args.leaf_size)
+    for (dedup, prune), kernel in itertools.product(configs, args.kernel):
+        backend = ExactBackend(chunk_size=args.chunk_size, dtype=getattr(torch, args.dtype), prune=prune,
+                               leaf_size=args.leaf_size, kernel=kernel, query_chunk=args.query_chunk)
         for kind in args.machines:
             for P in args.scales:
                 bank = MemoryBank(data, dedup=dedup)
@@ -65,7 +70,9 @@ def main() -> None:
                         machine(x, t)
                         runs.append(time.perf_counter() - start)
                     visited = backend.stats.visited_fraction
-                    print(f"{kind:7} {P:3d} {str(dedup):>5} {str(prune):>5} {t:5.2f} {build:8.2f} {statistics.median(runs):8.3f} {visited:8.3f}", flush=True)
+                    no_exp = backend.stats.skipped / max(1, backend.stats.visited)  # pairs the fused kernel skipped
+                    print(f"{kind:7} {P:3d} {str(dedup):>5} {str(prune):>5} {kernel:>6} {t:5.2f} {build:8.2f} "
+                          f"{statistics.median(runs):8.3f} {visited:8.3f} {no_exp:7.3f}", flush=True)
 
 
 if __name__ == "__main__":

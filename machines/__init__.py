@@ -1,6 +1,7 @@
 """machines: the analytic score machines, their posterior backends and the DDIM sampler."""
 
 from .analytic import MACHINES, Denoiser, ScoreMachine
+from . import kernels
 from .exact import ExactBackend, PairStats
 from .policy import AutoBackend, PolicyStats
 from .tail import SampledTailBackend, TailEstimate, TailStats
@@ -35,6 +36,7 @@ __all__ = [
     "alpha_sigma2",
     "ddim_grid",
     "eps_from_x0",
+    "kernels",
     "noise_from_seeds",
     "reference_schedule",
     "reference_schedules",

@@ -13,6 +13,14 @@ when ``u < m − T`` with ``m`` the query's running maximum (a lower bound of th
 ``T = ln(U/tol)``: all skipped weight together is at most ``tol`` times the retained weight, so
 the result is exact to ``tol`` (default 1e-16, float64 round-off). Each query first visits its
 most promising cluster, so ``m`` is near its final value before the sweep.
+
+**Fused kernel** (``kernel="auto"`` or ``"fused"``, CPU): each ``query_chunk × chunk_size`` logits
+block, made by one matrix product while it sits in cache, is folded into the sums by one C pass
+per row (:mod:`machines.kernels`) instead of five torch passes; a row's block is skipped without
+exponentials when its maximum lies more than ``ln(1e10/prune_tol)`` below the running maximum
+(each skipped weight < ``prune_tol``·1e-10 of the largest, so up to 1e10 entries change the
+result by < ``prune_tol``). Sums are kept in float64 whatever ``dtype``. On CUDA, or without a C
+compiler under ``"auto"``, the same blocks go through torch operations.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import Iterable
 import torch
 
 from patchbank.clusters import ClusteredPatches
+from . import kernels
 from patchbank.geometry import BucketKey, centre_index
 from patchbank.memory import IMAGE_RULES, Chunk, MemoryBank
 
@@ -34,9 +43,10 @@ class PairStats:
 
     visited: int = 0
     total: int = 0
+    skipped: int = 0  # visited pairs whose exponential the fused kernel skipped (provably negligible)
 
     def reset(self) -> None:
-        self.visited = self.total = 0
+        self.visited = self.total = self.skipped = 0
 
     @property
     def visited_fraction(self) -> float:
@@ -51,8 +61,10 @@ class ExactBackend:
     ``dtype``: compute precision (float64 by default: late-time logits reach ~1e4, so float32
     loses ~1e-4 of relative weight accuracy there). ``prune``: skip clusters of ``leaf_size``
     distinct patches whose total weight is provably below ``prune_tol`` of the retained weight
-    (patch buckets only; whole-image buckets are always streamed). ``stats`` counts the
-    (query, entry) pairs computed against those that exist.
+    (patch buckets only; whole-image buckets are always streamed). ``kernel``: ``"fused"`` (the C
+    fold of :mod:`machines.kernels`; an error where it cannot be compiled), ``"torch"`` (torch
+    operations) or ``"auto"`` (fused for CPU queries when available, else torch). ``stats``
+    counts the (query, entry) pairs computed against those that exist.
     """
 
     chunk_size: int = 4096
@@ -61,6 +73,7 @@ class ExactBackend:
     prune: bool = True
     leaf_size: int = 2048
     prune_tol: float = 1e-16
+    kernel: str = "auto"
     stats: PairStats = field(default_factory=PairStats)
 
     def __post_init__(self) -> None:
@@ -68,6 +81,16 @@ class ExactBackend:
             raise ValueError(f"chunk sizes must be >= 1, got {self.chunk_size}, {self.query_chunk}")
         if not 0 < self.prune_tol < 1:
             raise ValueError(f"prune_tol must lie in (0, 1), got {self.prune_tol}")
+        if self.kernel not in ("auto", "fused", "torch"):
+            raise ValueError(f"kernel must be 'auto', 'fused' or 'torch', got {self.kernel!r}")
+        if self.kernel == "fused" and not kernels.available():
+            raise RuntimeError(f"kernel='fused' but the fused kernel is unavailable: {kernels.unavailable_reason()}")
+
+    def uses_fused(self, device: torch.device | str) -> bool:
+        """Whether queries on ``device`` go through the fused kernel."""
+        if torch.device(device).type != "cpu" or self.kernel == "torch":
+            return False
+        return self.kernel == "fused" or kernels.available()
 
     def posterior(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
         """Posterior means ``[Q, V]`` of queries ``[Q, D]`` against one bucket of the bank."""
@@ -83,24 +106,35 @@ class ExactBackend:
         for chunk in chunks:
             if chunk.keys.shape[1] != q.shape[1]:
                 raise ValueError(f"queries have dimension {q.shape[1]} but dictionary keys {chunk.keys.shape[1]}")
-            state = state or _Running.empty(q.shape[0], chunk.values.shape[1], q.dtype, q.device)
+            state = state or self._state(q.shape[0], chunk.values.shape[1], q.device)
             self.stats.total += q.shape[0] * chunk.keys.shape[0]
             keys = chunk.keys.to(self.dtype)
             bias = _bias(keys.pow(2).sum(1), chunk.log_counts, a, s2, self.dtype)
-            self._accumulate(state, torch.arange(q.shape[0], device=q.device), q, keys, bias, _with_ones(chunk.values, self.dtype), a, s2)
+            self._accumulate(state, torch.arange(q.shape[0], device=q.device), q, keys, bias, chunk.values, a, s2)
         if state is None:
             raise ValueError("the dictionary is empty")
         return state.mean()
 
-    def _accumulate(self, state: _Running, rows: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
+    def _accumulate(self, state: _Running | _FusedRunning, rows: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
                     bias: torch.Tensor, values: torch.Tensor, a: float, s2: float) -> None:
-        """Fold one chunk into the running sums of the query ``rows`` (in blocks of ``query_chunk``)."""
+        """Fold one chunk (keys ``[M, D]``, bias ``[1, M]``, values ``[M, V]``) into the running sums of the
+        query ``rows`` (in blocks of ``query_chunk``)."""
         keys_t = keys.T
+        values = state.prepare(values, self.dtype)
         self.stats.visited += rows.numel() * keys.shape[0]
+        contiguous = rows.numel() > 0 and int(rows[-1] - rows[0]) == rows.numel() - 1
         for s in range(0, rows.numel(), self.query_chunk):
             block = rows[s : s + self.query_chunk]
+            if contiguous:  # a slice: no gathered copy of the queries
+                start = int(rows[s])
+                block = slice(start, start + min(self.query_chunk, rows.numel() - s))
             logits = torch.addmm(bias, q[block], keys_t, alpha=a / s2)  # [q, M]
-            state.update(block, logits, values)
+            self.stats.skipped += state.update(block, logits, values)
+
+    def _state(self, Q: int, V: int, device: torch.device) -> _Running | _FusedRunning:
+        if self.uses_fused(device):
+            return _FusedRunning.empty(Q, V, math.log(1e10 / self.prune_tol))
+        return _Running.empty(Q, V, self.dtype, device)
 
     def _pruned(self, queries: torch.Tensor, clusters: ClusteredPatches, centre: torch.Tensor, a: float, s2: float) -> torch.Tensor:
         """Exact-to-``prune_tol`` posterior means of the ``centre`` coordinates ``[C]`` over a clustered bucket."""
@@ -111,7 +145,7 @@ class ExactBackend:
         # Upper bound on every member's logit, in the running units (without the −‖q‖²/2s² term).
         gap = (torch.cdist(q, a * clusters.centres.to(dev, dt)) - a * clusters.radii.to(dev, dt)).clamp_(min=0)
         upper = gap.pow_(2).sub_(q.pow(2).sum(1, keepdim=True)).div_(-2 * s2).add_(clusters.max_log_count.to(dev, dt))
-        state = _Running.empty(q.shape[0], centre.numel(), dt, dev)
+        state = self._state(q.shape[0], centre.numel(), dev)
         self.stats.total += q.shape[0] * clusters.patches.shape[0]
         threshold = math.log(clusters.patches.shape[0] / self.prune_tol)
         first = upper.argmax(1)
@@ -123,12 +157,12 @@ class ExactBackend:
                 self._visit(state, rows, q, clusters, k, centre, a, s2)
         return state.mean()
 
-    def _visit(self, state: _Running, rows: torch.Tensor, q: torch.Tensor, clusters: ClusteredPatches, k: int,
+    def _visit(self, state: _Running | _FusedRunning, rows: torch.Tensor, q: torch.Tensor, clusters: ClusteredPatches, k: int,
                centre: torch.Tensor, a: float, s2: float) -> None:
         s, e = clusters.offsets[k].item(), clusters.offsets[k + 1].item()
         keys = clusters.patches[s:e].to(q.device, self.dtype).div_(255.0)
         bias = _bias(clusters.sq_norms[s:e].to(q.device), clusters.log_counts[s:e].to(q.device), a, s2, self.dtype)
-        self._accumulate(state, rows, q, keys, bias, _with_ones(keys[:, centre], self.dtype), a, s2)
+        self._accumulate(state, rows, q, keys, bias, keys[:, centre], a, s2)
 
 
 def _bias(sq_norms: torch.Tensor, log_counts: torch.Tensor | None, a: float, s2: float, dtype: torch.dtype) -> torch.Tensor:
@@ -156,7 +190,12 @@ class _Running:
     def empty(cls, Q: int, V: int, dtype: torch.dtype, device: torch.device) -> _Running:
         return cls(torch.full((Q,), -torch.inf, dtype=dtype, device=device), torch.zeros(Q, V + 1, dtype=dtype, device=device))
 
-    def update(self, rows: torch.Tensor, logits: torch.Tensor, values: torch.Tensor) -> None:
+    @staticmethod
+    def prepare(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A chunk's values ``[M, V]`` as :meth:`update` takes them: with a ones column, ``[M, V+1]``."""
+        return _with_ones(values, dtype)
+
+    def update(self, rows: torch.Tensor | slice, logits: torch.Tensor, values: torch.Tensor) -> int:
         m_old = self.m[rows]
         m_new = torch.maximum(m_old, logits.amax(1))
         # Weights relative to the new maximum (logits reused in place). Relative logits below
@@ -168,6 +207,36 @@ class _Running:
         scale = torch.exp((m_old - m_new).clamp_(min=floor))
         self.acc[rows] = self.acc[rows] * scale[:, None] + weights @ values
         self.m[rows] = m_new
+        return 0
+
+    def mean(self) -> torch.Tensor:
+        return self.acc[:, :-1] / self.acc[:, -1:]
+
+
+@dataclass
+class _FusedRunning:
+    """The same state for the fused kernel: float64 ``m [Q]`` (finite start) and ``acc [Q, V+1]``."""
+
+    m: torch.Tensor
+    acc: torch.Tensor
+    skip: float
+
+    @classmethod
+    def empty(cls, Q: int, V: int, skip: float) -> _FusedRunning:
+        return cls(torch.full((Q,), -1e300, dtype=torch.float64), torch.zeros(Q, V + 1, dtype=torch.float64), skip)
+
+    @staticmethod
+    def prepare(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A chunk's values ``[M, V]`` as the kernel takes them: transposed, ``[V, M]`` contiguous."""
+        return values.to(dtype).T.contiguous()
+
+    def update(self, rows: torch.Tensor | slice, logits: torch.Tensor, values_t: torch.Tensor) -> int:
+        if isinstance(rows, slice):
+            return kernels.fold(logits, values_t, self.m[rows], self.acc[rows], self.skip)
+        m, acc = self.m[rows], self.acc[rows]
+        skipped = kernels.fold(logits, values_t, m, acc, self.skip)
+        self.m[rows], self.acc[rows] = m, acc
+        return skipped
 
     def mean(self) -> torch.Tensor:
         return self.acc[:, :-1] / self.acc[:, -1:]

@@ -1,0 +1,151 @@
+"""The fused exact kernel (issue 6, item 1): one pass over each logits block on the CPU.
+
+The exact backend's time per (query, entry) pair is the matrix product that makes the logits
+plus the softmax work on them. With torch operations the second part is five passes over the
+block (maximum, subtract, clamp, exponential, product with the values) and costs more than the
+product at P ≤ 9. :func:`fold` does it in one C pass per row (``machines/_fold.c``): running
+maximum, rescaling, a vectorised exponential, ``Σw`` and ``Σw·v``; rows whose block maximum lies
+more than ``skip`` below the running maximum are skipped without an exponential.
+
+The C source is compiled on first use with the system C compiler (``$CC``, else ``cc``) for this
+CPU (``-O3 -ffast-math -march=native``) into ``$PATCHBANK_KERNEL_CACHE`` (default
+``~/.cache/patchbank/kernels``), keyed by the source, the flags, the compiler and the CPU, and
+written under a temporary name then renamed, so concurrent first uses are safe. No compiler means
+no fused kernel: :func:`available` says so and :class:`~machines.exact.ExactBackend` uses torch
+operations (``kernel="auto"``) or raises (``kernel="fused"``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("_fold.c")
+FLAGS = ["-O3", "-ffast-math", "-march=native", "-fPIC", "-shared"]
+_MIN_ROWS_PER_THREAD = 16
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def available() -> bool:
+    """Whether the fused kernel is compiled (or compiles now) on this machine."""
+    return _library() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why the fused kernel cannot be used here (``None`` when it can)."""
+    _library()
+    return _state.get("error")  # type: ignore[return-value]
+
+
+def fold(logits: torch.Tensor, values_t: torch.Tensor, m: torch.Tensor, acc: torch.Tensor, skip: float,
+         threads: int | None = None) -> int:
+    """Fold a logits block into running sums, in place; returns the pairs whose exponential was skipped.
+
+    logits: ``[R, M]`` float32/float64 CPU, unit column stride (overwritten with the weights);
+    values_t: ``[V, M]`` contiguous, same dtype (the values, transposed); m: float64 ``[R]`` running
+    maxima (finite: start at ``-1e300``); acc: float64 ``[R, V+1]`` contiguous running ``(Σw·v, Σw)``
+    relative to ``m``; skip: relative logits below ``−skip`` contribute nothing. Rows are split over
+    ``threads`` (default ``torch.get_num_threads()``) threads.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the fused kernel is unavailable: {unavailable_reason()}")
+    R, M = logits.shape
+    V = values_t.shape[0]
+    if logits.dtype not in (torch.float32, torch.float64) or values_t.dtype != logits.dtype:
+        raise TypeError(f"fold needs float32 or float64 logits and values of the same dtype, got {logits.dtype}, {values_t.dtype}")
+    if logits.device.type != "cpu" or (M > 1 and logits.stride(1) != 1):
+        raise ValueError("fold needs a CPU logits block with contiguous rows")
+    if values_t.shape[1] != M or not values_t.is_contiguous():
+        raise ValueError(f"values_t must be contiguous [V, {M}], got {tuple(values_t.shape)}")
+    if m.dtype != torch.float64 or acc.dtype != torch.float64 or m.shape != (R,) or acc.shape != (R, V + 1) \
+            or not (m.is_contiguous() and acc.is_contiguous()):
+        raise ValueError(f"m and acc must be contiguous float64 [{R}] and [{R}, {V + 1}]")
+    if R == 0 or M == 0:
+        return 0
+    fn = lib.fold_f32 if logits.dtype == torch.float32 else lib.fold_f64
+    size, ld = logits.element_size(), logits.stride(0)
+    threads = max(1, min(threads or torch.get_num_threads(), R // _MIN_ROWS_PER_THREAD))
+
+    def part(start: int, stop: int) -> int:
+        return fn(stop - start, M, V, logits.data_ptr() + start * ld * size, ld, values_t.data_ptr(),
+                  m.data_ptr() + 8 * start, acc.data_ptr() + 8 * start * (V + 1), skip)
+
+    if threads == 1:
+        return part(0, R)
+    step = -(-R // threads)
+    futures = [_pool(threads).submit(part, s, min(R, s + step)) for s in range(0, R, step)]
+    return sum(f.result() for f in futures)
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    pool = _state.get("pool")
+    if pool is None or pool._max_workers < threads:  # type: ignore[attr-defined]
+        pool = _state["pool"] = ThreadPoolExecutor(threads, thread_name_prefix="patchbank-fold")
+    return pool  # type: ignore[return-value]
+
+
+def _library() -> ctypes.CDLL | None:
+    with _lock:
+        if "lib" not in _state:
+            try:
+                _state["lib"] = _load(_compile())
+                _state["error"] = None
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                _state["lib"] = None
+                _state["error"] = str(exc)
+        return _state["lib"]  # type: ignore[return-value]
+
+
+def _compile() -> Path:
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"no C compiler ({cc!r} is not on PATH; set $CC)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout.split("\n")[0]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, cc, version, platform.machine(), _cpu()]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("PATCHBANK_KERNEL_CACHE", Path.home() / ".cache" / "patchbank" / "kernels"))
+    target = cache / f"fold-{key}.so"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".fold-", suffix=".so")
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    args = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_double]
+    for fn in (lib.fold_f32, lib.fold_f64):
+        fn.restype, fn.argtypes = ctypes.c_int64, args
+    return lib
+
+
+def _cpu() -> str:
+    """This CPU's model and feature flags (``-march=native`` code is only valid on the same kind of CPU)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        return platform.processor()
+    return "\n".join(line for line in info.splitlines() if line.startswith(("model name", "flags")))

@@ -1,0 +1,130 @@
+"""The fused exact kernel (issue 6, item 1): against float64 brute force and the torch-operations backend."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from machines import ExactBackend, ScoreMachine, alpha_sigma2, kernels
+from patchbank import MemoryBank, load_dataset
+
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"no fused kernel here: {kernels.unavailable_reason()}")
+
+
+def _brute(logits: torch.Tensor, values: torch.Tensor, skip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 reference: the running maximum and the sums (Σw·v, Σw) relative to it, entries below −skip dropped."""
+    x = logits.double()
+    m = x.amax(1)
+    d = x - m[:, None]
+    w = d.exp() * (d > -skip)
+    return m, torch.cat([w @ values.double(), w.sum(1, keepdim=True)], 1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("V", [1, 3])
+def test_fold_matches_brute_force_over_blocks(dtype, tol, V):
+    """Folding a row's entries block by block (in any order of magnitudes) equals one float64 softmax sum."""
+    g = torch.Generator().manual_seed(V)
+    R, blocks, M = 37, 5, 300  # 37 rows: split over threads unevenly
+    spread = torch.tensor([1.0, 30.0, 200.0, 5000.0])[torch.arange(R) % 4][:, None]  # broad to concentrated rows
+    logits = torch.randn(R, blocks * M, generator=g, dtype=torch.float64) * spread + 50 * torch.randn(R, 1, generator=g, dtype=torch.float64)
+    values = torch.randn(blocks * M, V, generator=g, dtype=torch.float64)
+    skip = 60.0
+    m = torch.full((R,), -1e300, dtype=torch.float64)
+    acc = torch.zeros(R, V + 1, dtype=torch.float64)
+    skipped = 0
+    for b in range(blocks):
+        cols = slice(b * M, (b + 1) * M)
+        wide = torch.zeros(R, M + 7, dtype=dtype)  # a row stride larger than the row
+        wide[:, :M] = logits[:, cols].to(dtype)
+        skipped += kernels.fold(wide[:, :M], values[cols].to(dtype).T.contiguous(), m, acc, skip)
+    m_ref, acc_ref = _brute(logits.to(dtype), values.to(dtype), skip)
+    torch.testing.assert_close(m, m_ref, rtol=0, atol=0)
+    scale = acc_ref[:, -1:]  # sums relative to Σw (≥ 1: the maximum's weight)
+    assert ((acc - acc_ref).abs() / scale).max() <= tol
+    assert skipped > 0  # the concentrated rows skip most entries, and do so without changing the sums
+
+
+@needs_kernel
+def test_fold_skips_whole_blocks_far_below_the_running_maximum():
+    m = torch.tensor([0.0, 0.0], dtype=torch.float64)
+    acc = torch.tensor([[0.5, 1.0], [0.5, 1.0]], dtype=torch.float64)
+    logits = torch.tensor([[-61.0, -70.0], [-59.0, -70.0]], dtype=torch.float64)
+    skipped = kernels.fold(logits.clone(), torch.ones(1, 2, dtype=torch.float64), m, acc, 60.0)
+    assert skipped == 3  # row 0 whole, row 1 its −70 entry
+    assert acc[0].tolist() == [0.5, 1.0]
+    assert acc[1, 1].item() == pytest.approx(1 + math.exp(-59), rel=1e-15)
+
+
+@needs_kernel
+def test_fold_rejects_bad_input():
+    m, acc = torch.zeros(2, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match="same dtype"):
+        kernels.fold(torch.zeros(2, 4), torch.zeros(1, 4, dtype=torch.float64), m, acc, 60.0)
+    with pytest.raises(ValueError, match="values_t"):
+        kernels.fold(torch.zeros(2, 4), torch.zeros(1, 5), m, acc, 60.0)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        kernels.fold(torch.zeros(4, 2).T, torch.zeros(1, 4), m, acc, 60.0)
+    with pytest.raises(ValueError, match="float64"):
+        kernels.fold(torch.zeros(2, 4), torch.zeros(1, 4), m.float(), acc, 60.0)
+
+
+@pytest.fixture(scope="module")
+def mnist(datasets_dir):
+    os.environ["PATCHBANK_DATASETS"] = str(datasets_dir)
+    return load_dataset("mnist", resize=16, limit=60)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind,P", [("bbELS", 5), ("ELS", 3), ("LS", 7), ("IS", None)])
+@pytest.mark.parametrize("dedup,prune", [(False, False), (True, True)])
+def test_fused_backend_equals_torch_operations(mnist, kind, P, dedup, prune):
+    """Across t ∈ [0.05, 1]: float64 fused = torch ops to round-off, float32 fused within float32 round-off."""
+    bank = MemoryBank(mnist, dedup=dedup)
+    x0 = mnist.images[-2:].double() / 127.5 - 1
+    for t in (0.05, 0.3, 0.6, 0.95, 1.0):
+        a, s2 = alpha_sigma2(t)
+        x = a * x0 + s2**0.5 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        ref = ScoreMachine(bank, kind, scales=P, backend=ExactBackend(kernel="torch", prune=prune, chunk_size=500))(x, t)
+        fused = ExactBackend(kernel="fused", prune=prune, chunk_size=500, query_chunk=40)
+        torch.testing.assert_close(ScoreMachine(bank, kind, scales=P, backend=fused)(x, t), ref, rtol=0, atol=1e-10)
+        f32 = ScoreMachine(bank, kind, scales=P, backend=ExactBackend(kernel="fused", prune=prune, dtype=torch.float32))(x, t)
+        assert (f32.double() - ref).abs().max() <= 2e-3  # float32 logits: ~1e-4 relative weights at late times
+
+
+def test_auto_falls_back_to_torch_without_a_compiler(mnist, monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("PATCHBANK_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernels, "_state", {})
+    assert not kernels.available() and "no C compiler" in kernels.unavailable_reason()
+    with pytest.raises(RuntimeError, match="unavailable"):
+        ExactBackend(kernel="fused")
+    auto = ExactBackend()
+    assert not auto.uses_fused("cpu")
+    bank = MemoryBank(mnist, dedup=False)
+    x = mnist.images[:1].double() / 127.5 - 1
+    out = ScoreMachine(bank, "bbELS", scales=3, backend=auto)(x, 0.4)
+    ref = ScoreMachine(bank, "bbELS", scales=3, backend=ExactBackend(kernel="torch"))(x, 0.4)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@needs_kernel
+def test_kernel_compiles_into_a_fresh_cache(monkeypatch, tmp_path):
+    """First use compiles into the cache (temporary name, then rename); later loads reuse the file."""
+    monkeypatch.setenv("PATCHBANK_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_state", {})
+    assert kernels.available()
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].name.startswith("fold-") and files[0].suffix == ".so"
+    stamp = files[0].stat().st_mtime_ns
+    monkeypatch.setattr(kernels, "_state", {})
+    assert kernels.available() and files[0].stat().st_mtime_ns == stamp
+
+
+def test_kernel_option_is_checked():
+    with pytest.raises(ValueError, match="kernel"):
+        ExactBackend(kernel="cuda")
