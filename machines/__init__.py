@@ -4,6 +4,7 @@ from .analytic import MACHINES, Denoiser, ScoreMachine
 from . import kernels
 from .exact import ExactBackend, PairStats
 from .policy import AutoBackend, PolicyStats
+from .summary import ClusterMoments, SummaryBackend, SummaryStats
 from .tail import SampledTailBackend, TailEstimate, TailStats
 from .topk import TopKBackend, TopKStats
 from .sampler import ddim_grid, noise_from_seeds, sample
@@ -30,6 +31,9 @@ __all__ = [
     "TopKBackend",
     "TopKStats",
     "SampledTailBackend",
+    "ClusterMoments",
+    "SummaryBackend",
+    "SummaryStats",
     "ScaleSchedule",
     "ScoreMachine",
     "abar",

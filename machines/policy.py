@@ -17,7 +17,9 @@ For one bucket call (all query pixels that share a dictionary) the policy
    fail get ``growth``× more draws (added to the same running sums, still an i.i.d. sample) until
    they pass or ``max_samples`` draws (at most ``N/4``: more would cost about an exact sum) are spent;
 4. sends what remains to the certified **top-k** backend when one is given and the bucket has a
-   distinct-patch table (it falls back to exact itself), else to the **exact** backend.
+   distinct-patch table (it falls back to exact itself), else to the certified **cluster summaries**
+   (:class:`~machines.summary.SummaryBackend`) when given and the bucket has clusters, else to the
+   **exact** backend (the fused kernel on the CPU).
 
 Broad posteriors (early and middle times: thousands of patches carry weight) pass at step 2 for
 a few hundred milliseconds per bucket; concentrated posteriors (late times, stroke pixels)
@@ -40,6 +42,7 @@ from patchbank.geometry import BucketKey
 from patchbank.memory import IMAGE_RULES, MemoryBank
 
 from .exact import ExactBackend, _bias, _with_ones
+from .summary import SummaryBackend
 from .tail import _seed
 from .topk import TopKBackend
 
@@ -52,6 +55,7 @@ class PolicyStats:
     sampled: int = 0
     topk: int = 0
     exact: int = 0
+    summaries: int = 0  # queries answered by the cluster summaries
     low_ess: int = 0  # queries that left the draws with ESS < min_ess
     high_se: int = 0  # … with enough ESS but SE > se_tol
     draws: int = 0  # Σ over buckets of the draws made (each shared by that bucket's queries)
@@ -60,6 +64,7 @@ class PolicyStats:
     sample_s: float = 0.0
     topk_s: float = 0.0
     exact_s: float = 0.0
+    summary_s: float = 0.0
 
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]
@@ -69,7 +74,8 @@ class PolicyStats:
         """The route most queries took: ``sampled``, ``topk`` or ``exact`` (``mixed`` if none holds 90%)."""
         if not self.queries:
             return "none"
-        route, n = max((("sampled", self.sampled), ("topk", self.topk), ("exact", self.exact)), key=lambda r: r[1])
+        route, n = max((("sampled", self.sampled), ("topk", self.topk), ("exact", self.exact), ("summary", self.summaries)),
+                       key=lambda r: r[1])
         return route if n >= 0.9 * self.queries else "mixed"
 
     def summary(self) -> dict:
@@ -81,7 +87,8 @@ class PolicyStats:
             "sampled_fraction": self.sampled / q,
             "topk_fraction": self.topk / q,
             "exact_fraction": self.exact / q,
-            "fallback_fraction": (self.topk + self.exact) / q,  # answered by other than the draws
+            "summary_fraction": self.summaries / q,
+            "fallback_fraction": (self.topk + self.exact + self.summaries) / q,  # answered by other than the draws
             "low_ess_fraction": self.low_ess / q,
             "high_se_fraction": self.high_se / q,
             "draws_per_bucket": self.draws / self.buckets if self.buckets else 0.0,
@@ -90,6 +97,7 @@ class PolicyStats:
             "sample_s": round(self.sample_s, 4),
             "topk_s": round(self.topk_s, 4),
             "exact_s": round(self.exact_s, 4),
+            "summary_s": round(self.summary_s, 4),
         }
 
 
@@ -101,8 +109,9 @@ class AutoBackend:
     queries that fail (cumulative draws at most ``max_samples``); ``se_tol``: largest accepted
     standard error of a sampled x̂0 pixel; ``min_ess``: smallest accepted effective sample size
     (guards the standard error, which is itself estimated from the draws); ``topk``: optional
-    certified backend for the rest (used on buckets with distinct-patch tables); ``exact``: the
-    exact backend; ``chunk``: draws per matrix product (memory ``queries × chunk``).
+    certified backend for the rest (used on buckets with distinct-patch tables); ``summary``: optional
+    cluster summaries for the rest where there is no ``topk`` (same buckets); ``exact``: the exact
+    backend; ``chunk``: draws per matrix product (memory ``queries × chunk``).
     """
 
     samples: int = 4096
@@ -112,6 +121,7 @@ class AutoBackend:
     min_ess: float = 64.0
     seed: int = 0
     topk: TopKBackend | None = None
+    summary: SummaryBackend | None = None
     exact: ExactBackend = field(default_factory=ExactBackend)
     chunk: int = 8192
     stats: PolicyStats = field(default_factory=PolicyStats)
@@ -148,6 +158,11 @@ class AutoBackend:
                 means[rest] = self.topk.posterior(bank, bucket, q, a, s2).cpu().to(means.dtype)
                 self.stats.topk_s += time.perf_counter() - start
                 self.stats.topk += rest.numel()
+            elif self.summary is not None and bank.materialised(bucket):
+                start = time.perf_counter()
+                means[rest] = self.summary.posterior(bank, bucket, q, a, s2).cpu().to(means.dtype)
+                self.stats.summary_s += time.perf_counter() - start
+                self.stats.summaries += rest.numel()
             else:
                 means[rest] = self._exact(bank, bucket, q, a, s2).cpu().to(means.dtype)
         return means.to(queries.device)

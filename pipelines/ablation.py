@@ -25,6 +25,8 @@ A grid entry is a string ``kind[:key=value…]``:
                         ``min_ess=``; statistical, reported with its standard errors, uncertified)
 ``auto:samples=4096:se_tol=1e-2``  the automatic policy (:class:`machines.AutoBackend`): shared
                         draws, answers with SE ≤ ``se_tol`` and ESS ≥ ``min_ess`` kept, the rest exact
+``summary:tol=1e-3:leaf=256``  cluster summaries (:class:`machines.SummaryBackend`): clusters of ``leaf``
+                        distinct patches summarised or dropped where certified, the rest exact
 ``…:device=cuda``       run this configuration on the GPU
 
 The posterior-concentration study measures, for noised held-out images at each (t, P), the
@@ -49,7 +51,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from machines import AutoBackend, ExactBackend, SampledTailBackend, ScaleSchedule, ScoreMachine, TopKBackend, noise_from_seeds, reference_schedule, sample
+from machines import AutoBackend, ExactBackend, SampledTailBackend, ScaleSchedule, ScoreMachine, SummaryBackend, TopKBackend, noise_from_seeds, reference_schedule, sample
 from machines.schedule import alpha_sigma2
 from patchbank import BankError, BankSpec, ImageData, MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import atomic_write, write_json
@@ -113,7 +115,7 @@ class Variant:
     """One grid entry, parsed: see the module docstring for the string form."""
 
     name: str
-    kind: str  # exact | topk | tail | auto
+    kind: str  # exact | topk | tail | auto | summary
     k: int = 256
     samples: int = 1024  # tail draws per query; auto: first-round shared draws per bucket (default 4096)
     max_samples: int = 1 << 22  # auto: most draws per bucket
@@ -126,18 +128,19 @@ class Variant:
     dedup: bool = True
     prune: bool = True
     device: str = "cpu"
+    leaf: int = 256  # summary: cluster size
 
     @classmethod
     def parse(cls, text: str) -> Variant:
         kind, *items = text.split(":")
-        if kind not in ("exact", "topk", "tail", "auto"):
-            raise ValueError(f"grid entry {text!r}: the kind must be 'exact', 'topk', 'tail' or 'auto'")
+        if kind not in ("exact", "topk", "tail", "auto", "summary"):
+            raise ValueError(f"grid entry {text!r}: the kind must be 'exact', 'topk', 'tail', 'auto' or 'summary'")
         values: dict = {}
         for item in items:
             key, sep, value = item.partition("=")
             if not sep:
                 raise ValueError(f"grid entry {text!r}: {item!r} is not key=value")
-            if key in ("k", "nprobe", "samples", "max_samples"):
+            if key in ("k", "nprobe", "samples", "max_samples", "leaf"):
                 values[key] = int(value)
             elif key == "se_tol":
                 values[key] = float(value)
@@ -166,6 +169,14 @@ class Variant:
                 raise ValueError(f"grid entry {text!r}: auto needs min_ess >= 1")
         elif values.keys() & {"max_samples", "se_tol"}:
             raise ValueError(f"grid entry {text!r}: max_samples and se_tol belong to auto")
+        if kind == "summary":
+            if values.keys() - {"tol", "leaf", "device"}:
+                raise ValueError(f"grid entry {text!r}: summary takes tol, leaf, device")
+            values.setdefault("tol", 1e-3)
+            if values["tol"] is None or not 0 < values["tol"] < 1:
+                raise ValueError(f"grid entry {text!r}: summary needs 0 < tol < 1")
+        elif "leaf" in values:
+            raise ValueError(f"grid entry {text!r}: leaf belongs to summary")
         return cls(text, kind, **values)
 
     @property
@@ -381,6 +392,8 @@ def _backend(v: Variant):
     if v.kind == "auto":
         return AutoBackend(samples=v.samples, max_samples=max(v.samples, v.max_samples), se_tol=v.se_tol,
                            min_ess=v.min_ess, exact=exact)  # type: ignore[arg-type]
+    if v.kind == "summary":
+        return SummaryBackend(tol=v.tol, leaf_size=v.leaf, exact=exact)  # type: ignore[arg-type]
     if v.kind == "tail":
         return SampledTailBackend(k=v.k, samples=v.samples, proposal=v.proposal, min_ess=v.min_ess, nprobe=v.nprobe,  # type: ignore[arg-type]
                                   engine="auto" if v.index else "torch", exact=exact)
@@ -425,6 +438,10 @@ def _run_variant(cfg, v: Variant, data, memory_bank, schedule, noise, labels, re
                 rec["bound"] = 2 * backend.stats.accepted_eps_max
                 rec["within_bound"] = rec["error_max"] <= rec["bound"] + BOUND_SLACK
                 backend.stats.reset()
+            elif isinstance(backend, SummaryBackend):
+                rec["bound"] = backend.stats.summary()["bound_max"]
+                rec["within_bound"] = rec["error_max"] <= rec["bound"] + BOUND_SLACK
+                backend.stats.reset()
             elif isinstance(backend, (SampledTailBackend, AutoBackend)):
                 rec["se_max_teacher"] = backend.stats.summary()["se_max"]
                 backend.stats.reset()
@@ -440,7 +457,7 @@ def _run_variant(cfg, v: Variant, data, memory_bank, schedule, noise, labels, re
         "k": v.k if v.kind != "exact" else None,
         "samples": v.samples if v.kind in ("tail", "auto") else None,
         "nprobe": v.nprobe if v.index and v.index.upper().startswith("IVF") else None,
-        "tol": v.tol if v.kind == "topk" else None,
+        "tol": v.tol if v.kind in ("topk", "summary") else None,
         "dedup": v.dedup,
         "device": device,
         "certified": v.certified,

@@ -27,6 +27,7 @@ GRID = [
     "topk:k=8:index=Flat:tol=1e-3",
     "tail:k=8:samples=256",  # statistical: reported, not certified
     "auto:samples=512:max_samples=2048:se_tol=0.05",  # the automatic policy: statistical too
+    "summary:tol=1e-3:leaf=16",  # cluster summaries: certified
 ]
 
 
@@ -126,8 +127,10 @@ def test_grid_entries_parse_and_reject_nonsense():
     assert Variant.parse("exact:dedup=0").dedup is False
     auto = Variant.parse("auto:se_tol=0.02:max_samples=65536")
     assert (auto.kind, auto.samples, auto.max_samples, auto.se_tol, auto.min_ess, auto.certified) == ("auto", 4096, 65536, 0.02, 64.0, False)
+    summ = Variant.parse("summary:leaf=64")
+    assert (summ.kind, summ.tol, summ.leaf, summ.certified) == ("summary", 1e-3, 64, True)
     for bad in ("fast", "topk:k", "topk:foo=1", "exact:k=3", "topk:dedup=0", "tail:tol=1e-3", "auto:k=3", "auto:min_ess=none",
-                "topk:se_tol=1e-3"):
+                "topk:se_tol=1e-3", "summary:k=3", "summary:tol=none", "topk:leaf=8"):
         with pytest.raises(ValueError):
             Variant.parse(bad)
 

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from machines import AutoBackend, ExactBackend, ScoreMachine, TopKBackend, alpha_sigma2, noise_from_seeds, sample
+from machines import AutoBackend, ExactBackend, ScoreMachine, SummaryBackend, TopKBackend, alpha_sigma2, noise_from_seeds, sample
 from patchbank import MemoryBank, load_dataset
 from patchbank.geometry import BucketKey, centre_index, patches_at
 
@@ -138,6 +138,19 @@ def test_rest_goes_to_certified_topk(bank, mnist):
     assert (out - exact).abs().max() <= 0.2  # sampled answers are statistical; top-k ones within 2·tol
     means, se, ok = AutoBackend(samples=256, max_samples=512, se_tol=0.02).sampled(bank, bucket, q, a, s2)
     assert ((out - exact).abs().amax(1)[~ok] <= 2 * topk.tol + 1e-12).all()
+
+
+def test_rest_goes_to_cluster_summaries(bank, mnist):
+    q, bucket, a, s2 = _queries(mnist, 0.1)
+    summary = SummaryBackend(tol=1e-4, leaf_size=16)
+    backend = AutoBackend(samples=256, max_samples=512, se_tol=0.02, summary=summary)
+    out = backend.posterior(bank, bucket, q, a, s2)
+    exact = ExactBackend().posterior(bank, bucket, q, a, s2)
+    rest = backend.stats.summaries
+    assert rest > 0 and summary.stats.queries == rest and backend.stats.exact == 0
+    assert backend.stats.summary()["fallback_fraction"] == rest / q.shape[0]
+    means, se, ok = AutoBackend(samples=256, max_samples=512, se_tol=0.02).sampled(bank, bucket, q, a, s2)
+    assert ((out - exact).abs().amax(1)[~ok] <= summary.tol).all()
 
 
 def test_deterministic_and_sampler_tracks_exact(bank, mnist):
