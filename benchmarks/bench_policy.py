@@ -4,25 +4,32 @@ Per step: seconds, the policy's choice and route fractions (sampled / exact), dr
 standard errors, sampling vs exact seconds, and — on ``--check-pixels`` random pixels of the
 first seed, at the policy's own states — the measured error of x̂0 against the exact backend.
 With ``--exact`` the exact machine also samples every seed and the Pearson r of the final
-images is reported (feasible on a few thousand images; the 60,000-image exact sample costs
-hours per seed on 2 cores).
+images is reported.
+
+``--out DIR`` keeps every seed's result in DIR (policy final + per-step records; exact final),
+and the exact samples checkpoint every step there: a re-run with the same options skips what is
+done and resumes an interrupted exact sample, so the hours-long 60,000-image references can be
+accumulated over several runs (``--exact-only`` computes just those). A folder written with other
+options is refused.
 
     python benchmarks/bench_policy.py --n-train 0 --seeds 0-9 --check-pixels 16     # full MNIST
-    python benchmarks/bench_policy.py --n-train 2000 --seeds 0-9 --exact            # r against exact
+    python benchmarks/bench_policy.py --n-train 2000 --seeds 0-9 --exact --out outputs/policy2000
+    python benchmarks/bench_policy.py --n-train 0 --seeds 0-9 --exact --out outputs/policy60k --exact-dtype float32
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from machines import AutoBackend, ExactBackend, ScoreMachine, alpha_sigma2, noise_from_seeds, reference_schedule, sample
 from patchbank import MemoryBank, load_dataset
+from patchbank.atomic import atomic_write
 from patchbank.geometry import BucketKey, boundary_class, patches_at
 from pipelines.metrics import pearson_r
 
@@ -51,11 +58,14 @@ def main() -> None:
     ap.add_argument("--se-tol", type=float, default=1e-2)
     ap.add_argument("--min-ess", type=float, default=64.0)
     ap.add_argument("--materialise-max", type=int, default=3, help="distinct-patch tables (and pruning) up to this P")
+    ap.add_argument("--kernel", choices=["auto", "fused", "torch"], default="auto", help="exact backend kernel (fallback and reference)")
     ap.add_argument("--check-pixels", type=int, default=0, help="per step, exact check of this many pixels of the first seed")
     ap.add_argument("--exact", action="store_true", help="also sample every seed exactly and report Pearson r")
-    ap.add_argument("--exact-cache", default=None, help="file for the exact finals (read if present, else written)")
+    ap.add_argument("--exact-only", action="store_true", help="only the exact samples (resumable with --out), no policy")
+    ap.add_argument("--exact-dtype", choices=["float64", "float32"], default="float64", help="precision of the exact reference")
+    ap.add_argument("--out", default=None, help="folder of per-seed results and exact checkpoints (resume on re-run)")
     ap.add_argument("--fallback-dtype", choices=["float64", "float32"], default="float64",
-                    help="precision of the policy's exact fallback (the reference is always float64)")
+                    help="precision of the policy's exact fallback")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     lo, _, hi = args.seeds.partition("-")
@@ -67,7 +77,8 @@ def main() -> None:
     schedule = reference_schedule(args.schedule)
     C, H, W = data.shape
     noise = noise_from_seeds(seeds, (C, H, W), torch.float64)
-    exact = ExactBackend()
+    out = _Results(args, len(data)) if args.out else None
+    exact = ExactBackend(kernel=args.kernel, dtype=getattr(torch, args.exact_dtype))
     start = time.perf_counter()  # one-off tables (distinct patches + clusters), as a bank build would
     for P in schedule.scales:
         if P <= args.materialise_max:
@@ -75,66 +86,88 @@ def main() -> None:
     build_s = time.perf_counter() - start
     print(f"{len(data)} images {C}x{H}x{W}; tables for P <= {args.materialise_max}: {build_s:.1f} s", flush=True)
 
-    fallback = ExactBackend(dtype=getattr(torch, args.fallback_dtype))
+    fallback = ExactBackend(kernel=args.kernel, dtype=getattr(torch, args.fallback_dtype))
     policy = AutoBackend(samples=args.samples, max_samples=args.max_samples, se_tol=args.se_tol, min_ess=args.min_ess, exact=fallback)
     machine = ScoreMachine(bank, "bbELS", schedule, backend=policy)
+    exact_machine = ScoreMachine(bank, "bbELS", schedule, backend=exact)
     gen = torch.Generator().manual_seed(1234)
     steps: list[dict] = []
-    finals = []
-    total = 0.0
+    finals, refs, ref_seconds, done = {}, {}, [], []
     for n, seed in enumerate(seeds):
         x_in = [noise[n : n + 1]]
-        last = [time.perf_counter()]
+        if not args.exact_only:
+            cached = out.load("policy", seed) if out else None
+            if cached is not None:
+                finals[seed] = cached["final"]
+                steps += cached["steps"]
+                print(f"seed {seed}: policy result read from {args.out}", flush=True)
+            else:
+                seed_steps: list[dict] = []
+                last = [time.perf_counter()]
 
-        def on_step(step: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> None:
-            now = time.perf_counter()
-            rec = {"seed": seed, "step": step, "t": round(t, 3), "P": schedule(t), "seconds": round(now - last[0], 3)}
-            rec |= policy.stats.summary()
-            policy.stats.reset()
-            if n == 0 and args.check_pixels:
-                pix = torch.stack([torch.randint(H, (args.check_pixels,), generator=gen),
-                                   torch.randint(W, (args.check_pixels,), generator=gen)], 1)
-                ref = exact_pixels(bank, x_in[0], t, rec["P"], pix, exact)
-                err = (x0[0][:, pix[:, 0], pix[:, 1]].T.to(torch.float64) - ref).abs()
-                rec["check_error_max"] = float(err.max())
-                rec["check_error_median"] = float(err.median())
-            steps.append(rec)
-            print(json.dumps(rec), flush=True)
-            x_in[0] = x
-            last[0] = time.perf_counter()
+                def on_step(step: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> None:
+                    now = time.perf_counter()
+                    rec = {"seed": seed, "step": step, "t": round(t, 3), "P": schedule(t), "seconds": round(now - last[0], 3)}
+                    rec |= policy.stats.summary()
+                    policy.stats.reset()
+                    if n == 0 and args.check_pixels:
+                        pix = torch.stack([torch.randint(H, (args.check_pixels,), generator=gen),
+                                           torch.randint(W, (args.check_pixels,), generator=gen)], 1)
+                        ref = exact_pixels(bank, x_in[0], t, rec["P"], pix, exact)
+                        err = (x0[0][:, pix[:, 0], pix[:, 1]].T.to(torch.float64) - ref).abs()
+                        rec["check_error_max"] = float(err.max())
+                        rec["check_error_median"] = float(err.median())
+                    seed_steps.append(rec)
+                    print(json.dumps(rec), flush=True)
+                    x_in[0] = x
+                    last[0] = time.perf_counter()
 
-        t0 = time.perf_counter()
-        finals.append(sample(machine, noise[n : n + 1], args.steps, callback=on_step))
-        seconds = time.perf_counter() - t0
-        total += seconds
-        print(f"seed {seed}: {seconds:.1f} s (includes exact checks)" if n == 0 and args.check_pixels else f"seed {seed}: {seconds:.1f} s",
-              flush=True)
-    final = torch.cat(finals)
-    per_sample = [sum(s["seconds"] for s in steps if s["seed"] == sd) for sd in seeds]  # step times exclude the checks
-    report = {
-        "images": len(data), "seeds": seeds, "build_s": build_s,
-        "policy": {"fallback_dtype": args.fallback_dtype, "samples": args.samples, "max_samples": args.max_samples, "se_tol": args.se_tol, "min_ess": args.min_ess,
-                   "materialise_max": args.materialise_max},
-        "seconds_per_sample_median": statistics.median(per_sample),
-        "per_step": [{k: v for k, v in s.items()} for s in steps],
-    }
-    if args.exact:
-        cached = torch.load(args.exact_cache) if args.exact_cache and os.path.exists(args.exact_cache) else None
-        if cached is not None and cached["seeds"] == seeds and cached["images"] == len(data):
-            ref, report["exact_seconds_per_sample"] = cached["final"], cached["seconds_per_sample"]
-        else:
-            t0 = time.perf_counter()
-            ref = sample(ScoreMachine(bank, "bbELS", schedule, backend=exact), noise)
-            report["exact_seconds_per_sample"] = (time.perf_counter() - t0) / len(seeds)
-            if args.exact_cache:
-                torch.save({"seeds": seeds, "images": len(data), "final": ref,
-                            "seconds_per_sample": report["exact_seconds_per_sample"]}, args.exact_cache)
+                finals[seed] = sample(machine, noise[n : n + 1], args.steps, callback=on_step)
+                steps += seed_steps
+                print(f"seed {seed}: {sum(r['seconds'] for r in seed_steps):.1f} s", flush=True)
+                if out:
+                    out.save("policy", seed, {"final": finals[seed], "steps": seed_steps})
+        if args.exact or args.exact_only:
+            cached = out.load("exact", seed) if out else None
+            if cached is None:
+                t0 = time.perf_counter()
+                ckpt = out.path("exact", seed).with_suffix(".ckpt") if out else None
+                resumed = ckpt is not None and ckpt.exists()
+                final = sample(exact_machine, noise[n : n + 1], args.steps, checkpoint=ckpt, progress=True)
+                cached = {"final": final, "seconds": time.perf_counter() - t0, "resumed": resumed}
+                if out:
+                    out.save("exact", seed, cached)
+                    ckpt.unlink()  # type: ignore[union-attr]
+                print(f"seed {seed}: exact {cached['seconds']:.1f} s{' (resumed)' if resumed else ''}", flush=True)
+            refs[seed] = cached["final"]
+            if not cached["resumed"]:
+                ref_seconds.append(cached["seconds"])
+        done.append(seed)
+    report: dict = {"images": len(data), "seeds": done, "build_s": build_s, "options": vars(args)}
+    if finals:
+        per_sample = [sum(s["seconds"] for s in steps if s["seed"] == sd) for sd in finals]  # step times exclude the checks
+        report["seconds_per_sample_median"] = statistics.median(per_sample)
+        report["per_step"] = steps
+        print(f"policy: {report['seconds_per_sample_median']:.1f} s per sample (median over {len(per_sample)} seeds; "
+              f"min {min(per_sample):.1f}, max {max(per_sample):.1f})")
+        _table(steps)
+    if ref_seconds:
+        report["exact_seconds_per_sample"] = statistics.median(ref_seconds)
+        print(f"exact: {report['exact_seconds_per_sample']:.1f} s per sample (median over {len(ref_seconds)} uninterrupted seeds)")
+    both = [sd for sd in done if sd in finals and sd in refs]
+    if both:
+        final = torch.cat([finals[sd] for sd in both])
+        ref = torch.cat([refs[sd] for sd in both])
         r = pearson_r(final, ref)
-        report["pearson_r"] = r.tolist()
-        report["pearson_r_min"] = float(r.min())
-        report["max_abs_diff"] = float((final - ref).abs().max())
-    print(f"policy: {report['seconds_per_sample_median']:.1f} s per sample (median over {len(seeds)} seeds; min {min(per_sample):.1f}, "
-          f"max {max(per_sample):.1f})")
+        report |= {"pearson_r": r.tolist(), "pearson_r_min": float(r.min()), "max_abs_diff": float((final - ref).abs().max())}
+        print(f"Pearson r policy vs exact over {len(both)} seeds: min {report['pearson_r_min']:.6f}, "
+              f"median {statistics.median(report['pearson_r']):.6f}; max |diff| {report['max_abs_diff']:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+def _table(steps: list[dict]) -> None:
     by_step: dict[int, list[dict]] = {}
     for s in steps:
         by_step.setdefault(s["step"], []).append(s)
@@ -144,14 +177,37 @@ def main() -> None:
         med = lambda key: statistics.median(r[key] for r in rs)  # noqa: E731
         chk = next((r.get("check_error_max") for r in rs if "check_error_max" in r), None)
         print(f"{k:4d}  {rs[0]['t']:.2f}  {rs[0]['P']:2d}  {med('seconds'):6.2f}  {rs[0]['choice']:7s}  {med('sampled_fraction'):6.3f}  "
-              f"{med('exact_fraction'):5.3f}  {med('low_ess_fraction'):5.3f}  {med('high_se_fraction'):5.3f}  {max(r['se_max'] for r in rs):.1e}  {med('sample_s'):7.2f}  {med('exact_s'):6.2f}  "
-              f"{'' if chk is None else f'{chk:.1e}'}")
-    if args.exact:
-        print(f"exact: {report['exact_seconds_per_sample']:.1f} s per sample; Pearson r policy vs exact: min {report['pearson_r_min']:.6f}, "
-              f"median {statistics.median(report['pearson_r']):.6f}; max |diff| {report['max_abs_diff']:.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+              f"{med('exact_fraction'):5.3f}  {med('low_ess_fraction'):5.3f}  {med('high_se_fraction'):5.3f}  {max(r['se_max'] for r in rs):.1e}  "
+              f"{med('sample_s'):7.2f}  {med('exact_s'):6.2f}  {'' if chk is None else f'{chk:.1e}'}")
+
+
+class _Results:
+    """Per-seed results in ``args.out``, tagged with the options that produced them."""
+
+    POLICY = ("dataset", "n_train", "resize", "schedule", "steps", "samples", "max_samples", "se_tol", "min_ess",
+              "materialise_max", "fallback_dtype", "kernel")
+    EXACT = ("dataset", "n_train", "resize", "schedule", "steps", "exact_dtype")
+
+    def __init__(self, args: argparse.Namespace, images: int) -> None:
+        self.dir = Path(args.out)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.tags = {kind: {k: getattr(args, k) for k in keys} | {"images": images}
+                     for kind, keys in (("policy", self.POLICY), ("exact", self.EXACT))}
+
+    def path(self, kind: str, seed: int) -> Path:
+        return self.dir / f"{kind}-seed{seed}.pt"
+
+    def load(self, kind: str, seed: int) -> dict | None:
+        path = self.path(kind, seed)
+        if not path.exists():
+            return None
+        saved = torch.load(path, weights_only=False)
+        if saved["tag"] != self.tags[kind]:
+            raise SystemExit(f"{path} was written with other options ({saved['tag']}); use another --out")
+        return saved
+
+    def save(self, kind: str, seed: int, result: dict) -> None:
+        atomic_write(self.path(kind, seed), lambda tmp: torch.save(result | {"tag": self.tags[kind]}, tmp))
 
 
 if __name__ == "__main__":

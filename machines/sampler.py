@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
+
+from patchbank.atomic import atomic_write
 
 from .analytic import Denoiser
 from .schedule import abar, eps_from_x0
@@ -38,16 +43,55 @@ def sample(
     labels: torch.Tensor | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,
+    checkpoint: str | os.PathLike | None = None,
 ) -> torch.Tensor:
-    """Deterministic DDIM from ``noise [B, C, H, W]`` at t = 1 to t = 0; the last step lands on x̂0."""
+    """Deterministic DDIM from ``noise [B, C, H, W]`` at t = 1 to t = 0; the last step lands on x̂0.
+
+    ``checkpoint``: a file that receives the state after every step (written atomically). A run
+    that finds a checkpoint of the same run (same machine description, noise, labels and steps)
+    resumes after its last finished step, so an hours-long exact sample killed at any point
+    loses at most one step; a checkpoint of another run is an error. ``callback`` is called for
+    the steps computed in this call only. The file is kept after the last step (delete it to
+    sample again from scratch).
+    """
     x = noise
     grid = ddim_grid(steps)
-    for step, (t, t_prev) in enumerate(tqdm(list(zip(grid[:-1], grid[1:])), disable=not progress, desc="DDIM")):
+    first = 0
+    run = _run_id(machine, noise, labels, steps) if checkpoint is not None else None
+    if checkpoint is not None and os.path.exists(checkpoint):
+        first, x = _resume(Path(checkpoint), run, noise)  # type: ignore[arg-type]
+    pairs = list(zip(grid[:-1], grid[1:]))
+    for step in tqdm(range(first, steps), disable=not progress, desc="DDIM", initial=first, total=steps):
+        t, t_prev = pairs[step]
         x0 = machine(x, t, labels)
         eps = eps_from_x0(x, x0, t)
         # DDIM step: x_prev = √ᾱ_prev·x̂0 + √(1−ᾱ_prev)·ε̂.
         ab_prev = abar(t_prev)
         x = math.sqrt(ab_prev) * x0 + math.sqrt(1.0 - ab_prev) * eps
+        if checkpoint is not None:
+            state = {"run": run, "done": step + 1, "x": x.detach().cpu()}
+            atomic_write(checkpoint, lambda tmp: torch.save(state, tmp))
         if callback is not None:
             callback(step, t, x, x0)
     return x
+
+
+def _run_id(machine: Denoiser, noise: torch.Tensor, labels: torch.Tensor | None, steps: int) -> dict:
+    """What identifies a sampling run: the machine's description, a hash of the noise and labels, the steps."""
+    h = hashlib.sha256(noise.detach().cpu().to(torch.float64).contiguous().numpy().tobytes())
+    if labels is not None:
+        h.update(labels.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
+    return {"machine": repr(machine), "noise": h.hexdigest(), "shape": list(noise.shape), "steps": steps}
+
+
+def _resume(path: Path, run: dict, noise: torch.Tensor) -> tuple[int, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved, done, x = state["run"], int(state["done"]), state["x"]
+    except Exception as err:  # truncated or foreign file
+        raise ValueError(f"checkpoint {path} is unreadable ({err}); delete it to start again") from err
+    if saved != run:
+        diff = ", ".join(k for k in run if saved.get(k) != run[k])
+        raise ValueError(f"checkpoint {path} belongs to another sampling run (differs in: {diff}); "
+                         "delete it or choose another path")
+    return done, x.to(noise.device, noise.dtype)

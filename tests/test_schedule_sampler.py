@@ -94,3 +94,33 @@ def test_agreement_metrics():
     ref = torch.corrcoef(torch.stack([a[0].flatten(), b[0].flatten()]))[0, 1]
     assert torch.isclose(pearson_r(a, b)[0], ref)
     assert r2(b, a)[0] < 1 and torch.isclose(mse(a, b)[0], ((a[0] - b[0]) ** 2).mean())
+
+
+def test_checkpointed_sample_resumes_after_an_interruption(tiny, tmp_path):
+    """A sample killed after step k and re-run from its checkpoint equals an uninterrupted one, bit for bit."""
+    from machines import ScoreMachine
+    from patchbank import MemoryBank
+
+    machine = ScoreMachine(MemoryBank(tiny()), "bbELS", scales=3)
+    noise = noise_from_seeds([0, 1], (1, 7, 9), torch.float64)
+    ref = sample(machine, noise, steps=6)
+    ckpt = tmp_path / "run.pt"
+
+    def stop_after_3(step, t, x, x0):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sample(machine, noise, steps=6, callback=stop_after_3, checkpoint=ckpt)
+    assert torch.load(ckpt, weights_only=True)["done"] == 3
+    seen = []
+    out = sample(machine, noise, steps=6, callback=lambda i, t, x, x0: seen.append(i), checkpoint=ckpt)
+    assert seen == [3, 4, 5] and torch.equal(out, ref)
+    assert torch.equal(sample(machine, noise, steps=6, checkpoint=ckpt), ref)  # finished: nothing left to compute
+    with pytest.raises(ValueError, match="another sampling run.*noise"):
+        sample(machine, noise_from_seeds([2, 3], (1, 7, 9), torch.float64), steps=6, checkpoint=ckpt)
+    with pytest.raises(ValueError, match="steps"):
+        sample(machine, noise, steps=5, checkpoint=ckpt)
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="unreadable"):
+        sample(machine, noise, steps=6, checkpoint=ckpt)
