@@ -140,20 +140,22 @@ class SummaryBackend:
     ``tol``: the largest certified error ``|x̂0 − exact|`` per pixel (values in [-1, 1]); pixels whose
     bound exceeds it are recomputed exactly. ``leaf_size``: cluster size (smaller clusters have
     smaller radii, so more of them can be summarised, at a per-cluster cost). ``exact``: the exact
-    backend (expanded clusters, fallbacks, buckets without tables).
+    backend (expanded clusters, fallbacks, buckets without tables). ``query_chunk``: queries per
+    block (memory about ten ``query_chunk × clusters`` float64 arrays).
     """
 
     tol: float = 1e-3
     leaf_size: int = 256
     exact: ExactBackend = field(default_factory=ExactBackend)
+    query_chunk: int = 256
     stats: SummaryStats = field(default_factory=SummaryStats)
     _moments: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 < self.tol < 1:
             raise ValueError(f"tol must lie in (0, 1), got {self.tol}")
-        if self.leaf_size < 1:
-            raise ValueError(f"leaf_size must be >= 1, got {self.leaf_size}")
+        if self.leaf_size < 1 or self.query_chunk < 1:
+            raise ValueError(f"leaf_size and query_chunk must be >= 1, got {self.leaf_size}, {self.query_chunk}")
 
     def posterior(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
         """Posterior means ``[Q, C]`` of queries ``[Q, D]`` against one bucket."""
@@ -184,6 +186,12 @@ class SummaryBackend:
         q = queries.detach().to("cpu", torch.float64)
         if q.shape[1] != mo.means.shape[1]:
             raise ValueError(f"queries have dimension {q.shape[1]} but the bucket's patches {mo.means.shape[1]}")
+        parts = [self._block(q[s : s + self.query_chunk], clusters, mo, centre, a, s2) for s in range(0, q.shape[0], self.query_chunk)]
+        return torch.cat([m for m, _ in parts]), torch.cat([b for _, b in parts])
+
+    def _block(self, q: torch.Tensor, clusters: ClusteredPatches, mo: ClusterMoments, centre: torch.Tensor, a: float, s2: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`summarised` for one block of queries ``[Q, D]`` (memory ~10 × ``Q × K`` floats)."""
         Q, K = q.shape[0], mo.counts.numel()
         qn2 = q.pow(2).sum(1, keepdim=True)
         dot = q @ mo.means.T  # [Q, K]

@@ -58,7 +58,7 @@ def test_cluster_moments_equal_brute_force(bank):
 def test_measured_error_never_exceeds_the_certified_bound(mnist, bank, P, key):
     """Every pixel at every t: |summarised − exact| ≤ its bound; summaries, drops and expansions all occur."""
     bucket = BucketKey("bbELS", P, "zeros", key or (P // 2,) * 4, None)
-    backend = SummaryBackend(tol=1e-2, leaf_size=32)
+    backend = SummaryBackend(tol=1e-2, leaf_size=32, query_chunk=400)  # two query blocks
     seen = {"summarised": 0, "dropped": 0}
     for t in (1.0, 0.95, 0.8, 0.6, 0.3, 0.1, 0.05):
         q, a, s2 = _queries(mnist, bucket, t)
@@ -133,3 +133,5 @@ def test_options_are_checked():
         SummaryBackend(tol=0)
     with pytest.raises(ValueError, match="leaf_size"):
         SummaryBackend(leaf_size=0)
+    with pytest.raises(ValueError, match="query_chunk"):
+        SummaryBackend(query_chunk=0)
