@@ -32,9 +32,10 @@ from typing import Iterable
 import torch
 
 from patchbank.clusters import ClusteredPatches
-from . import kernels
 from patchbank.geometry import BucketKey, centre_index
 from patchbank.memory import IMAGE_RULES, Chunk, MemoryBank
+
+from . import kernels
 
 
 @dataclass

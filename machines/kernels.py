@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -34,6 +35,7 @@ SOURCE = Path(__file__).with_name("_fold.c")
 FLAGS = ["-O3", "-ffast-math", "-march=native", "-fPIC", "-shared"]
 _MIN_ROWS_PER_THREAD = 16
 
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -106,6 +108,7 @@ def _library() -> ctypes.CDLL | None:
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 _state["lib"] = None
                 _state["error"] = str(exc)
+                log.warning("fused exact kernel unavailable, using torch operations: %s", exc)
         return _state["lib"]  # type: ignore[return-value]
 
 
