@@ -59,7 +59,7 @@ def fold(logits: torch.Tensor, values_t: torch.Tensor, m: torch.Tensor, acc: tor
     values_t: ``[V, M]`` contiguous, same dtype (the values, transposed); m: float64 ``[R]`` running
     maxima (finite: start at ``-1e300``); acc: float64 ``[R, V+1]`` contiguous running ``(Σw·v, Σw)``
     relative to ``m``; skip: relative logits below ``−skip`` contribute nothing. Rows are split over
-    ``threads`` (default ``torch.get_num_threads()``) threads.
+    ``threads`` threads (default: ``torch.get_num_threads()``, at least 64 rows each).
     """
     lib = _library()
     if lib is None:
@@ -79,7 +79,7 @@ def fold(logits: torch.Tensor, values_t: torch.Tensor, m: torch.Tensor, acc: tor
         return 0
     fn = lib.fold_f32 if logits.dtype == torch.float32 else lib.fold_f64
     size, ld = logits.element_size(), logits.stride(0)
-    threads = max(1, min(threads or torch.get_num_threads(), R // _MIN_ROWS_PER_THREAD))
+    threads = min(threads, R) if threads else max(1, min(torch.get_num_threads(), R // _MIN_ROWS_PER_THREAD))
 
     def part(start: int, stop: int) -> int:
         return fn(stop - start, M, V, logits.data_ptr() + start * ld * size, ld, values_t.data_ptr(),

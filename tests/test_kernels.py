@@ -29,7 +29,7 @@ def _brute(logits: torch.Tensor, values: torch.Tensor, skip: float) -> tuple[tor
 def test_fold_matches_brute_force_over_blocks(dtype, tol, V):
     """Folding a row's entries block by block (in any order of magnitudes) equals one float64 softmax sum."""
     g = torch.Generator().manual_seed(V)
-    R, blocks, M = 37, 5, 300  # 37 rows: split over threads unevenly
+    R, blocks, M = 37, 5, 300  # 37 rows: split over 1, 2 and 3 threads (unevenly)
     spread = torch.tensor([1.0, 30.0, 200.0, 5000.0])[torch.arange(R) % 4][:, None]  # broad to concentrated rows
     logits = torch.randn(R, blocks * M, generator=g, dtype=torch.float64) * spread + 50 * torch.randn(R, 1, generator=g, dtype=torch.float64)
     values = torch.randn(blocks * M, V, generator=g, dtype=torch.float64)
@@ -41,7 +41,7 @@ def test_fold_matches_brute_force_over_blocks(dtype, tol, V):
         cols = slice(b * M, (b + 1) * M)
         wide = torch.zeros(R, M + 7, dtype=dtype)  # a row stride larger than the row
         wide[:, :M] = logits[:, cols].to(dtype)
-        skipped += kernels.fold(wide[:, :M], values[cols].to(dtype).T.contiguous(), m, acc, skip)
+        skipped += kernels.fold(wide[:, :M], values[cols].to(dtype).T.contiguous(), m, acc, skip, threads=1 + b % 3)
     m_ref, acc_ref = _brute(logits.to(dtype), values.to(dtype), skip)
     torch.testing.assert_close(m, m_ref, rtol=0, atol=0)
     scale = acc_ref[:, -1:]  # sums relative to Σw (≥ 1: the maximum's weight)
