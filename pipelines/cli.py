@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--grid", nargs="+", default=None, help="configurations, e.g. exact topk:k=64 'topk:k=256:index=IVF64,Flat:nprobe=8'")
     ab.add_argument("--banks", default=None, help=f"where per-index banks are built and reused (default {da.banks})")
     ab.add_argument("--materialise-max", type=int, default=None)
+    ab.add_argument("--reference-batch", type=int, default=None,
+                    help="seeds per exact-reference batch (default all); 1 keeps each seed as it finishes (resumable)")
     ab.add_argument("--model", default=None, help="a trained model.pt: also report machine-vs-network agreement")
     ab.add_argument("--no-teacher-forced", dest="teacher_forced", action="store_false", default=None)
     ab.add_argument("--no-concentration", dest="concentration", action="store_false", default=None)
@@ -122,7 +124,7 @@ def _ablation_config(args: argparse.Namespace) -> AblationConfig:
     for f in fields(AblationConfig):
         value = getattr(args, f.name, None)
         if value is not None:
-            setattr(cfg, f.name, (value or None) if f.name in ("resize", "n_train", "materialise_max") else value)
+            setattr(cfg, f.name, (value or None) if f.name in ("resize", "n_train", "materialise_max", "reference_batch") else value)
     return cfg
 
 

@@ -92,6 +92,29 @@ def test_rerun_resumes_from_finished_configurations(small_run, monkeypatch):
     assert [r["pearson_r_min"] for r in again["rows"]] == [r["pearson_r_min"] for r in report["rows"]]
 
 
+def test_reference_resumes_seed_by_seed(small_run, monkeypatch):
+    """An interrupted reference keeps its finished seeds: only the missing seed is sampled again."""
+    cfg, report = small_run
+    out = Path(cfg.out)
+    before = torch.load(out / "reference.pt", weights_only=False)
+    (out / "reference.pt").unlink()
+    (out / "reference" / f"seed{cfg.seeds[1]}.pt").unlink()
+    calls = []
+    real = ablation._reference_run
+
+    def counted(machine, c, noise, labels, progress):
+        calls.append(noise.shape[0])
+        return real(machine, c, noise, labels, progress)
+
+    monkeypatch.setattr(ablation, "_reference_run", counted)
+    monkeypatch.setattr(ablation, "_run_variant", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    run_ablation(AblationConfig.from_json(out / "config.json"), progress=False)
+    assert calls == [1]
+    after = torch.load(out / "reference.pt", weights_only=False)
+    for a, b in zip([after["final"]] + after["inputs"] + after["x0"], [before["final"]] + before["inputs"] + before["x0"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)  # the recomputed seed ran alone: round-off at most
+
+
 def test_concentration_dedup_invariance_and_brute_force(datasets_dir, monkeypatch):
     monkeypatch.setenv("PATCHBANK_DATASETS", str(datasets_dir))
     data = load_dataset("mnist", resize=12, limit=30)
