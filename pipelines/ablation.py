@@ -95,6 +95,7 @@ class AblationConfig:
     banks: str = "outputs/banks"  # where per-index banks are built (and reused)
     materialise_max: int | None = None
     reference_batch: int | None = None  # seeds per exact-reference batch (None: all); 1 makes the reference resumable per seed
+    variant_batch: int | None = None  # seeds per batch of each configuration's run (None: all), each kept when done
     model: str | None = None  # a trained network (model.pt): machine-vs-network agreement per row
     teacher_forced: bool = True
     concentration: bool = True
@@ -276,7 +277,8 @@ def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
         f = done_dir / (_slug(v.name) + ".json")
         result = json.loads(f.read_text()) if f.exists() else {}
         if result.get("key") != _variant_key(key, v):
-            result = _run_variant(cfg, v, data, memory_bank, schedule, noise, labels, reference, network_final, progress)
+            result = _run_variant(cfg, v, data, memory_bank, schedule, noise, labels, reference, network_final, progress,
+                                  done_dir / _slug(v.name), key)
             write_json(f, {"key": _variant_key(key, v), **result})
         rows.append(result["row"])
         steps[v.name] = result["steps"]
@@ -436,53 +438,35 @@ def _backend(v: Variant):
                        engine="auto" if v.index else "torch", fallback=exact if v.tol is not None else None)
 
 
-def _run_variant(cfg, v: Variant, data, memory_bank, schedule, noise, labels, reference, network_final, progress) -> dict:
+def _run_variant(cfg, v: Variant, data, memory_bank, schedule, noise, labels, reference, network_final, progress,
+                 parts_dir: Path | None = None, key: dict | None = None) -> dict:
     bank = _bank_for(cfg, v, data, memory_bank, schedule, progress)
     backend = _backend(v)
     machine = _machine(cfg, bank, schedule, backend)
     device = v.device
-    dev_noise = noise.to(device)
-    dev_labels = labels.to(device) if labels is not None else None
-    steps: list[dict] = []
-    last = [time.perf_counter()]
-
-    def on_step(step, t, x, x0):
-        now = time.perf_counter()
-        rec = {"step": step, "t": t, "P": schedule(t), "seconds": now - last[0]}
-        if v.kind != "exact":
-            rec |= backend.stats.summary()
-            backend.stats.reset()
-        steps.append(rec)
-        last[0] = time.perf_counter()
-
-    machine(dev_noise[:1], 1.0, dev_labels[:1] if dev_labels is not None else None)  # warm caches (tables, indices) untimed
-    if v.kind != "exact":
-        backend.stats.reset()
-    with PeakMemory(device) as mem:
-        last[0] = time.perf_counter()
-        start = time.perf_counter()
-        final = sample(machine, dev_noise, cfg.steps, dev_labels, callback=on_step, progress=progress).cpu().to(torch.float64)
-        seconds = time.perf_counter() - start
-    if cfg.teacher_forced:
-        for i, rec in enumerate(steps):
-            x0 = machine(reference["inputs"][i].to(device), rec["t"], dev_labels).cpu().to(torch.float64)
-            err = (x0 - reference["x0"][i]).abs()
-            rec["error_max"] = float(err.max())
-            rec["error_mean"] = float(err.mean())
-            if isinstance(backend, TopKBackend):
-                rec["bound"] = 2 * backend.stats.accepted_eps_max
-                rec["within_bound"] = rec["error_max"] <= rec["bound"] + BOUND_SLACK
-                backend.stats.reset()
-            elif isinstance(backend, SummaryBackend):
-                rec["bound"] = backend.stats.summary()["bound_max"]
-                rec["within_bound"] = rec["error_max"] <= rec["bound"] + BOUND_SLACK
-                backend.stats.reset()
-            elif isinstance(backend, (SampledTailBackend, AutoBackend)):
-                rec["se_max_teacher"] = backend.stats.summary()["se_max"]
-                backend.stats.reset()
-            else:
-                rec["bound"] = 0.0
-                rec["within_bound"] = rec["error_max"] <= BOUND_SLACK
+    machine(noise[:1].to(device), 1.0, labels[:1].to(device) if labels is not None else None)  # warm caches (tables, indices) untimed
+    n = len(cfg.seeds)
+    size = cfg.variant_batch or n
+    parts = []
+    for s in range(0, n, size):  # seed batches, each kept as soon as it is done when parts_dir is given
+        idx = list(range(s, min(n, s + size)))
+        part_key = None if key is None else {**_variant_key(key, v), "seeds": [cfg.seeds[i] for i in idx],
+                                            "labels": None if labels is None else labels[idx].tolist()}
+        pf = None if parts_dir is None else parts_dir / f"seeds-{cfg.seeds[idx[0]]}-{cfg.seeds[idx[-1]]}.pt"
+        part = torch.load(pf, weights_only=False) if pf is not None and pf.exists() else None
+        if part is None or part.get("key") != part_key:
+            part = {"key": part_key, **_variant_batch(cfg, v, machine, backend, schedule, noise[idx],
+                                                      None if labels is None else labels[idx], reference, idx, progress)}
+            if pf is not None:
+                pf.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(pf, lambda p: torch.save(part, p))
+        parts.append(part)
+    final = torch.cat([p["final"] for p in parts])
+    seconds = sum(p["seconds"] for p in parts)
+    steps = [_merge_steps([p["steps"][i] for p in parts]) for i in range(len(parts[0]["steps"]))]
+    mem = PeakMemory(device)
+    mem.peak_mb, mem.base_mb = max(p["peak_mb"] for p in parts), min(p["base_mb"] for p in parts)
+    mem.gpu_mb = max(p["gpu_mb"] for p in parts)
     ref_final = reference["final"]
     r = pearson_r(final, ref_final)
     row = {
@@ -518,6 +502,74 @@ def _run_variant(cfg, v: Variant, data, memory_bank, schedule, noise, labels, re
         row["network_r_median"] = statistics.median(pearson_r(final, network_final).tolist())
         row["exact_network_r_median"] = statistics.median(pearson_r(ref_final, network_final).tolist())
     return {"row": row, "steps": steps}
+
+
+def _variant_batch(cfg, v: Variant, machine, backend, schedule, noise, labels, reference, idx: list[int], progress) -> dict:
+    """One batch of seeds (``idx`` into ``cfg.seeds``): the timed free run and the teacher-forced steps."""
+    device = v.device
+    dev_noise = noise.to(device)
+    dev_labels = labels.to(device) if labels is not None else None
+    steps: list[dict] = []
+    last = [time.perf_counter()]
+
+    def on_step(step, t, x, x0):
+        now = time.perf_counter()
+        rec = {"step": step, "t": t, "P": schedule(t), "seconds": now - last[0]}
+        if v.kind != "exact":
+            rec |= backend.stats.summary()
+            backend.stats.reset()
+        steps.append(rec)
+        last[0] = time.perf_counter()
+
+    if v.kind != "exact":
+        backend.stats.reset()
+    with PeakMemory(device) as mem:
+        last[0] = time.perf_counter()
+        start = time.perf_counter()
+        final = sample(machine, dev_noise, cfg.steps, dev_labels, callback=on_step, progress=progress).cpu().to(torch.float64)
+        seconds = time.perf_counter() - start
+    if cfg.teacher_forced:
+        for i, rec in enumerate(steps):
+            x0 = machine(reference["inputs"][i][idx].to(device), rec["t"], dev_labels).cpu().to(torch.float64)
+            err = (x0 - reference["x0"][i][idx]).abs()
+            rec["error_max"] = float(err.max())
+            rec["error_mean"] = float(err.mean())
+            if isinstance(backend, TopKBackend):
+                rec["bound"] = 2 * backend.stats.accepted_eps_max
+                rec["within_bound"] = rec["error_max"] <= rec["bound"] + BOUND_SLACK
+                backend.stats.reset()
+            elif isinstance(backend, SummaryBackend):
+                rec["bound"] = backend.stats.summary()["bound_max"]
+                rec["within_bound"] = rec["error_max"] <= rec["bound"] + BOUND_SLACK
+                backend.stats.reset()
+            elif isinstance(backend, (SampledTailBackend, AutoBackend)):
+                rec["se_max_teacher"] = backend.stats.summary()["se_max"]
+                backend.stats.reset()
+            else:
+                rec["bound"] = 0.0
+                rec["within_bound"] = rec["error_max"] <= BOUND_SLACK
+    return {"final": final, "steps": steps, "seconds": seconds, "peak_mb": mem.peak_mb, "base_mb": mem.base_mb, "gpu_mb": mem.gpu_mb}
+
+
+def _merge_steps(recs: list[dict]) -> dict:
+    """One step's records from several seed batches as one: times and counts add up, maxima stay maxima,
+    fractions and medians are averaged over batches, flags must hold in all."""
+    if len(recs) == 1:
+        return recs[0]
+    out: dict = {}
+    for k in recs[0]:
+        vals = [r[k] for r in recs if k in r]
+        if k in ("step", "t", "P") or not all(isinstance(x, (int, float)) for x in vals):
+            out[k] = vals[0] if k != "choice" or len(set(vals)) == 1 else "mixed"
+        elif isinstance(vals[0], bool):
+            out[k] = all(vals)
+        elif k in ("seconds", "queries") or k.endswith("_s"):
+            out[k] = sum(vals)
+        elif k.endswith("_max") or k in ("bound", "se_max_teacher"):
+            out[k] = max(vals)
+        else:
+            out[k] = sum(vals) / len(vals)
+    return out
 
 
 def _clean(xs):

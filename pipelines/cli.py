@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--materialise-max", type=int, default=None)
     ab.add_argument("--reference-batch", type=int, default=None,
                     help="seeds per exact-reference batch (default all); 1 keeps each seed as it finishes (resumable)")
+    ab.add_argument("--variant-batch", type=int, default=None,
+                    help="seeds per batch of each configuration's run (default all); each batch is kept when done (resumable)")
     ab.add_argument("--model", default=None, help="a trained model.pt: also report machine-vs-network agreement")
     ab.add_argument("--no-teacher-forced", dest="teacher_forced", action="store_false", default=None)
     ab.add_argument("--no-concentration", dest="concentration", action="store_false", default=None)
@@ -124,7 +126,7 @@ def _ablation_config(args: argparse.Namespace) -> AblationConfig:
     for f in fields(AblationConfig):
         value = getattr(args, f.name, None)
         if value is not None:
-            setattr(cfg, f.name, (value or None) if f.name in ("resize", "n_train", "materialise_max", "reference_batch") else value)
+            setattr(cfg, f.name, (value or None) if f.name in ("resize", "n_train", "materialise_max", "reference_batch", "variant_batch") else value)
     return cfg
 
 

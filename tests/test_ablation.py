@@ -115,6 +115,41 @@ def test_reference_resumes_seed_by_seed(small_run, monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)  # the recomputed seed ran alone: round-off at most
 
 
+def test_configurations_resume_seed_batch_by_batch(tmp_path, datasets_dir, monkeypatch):
+    """With variant_batch=1 an interrupted configuration keeps its finished seeds; the resumed
+    result equals an uninterrupted run of the same batches."""
+    monkeypatch.setenv("PATCHBANK_DATASETS", str(datasets_dir))
+    (tmp_path / "calibration.json").write_text(json.dumps({"schedule": [[0.5, 3], [1.0, 5]]}))
+    grid = ["exact", "topk:k=8:tol=none"]
+
+    def config(out: str) -> AblationConfig:
+        return AblationConfig(dataset="mnist", resize=12, n_train=30, seeds=[0, 1], steps=3, grid=grid, reference_batch=1,
+                              variant_batch=1, calibration=str(tmp_path / "calibration.json"), banks=str(tmp_path / "banks"),
+                              out=str(tmp_path / out), concentration=False)
+
+    whole = run_ablation(config("whole"), progress=False)
+    real, calls = ablation._variant_batch, []
+
+    def flaky(cfg, v, *args):
+        calls.append((v.name, args[-2]))
+        if v.name == grid[1] and args[-2] == [1]:
+            raise KeyboardInterrupt  # killed during the second seed of the second configuration
+        return real(cfg, v, *args)
+
+    monkeypatch.setattr(ablation, "_variant_batch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_ablation(config("cut"), progress=False)
+    assert calls == [("exact", [0]), ("exact", [1]), (grid[1], [0]), (grid[1], [1])]
+    calls.clear()
+    monkeypatch.setattr(ablation, "_variant_batch", lambda cfg, v, *args: calls.append((v.name, args[-2])) or real(cfg, v, *args))
+    resumed = run_ablation(config("cut"), progress=False)
+    assert calls == [(grid[1], [1])]  # the exact row and seed 0 of top-k were kept
+    for a, b in zip(whole["rows"], resumed["rows"]):
+        for k in ("pearson_r_min", "max_abs_diff", "step_error_max", "fallback_fraction", "eps_max"):
+            assert a[k] == b[k], (a["config"], k)
+    assert len(resumed["steps"][grid[1]]) == 3 and resumed["steps"][grid[1]][0]["queries"] == 2 * 144
+
+
 def test_concentration_dedup_invariance_and_brute_force(datasets_dir, monkeypatch):
     monkeypatch.setenv("PATCHBANK_DATASETS", str(datasets_dir))
     data = load_dataset("mnist", resize=12, limit=30)
