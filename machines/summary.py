@@ -218,14 +218,13 @@ class SummaryBackend:
         acc = state.acc.to(torch.float64)
         # Summaries: Ẑ_k = e^{ℓ(μ)}(N − a²V/2s²), Ŝ_k = e^{ℓ(μ)}(T + (a⟨r, G⟩ − a²W/2)/s²), bound term e^{ℓ(μ)}·N·B.
         masked = base.masked_fill(~summ, -math.inf)
-        shift = torch.maximum(m, masked.amax(1))
-        shift = torch.maximum(shift, (logN + hi).masked_fill(~drop, -math.inf).amax(1))  # keeps e^{·−shift} ≤ 1
+        dropped = (logN + hi).masked_fill(~drop, -math.inf)  # log of each dropped cluster's largest weight
+        shift = torch.maximum(torch.maximum(m, masked.amax(1)), dropped.amax(1))  # keeps e^{·−shift} ≤ 1
         e = (masked - shift[:, None]).exp()  # [Q, K], 0 where not summarised
         Zs = e @ (mo.counts - a * a * mo.spread / (2 * s2))
         rG = torch.einsum("qd,kcd->qkc", q, mo.value_moments) - a * mo.mean_dot_g  # ⟨r, G⟩ = ⟨q, G⟩ − a⟨μ, G⟩
         Ss = torch.einsum("qk,qkc->qc", e, mo.value_sums + (a * rG - 0.5 * a * a * mo.value_spread) / s2)
-        err = torch.where(summ, e * mo.counts * B, 0.0).sum(1) \
-            + ((logN + hi).masked_fill(~drop, -math.inf) - shift[:, None]).exp().sum(1)
+        err = torch.where(summ, e * mo.counts * B, 0.0).sum(1) + (dropped - shift[:, None]).exp().sum(1)
         rescale = (m - shift).exp()
         Z = acc[:, -1] * rescale + Zs
         S = acc[:, :-1] * rescale[:, None] + Ss
