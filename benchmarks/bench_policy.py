@@ -23,15 +23,17 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from machines import AutoBackend, ExactBackend, ScoreMachine, alpha_sigma2, noise_from_seeds, reference_schedule, sample
 from patchbank import MemoryBank, load_dataset
-from patchbank.atomic import atomic_write
 from patchbank.geometry import BucketKey, boundary_class, patches_at
 from pipelines.metrics import pearson_r
+
+from _results import Results  # benchmarks/ is the script's folder, hence on sys.path
+
+EXACT_TAG = ("dataset", "n_train", "resize", "schedule", "steps", "exact_dtype")  # what an exact reference depends on
 
 
 def exact_pixels(bank: MemoryBank, x: torch.Tensor, t: float, P: int, pixels: torch.Tensor, exact: ExactBackend) -> torch.Tensor:
@@ -77,7 +79,7 @@ def main() -> None:
     schedule = reference_schedule(args.schedule)
     C, H, W = data.shape
     noise = noise_from_seeds(seeds, (C, H, W), torch.float64)
-    out = _Results(args, len(data)) if args.out else None
+    out = Results(args.out, _tags(args, len(data))) if args.out else None
     exact = ExactBackend(kernel=args.kernel, dtype=getattr(torch, args.exact_dtype))
     start = time.perf_counter()  # one-off tables (distinct patches + clusters), as a bank build would
     for P in schedule.scales:
@@ -131,10 +133,19 @@ def main() -> None:
             cached = out.load("exact", seed) if out else None
             if cached is None:
                 t0 = time.perf_counter()
-                ckpt = out.path("exact", seed).with_suffix(".ckpt") if out else None
+                ckpt = out.checkpoint("exact", seed) if out else None
                 resumed = ckpt is not None and ckpt.exists()
-                final = sample(exact_machine, noise[n : n + 1], args.steps, checkpoint=ckpt, progress=True)
-                cached = {"final": final, "seconds": time.perf_counter() - t0, "resumed": resumed}
+                exact_steps: list[dict] = []
+                tick = [time.perf_counter()]
+
+                def on_exact_step(step: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> None:
+                    now = time.perf_counter()
+                    exact_steps.append({"step": step, "t": round(t, 3), "P": schedule(t), "seconds": round(now - tick[0], 3)})
+                    tick[0] = now
+
+                final = sample(exact_machine, noise[n : n + 1], args.steps, checkpoint=ckpt, progress=True, callback=on_exact_step)
+                # per-step seconds of the steps computed in this run (a resumed sample lacks the earlier ones)
+                cached = {"final": final, "seconds": time.perf_counter() - t0, "resumed": resumed, "steps": exact_steps}
                 if out:
                     out.save("exact", seed, cached)
                     ckpt.unlink()  # type: ignore[union-attr]
@@ -181,33 +192,11 @@ def _table(steps: list[dict]) -> None:
               f"{med('sample_s'):7.2f}  {med('exact_s'):6.2f}  {'' if chk is None else f'{chk:.1e}'}")
 
 
-class _Results:
-    """Per-seed results in ``args.out``, tagged with the options that produced them."""
-
-    POLICY = ("dataset", "n_train", "resize", "schedule", "steps", "samples", "max_samples", "se_tol", "min_ess",
+def _tags(args: argparse.Namespace, images: int) -> dict[str, dict]:
+    """What a stored policy / exact result must have been made with."""
+    policy = ("dataset", "n_train", "resize", "schedule", "steps", "samples", "max_samples", "se_tol", "min_ess",
               "materialise_max", "fallback_dtype", "kernel")
-    EXACT = ("dataset", "n_train", "resize", "schedule", "steps", "exact_dtype")
-
-    def __init__(self, args: argparse.Namespace, images: int) -> None:
-        self.dir = Path(args.out)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.tags = {kind: {k: getattr(args, k) for k in keys} | {"images": images}
-                     for kind, keys in (("policy", self.POLICY), ("exact", self.EXACT))}
-
-    def path(self, kind: str, seed: int) -> Path:
-        return self.dir / f"{kind}-seed{seed}.pt"
-
-    def load(self, kind: str, seed: int) -> dict | None:
-        path = self.path(kind, seed)
-        if not path.exists():
-            return None
-        saved = torch.load(path, weights_only=False)
-        if saved["tag"] != self.tags[kind]:
-            raise SystemExit(f"{path} was written with other options ({saved['tag']}); use another --out")
-        return saved
-
-    def save(self, kind: str, seed: int, result: dict) -> None:
-        atomic_write(self.path(kind, seed), lambda tmp: torch.save(result | {"tag": self.tags[kind]}, tmp))
+    return {kind: {k: getattr(args, k) for k in keys} | {"images": images} for kind, keys in (("policy", policy), ("exact", EXACT_TAG))}
 
 
 if __name__ == "__main__":

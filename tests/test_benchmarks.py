@@ -1,0 +1,54 @@
+"""The benchmark scripts that share per-seed results: bench_policy.py and bench_topk.py, end to end on
+100 MNIST images and 3 DDIM steps (their numbers are reported in the README; here only their plumbing:
+resume, refusal of foreign folders, and one folder of exact references serving both)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run(script: str, *args: str, datasets: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"PATCHBANK_DATASETS": str(datasets), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--n-train", "100", "--steps", "3", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_exact_references_shared_and_resumed(datasets_dir: Path, tmp_path: Path) -> None:
+    refs, topk, bank = tmp_path / "refs", tmp_path / "topk", tmp_path / "bank"
+    common = ("--seeds", "0-1", "--json")
+    policy = run("bench_policy.py", *common, str(tmp_path / "p.json"), "--exact", "--out", str(refs), datasets=datasets_dir)
+    assert policy.returncode == 0, policy.stderr
+    stored = torch.load(refs / "exact-seed1.pt", weights_only=False)
+    assert [s["step"] for s in stored["steps"]] == [0, 1, 2] and not stored["resumed"]
+
+    # top-k against the policy run's references: its own exact pass is skipped
+    args = (*common, str(tmp_path / "t.json"), "--index", "Flat", "--materialise-max", "7", "--bank", str(bank), "--out", str(topk))
+    first = run("bench_topk.py", *args, "--exact-from", str(refs), datasets=datasets_dir)
+    assert first.returncode == 0, first.stderr
+    report = json.loads((tmp_path / "t.json").read_text())
+    assert "exact:" not in first.stdout and sorted(p.name for p in topk.iterdir()) == ["topk-seed0.pt", "topk-seed1.pt"]
+    assert report["pearson_r_min"] > 0.999999 and report["max_abs_diff"] < 1e-6  # certified top-k + exact fallback
+    assert [r["step"] for r in report["per_step"]] == [0, 1, 2] and all("exact_step_s" in r for r in report["per_step"])
+
+    # the same top-k answers as an exact pass of its own; a re-run reads what is stored
+    (topk / "topk-seed1.pt").unlink()
+    again = run("bench_topk.py", *args, datasets=datasets_dir)
+    assert again.returncode == 0, again.stderr
+    assert "seed 0: topk result read" in again.stdout and "seed 1: topk " in again.stdout
+    own = torch.load(topk / "exact-seed0.pt", weights_only=False)["final"]
+    assert torch.allclose(own, torch.load(refs / "exact-seed0.pt", weights_only=False)["final"], atol=1e-9)
+    assert json.loads((tmp_path / "t.json").read_text())["pearson_r_min"] > 0.999999
+
+    # references made with other options are refused, naming the file
+    other = run("bench_topk.py", *args, "--exact-from", str(refs), "--exact-dtype", "float32", datasets=datasets_dir)
+    assert other.returncode != 0 and "exact-seed0.pt was written with other options" in other.stderr
