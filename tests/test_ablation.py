@@ -150,6 +150,34 @@ def test_configurations_resume_seed_batch_by_batch(tmp_path, datasets_dir, monke
     assert len(resumed["steps"][grid[1]]) == 3 and resumed["steps"][grid[1]][0]["queries"] == 2 * 144
 
 
+def test_float32_reference_and_rows(tmp_path, datasets_dir, monkeypatch):
+    """A float32 reference (the affordable one at 60k): a float32 exact row equals it exactly, the
+    float64 exact row and certified rows are within round-off of it, and a float64 reference is a
+    different reference (not reused)."""
+    monkeypatch.setenv("PATCHBANK_DATASETS", str(datasets_dir))
+    (tmp_path / "calibration.json").write_text(json.dumps({"schedule": [[0.5, 3], [1.0, 5]]}))
+    grid = ["exact:dtype=float32", "exact", "topk:k=8:index=Flat:tol=1e-3:dtype=float32"]
+
+    def config(dtype: str) -> AblationConfig:
+        return AblationConfig(dataset="mnist", resize=12, n_train=30, seeds=[0, 1], steps=3, grid=grid, reference_dtype=dtype,
+                              calibration=str(tmp_path / "calibration.json"), banks=str(tmp_path / "banks"),
+                              out=str(tmp_path / "out"), concentration=False)
+
+    rep32 = run_ablation(config("float32"), progress=False)
+    rows = {r["config"]: r for r in rep32["rows"]}
+    assert rows["exact:dtype=float32"]["max_abs_diff"] == 0 and rows["exact:dtype=float32"]["step_error_max"] == 0
+    assert 0 < rows["exact"]["max_abs_diff"] < 1e-4 and rows["exact"]["pearson_r_min"] > 1 - 1e-9
+    assert all(r["within_bound"] for r in rep32["rows"])
+    ref32 = torch.load(tmp_path / "out" / "reference.pt", weights_only=False)
+    rep64 = run_ablation(config("float64"), progress=False)
+    ref64 = torch.load(tmp_path / "out" / "reference.pt", weights_only=False)
+    assert ref64["key"] != ref32["key"] and 0 < (ref64["final"] - ref32["final"]).abs().max() < 1e-4
+    rows64 = {r["config"]: r for r in rep64["rows"]}
+    assert rows64["exact"]["max_abs_diff"] == 0 and rows64["exact:dtype=float32"]["max_abs_diff"] > 0
+    with pytest.raises(ValueError, match="reference_dtype"):
+        run_ablation(config("float16"), progress=False)
+
+
 def test_concentration_dedup_invariance_and_brute_force(datasets_dir, monkeypatch):
     monkeypatch.setenv("PATCHBANK_DATASETS", str(datasets_dir))
     data = load_dataset("mnist", resize=12, limit=30)
@@ -185,10 +213,11 @@ def test_grid_entries_parse_and_reject_nonsense():
     assert Variant.parse("exact:dedup=0").dedup is False
     auto = Variant.parse("auto:se_tol=0.02:max_samples=65536")
     assert (auto.kind, auto.samples, auto.max_samples, auto.se_tol, auto.min_ess, auto.certified) == ("auto", 4096, 65536, 0.02, 64.0, False)
+    assert Variant.parse("auto:dtype=float32").dtype == "float32" and Variant.parse("exact").dtype == "float64"
     summ = Variant.parse("summary:leaf=64")
     assert (summ.kind, summ.tol, summ.leaf, summ.certified) == ("summary", 1e-3, 64, True)
     for bad in ("fast", "topk:k", "topk:foo=1", "exact:k=3", "topk:dedup=0", "tail:tol=1e-3", "auto:k=3", "auto:min_ess=none",
-                "topk:se_tol=1e-3", "summary:k=3", "summary:tol=none", "topk:leaf=8"):
+                "topk:se_tol=1e-3", "summary:k=3", "summary:tol=none", "topk:leaf=8", "exact:dtype=float16"):
         with pytest.raises(ValueError):
             Variant.parse(bad)
 
