@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="folder of per-seed results and exact checkpoints (resume on re-run)")
     ap.add_argument("--fallback-dtype", choices=["float64", "float32"], default="float64",
                     help="precision of the policy's exact fallback")
+    ap.add_argument("--draw-dtype", choices=["float64", "float32"], default="float32",
+                    help="precision of the draws' logits (float32, the default: about half the product's cost)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     lo, _, hi = args.seeds.partition("-")
@@ -89,7 +91,8 @@ def main() -> None:
     print(f"{len(data)} images {C}x{H}x{W}; tables for P <= {args.materialise_max}: {build_s:.1f} s", flush=True)
 
     fallback = ExactBackend(kernel=args.kernel, dtype=getattr(torch, args.fallback_dtype))
-    policy = AutoBackend(samples=args.samples, max_samples=args.max_samples, se_tol=args.se_tol, min_ess=args.min_ess, exact=fallback)
+    policy = AutoBackend(samples=args.samples, max_samples=args.max_samples, se_tol=args.se_tol, min_ess=args.min_ess, exact=fallback,
+                         draw_dtype=getattr(torch, args.draw_dtype), kernel=args.kernel)
     machine = ScoreMachine(bank, "bbELS", schedule, backend=policy)
     exact_machine = ScoreMachine(bank, "bbELS", schedule, backend=exact)
     gen = torch.Generator().manual_seed(1234)
@@ -196,7 +199,10 @@ def _tags(args: argparse.Namespace, images: int) -> dict[str, dict]:
     """What a stored policy / exact result must have been made with."""
     policy = ("dataset", "n_train", "resize", "schedule", "steps", "samples", "max_samples", "se_tol", "min_ess",
               "materialise_max", "fallback_dtype", "kernel")
-    return {kind: {k: getattr(args, k) for k in keys} | {"images": images} for kind, keys in (("policy", policy), ("exact", EXACT_TAG))}
+    tags = {kind: {k: getattr(args, k) for k in keys} | {"images": images} for kind, keys in (("policy", policy), ("exact", EXACT_TAG))}
+    if args.draw_dtype != "float64":  # results stored before the option existed were made with float64 draws
+        tags["policy"]["draw_dtype"] = args.draw_dtype
+    return tags
 
 
 if __name__ == "__main__":

@@ -87,3 +87,60 @@ static inline double exp_f64(double x)
 
 FOLD(fold_f32, float, exp_f32)
 FOLD(fold_f64, double, exp_f64)
+
+/* Importance-draw moments (the automatic policy's shared draws, machines/policy.py).
+ *
+ * For each row r of a logits block [R, M] (row stride ld) with running maximum m[r] (−1e300 at
+ * the start) and sums s1[r, 0..C] = (Σ w·v_c, Σ w), s2[r, 0..2C] = (Σ w²·v_c, Σ w²·v_c², Σ w²),
+ * w = e^(ℓ − m[r]): raise the maximum to the block's (rescaling s1 by e^(m_old − m) and s2 by its
+ * square), then add the block's terms, all in one pass over the row for the weights and one per
+ * channel for the values (values_t [C, M]). Weights below e^floor (floor = −80 in float, −700 in
+ * double: no exponent underflow) are 0. The logits block is overwritten with the weights.
+ */
+#define MOMENTS(NAME, T, EXP, FLOOR)                                                               \
+    void NAME(int64_t R, int64_t M, int64_t C, T *logits, int64_t ld, const T *values_t,          \
+              double *m, double *s1, double *s2)                                                   \
+    {                                                                                              \
+        for (int64_t r = 0; r < R; r++) {                                                          \
+            T *row = logits + r * ld;                                                              \
+            double *a1 = s1 + r * (C + 1), *a2 = s2 + r * (2 * C + 1);                             \
+            T top = row[0];                                                                        \
+            for (int64_t j = 1; j < M; j++) top = row[j] > top ? row[j] : top;                     \
+            if ((double)top > m[r]) {                                                              \
+                double d = m[r] - (double)top;                                                     \
+                double scale = d < -700.0 ? 0.0 : exp(d);                                          \
+                for (int64_t c = 0; c <= C; c++) a1[c] *= scale;                                   \
+                for (int64_t c = 0; c <= 2 * C; c++) a2[c] *= scale * scale;                       \
+                m[r] = (double)top;                                                                \
+            }                                                                                      \
+            const T shift = (T)m[r], floor = (T)(FLOOR);                                           \
+            T z = 0, z2 = 0;                                                                       \
+            for (int64_t j = 0; j < M; j++) {                                                      \
+                T d = row[j] - shift;                                                              \
+                int below = d <= floor;                                                            \
+                T w = EXP(below ? floor : d);                                                      \
+                w = below ? (T)0 : w;                                                              \
+                row[j] = w;                                                                        \
+                z += w;                                                                            \
+                z2 += w * w;                                                                       \
+            }                                                                                      \
+            a1[C] += z;                                                                            \
+            a2[2 * C] += z2;                                                                       \
+            for (int64_t c = 0; c < C; c++) {                                                      \
+                const T *val = values_t + c * M;                                                   \
+                T wv = 0, w2v = 0, w2vv = 0;                                                       \
+                for (int64_t j = 0; j < M; j++) {                                                  \
+                    T x = row[j] * val[j];                                                         \
+                    wv += x;                                                                       \
+                    w2v += x * row[j];                                                             \
+                    w2vv += x * x;                                                                 \
+                }                                                                                  \
+                a1[c] += wv;                                                                       \
+                a2[c] += w2v;                                                                      \
+                a2[C + c] += w2vv;                                                                 \
+            }                                                                                      \
+        }                                                                                          \
+    }
+
+MOMENTS(moments_f32, float, exp_f32, -80.0f)
+MOMENTS(moments_f64, double, exp_f64, -700.0)

@@ -5,7 +5,9 @@ plus the softmax work on them. With torch operations the second part is five pas
 block (maximum, subtract, clamp, exponential, product with the values) and costs more than the
 product at P ≤ 9. :func:`fold` does it in one C pass per row (``machines/_fold.c``): running
 maximum, rescaling, a vectorised exponential, ``Σw`` and ``Σw·v``; rows whose block maximum lies
-more than ``skip`` below the running maximum are skipped without an exponential.
+more than ``skip`` below the running maximum are skipped without an exponential. :func:`moments`
+does the same for the automatic policy's importance draws, adding the second moments its
+standard errors need (``Σw²``, ``Σw²·v``, ``Σw²·v²``).
 
 The C source is compiled on first use with the system C compiler (``$CC``, else ``cc``) for this
 CPU (``-O3 -ffast-math -march=native``) into ``$PATCHBANK_KERNEL_CACHE`` (default
@@ -92,6 +94,49 @@ def fold(logits: torch.Tensor, values_t: torch.Tensor, m: torch.Tensor, acc: tor
     return sum(f.result() for f in futures)
 
 
+def moments(logits: torch.Tensor, values_t: torch.Tensor, m: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor,
+            threads: int | None = None) -> None:
+    """Fold a block of importance-draw logits into first and second moments, in place.
+
+    logits: ``[R, M]`` float32/float64 CPU, unit column stride (overwritten with the weights);
+    values_t: ``[C, M]`` contiguous, same dtype; m: float64 ``[R]`` running maxima (finite: start at
+    ``-1e300``); s1: float64 ``[R, C+1]`` = ``(Σw·v, Σw)``; s2: float64 ``[R, 2C+1]`` =
+    ``(Σw²·v, Σw²·v², Σw²)``, with ``w = e^(ℓ − m)``. Within a block the sums are taken in the
+    logits' dtype (float32: relative error ~1e-6, for a statistical estimate), across blocks in
+    float64. Rows are split over threads as in :func:`fold`.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the fused kernel is unavailable: {unavailable_reason()}")
+    R, M = logits.shape
+    C = values_t.shape[0]
+    if logits.dtype not in (torch.float32, torch.float64) or values_t.dtype != logits.dtype:
+        raise TypeError(f"moments needs float32 or float64 logits and values of the same dtype, got {logits.dtype}, {values_t.dtype}")
+    if logits.device.type != "cpu" or (M > 1 and logits.stride(1) != 1):
+        raise ValueError("moments needs a CPU logits block with contiguous rows")
+    if values_t.shape[1] != M or not values_t.is_contiguous():
+        raise ValueError(f"values_t must be contiguous [C, {M}], got {tuple(values_t.shape)}")
+    for name, t, shape in (("m", m, (R,)), ("s1", s1, (R, C + 1)), ("s2", s2, (R, 2 * C + 1))):
+        if t.dtype != torch.float64 or t.shape != shape or not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous float64 {list(shape)}, got {t.dtype} {list(t.shape)}")
+    if R == 0 or M == 0:
+        return
+    fn = lib.moments_f32 if logits.dtype == torch.float32 else lib.moments_f64
+    size, ld = logits.element_size(), logits.stride(0)
+    threads = min(threads, R) if threads else max(1, min(torch.get_num_threads(), R // _MIN_ROWS_PER_THREAD))
+
+    def part(start: int, stop: int) -> None:
+        fn(stop - start, M, C, logits.data_ptr() + start * ld * size, ld, values_t.data_ptr(), m.data_ptr() + 8 * start,
+           s1.data_ptr() + 8 * start * (C + 1), s2.data_ptr() + 8 * start * (2 * C + 1))
+
+    if threads == 1:
+        part(0, R)
+        return
+    step = -(-R // threads)
+    for f in [_pool(threads).submit(part, s, min(R, s + step)) for s in range(0, R, step)]:
+        f.result()
+
+
 def _pool(threads: int) -> ThreadPoolExecutor:
     pool = _state.get("pool")
     if pool is None or pool._max_workers < threads:  # type: ignore[attr-defined]
@@ -142,6 +187,8 @@ def _load(path: Path) -> ctypes.CDLL:
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_double]
     for fn in (lib.fold_f32, lib.fold_f64):
         fn.restype, fn.argtypes = ctypes.c_int64, args
+    for fn in (lib.moments_f32, lib.moments_f64):
+        fn.restype, fn.argtypes = None, args[:-1] + [ctypes.c_void_p]
     return lib
 
 

@@ -41,6 +41,7 @@ import torch
 from patchbank.geometry import BucketKey
 from patchbank.memory import IMAGE_RULES, MemoryBank
 
+from . import kernels
 from .exact import ExactBackend, _bias, _with_ones
 from .summary import SummaryBackend
 from .tail import _seed
@@ -111,7 +112,11 @@ class AutoBackend:
     (guards the standard error, which is itself estimated from the draws); ``topk``: optional
     certified backend for the rest (used on buckets with distinct-patch tables); ``summary``: optional
     cluster summaries for the rest where there is no ``topk`` (same buckets); ``exact``: the exact
-    backend; ``chunk``: draws per matrix product (memory ``queries × chunk``).
+    backend; ``chunk``: draws per matrix product (memory ``queries × chunk``); ``draw_dtype``: precision
+    of the draws' logits (float32, the default, roughly halves the product's cost and changes the
+    estimates by ~1e-6 — far below ``se_tol`` —; the running sums are float64 across blocks);
+    ``kernel``: ``"auto"`` folds the draws' moments with the fused C kernel where it is available
+    (CPU), ``"fused"`` requires it, ``"torch"`` uses torch operations.
     """
 
     samples: int = 4096
@@ -124,6 +129,8 @@ class AutoBackend:
     summary: SummaryBackend | None = None
     exact: ExactBackend = field(default_factory=ExactBackend)
     chunk: int = 8192
+    draw_dtype: torch.dtype = torch.float32
+    kernel: str = "auto"
     stats: PolicyStats = field(default_factory=PolicyStats)
 
     def __post_init__(self) -> None:
@@ -134,6 +141,18 @@ class AutoBackend:
             raise ValueError(f"need se_tol > 0 and min_ess >= 1, got {self.se_tol}, {self.min_ess}")
         if self.chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {self.chunk}")
+        if self.draw_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"draw_dtype must be torch.float32 or torch.float64, got {self.draw_dtype}")
+        if self.kernel not in ("auto", "fused", "torch"):
+            raise ValueError(f"kernel must be 'auto', 'fused' or 'torch', got {self.kernel!r}")
+        if self.kernel == "fused" and not kernels.available():
+            raise RuntimeError(f"kernel='fused' but the fused kernel is unavailable: {kernels.unavailable_reason()}")
+
+    def uses_fused(self, device: torch.device | str) -> bool:
+        """Whether the draws' moments on ``device`` are folded by the fused kernel."""
+        if torch.device(device).type != "cpu" or self.kernel == "torch":
+            return False
+        return self.kernel == "fused" or kernels.available()
 
     def posterior(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
         """Posterior means ``[Q, C]`` of queries ``[Q, D]`` against one bucket."""
@@ -175,14 +194,14 @@ class AutoBackend:
         if limit is None:
             limit = self._limit(_entries(bank, bucket))
         gen = torch.Generator().manual_seed(_seed(self.seed, bucket, a))
-        q = queries.to(torch.float64)
-        state = _Sums.empty(q.shape[0], bank.channels, q.device)
+        q = queries.to(self.draw_dtype)
+        state = _Sums.empty(q.shape[0], bank.channels, q.device, self.uses_fused(q.device))
         rows = torch.arange(q.shape[0], device=q.device)
         drawn, target = 0, self.samples
         while True:
             while drawn < target:
                 m = min(self.chunk, target - drawn)
-                draws = bank.sample_patches(bucket, m, gen, torch.float64, q.device)
+                draws = bank.sample_patches(bucket, m, gen, self.draw_dtype, q.device)
                 state.update(rows, q[rows], draws.keys, draws.values, a, s2)
                 drawn += m
                 self.stats.draws += m
@@ -217,28 +236,44 @@ def _entries(bank: MemoryBank, bucket: BucketKey) -> int:
 
 @dataclass
 class _Sums:
-    """Running sums over draws per query, relative to a running maximum logit ``m [Q]``:
-    ``s1 [Q, C+1]`` = Σ w·(v, 1) and ``s2 [Q, 2C+1]`` = Σ w²·(v, v², 1)."""
+    """Running sums over draws per query, relative to a running maximum logit ``m [Q]`` (float64,
+    ``-1e300`` before the first draw): ``s1 [Q, C+1]`` = Σ w·(v, 1) and ``s2 [Q, 2C+1]`` = Σ w²·(v, v², 1).
+    ``fused``: fold each block with :func:`machines.kernels.moments` (one C pass) instead of torch
+    operations (maximum, exponential, two products)."""
 
     m: torch.Tensor
     s1: torch.Tensor
     s2: torch.Tensor
+    fused: bool = False
 
     @classmethod
-    def empty(cls, Q: int, C: int, device: torch.device) -> _Sums:
+    def empty(cls, Q: int, C: int, device: torch.device, fused: bool = False) -> _Sums:
         f64 = torch.float64
-        return cls(torch.full((Q,), -torch.inf, dtype=f64, device=device),
-                   torch.zeros(Q, C + 1, dtype=f64, device=device), torch.zeros(Q, 2 * C + 1, dtype=f64, device=device))
+        return cls(torch.full((Q,), -1e300, dtype=f64, device=device),
+                   torch.zeros(Q, C + 1, dtype=f64, device=device), torch.zeros(Q, 2 * C + 1, dtype=f64, device=device), fused)
 
     def update(self, rows: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, a: float, s2: float) -> None:
+        """Add draws ``keys [M, D]`` with centre values ``values [M, C]`` to the sums of queries ``q [R, D]``
+        (rows ``rows`` of the state); the logits are taken in the keys' dtype."""
         # ℓ = −‖q − a·p‖²/(2s²) up to a per-query constant (−‖q‖²/2s², which cancels).
-        logits = torch.addmm(_bias(keys.pow(2).sum(1), None, a, s2, keys.dtype), q, keys.T, alpha=a / s2)  # [R, M]
+        logits = torch.addmm(_bias(keys.pow(2).sum(1), None, a, s2, keys.dtype), q.to(keys.dtype), keys.T, alpha=a / s2)  # [R, M]
+        if self.fused:
+            values_t = values.to(keys.dtype).T.contiguous()
+            if rows.numel() == self.m.shape[0]:  # every query: the state itself, in place
+                kernels.moments(logits, values_t, self.m, self.s1, self.s2)
+                return
+            m, t1, t2 = self.m[rows], self.s1[rows], self.s2[rows]
+            kernels.moments(logits, values_t, m, t1, t2)
+            self.m[rows], self.s1[rows], self.s2[rows] = m, t1, t2
+            return
+        values = values.to(torch.float64)
+        logits = logits.to(torch.float64)
         m_old = self.m[rows]
         m_new = torch.maximum(m_old, logits.amax(1))
         w = logits.sub_(m_new[:, None]).exp_()
         v1 = _with_ones(values, values.dtype)
         v2 = _with_ones(torch.cat([values, values * values], 1), values.dtype)
-        scale = torch.exp(m_old - m_new).nan_to_num_(0.0)  # m_old = −inf on the first chunk
+        scale = torch.exp(m_old - m_new)  # 0 on the first chunk (m_old = −1e300)
         self.s1[rows] = self.s1[rows] * scale[:, None] + w @ v1
         self.s2[rows] = self.s2[rows] * (scale * scale)[:, None] + (w * w) @ v2
         self.m[rows] = m_new

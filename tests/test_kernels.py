@@ -50,6 +50,45 @@ def test_fold_matches_brute_force_over_blocks(dtype, tol, V):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 5e-6)])
+@pytest.mark.parametrize("C", [1, 3])
+def test_moments_match_brute_force_over_blocks(dtype, tol, C):
+    """First and second moments of the draws' weights, folded block by block, equal float64 sums
+    relative to the overall maximum; weights that underflow are zero."""
+    g = torch.Generator().manual_seed(10 + C)
+    R, blocks, M = 37, 4, 257
+    spread = torch.tensor([1.0, 30.0, 200.0, 5000.0])[torch.arange(R) % 4][:, None]
+    logits = torch.randn(R, blocks * M, generator=g, dtype=torch.float64) * spread + 50 * torch.randn(R, 1, generator=g, dtype=torch.float64)
+    values = torch.randn(blocks * M, C, generator=g, dtype=torch.float64)
+    m = torch.full((R,), -1e300, dtype=torch.float64)
+    s1, s2 = torch.zeros(R, C + 1, dtype=torch.float64), torch.zeros(R, 2 * C + 1, dtype=torch.float64)
+    for b in range(blocks):
+        cols = slice(b * M, (b + 1) * M)
+        wide = torch.zeros(R, M + 5, dtype=dtype)
+        wide[:, :M] = logits[:, cols].to(dtype)
+        kernels.moments(wide[:, :M], values[cols].to(dtype).T.contiguous(), m, s1, s2, threads=1 + b % 3)
+    x, v = logits.to(dtype).double(), values.to(dtype).double()
+    torch.testing.assert_close(m, x.amax(1), rtol=0, atol=0)
+    w = (x - m[:, None]).exp()
+    w2 = w * w
+    ref1 = torch.cat([w @ v, w.sum(1, keepdim=True)], 1)
+    ref2 = torch.cat([w2 @ v, w2 @ (v * v), w2.sum(1, keepdim=True)], 1)
+    assert ((s1 - ref1).abs() / ref1[:, -1:]).max() <= tol  # relative to Σw (≥ 1) and Σw² (≥ 1)
+    assert ((s2 - ref2).abs() / ref2[:, -1:]).max() <= 3 * tol
+
+
+@needs_kernel
+def test_moments_reject_bad_input():
+    logits = torch.zeros(4, 6)
+    with pytest.raises(ValueError, match="s2 must be"):
+        kernels.moments(logits, torch.zeros(1, 6), torch.zeros(4, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.float64),
+                        torch.zeros(4, 2, dtype=torch.float64))
+    with pytest.raises(TypeError):
+        kernels.moments(logits, torch.zeros(1, 6, dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
+                        torch.zeros(4, 2, dtype=torch.float64), torch.zeros(4, 3, dtype=torch.float64))
+
+
+@needs_kernel
 def test_fold_skips_whole_blocks_far_below_the_running_maximum():
     m = torch.tensor([0.0, 0.0], dtype=torch.float64)
     acc = torch.tensor([[0.5, 1.0], [0.5, 1.0]], dtype=torch.float64)

@@ -61,7 +61,7 @@ def test_draw_errors(bank):
 def test_shared_estimates_match_brute_force_snis(bank, mnist):
     """Means, standard errors and ESS over the same draws, computed one query at a time."""
     q, bucket, a, s2 = _queries(mnist, 0.6)
-    backend = AutoBackend(samples=3000, max_samples=3000, growth=2, chunk=700, seed=5)
+    backend = AutoBackend(samples=3000, max_samples=3000, growth=2, chunk=700, seed=5, draw_dtype=torch.float64)
     means, se, ok = backend.sampled(bank, bucket, q, a, s2)
     from machines.tail import _seed
 
@@ -77,6 +77,26 @@ def test_shared_estimates_match_brute_force_snis(bank, mnist):
         torch.testing.assert_close(se[i], (w.pow(2) * (v[:, 0] - mu[0]).pow(2)).sum().sqrt(), rtol=1e-9, atol=1e-14)
         ess = 1 / w.pow(2).sum()
         assert bool(ok[i]) == bool(ess >= backend.min_ess and se[i] <= backend.se_tol)
+
+
+@pytest.mark.parametrize("t", [0.1, 0.6, 1.0])
+def test_fused_moments_and_float32_draws_agree_with_torch_operations(bank, mnist, t):
+    """The fused moment kernel gives the torch operations' estimates to round-off (float64 draws),
+    and float32 draws change them by float32 round-off only (same draws, same escalation)."""
+    from machines import kernels
+
+    if not kernels.available():
+        pytest.skip(f"no fused kernel here: {kernels.unavailable_reason()}")
+    q, bucket, a, s2 = _queries(mnist, t, P=5, key=(0, 2, 2, 2))  # rows escalate at different rounds: the row-subset path
+    args = dict(samples=256, max_samples=4096, growth=2, chunk=300, se_tol=0.01, seed=3)
+    ref = AutoBackend(kernel="torch", draw_dtype=torch.float64, **args).sampled(bank, bucket, q, a, s2)
+    fused = AutoBackend(kernel="fused", draw_dtype=torch.float64, **args).sampled(bank, bucket, q, a, s2)
+    f32 = AutoBackend(kernel="fused", draw_dtype=torch.float32, **args).sampled(bank, bucket, q, a, s2)
+    torch.testing.assert_close(fused[0], ref[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(fused[1], ref[1], rtol=1e-9, atol=1e-7)  # SE = √(cancelling sums): round-off ~1e-16 → 1e-8
+    assert torch.equal(fused[2], ref[2])
+    assert (f32[0] - ref[0]).abs().max() < 1e-3 and (f32[1] - ref[1]).abs().max() < 1e-3
+    assert (f32[2] != ref[2]).float().mean() < 0.02  # acceptance flips only at the threshold
 
 
 @pytest.mark.parametrize("t", [0.05, 0.3, 0.6, 1.0])
@@ -181,6 +201,10 @@ def test_bad_parameters():
         AutoBackend(samples=1024, max_samples=512)
     with pytest.raises(ValueError):
         AutoBackend(se_tol=0)
+    with pytest.raises(ValueError, match="draw_dtype"):
+        AutoBackend(draw_dtype=torch.float16)
+    with pytest.raises(ValueError, match="kernel"):
+        AutoBackend(kernel="cuda")
 
 
 @pytest.mark.parametrize("rule,P,key", [("bbELS", 5, (2, 2, 2, 2)), ("bbELS", 5, (0, 2, 1, 2)), ("ELS", 3, ()), ("LS", 3, (4, 7))])
