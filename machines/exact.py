@@ -82,16 +82,11 @@ class ExactBackend:
             raise ValueError(f"chunk sizes must be >= 1, got {self.chunk_size}, {self.query_chunk}")
         if not 0 < self.prune_tol < 1:
             raise ValueError(f"prune_tol must lie in (0, 1), got {self.prune_tol}")
-        if self.kernel not in ("auto", "fused", "torch"):
-            raise ValueError(f"kernel must be 'auto', 'fused' or 'torch', got {self.kernel!r}")
-        if self.kernel == "fused" and not kernels.available():
-            raise RuntimeError(f"kernel='fused' but the fused kernel is unavailable: {kernels.unavailable_reason()}")
+        kernels.check_option(self.kernel)
 
     def uses_fused(self, device: torch.device | str) -> bool:
         """Whether queries on ``device`` go through the fused kernel."""
-        if torch.device(device).type != "cpu" or self.kernel == "torch":
-            return False
-        return self.kernel == "fused" or kernels.available()
+        return kernels.use_fused(self.kernel, device)
 
     def posterior(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
         """Posterior means ``[Q, V]`` of queries ``[Q, D]`` against one bucket of the bank."""

@@ -63,35 +63,17 @@ def fold(logits: torch.Tensor, values_t: torch.Tensor, m: torch.Tensor, acc: tor
     relative to ``m``; skip: relative logits below ``−skip`` contribute nothing. Rows are split over
     ``threads`` threads (default: ``torch.get_num_threads()``, at least 64 rows each).
     """
-    lib = _library()
-    if lib is None:
-        raise RuntimeError(f"the fused kernel is unavailable: {unavailable_reason()}")
+    lib = _block("fold", logits, values_t, m, acc=acc)
     R, M = logits.shape
     V = values_t.shape[0]
-    if logits.dtype not in (torch.float32, torch.float64) or values_t.dtype != logits.dtype:
-        raise TypeError(f"fold needs float32 or float64 logits and values of the same dtype, got {logits.dtype}, {values_t.dtype}")
-    if logits.device.type != "cpu" or (M > 1 and logits.stride(1) != 1):
-        raise ValueError("fold needs a CPU logits block with contiguous rows")
-    if values_t.shape[1] != M or not values_t.is_contiguous():
-        raise ValueError(f"values_t must be contiguous [V, {M}], got {tuple(values_t.shape)}")
-    if m.dtype != torch.float64 or acc.dtype != torch.float64 or m.shape != (R,) or acc.shape != (R, V + 1) \
-            or not (m.is_contiguous() and acc.is_contiguous()):
-        raise ValueError(f"m and acc must be contiguous float64 [{R}] and [{R}, {V + 1}]")
-    if R == 0 or M == 0:
-        return 0
     fn = lib.fold_f32 if logits.dtype == torch.float32 else lib.fold_f64
     size, ld = logits.element_size(), logits.stride(0)
-    threads = min(threads, R) if threads else max(1, min(torch.get_num_threads(), R // _MIN_ROWS_PER_THREAD))
 
     def part(start: int, stop: int) -> int:
         return fn(stop - start, M, V, logits.data_ptr() + start * ld * size, ld, values_t.data_ptr(),
                   m.data_ptr() + 8 * start, acc.data_ptr() + 8 * start * (V + 1), skip)
 
-    if threads == 1:
-        return part(0, R)
-    step = -(-R // threads)
-    futures = [_pool(threads).submit(part, s, min(R, s + step)) for s in range(0, R, step)]
-    return sum(f.result() for f in futures)
+    return sum(_by_rows(part, R, M, threads))
 
 
 def moments(logits: torch.Tensor, values_t: torch.Tensor, m: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor,
@@ -105,36 +87,64 @@ def moments(logits: torch.Tensor, values_t: torch.Tensor, m: torch.Tensor, s1: t
     logits' dtype (float32: relative error ~1e-6, for a statistical estimate), across blocks in
     float64. Rows are split over threads as in :func:`fold`.
     """
+    lib = _block("moments", logits, values_t, m, s1=s1, s2=s2)
+    R, M = logits.shape
+    C = values_t.shape[0]
+    fn = lib.moments_f32 if logits.dtype == torch.float32 else lib.moments_f64
+    size, ld = logits.element_size(), logits.stride(0)
+
+    def part(start: int, stop: int) -> int:
+        fn(stop - start, M, C, logits.data_ptr() + start * ld * size, ld, values_t.data_ptr(), m.data_ptr() + 8 * start,
+           s1.data_ptr() + 8 * start * (C + 1), s2.data_ptr() + 8 * start * (2 * C + 1))
+        return 0
+
+    _by_rows(part, R, M, threads)
+
+
+def check_option(kernel: str) -> None:
+    """Validate a backend's ``kernel`` option (``auto`` | ``fused`` | ``torch``); ``fused`` must be available."""
+    if kernel not in ("auto", "fused", "torch"):
+        raise ValueError(f"kernel must be 'auto', 'fused' or 'torch', got {kernel!r}")
+    if kernel == "fused" and not available():
+        raise RuntimeError(f"kernel='fused' but the fused kernel is unavailable: {unavailable_reason()}")
+
+
+def use_fused(kernel: str, device: torch.device | str) -> bool:
+    """Whether a backend with this ``kernel`` option folds blocks on ``device`` with the C kernels."""
+    if torch.device(device).type != "cpu" or kernel == "torch":
+        return False
+    return kernel == "fused" or available()
+
+
+def _block(name: str, logits: torch.Tensor, values_t: torch.Tensor, m: torch.Tensor, **sums: torch.Tensor) -> ctypes.CDLL:
+    """Check a block's arguments (``sums``: float64 running sums ``[R, width]``); the loaded library."""
     lib = _library()
     if lib is None:
         raise RuntimeError(f"the fused kernel is unavailable: {unavailable_reason()}")
     R, M = logits.shape
-    C = values_t.shape[0]
+    V = values_t.shape[0]
     if logits.dtype not in (torch.float32, torch.float64) or values_t.dtype != logits.dtype:
-        raise TypeError(f"moments needs float32 or float64 logits and values of the same dtype, got {logits.dtype}, {values_t.dtype}")
+        raise TypeError(f"{name} needs float32 or float64 logits and values of the same dtype, got {logits.dtype}, {values_t.dtype}")
     if logits.device.type != "cpu" or (M > 1 and logits.stride(1) != 1):
-        raise ValueError("moments needs a CPU logits block with contiguous rows")
+        raise ValueError(f"{name} needs a CPU logits block with contiguous rows")
     if values_t.shape[1] != M or not values_t.is_contiguous():
-        raise ValueError(f"values_t must be contiguous [C, {M}], got {tuple(values_t.shape)}")
-    for name, t, shape in (("m", m, (R,)), ("s1", s1, (R, C + 1)), ("s2", s2, (R, 2 * C + 1))):
+        raise ValueError(f"values_t must be contiguous [V, {M}], got {tuple(values_t.shape)}")
+    width = {"acc": V + 1, "s1": V + 1, "s2": 2 * V + 1}
+    for key, t, shape in (("m", m, (R,)), *((k, t, (R, width[k])) for k, t in sums.items())):
         if t.dtype != torch.float64 or t.shape != shape or not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous float64 {list(shape)}, got {t.dtype} {list(t.shape)}")
+            raise ValueError(f"{key} must be contiguous float64 {list(shape)}, got {t.dtype} {list(t.shape)}")
+    return lib
+
+
+def _by_rows(part, R: int, M: int, threads: int | None) -> list[int]:
+    """``part(start, stop)`` over row ranges: one call, or split over threads (at least 64 rows each by default)."""
     if R == 0 or M == 0:
-        return
-    fn = lib.moments_f32 if logits.dtype == torch.float32 else lib.moments_f64
-    size, ld = logits.element_size(), logits.stride(0)
+        return [0]
     threads = min(threads, R) if threads else max(1, min(torch.get_num_threads(), R // _MIN_ROWS_PER_THREAD))
-
-    def part(start: int, stop: int) -> None:
-        fn(stop - start, M, C, logits.data_ptr() + start * ld * size, ld, values_t.data_ptr(), m.data_ptr() + 8 * start,
-           s1.data_ptr() + 8 * start * (C + 1), s2.data_ptr() + 8 * start * (2 * C + 1))
-
     if threads == 1:
-        part(0, R)
-        return
+        return [part(0, R)]
     step = -(-R // threads)
-    for f in [_pool(threads).submit(part, s, min(R, s + step)) for s in range(0, R, step)]:
-        f.result()
+    return [f.result() for f in [_pool(threads).submit(part, s, min(R, s + step)) for s in range(0, R, step)]]
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:

@@ -143,16 +143,11 @@ class AutoBackend:
             raise ValueError(f"chunk must be >= 1, got {self.chunk}")
         if self.draw_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"draw_dtype must be torch.float32 or torch.float64, got {self.draw_dtype}")
-        if self.kernel not in ("auto", "fused", "torch"):
-            raise ValueError(f"kernel must be 'auto', 'fused' or 'torch', got {self.kernel!r}")
-        if self.kernel == "fused" and not kernels.available():
-            raise RuntimeError(f"kernel='fused' but the fused kernel is unavailable: {kernels.unavailable_reason()}")
+        kernels.check_option(self.kernel)
 
     def uses_fused(self, device: torch.device | str) -> bool:
         """Whether the draws' moments on ``device`` are folded by the fused kernel."""
-        if torch.device(device).type != "cpu" or self.kernel == "torch":
-            return False
-        return self.kernel == "fused" or kernels.available()
+        return kernels.use_fused(self.kernel, device)
 
     def posterior(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
         """Posterior means ``[Q, C]`` of queries ``[Q, D]`` against one bucket."""
