@@ -114,10 +114,10 @@ def main() -> None:
     bank = PatchBank.build(data, path, spec)
     info = bank.info()
     print(f"# bank {path}: {len(data)} images {list(data.shape)}, built in {time.perf_counter() - start:.1f} s (this run)")
-    print(f"{'P':>3} {'buckets':>7} {'patches':>10} {'distinct':>10} {'MB':>8}")
+    print(f"{'P':>3} {'buckets':>7} {'patches':>10} {'distinct':>10} {'MB':>8} {'build_s':>8}")
     for P, s in sorted(info["scales"].items()):
         distinct = s["distinct"] if s["materialised"] else "streamed"
-        print(f"{P:3d} {s['buckets']:7d} {s['patches']:10d} {distinct:>10} {s['bytes'] / 1e6:8.1f}", flush=True)
+        print(f"{P:3d} {s['buckets']:7d} {s['patches']:10d} {distinct:>10} {s['bytes'] / 1e6:8.1f} {s.get('seconds', 0):8.1f}", flush=True)
 
     noise = noise_from_seeds(seeds, data.shape, torch.float64)
     fallback = ExactBackend(kernel=args.kernel, dtype=getattr(torch, args.fallback_dtype))

@@ -123,7 +123,7 @@ class PatchBank(MemoryBank):
         for key in tqdm(keys, desc="building buckets", disable=not progress):
             target = path / "buckets" / bucket_id(key)
             if not target.exists():
-                _atomic_dir(target, lambda tmp: _write_bucket(tmp, builder, key, spec))
+                _atomic_dir(target, lambda tmp: _timed(tmp, _write_bucket, builder, key, spec))
         manifest["build_seconds"] = round(time.perf_counter() - start, 2)
         manifest["buckets"] = [_key_to_json(k) for k in keys]
         _write_json(path / "manifest.json", {**manifest, "complete": True})
@@ -155,14 +155,14 @@ class PatchBank(MemoryBank):
         return cls(path, data, manifest)
 
     def info(self) -> dict:
-        """Summary of the manifest and per-scale sizes (patches, distinct, disk bytes)."""
+        """Summary of the manifest and per-scale sizes (patches, distinct, disk bytes, build seconds of its buckets)."""
         per_scale: dict[int, dict] = {}
         for entry in self.manifest["buckets"]:
             key = BucketKey(**_key_from_json(entry))
             stats = self.manifest["bucket_stats"].get(bucket_id(key), {})
-            s = per_scale.setdefault(key.scale, {"buckets": 0, "patches": 0, "distinct": 0, "bytes": 0})  # type: ignore[arg-type]
+            s = per_scale.setdefault(key.scale, {"buckets": 0, "patches": 0, "distinct": 0, "bytes": 0, "seconds": 0.0})  # type: ignore[arg-type]
             s["buckets"] += 1
-            for f in ("patches", "distinct", "bytes"):
+            for f in ("patches", "distinct", "bytes", "seconds"):
                 s[f] += stats.get(f) or 0
             s["materialised"] = stats.get("materialised", True)
         return {k: self.manifest[k] for k in ("dataset", "n_images", "image_shape", "fingerprint", "spec", "build_seconds")} | {
@@ -291,6 +291,9 @@ def _read_manifest(path: Path) -> dict:
     stats = {}
     for d in (path / "buckets").glob("*/stats.json") if (path / "buckets").is_dir() else []:
         stats[d.parent.name] = json.loads(d.read_text())
+        timing = d.with_name("timing.json")  # kept apart: everything else is identical between builds
+        if timing.is_file():
+            stats[d.parent.name] |= json.loads(timing.read_text())
     manifest["bucket_stats"] = stats
     return manifest
 
@@ -322,6 +325,13 @@ def _read_data(path: Path, name: str) -> ImageData:
     except Exception as err:
         raise BankError(f"{path}: data.zarr is missing or corrupted ({err})") from err
     return ImageData(torch.from_numpy(images), torch.from_numpy(labels), name)
+
+
+def _timed(tmp: Path, write, *args) -> None:
+    """``write(tmp, *args)``, then the seconds it took into ``tmp/timing.json``."""
+    start = time.perf_counter()
+    write(tmp, *args)
+    (tmp / "timing.json").write_text(json.dumps({"seconds": round(time.perf_counter() - start, 3)}))
 
 
 def _write_bucket(tmp: Path, builder: MemoryBank, key: BucketKey, spec: BankSpec) -> None:
