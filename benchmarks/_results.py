@@ -1,4 +1,5 @@
-"""Per-seed benchmark results kept in a folder, tagged with the options that produced them.
+"""Per-seed benchmark results kept in a folder, tagged with the options that produced them, and
+the timed, resumable per-seed sampling that fills it.
 
 A long benchmark (hours at 60,000 images) writes each seed's result as soon as it is done
 (atomically) and skips it on a re-run; a folder written with other options is refused rather
@@ -8,11 +9,16 @@ references serves both.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from machines import ScoreMachine, sample
 from patchbank.atomic import atomic_write
+
+EXACT_TAG = ("dataset", "n_train", "resize", "schedule", "steps", "exact_dtype")  # the options an exact reference depends on
 
 
 class Results:
@@ -43,3 +49,47 @@ class Results:
 
     def save(self, kind: str, seed: int, result: dict) -> None:
         atomic_write(self.path(kind, seed), lambda tmp: torch.save(result | {"tag": self.tags[kind]}, tmp))
+
+
+def timed_sample(machine: ScoreMachine, noise: torch.Tensor, steps: int, stats=None, checkpoint: Path | None = None,
+                 progress: bool | None = None) -> tuple[torch.Tensor, list[dict]]:
+    """A DDIM sample plus one record per step computed here: step, t, P, seconds and, with ``stats``
+    (a backend's statistics: ``summary()``/``reset()``), its summary for that step. A sample resumed
+    from ``checkpoint`` has records for the steps it computed only."""
+    records: list[dict] = []
+    last = [time.perf_counter()]
+    if stats is not None:
+        stats.reset()
+
+    def on_step(step: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> None:
+        now = time.perf_counter()
+        rec = {"step": step, "t": round(t, 3), "P": machine.scales(t), "seconds": round(now - last[0], 3)}  # type: ignore[misc]
+        if stats is not None:
+            rec |= stats.summary()
+            stats.reset()
+        records.append(rec)
+        last[0] = now
+
+    x = sample(machine, noise, steps, callback=on_step, checkpoint=checkpoint,
+               progress=checkpoint is not None if progress is None else progress)
+    return x, records
+
+
+def run_seed(out: Results | None, kind: str, seed: int, run: Callable[[Path | None], tuple[torch.Tensor, list[dict]]]) -> dict:
+    """The stored result of ``kind`` for ``seed``, or else ``run(checkpoint)``'s (final, step records),
+    timed, stored in ``out`` (when given) and its checkpoint removed: ``final``, ``seconds``,
+    ``resumed`` (whether it continued an interrupted sample) and ``steps``."""
+    cached = out.load(kind, seed) if out else None
+    if cached is not None:
+        print(f"seed {seed}: {kind} result read from {out.dir}", flush=True)  # type: ignore[union-attr]
+        return cached
+    ckpt = out.checkpoint(kind, seed) if out else None
+    resumed = ckpt is not None and ckpt.exists()
+    start = time.perf_counter()
+    final, steps = run(ckpt)
+    result = {"final": final, "seconds": time.perf_counter() - start, "resumed": resumed, "steps": steps}
+    if out:
+        out.save(kind, seed, result)
+        ckpt.unlink()  # type: ignore[union-attr]
+    print(f"seed {seed}: {kind} {result['seconds']:.1f} s{' (resumed)' if resumed else ''}", flush=True)
+    return result

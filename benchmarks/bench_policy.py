@@ -31,9 +31,7 @@ from patchbank import MemoryBank, load_dataset
 from patchbank.geometry import BucketKey, boundary_class, patches_at
 from pipelines.metrics import pearson_r
 
-from _results import Results  # benchmarks/ is the script's folder, hence on sys.path
-
-EXACT_TAG = ("dataset", "n_train", "resize", "schedule", "steps", "exact_dtype")  # what an exact reference depends on
+from _results import EXACT_TAG, Results, run_seed, timed_sample  # benchmarks/ is the script's folder, hence on sys.path
 
 
 def exact_pixels(bank: MemoryBank, x: torch.Tensor, t: float, P: int, pixels: torch.Tensor, exact: ExactBackend) -> torch.Tensor:
@@ -133,26 +131,8 @@ def main() -> None:
                 if out:
                     out.save("policy", seed, {"final": finals[seed], "steps": seed_steps})
         if args.exact or args.exact_only:
-            cached = out.load("exact", seed) if out else None
-            if cached is None:
-                t0 = time.perf_counter()
-                ckpt = out.checkpoint("exact", seed) if out else None
-                resumed = ckpt is not None and ckpt.exists()
-                exact_steps: list[dict] = []
-                tick = [time.perf_counter()]
-
-                def on_exact_step(step: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> None:
-                    now = time.perf_counter()
-                    exact_steps.append({"step": step, "t": round(t, 3), "P": schedule(t), "seconds": round(now - tick[0], 3)})
-                    tick[0] = now
-
-                final = sample(exact_machine, noise[n : n + 1], args.steps, checkpoint=ckpt, progress=True, callback=on_exact_step)
-                # per-step seconds of the steps computed in this run (a resumed sample lacks the earlier ones)
-                cached = {"final": final, "seconds": time.perf_counter() - t0, "resumed": resumed, "steps": exact_steps}
-                if out:
-                    out.save("exact", seed, cached)
-                    ckpt.unlink()  # type: ignore[union-attr]
-                print(f"seed {seed}: exact {cached['seconds']:.1f} s{' (resumed)' if resumed else ''}", flush=True)
+            cached = run_seed(out, "exact", seed,
+                              lambda ckpt: timed_sample(exact_machine, noise[n : n + 1], args.steps, None, ckpt, progress=True))
             refs[seed] = cached["final"]
             if not cached["resumed"]:
                 ref_seconds.append(cached["seconds"])

@@ -26,54 +26,13 @@ from pathlib import Path
 
 import torch
 
-from machines import ExactBackend, ScoreMachine, TopKBackend, noise_from_seeds, reference_schedule, sample
+from machines import ExactBackend, ScoreMachine, TopKBackend, noise_from_seeds, reference_schedule
 from patchbank import BankSpec, PatchBank, load_dataset
 from pipelines.metrics import pearson_r
 
-from _results import Results  # benchmarks/ is the script's folder, hence on sys.path
-
-EXACT_TAG = ("dataset", "n_train", "resize", "schedule", "steps", "exact_dtype")  # as in bench_policy.py
+from _results import EXACT_TAG, Results, run_seed, timed_sample  # benchmarks/ is the script's folder, hence on sys.path
 TOPK_TAG = ("dataset", "n_train", "resize", "schedule", "steps", "index", "materialise_max", "k", "tol", "nprobe",
             "fallback_dtype", "kernel")
-
-
-def timed_sample(machine: ScoreMachine, noise: torch.Tensor, steps: int, backend, checkpoint: Path | None = None
-                 ) -> tuple[torch.Tensor, list[dict]]:
-    """A DDIM sample plus one record per step computed: t, P, seconds and (top-k) the backend's statistics."""
-    records: list[dict] = []
-    last = [time.perf_counter()]
-    if isinstance(backend, TopKBackend):
-        backend.stats.reset()
-
-    def on_step(step: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> None:
-        now = time.perf_counter()
-        rec = {"step": step, "t": round(t, 3), "P": machine.scales(t), "seconds": round(now - last[0], 3)}  # type: ignore[misc]
-        if isinstance(backend, TopKBackend):
-            rec |= backend.stats.summary()
-            backend.stats.reset()
-        records.append(rec)
-        last[0] = now
-
-    x = sample(machine, noise, steps, callback=on_step, checkpoint=checkpoint, progress=checkpoint is not None)
-    return x, records
-
-
-def one_seed(out: Results | None, kind: str, seed: int, run) -> dict:
-    """The stored result of ``kind`` for ``seed``, or ``run(checkpoint)``'s (final, steps), stored."""
-    cached = out.load(kind, seed) if out else None
-    if cached is not None:
-        print(f"seed {seed}: {kind} result read from {out.dir}", flush=True)  # type: ignore[union-attr]
-        return cached
-    ckpt = out.checkpoint(kind, seed) if out else None
-    resumed = ckpt is not None and ckpt.exists()
-    start = time.perf_counter()
-    final, steps = run(ckpt)
-    result = {"final": final, "seconds": time.perf_counter() - start, "resumed": resumed, "steps": steps}
-    if out:
-        out.save(kind, seed, result)
-        ckpt.unlink()  # type: ignore[union-attr]
-    print(f"seed {seed}: {kind} {result['seconds']:.1f} s{' (resumed)' if resumed else ''}", flush=True)
-    return result
 
 
 def main() -> None:
@@ -128,7 +87,7 @@ def main() -> None:
     results: dict[str, dict[int, dict]] = {"topk": {}, "exact": {}}
     for n, seed in enumerate(seeds):
         x = noise[n : n + 1]
-        results["topk"][seed] = one_seed(out, "topk", seed, lambda ckpt: timed_sample(topk_machine, x, args.steps, topk, ckpt))
+        results["topk"][seed] = run_seed(out, "topk", seed, lambda ckpt: timed_sample(topk_machine, x, args.steps, topk.stats, ckpt))
         if args.skip_exact:
             continue
         if args.exact_from:
@@ -138,8 +97,7 @@ def main() -> None:
                                  f"(bench_policy.py --exact-only --out {args.exact_from} ...) or drop --exact-from")
             results["exact"][seed] = ref
         else:
-            results["exact"][seed] = one_seed(out, "exact", seed,
-                                              lambda ckpt: timed_sample(exact_machine, x, args.steps, exact, ckpt))
+            results["exact"][seed] = run_seed(out, "exact", seed, lambda ckpt: timed_sample(exact_machine, x, args.steps, None, ckpt))
 
     report: dict = {"args": vars(args), "bank": info, "seeds": seeds}
     _whole(report, "topk", results["topk"])
