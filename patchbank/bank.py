@@ -109,7 +109,10 @@ class PatchBank(MemoryBank):
         fingerprint = data.fingerprint()
         manifest = _new_manifest(data, spec, fingerprint)
         if (path / "manifest.json").exists():
-            _check_resumable(_read_manifest(path), manifest, path)
+            old = _read_manifest(path)
+            _check_resumable(old, manifest, path)
+            if old.get("complete"):  # already built: open it, leaving the manifest (and its build time) untouched
+                return cls.open(path)
         path.mkdir(parents=True, exist_ok=True)
         _write_json(path / "manifest.json", {**manifest, "complete": False})
         if not (path / "data.zarr").exists():

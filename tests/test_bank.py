@@ -84,6 +84,9 @@ def test_interrupted_build_resumes_to_an_identical_bank(mnist_tiny, tmp_path, mo
     monkeypatch.setattr(bank_mod, "_write_bucket", original)
     resumed = PatchBank.build(mnist_tiny, tmp_path / "resumed", spec, progress=False)
     assert _tree(resumed.path) == _tree(whole.path)
+    manifest = (whole.path / "manifest.json").read_bytes()  # building a finished bank again just opens it
+    again = PatchBank.build(mnist_tiny, whole.path, spec, progress=False)
+    assert (whole.path / "manifest.json").read_bytes() == manifest and again.info() == whole.info()
 
 
 def test_mismatched_and_corrupted_banks_fail_clearly(built, mnist_tiny, tmp_path):
