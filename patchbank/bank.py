@@ -111,7 +111,8 @@ class PatchBank(MemoryBank):
         if (path / "manifest.json").exists():
             old = _read_manifest(path)
             _check_resumable(old, manifest, path)
-            if old.get("complete"):  # already built: open it, leaving the manifest (and its build time) untouched
+            finished = (path / "data.zarr").exists() and all((path / "buckets" / bucket_id(k)).exists() for k in spec.buckets(data))
+            if old.get("complete") and finished:  # nothing to build: open it, leaving the manifest (and build time) untouched
                 return cls.open(path)
         path.mkdir(parents=True, exist_ok=True)
         _write_json(path / "manifest.json", {**manifest, "complete": False})

@@ -87,6 +87,8 @@ def test_interrupted_build_resumes_to_an_identical_bank(mnist_tiny, tmp_path, mo
     manifest = (whole.path / "manifest.json").read_bytes()  # building a finished bank again just opens it
     again = PatchBank.build(mnist_tiny, whole.path, spec, progress=False)
     assert (whole.path / "manifest.json").read_bytes() == manifest and again.info() == whole.info()
+    shutil.rmtree(whole.path / "buckets" / "bbELS-P3-zeros-1_1_1_1-all")  # a lost bucket is rebuilt by the same build
+    assert _tree(PatchBank.build(mnist_tiny, whole.path, spec, progress=False).path) == _tree(resumed.path)
 
 
 def test_mismatched_and_corrupted_banks_fail_clearly(built, mnist_tiny, tmp_path):
