@@ -298,11 +298,15 @@ def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
     report = {"config": asdict(cfg), "rows": rows, "steps": steps, "reference_seconds": reference["seconds"],
               "best": best_configuration(rows)}
     if cfg.concentration:
-        conc = concentration_study(memory_bank, cfg.machine, cfg.concentration_times,
-                                   cfg.concentration_scales or sorted(set(schedule.scales)), _held_out(cfg),
-                                   cfg.concentration_pixels, cfg.concentration_mass, progress=progress)
-        write_json(out / "concentration.json", {"cells": conc})
-        report["concentration"] = conc
+        ckey = _concentration_key(cfg, schedule, key["fingerprint"])
+        f = out / "concentration.json"
+        kept = json.loads(f.read_text()) if f.exists() else {}
+        if kept.get("key") != ckey:  # the study depends on neither the grid nor the seeds: kept across re-runs
+            kept = {"key": ckey, "cells": concentration_study(memory_bank, cfg.machine, cfg.concentration_times,
+                                                              ckey["scales"], _held_out(cfg), cfg.concentration_pixels,
+                                                              cfg.concentration_mass, progress=progress)}
+            write_json(f, kept)
+        report["concentration"] = kept["cells"]
     write_json(out / "results.json", report)
     _write_csv(rows, out / "rows.csv")
     atomic_write(out / "summary.md", lambda p: Path(p).write_text(summary_markdown(report)))
@@ -313,6 +317,13 @@ def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
     if cfg.concentration:
         concentration_heatmap(report["concentration"], out / "concentration.png")
     return report
+
+
+def _concentration_key(cfg: AblationConfig, schedule: ScaleSchedule, fingerprint: str) -> dict:
+    fields = ("dataset", "resize", "n_train", "split", "machine", "concentration_times", "concentration_pixels",
+              "concentration_mass")
+    return {**{k: getattr(cfg, k) for k in fields}, "scales": cfg.concentration_scales or sorted(set(schedule.scales)),
+            "fingerprint": fingerprint}
 
 
 def _schedule(cfg: AblationConfig) -> ScaleSchedule:
@@ -463,6 +474,13 @@ def _backend(v: Variant):
                        engine="auto" if v.index else "torch", fallback=exact if v.tol is not None else None)
 
 
+def _part_key(key: dict, v: Variant, seeds: list[int], labels: list | None) -> dict:
+    """Key of one seed batch of a configuration: its own seeds (and labels), not the run's seed list,
+    so a run with more seeds — or one split over processes by seed — reuses every finished batch."""
+    vk = _variant_key(key, v)
+    return {**vk, "config": {k: val for k, val in vk["config"].items() if k != "seeds"}, "seeds": seeds, "labels": labels}
+
+
 def _run_variant(cfg, v: Variant, data, memory_bank, schedule, noise, labels, reference, network_final, progress,
                  parts_dir: Path | None = None, key: dict | None = None) -> dict:
     bank = _bank_for(cfg, v, data, memory_bank, schedule, progress)
@@ -475,8 +493,8 @@ def _run_variant(cfg, v: Variant, data, memory_bank, schedule, noise, labels, re
     parts = []
     for s in range(0, n, size):  # seed batches, each kept as soon as it is done when parts_dir is given
         idx = list(range(s, min(n, s + size)))
-        part_key = None if key is None else {**_variant_key(key, v), "seeds": [cfg.seeds[i] for i in idx],
-                                            "labels": None if labels is None else labels[idx].tolist()}
+        part_key = None if key is None else _part_key(key, v, [cfg.seeds[i] for i in idx],
+                                                      None if labels is None else labels[idx].tolist())
         pf = None if parts_dir is None else parts_dir / f"seeds-{cfg.seeds[idx[0]]}-{cfg.seeds[idx[-1]]}.pt"
         part = torch.load(pf, weights_only=False) if pf is not None and pf.exists() else None
         if part is None or part.get("key") != part_key:

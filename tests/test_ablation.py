@@ -150,6 +150,35 @@ def test_configurations_resume_seed_batch_by_batch(tmp_path, datasets_dir, monke
     assert len(resumed["steps"][grid[1]]) == 3 and resumed["steps"][grid[1]][0]["queries"] == 2 * 144
 
 
+def test_a_run_split_by_seed_is_reused_by_the_whole_run(tmp_path, datasets_dir, monkeypatch):
+    """Seeds run as separate processes (one per seed, same ``out``) are merged by the run over all
+    seeds without sampling again, and equal a run over all seeds from scratch; the concentration
+    study, which depends on neither seeds nor grid, is computed once."""
+    monkeypatch.setenv("PATCHBANK_DATASETS", str(datasets_dir))
+    (tmp_path / "calibration.json").write_text(json.dumps({"schedule": [[0.5, 3], [1.0, 5]]}))
+
+    def config(out: str, seeds: list[int]) -> AblationConfig:
+        return AblationConfig(dataset="mnist", resize=12, n_train=30, seeds=seeds, steps=3, grid=["topk:k=8:tol=none"],
+                              reference_batch=1, variant_batch=1, calibration=str(tmp_path / "calibration.json"),
+                              banks=str(tmp_path / "banks"), out=str(tmp_path / out), concentration_times=[0.5],
+                              concentration_scales=[3], concentration_pixels=4)
+
+    whole = run_ablation(config("whole", [0, 1]), progress=False)
+    for seed in (0, 1):
+        run_ablation(config("split", [seed]), progress=False)
+
+    def fail(*a, **k):
+        raise AssertionError("recomputed")
+
+    for name in ("_reference_run", "_variant_batch", "concentration_study"):
+        monkeypatch.setattr(ablation, name, fail)
+    merged = run_ablation(config("split", [0, 1]), progress=False)
+    for k in ("pearson_r_min", "max_abs_diff", "step_error_max", "eps_max"):
+        assert merged["rows"][0][k] == pytest.approx(whole["rows"][0][k], rel=1e-9, abs=1e-12), k
+    assert merged["concentration"] == whole["concentration"]
+    assert len(merged["steps"]["topk:k=8:tol=none"]) == 3 and merged["steps"]["topk:k=8:tol=none"][0]["queries"] == 2 * 144
+
+
 def test_float32_reference_and_rows(tmp_path, datasets_dir, monkeypatch):
     """A float32 reference (the affordable one at 60k): a float32 exact row equals it exactly, the
     float64 exact row and certified rows are within round-off of it, and a float64 reference is a
