@@ -158,7 +158,7 @@ def test_a_run_split_by_seed_is_reused_by_the_whole_run(tmp_path, datasets_dir, 
     (tmp_path / "calibration.json").write_text(json.dumps({"schedule": [[0.5, 3], [1.0, 5]]}))
 
     def config(out: str, seeds: list[int]) -> AblationConfig:
-        return AblationConfig(dataset="mnist", resize=12, n_train=30, seeds=seeds, steps=3, grid=["topk:k=8:tol=none"],
+        return AblationConfig(dataset="mnist", resize=12, n_train=30, seeds=seeds, steps=3, grid=["topk:k=8"],
                               reference_batch=1, variant_batch=1, calibration=str(tmp_path / "calibration.json"),
                               banks=str(tmp_path / "banks"), out=str(tmp_path / out), concentration_times=[0.5],
                               concentration_scales=[3], concentration_pixels=4)
@@ -176,7 +176,11 @@ def test_a_run_split_by_seed_is_reused_by_the_whole_run(tmp_path, datasets_dir, 
     for k in ("pearson_r_min", "max_abs_diff", "step_error_max", "eps_max"):
         assert merged["rows"][0][k] == pytest.approx(whole["rows"][0][k], rel=1e-9, abs=1e-12), k
     assert merged["concentration"] == whole["concentration"]
-    assert len(merged["steps"]["topk:k=8:tol=none"]) == 3 and merged["steps"]["topk:k=8:tol=none"][0]["queries"] == 2 * 144
+    assert len(merged["steps"]["topk:k=8"]) == 3 and merged["steps"]["topk:k=8"][0]["queries"] == 2 * 144
+    # no exact row: the speed-up is taken against the reference run's seconds, and the summary says so
+    assert merged["best"]["config"] == "topk:k=8" and merged["best"]["baseline"] == "reference run"
+    assert merged["best"]["speedup_vs_exact"] == pytest.approx(merged["reference_seconds"] / merged["rows"][0]["seconds"])
+    assert "vs the reference run" in (tmp_path / "split" / "summary.md").read_text()
 
 
 def test_float32_reference_and_rows(tmp_path, datasets_dir, monkeypatch):
