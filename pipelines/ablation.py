@@ -483,11 +483,18 @@ def _part_key(key: dict, v: Variant, seeds: list[int], labels: list | None) -> d
 
 def _run_variant(cfg, v: Variant, data, memory_bank, schedule, noise, labels, reference, network_final, progress,
                  parts_dir: Path | None = None, key: dict | None = None) -> dict:
-    bank = _bank_for(cfg, v, data, memory_bank, schedule, progress)
-    backend = _backend(v)
-    machine = _machine(cfg, bank, schedule, backend)
     device = v.device
-    machine(noise[:1].to(device), 1.0, labels[:1].to(device) if labels is not None else None)  # warm caches (tables, indices) untimed
+    machine = backend = None
+
+    def ready():  # built only when a seed batch has to be sampled: merging finished batches costs nothing
+        nonlocal machine, backend
+        if machine is None:
+            bank = _bank_for(cfg, v, data, memory_bank, schedule, progress)
+            backend = _backend(v)
+            machine = _machine(cfg, bank, schedule, backend)
+            machine(noise[:1].to(device), 1.0, labels[:1].to(device) if labels is not None else None)  # warm caches untimed
+        return machine, backend
+
     n = len(cfg.seeds)
     size = cfg.variant_batch or n
     parts = []
@@ -498,7 +505,7 @@ def _run_variant(cfg, v: Variant, data, memory_bank, schedule, noise, labels, re
         pf = None if parts_dir is None else parts_dir / f"seeds-{cfg.seeds[idx[0]]}-{cfg.seeds[idx[-1]]}.pt"
         part = torch.load(pf, weights_only=False) if pf is not None and pf.exists() else None
         if part is None or part.get("key") != part_key:
-            part = {"key": part_key, **_variant_batch(cfg, v, machine, backend, schedule, noise[idx],
+            part = {"key": part_key, **_variant_batch(cfg, v, *ready(), schedule, noise[idx],
                                                       None if labels is None else labels[idx], reference, idx, progress)}
             if pf is not None:
                 pf.parent.mkdir(parents=True, exist_ok=True)

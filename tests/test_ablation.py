@@ -170,7 +170,7 @@ def test_a_run_split_by_seed_is_reused_by_the_whole_run(tmp_path, datasets_dir, 
     def fail(*a, **k):
         raise AssertionError("recomputed")
 
-    for name in ("_reference_run", "_variant_batch", "concentration_study"):
+    for name in ("_reference_run", "_variant_batch", "_bank_for", "concentration_study"):
         monkeypatch.setattr(ablation, name, fail)
     merged = run_ablation(config("split", [0, 1]), progress=False)
     for k in ("pearson_r_min", "max_abs_diff", "step_error_max", "eps_max"):
