@@ -710,30 +710,64 @@ def _fmt(x, spec: str) -> str:
 # ---- posterior concentration -------------------------------------------------------------------
 @torch.no_grad()
 def posterior_concentration(bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float,
-                            mass: float = 1e-3, chunk_size: int = 1 << 16) -> dict[str, torch.Tensor]:
+                            mass: float = 1e-3, chunk_size: int = 1 << 16, memory_mb: int = 2048) -> dict[str, torch.Tensor]:
     """Per query ``[Q, D]``: the effective number of entries (exp of the posterior's entropy) over
     the bucket's entries (distinct patches with counts on a deduplicating bank) and over individual
     patches, and the number of entries holding ``1 − mass`` of the posterior. Returns ``[Q]`` tensors
-    and the bucket's entry count."""
+    and the bucket's entry count. Queries go in groups whose logits ``[group, entries]`` fit in
+    ``memory_mb`` (a 60,000-image bucket holds up to ~6·10⁷ entries), each group streaming the bucket once."""
     q = queries.to(torch.float64)
-    logits, logc = [], []
-    for chunk in bank.stream(bucket, chunk_size, torch.float64):
-        keys = chunk.keys
-        lc = chunk.log_counts if chunk.log_counts is not None else torch.zeros(keys.shape[0], dtype=torch.float64)
-        logits.append(((2 * a) * q @ keys.T - (a * a) * keys.pow(2).sum(1)) / (2 * s2) + lc)
-        logc.append(lc)
-    ell = torch.cat(logits, 1)  # [Q, U]
-    lc = torch.cat(logc)
-    logp = ell - torch.logsumexp(ell, 1, keepdim=True)
-    p = logp.exp()
-    H = -(p * logp).sum(1)  # over entries
-    H_patches = H + (p * lc).sum(1)  # each of c copies carries p/c
-    need = torch.empty(q.shape[0], dtype=torch.long)
-    for i in range(q.shape[0]):
-        cum = p[i].sort(descending=True).values.cumsum(0)
-        need[i] = int(torch.searchsorted(cum, torch.tensor([(1 - mass) * float(cum[-1])], dtype=cum.dtype))[0]) + 1
-    return {"n_eff_distinct": H.exp(), "n_eff_patches": H_patches.exp(), "k_mass": need.clamp(max=ell.shape[1]),
-            "entries": torch.full((q.shape[0],), ell.shape[1])}
+    cap = bank.bucket_size(bucket)  # ≥ the entries streamed (distinct ones on a deduplicating bank)
+    group = max(1, int(memory_mb * 2**20 // (8 * cap)))
+    out: dict[str, list] = {"n_eff_distinct": [], "n_eff_patches": [], "k_mass": [], "entries": []}
+    for g in range(0, q.shape[0], group):
+        qg = q[g : g + group]
+        ell = torch.empty(qg.shape[0], cap, dtype=torch.float64)
+        lc = torch.empty(cap, dtype=torch.float64)
+        n = 0
+        for chunk in bank.stream(bucket, chunk_size, torch.float64):
+            keys, m = chunk.keys, chunk.keys.shape[0]
+            lc[n : n + m] = chunk.log_counts if chunk.log_counts is not None else 0.0
+            ell[:, n : n + m] = ((2 * a) * qg @ keys.T - (a * a) * keys.pow(2).sum(1)) / (2 * s2) + lc[n : n + m]
+            n += m
+        for row in ell[:, :n]:  # one query at a time: O(entries) temporaries
+            logp = row - torch.logsumexp(row, 0)
+            p = logp.exp()
+            H = -(p * logp).sum()  # over entries
+            out["n_eff_distinct"].append(float(H.exp()))
+            out["n_eff_patches"].append(float((H + (p * lc[:n]).sum()).exp()))  # each of c copies carries p/c
+            out["k_mass"].append(min(n, entries_for_mass(logp, (1 - mass) * float(p.sum()))))
+            out["entries"].append(n)
+        del ell
+    return {"n_eff_distinct": torch.tensor(out["n_eff_distinct"], dtype=torch.float64),
+            "n_eff_patches": torch.tensor(out["n_eff_patches"], dtype=torch.float64),
+            "k_mass": torch.tensor(out["k_mass"], dtype=torch.long), "entries": torch.tensor(out["entries"], dtype=torch.long)}
+
+
+def entries_for_mass(logp: torch.Tensor, target: float, bins: int = 256, small: int = 1 << 14) -> int:
+    """The fewest entries, largest first, whose probabilities ``exp(logp)`` ``[U]`` sum to ≥ ``target``
+    (the same number a full descending sort and cumulative sum give), in O(U) per refinement: a
+    histogram over log p finds the bin where the running mass crosses ``target``, and only that bin is
+    refined (then sorted once it is small)."""
+    above_n, above_m = 0, 0.0
+    cand = logp
+    while cand.numel() > small:
+        lo, hi = float(cand.min()), float(cand.max())
+        if not hi > lo:  # ties: every candidate carries the same mass
+            need = math.ceil(max(0.0, target - above_m) / math.exp(hi) - 1e-9)
+            return above_n + max(1, min(need, cand.numel()))
+        edges = torch.linspace(lo, hi, bins + 1, dtype=cand.dtype)[1:-1]
+        idx = torch.bucketize(cand, edges, right=True)  # bin 0 … bins-1, increasing log p
+        cnt = torch.bincount(idx, minlength=bins).flip(0)  # from the top bin down
+        m = torch.bincount(idx, weights=cand.exp(), minlength=bins).flip(0)
+        cum = above_m + m.cumsum(0)
+        j = min(int(torch.searchsorted(cum, torch.tensor([target], dtype=cum.dtype))[0]), bins - 1)
+        above_n += int(cnt[:j].sum())
+        above_m += float(m[:j].sum())
+        cand = cand[idx == bins - 1 - j]
+    vals = cand.exp().sort(descending=True).values
+    cum = above_m + vals.cumsum(0)
+    return above_n + min(int(torch.searchsorted(cum, torch.tensor([target], dtype=cum.dtype))[0]) + 1, vals.numel())
 
 
 def concentration_study(bank: MemoryBank, machine: str, times: list[float], scales: list[int], held_out: ImageData,

@@ -235,6 +235,28 @@ def test_concentration_dedup_invariance_and_brute_force(datasets_dir, monkeypatc
         k = [(int((ps.sort(descending=True).values.cumsum(0) < 1 - 1e-3).sum()) + 1) for ps in p]
         assert raw["k_mass"].tolist() == k
         assert (dedup["n_eff_distinct"] >= 1).all() and (dedup["k_mass"] <= dedup["entries"]).all()
+        one_by_one = posterior_concentration(MemoryBank(data, dedup=False), key, q, a, s2, memory_mb=0)  # groups of 1
+        for name in raw:
+            torch.testing.assert_close(one_by_one[name], raw[name], rtol=1e-12, atol=0)
+
+
+def test_entries_for_mass_equals_a_full_sort():
+    """The histogram refinement gives the count a descending sort + cumulative sum gives, on
+    posteriors from flat to sharply peaked and with ties (identical probabilities)."""
+    gen = torch.Generator().manual_seed(0)
+    cases = [torch.randn(50_000, generator=gen, dtype=torch.float64) * w for w in (1e-6, 0.1, 3.0, 40.0)]
+    cases += [torch.zeros(30_001, dtype=torch.float64),  # uniform: ties everywhere (30,001: no exact boundary hit)
+              torch.cat([torch.full((20_000,), 2.0), torch.full((20_000,), -1.0)]).double(),
+              torch.randint(0, 5, (40_000,), generator=gen).double() * 0.7]
+    for ell in cases:
+        logp = ell - torch.logsumexp(ell, 0)
+        p = logp.exp()
+        for mass in (1e-3, 0.3):
+            target = (1 - mass) * float(p.sum())
+            cum = p.sort(descending=True).values.cumsum(0)
+            want = min(int((cum < target).sum()) + 1, p.numel())
+            assert ablation.entries_for_mass(logp, target, bins=16, small=64) == want
+            assert ablation.entries_for_mass(logp, target) == want
 
 
 def test_grid_entries_parse_and_reject_nonsense():
