@@ -58,6 +58,7 @@ from machines.schedule import alpha_sigma2
 from patchbank import BankError, BankSpec, ImageData, MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import atomic_write, write_json
 from patchbank.geometry import BucketKey, dictionary_groups, patches_at
+from patchbank.memory import IMAGE_RULES
 
 from .metrics import pearson_r, r2
 from .sampling import cycled_labels
@@ -717,7 +718,7 @@ def posterior_concentration(bank: MemoryBank, bucket: BucketKey, queries: torch.
     and the bucket's entry count. Queries go in groups whose logits ``[group, entries]`` fit in
     ``memory_mb`` (a 60,000-image bucket holds up to ~6·10⁷ entries), each group streaming the bucket once."""
     q = queries.to(torch.float64)
-    cap = bank.bucket_size(bucket)  # ≥ the entries streamed (distinct ones on a deduplicating bank)
+    cap = bank.bucket_size(bucket) if bucket.rule not in IMAGE_RULES else chunk_size  # ≥ the patch entries streamed
     group = max(1, int(memory_mb * 2**20 // (8 * cap)))
     out: dict[str, list] = {"n_eff_distinct": [], "n_eff_patches": [], "k_mass": [], "entries": []}
     for g in range(0, q.shape[0], group):
@@ -727,6 +728,10 @@ def posterior_concentration(bank: MemoryBank, bucket: BucketKey, queries: torch.
         n = 0
         for chunk in bank.stream(bucket, chunk_size, torch.float64):
             keys, m = chunk.keys, chunk.keys.shape[0]
+            if n + m > ell.shape[1]:  # more entries than the estimate (whole-image rules): grow
+                grow = max(m, ell.shape[1])
+                ell = torch.cat([ell, torch.empty(ell.shape[0], grow, dtype=torch.float64)], 1)
+                lc = torch.cat([lc, torch.empty(grow, dtype=torch.float64)])
             lc[n : n + m] = chunk.log_counts if chunk.log_counts is not None else 0.0
             ell[:, n : n + m] = ((2 * a) * qg @ keys.T - (a * a) * keys.pow(2).sum(1)) / (2 * s2) + lc[n : n + m]
             n += m

@@ -240,6 +240,20 @@ def test_concentration_dedup_invariance_and_brute_force(datasets_dir, monkeypatc
             torch.testing.assert_close(one_by_one[name], raw[name], rtol=1e-12, atol=0)
 
 
+def test_concentration_over_whole_images(datasets_dir, monkeypatch):
+    """IS buckets (whole images, no patch-location count to size the logits) agree with a brute-force softmax."""
+    monkeypatch.setenv("PATCHBANK_DATASETS", str(datasets_dir))
+    data = load_dataset("mnist", resize=12, limit=30)
+    x = data.images.double().flatten(1) / 127.5 - 1
+    a, s2 = alpha_sigma2(0.3)
+    q = a * x[:3] + s2**0.5 * torch.randn(3, x.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = posterior_concentration(MemoryBank(data, dedup=False), BucketKey("IS", None, "zeros", (), None), q, a, s2,
+                                  chunk_size=7)
+    p = (-((q[:, None] - a * x[None]) ** 2).sum(-1) / (2 * s2)).softmax(1)
+    torch.testing.assert_close(got["n_eff_patches"], torch.exp(-(p * p.clamp_min(1e-300).log()).sum(1)), rtol=1e-9, atol=0)
+    assert got["entries"].tolist() == [30] * 3
+
+
 def test_entries_for_mass_equals_a_full_sort():
     """The histogram refinement gives the count a descending sort + cumulative sum gives, on
     posteriors from flat to sharply peaked and with ties (identical probabilities)."""
