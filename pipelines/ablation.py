@@ -292,7 +292,7 @@ def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
             write_json(f, {"key": _variant_key(key, v), **result})
         rows.append(result["row"])
         steps[v.name] = result["steps"]
-    exact_row = next((r for r in rows if r["config"] == "exact"), None)
+    exact_row = _exact_row(rows)
     for r in rows:  # against the warm exact row when there is one (the reference run also pays one-off table builds)
         base = exact_row["seconds"] if exact_row else reference["seconds"]
         r["speedup_vs_exact"] = base / r["seconds"] if r["seconds"] else None
@@ -398,7 +398,7 @@ def _reference(cfg, bank, schedule, noise, labels, out: Path, key: dict, progres
     parts: dict[int, dict] = {}
     keys = {}
     for n, seed in enumerate(cfg.seeds):
-        keys[n] = {**ref_key, "config": {k: v for k, v in ref_key["config"].items() if k != "seeds"}, "seed": seed,
+        keys[n] = {**_without_seeds(ref_key), "seed": seed,
                    "label": None if labels is None else int(labels[n])}
         pf = parts_dir / f"seed{seed}.pt"
         part = torch.load(pf, weights_only=False) if pf.exists() else None
@@ -475,11 +475,16 @@ def _backend(v: Variant):
                        engine="auto" if v.index else "torch", fallback=exact if v.tol is not None else None)
 
 
+def _without_seeds(variant_key: dict) -> dict:
+    """A configuration's key without the run's seed list: the base of the key of one seed (reference)
+    or seed batch (configuration), so a run with more seeds — or one split over processes by seed —
+    reuses every finished one."""
+    return {**variant_key, "config": {k: val for k, val in variant_key["config"].items() if k != "seeds"}}
+
+
 def _part_key(key: dict, v: Variant, seeds: list[int], labels: list | None) -> dict:
-    """Key of one seed batch of a configuration: its own seeds (and labels), not the run's seed list,
-    so a run with more seeds — or one split over processes by seed — reuses every finished batch."""
-    vk = _variant_key(key, v)
-    return {**vk, "config": {k: val for k, val in vk["config"].items() if k != "seeds"}, "seeds": seeds, "labels": labels}
+    """Key of one seed batch of a configuration: its own seeds (and labels), not the run's seed list."""
+    return {**_without_seeds(_variant_key(key, v)), "seeds": seeds, "labels": labels}
 
 
 def _run_variant(cfg, v: Variant, data, memory_bank, schedule, noise, labels, reference, network_final, progress,
@@ -642,13 +647,18 @@ def _max(xs):
     return max(xs) if xs else None
 
 
+def _exact_row(rows: list[dict]) -> dict | None:
+    """The grid's `exact` row (the speed-up baseline), if it has one."""
+    return next((r for r in rows if r["config"] == "exact"), None)
+
+
 def best_configuration(rows: list[dict], min_r: float = 0.999) -> dict | None:
     """The fastest row whose final samples keep Pearson r ≥ ``min_r`` (minimum over seeds) with exact."""
     ok = [r for r in rows if r["pearson_r_min"] >= min_r]
     if not ok:
         return None
     best = min(ok, key=lambda r: r["seconds"])
-    exact = next((r for r in rows if r["config"] == "exact"), None)
+    exact = _exact_row(rows)
     return {"config": best["config"], "seconds_per_sample": best["seconds_per_sample"], "pearson_r_min": best["pearson_r_min"],
             "speedup_vs_exact": best.get("speedup_vs_exact"), "baseline": "exact row" if exact else "reference run"}
 
@@ -668,7 +678,7 @@ def _write_csv(rows: list[dict], path: Path) -> None:
 def summary_markdown(report: dict) -> str:
     """A markdown table of the rows (and the concentration cells) for a README or a paper."""
     cfg = report["config"]
-    base = ("× exact is against the warm `exact` row." if any(r["config"] == "exact" for r in report["rows"]) else
+    base = ("× exact is against the warm `exact` row." if _exact_row(report["rows"]) else
             "no `exact` row: × exact is against the reference run's seconds.")
     lines = [f"Ablation: {cfg['machine']} on {cfg['dataset']} ({cfg['n_train'] or 'all'} images, resize {cfg['resize']}), "
              f"schedule {cfg['calibration'] or cfg['schedule']}, {len(cfg['seeds'])} seeds × {cfg['steps']} steps; "
