@@ -156,7 +156,7 @@ class AutoBackend:
         self.stats.buckets += 1
         if bucket.rule in IMAGE_RULES:
             return self._exact(bank, bucket, queries, a, s2)
-        N = _entries(bank, bucket)
+        N = bank.stream_size(bucket)
         if N <= self.samples:
             return self._exact(bank, bucket, queries, a, s2)
         start = time.perf_counter()
@@ -187,7 +187,7 @@ class AutoBackend:
         ``limit``: most draws for queries that fail (default ``max_samples``, at most a quarter of the
         bucket's entries)."""
         if limit is None:
-            limit = self._limit(_entries(bank, bucket))
+            limit = self._limit(bank.stream_size(bucket))
         gen = torch.Generator().manual_seed(_seed(self.seed, bucket, a))
         q = queries.to(self.draw_dtype)
         state = _Sums.empty(q.shape[0], bank.channels, q.device, self.uses_fused(q.device))
@@ -220,13 +220,6 @@ class AutoBackend:
         self.stats.exact_s += time.perf_counter() - start
         self.stats.exact += queries.shape[0]
         return means
-
-
-def _entries(bank: MemoryBank, bucket: BucketKey) -> int:
-    """Entries an exact sum over the bucket visits: its distinct patches where it has a table, else its patches."""
-    if bank.dedup and bank.materialised(bucket):
-        return bank.unique_patches(bucket).patches.shape[0]
-    return bank.bucket_size(bucket)
 
 
 @dataclass

@@ -93,7 +93,7 @@ class MemoryBank:
         """The bucket's patches in chunks of ≤ ``chunk_size``: keys ``[M, C·P·P]``, centre pixels ``[M, C]``."""
         check_scale(key.scale)
         check_padding(key.padding)
-        if self.dedup and self.materialised(key):
+        if self._streams_distinct(key):
             yield from self._unique_stream(key, chunk_size, dtype, device)
             return
         locs = key.locations(self.height, self.width)
@@ -123,6 +123,16 @@ class MemoryBank:
     def bucket_size(self, key: BucketKey) -> int:
         """Number of training patches in a patch bucket (with repetitions): images × locations."""
         return self.image_ids(key.label).numel() * key.locations(self.height, self.width).shape[0]
+
+    def stream_size(self, key: BucketKey) -> int:
+        """Number of entries :meth:`patch_stream` yields for a patch bucket: its distinct patches
+        where a deduplicating bank has them tabulated, else :meth:`bucket_size`."""
+        if self._streams_distinct(key):
+            return int(self.unique_patches(key).patches.shape[0])
+        return self.bucket_size(key)
+
+    def _streams_distinct(self, key: BucketKey) -> bool:
+        return self.dedup and self.materialised(key)
 
     def sample_patches(
         self, key: BucketKey, m: int, generator: torch.Generator, dtype: torch.dtype = torch.float64,

@@ -728,7 +728,7 @@ def posterior_concentration(bank: MemoryBank, bucket: BucketKey, queries: torch.
     and the bucket's entry count. Queries go in groups whose logits ``[group, entries]`` fit in
     ``memory_mb`` (a 60,000-image bucket holds up to ~6·10⁷ entries), each group streaming the bucket once."""
     q = queries.to(torch.float64)
-    cap = streamed_entries(bank, bucket) if bucket.rule not in IMAGE_RULES else chunk_size  # grown for images
+    cap = bank.stream_size(bucket) if bucket.rule not in IMAGE_RULES else chunk_size  # grown for images
     group = max(1, int(memory_mb * 2**20 // (8 * cap)))
     out: dict[str, list] = {"n_eff_distinct": [], "n_eff_patches": [], "k_mass": [], "entries": []}
     for g in range(0, q.shape[0], group):
@@ -757,14 +757,6 @@ def posterior_concentration(bank: MemoryBank, bucket: BucketKey, queries: torch.
     return {"n_eff_distinct": torch.tensor(out["n_eff_distinct"], dtype=torch.float64),
             "n_eff_patches": torch.tensor(out["n_eff_patches"], dtype=torch.float64),
             "k_mass": torch.tensor(out["k_mass"], dtype=torch.long), "entries": torch.tensor(out["entries"], dtype=torch.long)}
-
-
-def streamed_entries(bank: MemoryBank, bucket: BucketKey) -> int:
-    """How many entries ``bank.stream`` yields for a patch bucket: its distinct patches on a
-    deduplicating bank (where they are tabulated), every (image, location) patch otherwise."""
-    if bank.dedup and bank.materialised(bucket):
-        return int(bank.unique_patches(bucket).patches.shape[0])
-    return bank.bucket_size(bucket)
 
 
 def entries_for_mass(logp: torch.Tensor, target: float, bins: int = 256, small: int = 1 << 14) -> int:

@@ -13,7 +13,7 @@ import torch
 
 from machines import alpha_sigma2
 from patchbank import MemoryBank, load_dataset
-from patchbank.geometry import BucketKey, dictionary_groups, patches_at
+from patchbank.geometry import BucketKey, patches_at
 from pipelines import ablation
 from pipelines.ablation import AblationConfig, Variant, posterior_concentration, run_ablation
 from pipelines.cli import _ablation_config, build_parser
@@ -238,21 +238,6 @@ def test_concentration_dedup_invariance_and_brute_force(datasets_dir, monkeypatc
         one_by_one = posterior_concentration(MemoryBank(data, dedup=False), key, q, a, s2, memory_mb=0)  # groups of 1
         for name in raw:
             torch.testing.assert_close(one_by_one[name], raw[name], rtol=1e-12, atol=0)
-
-
-def test_streamed_entries_counts_what_the_stream_yields(datasets_dir, monkeypatch):
-    """The concentration study sizes its query groups by the entries a bucket streams: distinct
-    patches on a deduplicating bank, every patch otherwise or beyond ``materialise_max``."""
-    monkeypatch.setenv("PATCHBANK_DATASETS", str(datasets_dir))
-    data = load_dataset("mnist", resize=12, limit=30)
-    for P in (3, 5):
-        group = max(dictionary_groups(12, 12, P, "bbELS"), key=lambda g: g[1].shape[0])[0]  # the interior
-        key = BucketKey("bbELS", P, "zeros", group, None)
-        for bank in (MemoryBank(data, dedup=True), MemoryBank(data, dedup=False), MemoryBank(data, dedup=True, materialise_max=3)):
-            streamed = sum(c.keys.shape[0] for c in bank.stream(key, 1000))
-            assert ablation.streamed_entries(bank, key) == streamed
-            assert streamed <= bank.bucket_size(key)
-    assert ablation.streamed_entries(MemoryBank(data, dedup=True), key) < MemoryBank(data).bucket_size(key)
 
 
 def test_concentration_over_whole_images(datasets_dir, monkeypatch):

@@ -12,6 +12,7 @@ import patchbank.bank as bank_mod
 from conftest import noised
 from machines import ExactBackend, ScoreMachine
 from patchbank import BankError, BankSpec, BucketKey, ImageData, MemoryBank, PatchBank, load_npz
+from patchbank.geometry import dictionary_groups
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,21 @@ def test_bank_serves_the_same_posterior_as_memory(built, mnist_tiny):
     cond = ScoreMachine(built, "bbELS", scales=3, conditional=True)(x, 0.3, torch.tensor([3, 5]))
     ref = ScoreMachine(mnist_tiny, "bbELS", scales=3, conditional=True, backend=ExactBackend(prune=False))(x, 0.3, torch.tensor([3, 5]))
     assert torch.allclose(cond, ref, atol=1e-12, rtol=0)
+
+
+def test_stream_size_counts_what_the_stream_yields(built, mnist_tiny):
+    """Work sized by a bucket's entries (the policy's draw counts, the concentration study's query
+    groups) uses the count the stream yields: distinct patches on a deduplicating bank (in memory
+    or on disk), every patch without deduplication or beyond ``materialise_max``."""
+    C, H, W = mnist_tiny.shape
+    for P in (3, 5):
+        interior = max(dictionary_groups(H, W, P, "bbELS"), key=lambda g: g[1].shape[0])[0]
+        key = BucketKey("bbELS", P, "zeros", interior, None)
+        banks = (built, MemoryBank(mnist_tiny, dedup=True), MemoryBank(mnist_tiny), MemoryBank(mnist_tiny, dedup=True, materialise_max=3))
+        for bank in banks:
+            streamed = sum(c.keys.shape[0] for c in bank.stream(key, 1000))
+            assert bank.stream_size(key) == streamed <= bank.bucket_size(key)
+        assert built.stream_size(key) < built.bucket_size(key)  # the dedup case is not the trivial one
 
 
 def test_dedup_counts_and_info(built, mnist_tiny):
