@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from machines import ScoreMachine, sample
+from machines import ScoreMachine, StepRecorder, sample
 from patchbank.atomic import atomic_write
 
 EXACT_TAG = ("dataset", "n_train", "resize", "schedule", "steps", "exact_dtype")  # the options an exact reference depends on
@@ -51,28 +51,15 @@ class Results:
         atomic_write(self.path(kind, seed), lambda tmp: torch.save(result | {"tag": self.tags[kind]}, tmp))
 
 
-def timed_sample(machine: ScoreMachine, noise: torch.Tensor, steps: int, stats=None, checkpoint: Path | None = None,
+def timed_sample(machine: ScoreMachine, noise: torch.Tensor, steps: int, backend=None, checkpoint: Path | None = None,
                  progress: bool | None = None) -> tuple[torch.Tensor, list[dict]]:
-    """A DDIM sample plus one record per step computed here: step, t, P, seconds and, with ``stats``
-    (a backend's statistics: ``summary()``/``reset()``), its summary for that step. A sample resumed
-    from ``checkpoint`` has records for the steps it computed only."""
-    records: list[dict] = []
-    last = [time.perf_counter()]
-    if stats is not None:
-        stats.reset()
-
-    def on_step(step: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> None:
-        now = time.perf_counter()
-        rec = {"step": step, "t": round(t, 3), "P": machine.scales(t), "seconds": round(now - last[0], 3)}  # type: ignore[misc]
-        if stats is not None:
-            rec |= stats.summary()
-            stats.reset()
-        records.append(rec)
-        last[0] = now
-
-    x = sample(machine, noise, steps, callback=on_step, checkpoint=checkpoint,
+    """A DDIM sample plus one record per step computed here (:class:`machines.StepRecorder`: step, t, P,
+    seconds and, with ``backend``, its statistics for that step). A sample resumed from ``checkpoint``
+    has records for the steps it computed only."""
+    recorder = StepRecorder(machine, backend)
+    x = sample(machine, noise, steps, callback=recorder, checkpoint=checkpoint,
                progress=checkpoint is not None if progress is None else progress)
-    return x, records
+    return x, recorder.records
 
 
 def run_seed(out: Results | None, kind: str, seed: int, run: Callable[[Path | None], tuple[torch.Tensor, list[dict]]]) -> dict:

@@ -1,4 +1,4 @@
-"""Time one exact machine step (issue 2's benchmark).
+"""Time one exact machine step.
 
 One query image (a noised MNIST test digit), ELS and bbELS, several P and t, on N training
 images. Prints one row per configuration: build time of the distinct-patch tables (dedup),
@@ -19,7 +19,7 @@ import time
 import torch
 
 from machines import ExactBackend, ScoreMachine, alpha_sigma2
-from patchbank import MemoryBank, load_dataset
+from patchbank import MemoryBank, load_dataset, to_model_range
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     data = load_dataset(args.dataset, resize=args.resize or None, limit=args.n_train or None)
     test = load_dataset(args.dataset, split="test", resize=args.resize or None, limit=1)
-    x0 = test.images.double() / 127.5 - 1
+    x0 = to_model_range(test.images, torch.float64)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     print(f"# {len(data)} training images {tuple(data.shape)}, 1 query, {args.dtype}, {torch.get_num_threads()} threads")
     print(f"{'machine':7} {'P':>3} {'dedup':>5} {'prune':>5} {'kernel':>6} {'t':>5} {'build_s':>8} {'step_s':>8} {'visited':>8} {'no_exp':>7}")

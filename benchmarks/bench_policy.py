@@ -1,4 +1,4 @@
-"""Automatic-policy benchmark (issue 6): a full bbELS sample through :class:`machines.AutoBackend`.
+"""Automatic-policy benchmark: a full bbELS sample through :class:`machines.AutoBackend`.
 
 Per step: seconds, the policy's choice and route fractions (sampled / exact), draws per bucket,
 standard errors, sampling vs exact seconds, and — on ``--check-pixels`` random pixels of the
@@ -26,9 +26,10 @@ import time
 
 import torch
 
-from machines import AutoBackend, ExactBackend, ScoreMachine, alpha_sigma2, noise_from_seeds, reference_schedule, sample
+from machines import AutoBackend, ExactBackend, ScoreMachine, StepRecorder, alpha_sigma2, noise_from_seeds, reference_schedule, sample
 from patchbank import MemoryBank, load_dataset
 from patchbank.geometry import BucketKey, boundary_class, patches_at
+from pipelines.cli import parse_seeds
 from pipelines.metrics import pearson_r
 
 from _results import EXACT_TAG, Results, run_seed, timed_sample  # benchmarks/ is the script's folder, hence on sys.path
@@ -70,8 +71,7 @@ def main() -> None:
                     help="precision of the draws' logits (float32, the default: about half the product's cost)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    lo, _, hi = args.seeds.partition("-")
-    seeds = list(range(int(lo), int(hi or lo) + 1))
+    seeds = parse_seeds(args.seeds)
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
     data = load_dataset(args.dataset, resize=args.resize or None, limit=args.n_train or None)
@@ -105,14 +105,10 @@ def main() -> None:
                 steps += cached["steps"]
                 print(f"seed {seed}: policy result read from {args.out}", flush=True)
             else:
-                seed_steps: list[dict] = []
-                last = [time.perf_counter()]
+                recorder = StepRecorder(machine, policy)
 
                 def on_step(step: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> None:
-                    now = time.perf_counter()
-                    rec = {"seed": seed, "step": step, "t": round(t, 3), "P": schedule(t), "seconds": round(now - last[0], 3)}
-                    rec |= policy.stats.summary()
-                    policy.stats.reset()
+                    rec = recorder(step, t, x, x0) | {"seed": seed}
                     if n == 0 and args.check_pixels:
                         pix = torch.stack([torch.randint(H, (args.check_pixels,), generator=gen),
                                            torch.randint(W, (args.check_pixels,), generator=gen)], 1)
@@ -120,12 +116,13 @@ def main() -> None:
                         err = (x0[0][:, pix[:, 0], pix[:, 1]].T.to(torch.float64) - ref).abs()
                         rec["check_error_max"] = float(err.max())
                         rec["check_error_median"] = float(err.median())
-                    seed_steps.append(rec)
+                    recorder.records[-1] = rec
                     print(json.dumps(rec), flush=True)
                     x_in[0] = x
-                    last[0] = time.perf_counter()
+                    recorder.start()  # the exact check above is not the policy's time
 
                 finals[seed] = sample(machine, noise[n : n + 1], args.steps, callback=on_step)
+                seed_steps = recorder.records
                 steps += seed_steps
                 print(f"seed {seed}: {sum(r['seconds'] for r in seed_steps):.1f} s", flush=True)
                 if out:

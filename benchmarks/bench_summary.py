@@ -1,4 +1,4 @@
-"""Cluster-summary benchmark (issue 6, item 3): what summaries certify, and what they cost, per t.
+"""Cluster-summary benchmark: what summaries certify, and what they cost, per t.
 
 For one bbELS bucket (the interior pixels of noised held-out-like training digits), per noise
 level: the fraction of (query, cluster) pairs summarised / dropped / expanded, the fraction of
@@ -17,7 +17,7 @@ import time
 import torch
 
 from machines import ExactBackend, SummaryBackend, alpha_sigma2
-from patchbank import MemoryBank, load_dataset
+from patchbank import MemoryBank, load_dataset, to_model_range
 from patchbank.geometry import BucketKey, patches_at
 
 
@@ -36,7 +36,7 @@ def main() -> None:
     data = load_dataset(args.dataset, resize=args.resize or None, limit=args.n_train or None)
     bank = MemoryBank(data, dedup=True)
     _, H, W = data.shape
-    x = data.images[-args.images :].double() / 127.5 - 1
+    x = to_model_range(data.images[-args.images :], torch.float64)
     print(f"# {len(data)} images, tol {args.tol}; errors and bounds are max over pixels of |x̂0 − exact|")
     print(f"{'P':>2} {'leaf':>5} {'t':>5} {'Q':>5} {'summ':>6} {'drop':>6} {'expand':>6} {'exact pairs':>11} "
           f"{'err max':>8} {'bound med':>9} {'bound max':>9} {'violations':>10} {'summary_s':>9} {'exact_s':>8}")

@@ -1,4 +1,4 @@
-"""Patch-bank benchmark (issue 3): build a bank, then sample bbELS with the exact and top-k backends.
+"""Patch-bank benchmark: build a bank, then sample bbELS with the exact and top-k backends.
 
 Reports build time and disk size per scale; per-step time of both backends; the top-k
 fallback fraction and ε per step; the Pearson r between top-k and exact final samples. Each
@@ -28,6 +28,7 @@ import torch
 
 from machines import ExactBackend, ScoreMachine, TopKBackend, noise_from_seeds, reference_schedule
 from patchbank import BankSpec, PatchBank, load_dataset
+from pipelines.cli import parse_seeds
 from pipelines.metrics import pearson_r
 
 from _results import EXACT_TAG, Results, run_seed, timed_sample  # benchmarks/ is the script's folder, hence on sys.path
@@ -58,8 +59,7 @@ def main() -> None:
     ap.add_argument("--skip-exact", action="store_true", help="time the top-k backend only (no Pearson r)")
     ap.add_argument("--json", default=None, help="write the full report here")
     args = ap.parse_args()
-    lo, _, hi = args.seeds.partition("-")
-    seeds = list(range(int(lo), int(hi or lo) + 1))
+    seeds = parse_seeds(args.seeds)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     schedule = reference_schedule(args.schedule)
     data = load_dataset(args.dataset, resize=args.resize or None, limit=args.n_train or None)
@@ -80,14 +80,14 @@ def main() -> None:
 
     noise = noise_from_seeds(seeds, data.shape, torch.float64)
     fallback = ExactBackend(kernel=args.kernel, dtype=getattr(torch, args.fallback_dtype))
-    topk = TopKBackend(k=args.k, tol=args.tol, nprobe=args.nprobe, fallback=fallback)
+    topk = TopKBackend(k=args.k, tol=args.tol, nprobe=args.nprobe, exact=fallback)
     topk_machine = ScoreMachine(bank, "bbELS", scales=schedule, backend=topk)
     exact = ExactBackend(kernel=args.kernel, dtype=getattr(torch, args.exact_dtype))
     exact_machine = ScoreMachine(bank, "bbELS", scales=schedule, backend=exact)
     results: dict[str, dict[int, dict]] = {"topk": {}, "exact": {}}
     for n, seed in enumerate(seeds):
         x = noise[n : n + 1]
-        results["topk"][seed] = run_seed(out, "topk", seed, lambda ckpt: timed_sample(topk_machine, x, args.steps, topk.stats, ckpt))
+        results["topk"][seed] = run_seed(out, "topk", seed, lambda ckpt: timed_sample(topk_machine, x, args.steps, topk, ckpt))
         if args.skip_exact:
             continue
         if args.exact_from:

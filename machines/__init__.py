@@ -1,13 +1,26 @@
-"""machines: the analytic score machines, their posterior backends and the DDIM sampler."""
+"""machines: the analytic score machines, their posterior backends and the DDIM sampler.
+
+The backends wing, :mod:`machines.posterior`, holds every backend's statistics and helpers as well;
+the backends themselves and their registry are re-exported here.
+"""
 
 from .analytic import MACHINES, Denoiser, ScoreMachine
-from . import kernels
-from .exact import ExactBackend, PairStats
-from .policy import AutoBackend, PolicyStats
-from .summary import ClusterMoments, SummaryBackend, SummaryStats
-from .tail import SampledTailBackend, TailEstimate, TailStats
-from .topk import TopKBackend, TopKStats
-from .sampler import ddim_grid, noise_from_seeds, sample
+from . import posterior
+from .posterior import (
+    BACKENDS,
+    AutoBackend,
+    Backend,
+    BackendSpec,
+    ExactBackend,
+    SampledTailBackend,
+    SummaryBackend,
+    TopKBackend,
+    describe_backends,
+    kernels,
+    make_backend,
+    parse_backend,
+)
+from .sampler import StepRecorder, ddim_grid, noise_from_seeds, sample
 from .schedule import (
     ScaleSchedule,
     abar,
@@ -20,28 +33,29 @@ from .schedule import (
 )
 
 __all__ = [
+    "BACKENDS",
     "MACHINES",
     "AutoBackend",
-    "PolicyStats",
+    "Backend",
+    "BackendSpec",
     "Denoiser",
     "ExactBackend",
-    "PairStats",
-    "TailEstimate",
-    "TailStats",
-    "TopKBackend",
-    "TopKStats",
     "SampledTailBackend",
-    "ClusterMoments",
-    "SummaryBackend",
-    "SummaryStats",
     "ScaleSchedule",
     "ScoreMachine",
+    "StepRecorder",
+    "SummaryBackend",
+    "TopKBackend",
     "abar",
     "alpha_sigma2",
     "ddim_grid",
+    "describe_backends",
     "eps_from_x0",
     "kernels",
+    "make_backend",
+    "posterior",
     "noise_from_seeds",
+    "parse_backend",
     "reference_schedule",
     "reference_schedules",
     "sample",

@@ -19,11 +19,12 @@ from typing import Literal, Protocol
 
 import torch
 
+from patchbank.base import Bank
 from patchbank.datasets import ImageData
-from patchbank.geometry import RULE_PADDING, BucketKey, Padding, check_padding, dictionary_groups, patches_at
-from patchbank.memory import IMAGE_RULES, MemoryBank
+from patchbank.geometry import IMAGE_RULES, RULE_PADDING, BucketKey, Padding, check_padding, dictionary_groups, patches_at
+from patchbank.memory import MemoryBank
 
-from .exact import ExactBackend
+from .posterior import Backend, make_backend
 from .schedule import ScaleSchedule, alpha_sigma2
 
 MachineKind = Literal["IS", "ES", "LS", "ELS", "bbELS"]
@@ -36,34 +37,31 @@ class Denoiser(Protocol):
     def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
-class Backend(Protocol):
-    def posterior(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor: ...
-
-
 class ScoreMachine:
     """An analytic machine over a bank of training images.
 
     ``kind``: IS, ES, LS, ELS or bbELS. ``scales``: a :class:`ScaleSchedule` or a constant odd P
     (patch machines only). ``padding``: defaults to the rule's (zeros for LS/bbELS, circular for
     ELS). ``conditional``: restrict every dictionary to training images of the sample's label.
-    ``backend``: how posteriors are computed (default :class:`ExactBackend`).
+    ``backend``: how posteriors are computed — a backend or a spec string such as ``"auto"`` or
+    ``"topk:k=256"`` (see :mod:`machines.posterior`; default ``"exact"``).
     """
 
     def __init__(
         self,
-        bank: MemoryBank | ImageData,
+        bank: Bank | ImageData,
         kind: MachineKind,
         scales: ScaleSchedule | int | None = None,
         padding: Padding | None = None,
         conditional: bool = False,
-        backend: Backend | None = None,
+        backend: Backend | str | None = None,
     ) -> None:
         if kind not in MACHINES:
             raise ValueError(f"unknown machine {kind!r}; choose from {MACHINES}")
-        self.bank = bank if isinstance(bank, MemoryBank) else MemoryBank(bank)
+        self.bank = bank if isinstance(bank, Bank) else MemoryBank(bank)
         self.kind = kind
         self.conditional = conditional
-        self.backend = backend or ExactBackend()
+        self.backend = make_backend("exact" if backend is None else backend)
         self.channels, self.height, self.width = self.bank.channels, self.bank.height, self.bank.width
         self.padding: Padding = padding or ("circular" if kind == "ES" else RULE_PADDING.get(kind, "zeros"))
         check_padding(self.padding)

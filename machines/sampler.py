@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -18,6 +19,35 @@ from .schedule import abar, eps_from_x0
 
 StepCallback = Callable[[int, float, torch.Tensor, torch.Tensor], None]
 """Called after each step with ``(step, t, x_prev, x̂0)``."""
+
+
+class StepRecorder:
+    """A :data:`StepCallback` that keeps one record per step: ``step``, ``t``, ``P`` (for a machine with a
+    scale schedule), ``seconds`` since the previous step's record and, given a ``backend``, its
+    ``stats.summary()`` for that step (the statistics are reset after each record, and by :meth:`start`)."""
+
+    def __init__(self, machine: Any = None, backend: Any = None) -> None:
+        self.scales = getattr(machine, "scales", None)
+        self.backend = backend
+        self.records: list[dict] = []
+        self.start()
+
+    def start(self) -> None:
+        """Start timing the next step now (and clear the backend's statistics)."""
+        if self.backend is not None:
+            self.backend.reset()
+        self._last = time.perf_counter()
+
+    def __call__(self, step: int, t: float, x: torch.Tensor, x0: torch.Tensor) -> dict:
+        rec: dict = {"step": step, "t": t, "seconds": time.perf_counter() - self._last}
+        if self.scales is not None:
+            rec["P"] = self.scales(t)
+        if self.backend is not None:
+            rec |= self.backend.stats.summary()
+            self.backend.reset()
+        self.records.append(rec)
+        self._last = time.perf_counter()
+        return rec
 
 
 def ddim_grid(steps: int = 20) -> list[float]:

@@ -15,9 +15,12 @@ from .geometry import BucketKey, boundary_class, dictionary_groups, extract_patc
 from .bank import BankError, BankSpec, PatchBank, bucket_id
 from .clusters import ClusteredPatches, cluster_patches
 from .index import Neighbours, PatchIndex, SearchResult, merge_neighbours, torch_search
-from .memory import Chunk, MemoryBank, UniquePatches
+from .base import Bank
+from .memory import MemoryBank
+from .tables import Chunk, UniquePatches
 
 __all__ = [
+    "Bank",
     "BankError",
     "BankSpec",
     "Neighbours",

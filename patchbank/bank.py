@@ -29,11 +29,13 @@ import zarr
 from tqdm.auto import tqdm
 
 from .atomic import write_json
+from .base import Bank
 from .clusters import ClusteredPatches, cluster_patches
 from .datasets import ImageData
-from .geometry import RULE_PADDING, BucketKey, dictionary_groups
+from .geometry import IMAGE_RULES, RULE_PADDING, BucketKey, dictionary_groups
 from .index import IVFLists, Neighbours, PatchIndex, SearchResult, faiss_gpu_available, index_kind, require_faiss
-from .memory import IMAGE_RULES, MemoryBank, UniquePatches
+from .memory import MemoryBank
+from .tables import UniquePatches
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +90,17 @@ def bucket_id(key: BucketKey) -> str:
     return f"{key.rule}-P{key.scale}-{key.padding}-{dictionary}-{label}"
 
 
-class PatchBank(MemoryBank):
+class PatchBank(Bank):
     """A bank on disk. Serves machines exactly like :class:`MemoryBank` (stream, distinct patches,
     clusters), from stored tables, plus nearest-patch search through per-bucket FAISS indices."""
 
     def __init__(self, path: Path, data: ImageData, manifest: dict) -> None:
         super().__init__(data, dedup=True)
+        self._unique: dict[BucketKey, UniquePatches] = {}
         self.path = Path(path)
         self.manifest = manifest
         self.spec = BankSpec(**manifest["spec"])
+        self.index_spec = self.spec.index
         self._buckets = {bucket_id(BucketKey(**_key_from_json(k))) for k in manifest["buckets"]}
         self._indices: dict[BucketKey, PatchIndex] = {}
         self._ivf: dict[BucketKey, IVFLists | None] = {}
@@ -184,10 +188,12 @@ class PatchBank(MemoryBank):
             raise BankError(f"{self.path}: bucket {name} is missing or corrupted ({err})") from err
 
     def materialised(self, key: BucketKey) -> bool:
+        """Whether the build stored the bucket's distinct patches (P ≤ ``materialise_max``)."""
         self._group(key)  # a clear error for a bucket the bank was not built with
         return self.manifest["bucket_stats"].get(bucket_id(key), {}).get("materialised", True)
 
     def unique_patches(self, key: BucketKey) -> UniquePatches:
+        """The stored distinct patches and counts of a bucket (read once, checked against the bucket's size)."""
         if key not in self._unique:
             if not self.materialised(key):
                 raise BankError(f"{self.path}: bucket {bucket_id(key)} is not materialised (P > materialise_max = "
@@ -204,8 +210,9 @@ class PatchBank(MemoryBank):
         return self._unique[key]
 
     def clustered(self, key: BucketKey, leaf_size: int = 2048) -> ClusteredPatches:
+        """The stored clusters at the build's ``leaf_size``; other sizes are computed from the table (cached)."""
         if leaf_size != self.spec.leaf_size:
-            return super().clustered(key, leaf_size)
+            return self._cluster(key, leaf_size)
         if (key, leaf_size) not in self._clustered:
             g = self._group(key)
             table = self.unique_patches(key)
@@ -230,7 +237,7 @@ class PatchBank(MemoryBank):
         has_index = self.manifest["bucket_stats"].get(bucket_id(key), {}).get("index") is not None
         use_faiss = engine == "faiss" or (engine == "auto" and has_index and _faiss_usable(queries))
         if not use_faiss:
-            return super().search(key, queries, k, nprobe, "torch")
+            return self._torch_search(key, queries, k)
         index = self.index(key)
         on_gpu = queries.is_cuda and faiss_gpu_available()
         k_eff = min(k, 2048) if on_gpu else k  # FAISS GPU answers k ≤ 2048; the certificate covers the rest
@@ -346,7 +353,7 @@ def _write_bucket(tmp: Path, builder: MemoryBank, key: BucketKey, spec: BankSpec
         (tmp / "stats.json").write_text(json.dumps({"patches": n, "distinct": None, "index": None, "materialised": False, "bytes": 0}))
         return
     table = builder.unique_patches(key)
-    builder._unique.pop(key)  # keep the builder's memory bounded by one bucket
+    builder.forget(key)  # keep the builder's memory bounded by one bucket
     g = zarr.open_group(str(tmp), mode="w")
     g.attrs["key"] = _key_to_json(key)
     patches = table.patches.numpy()

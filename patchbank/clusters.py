@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from .memory import UniquePatches
+from .tables import UniquePatches
 
 _BLOCK = 1 << 20  # rows projected at a time
 

@@ -94,6 +94,7 @@ RULE_KEYS: dict[str, KeyFn] = {
     "bbELS": boundary_class,  # pixels that see the same zero padding
 }
 RULE_PADDING: dict[str, Padding] = {"LS": "zeros", "ELS": "circular", "bbELS": "zeros"}
+IMAGE_RULES: tuple[str, ...] = ("IS", "ES")  # rules whose dictionary entries are whole images, not patches
 
 
 def dictionary_groups(H: int, W: int, P: int, rule: Rule) -> list[tuple[tuple[int, ...], torch.Tensor]]:

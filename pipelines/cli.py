@@ -9,6 +9,7 @@ from dataclasses import fields
 import json
 from pathlib import Path
 
+from machines import MACHINES, describe_backends, parse_backend
 from patchbank import BankSpec, PatchBank, load_dataset
 
 from .ablation import AblationConfig, run_ablation
@@ -17,12 +18,27 @@ from .sampling import SampleConfig, run_sample
 from .training import TrainConfig, train
 
 
-def _seeds(text: str) -> list[int]:
-    """``0-7`` or ``1,5,9``."""
-    if "-" in text:
-        lo, hi = text.split("-")
-        return list(range(int(lo), int(hi) + 1))
-    return [int(s) for s in text.split(",")]
+def parse_seeds(text: str) -> list[int]:
+    """Seeds from ``0-7`` (a range, both ends included), ``1,5,9`` or a mix such as ``0-3,8``."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            seeds += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"seeds must look like 0-7 or 1,5,9, not {text!r}") from None
+    return seeds
+
+
+def backend_spec(text: str) -> str:
+    """A backend spec, checked now (an unknown kind or option is a usage error naming it)."""
+    try:
+        return str(parse_backend(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+BACKEND_HELP = "posterior backend spec, e.g. exact, auto, 'auto:se_tol=0.005', 'topk:k=256:tol=1e-4' (list: patchbank backends)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,21 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", default=d.dataset, help="mnist, fashion_mnist, cifar10, celeba, two_image, random, an .npz or a folder")
     s.add_argument("--resize", type=int, default=d.resize, help="resize to R×R (0 keeps the original size)")
     s.add_argument("--n-train", type=int, default=d.n_train, help="use the first N training images (0 = all)")
-    s.add_argument("--machine", default=d.machine, choices=["IS", "ES", "LS", "ELS", "bbELS"])
+    s.add_argument("--machine", default=d.machine, choices=MACHINES)
     s.add_argument("--schedule", default=d.schedule, help="reference scale schedule (see machines/data/scales.json)")
     s.add_argument("--reading", default=d.reading, choices=["calibrated", "paper"])
     s.add_argument("--scale", type=int, default=None, help="a constant patch scale P instead of the schedule")
     s.add_argument("--padding", default=None, choices=["zeros", "circular"])
     s.add_argument("--conditional", action="store_true")
-    s.add_argument("--labels", type=_seeds, default=None, help="one label per seed (conditional), e.g. 0,1,2")
-    s.add_argument("--seeds", type=_seeds, default=d.seeds, help="e.g. 0-7 or 3,5")
+    s.add_argument("--labels", type=parse_seeds, default=None, help="one label per seed (conditional), e.g. 0,1,2")
+    s.add_argument("--seeds", type=parse_seeds, default=d.seeds, help="e.g. 0-7 or 3,5")
     s.add_argument("--steps", type=int, default=d.steps)
-    s.add_argument("--chunk-size", type=int, default=d.chunk_size)
     s.add_argument("--bank", default=None, help="a built patch bank to sample from (instead of --dataset)")
-    s.add_argument("--backend", default=d.backend, choices=["exact", "topk"])
-    s.add_argument("--k", type=int, default=d.k, help="top-k: neighbours per pixel")
-    s.add_argument("--tol", type=float, default=d.tol, help="top-k: certified tolerance before exact fallback")
+    s.add_argument("--backend", type=backend_spec, default=d.backend, help=BACKEND_HELP)
     s.add_argument("--out", default=d.out)
+
+    sub.add_parser("backends", help="list the posterior backends with their options and defaults")
 
     b = sub.add_parser("build", help="build (or resume building) a patch bank on disk")
     b.add_argument("out", help="bank directory")
@@ -76,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default=dc.model)
     c.add_argument("--machine", default=dc.machine, choices=["LS", "ELS", "bbELS"])
     c.add_argument("--candidates", type=int, nargs="+", default=dc.candidates)
-    c.add_argument("--seeds", type=_seeds, default=dc.seeds)
+    c.add_argument("--seeds", type=parse_seeds, default=dc.seeds)
     c.add_argument("--steps", type=int, default=dc.steps)
     c.add_argument("--bank", default=None)
+    c.add_argument("--backend", type=backend_spec, default=dc.backend, help=BACKEND_HELP)
     c.add_argument("--out", default=dc.out)
 
     e = sub.add_parser("evaluate", help="theory vs network agreement of a calibrated machine (with the IS baseline)")
@@ -86,10 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=de.model)
     e.add_argument("--calibration", default=de.calibration)
     e.add_argument("--machine", default=de.machine, choices=["LS", "ELS", "bbELS"])
-    e.add_argument("--seeds", type=_seeds, default=de.seeds)
+    e.add_argument("--seeds", type=parse_seeds, default=de.seeds)
     e.add_argument("--steps", type=int, default=de.steps)
     e.add_argument("--bank", default=None)
-    e.add_argument("--backend", default=de.backend, choices=["exact", "topk"])
+    e.add_argument("--backend", type=backend_spec, default=de.backend, help=BACKEND_HELP)
     e.add_argument("--batch", type=int, default=de.batch)
     e.add_argument("--out", default=de.out)
     ab = sub.add_parser("ablate", help="exact-vs-approximate ablation grid and the posterior-concentration study")
@@ -102,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--conditional", action="store_true", default=None)
     ab.add_argument("--schedule", default=None, help=f"reference scale schedule, default {da.schedule}")
     ab.add_argument("--calibration", default=None, help="a calibration.json to use as the schedule instead")
-    ab.add_argument("--seeds", type=_seeds, default=None, help="default 0-1")
+    ab.add_argument("--seeds", type=parse_seeds, default=None, help="default 0-1")
     ab.add_argument("--steps", type=int, default=None)
-    ab.add_argument("--grid", nargs="+", default=None, help="configurations, e.g. exact topk:k=64 'topk:k=256:index=IVF64,Flat:nprobe=8'")
+    ab.add_argument("--grid", nargs="+", default=None,
+                    help="backend specs (optionally with :device=cuda), e.g. exact topk:k=64 'topk:k=256:index=IVF64,Flat:nprobe=8'")
     ab.add_argument("--banks", default=None, help=f"where per-index banks are built and reused (default {da.banks})")
     ab.add_argument("--materialise-max", type=int, default=None)
     ab.add_argument("--reference-batch", type=int, default=None,
@@ -140,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
         values["resize"] = values["resize"] or None
         values["n_train"] = values["n_train"] or None
         print(run_sample(SampleConfig(**values)))
+    elif args.command == "backends":
+        print(describe_backends())
     elif args.command == "build":
         data = load_dataset(args.dataset, resize=args.resize or None, limit=args.n_train or None)
         index = None if args.index.lower() == "none" else args.index

@@ -49,8 +49,10 @@ def evaluate(
     labels_of: dict[int, int] | None = None,
     batch: int = 10,
     progress: bool = True,
+    config: dict | None = None,
 ) -> dict:
-    """Evaluate (or resume) over ``seeds``; writes ``per_seed.jsonl``, ``samples.pt``, ``report.json``."""
+    """Evaluate (or resume) over ``seeds``; writes ``per_seed.jsonl``, ``samples.pt``, ``report.json``
+    (the summary, with ``config`` under the key ``config`` when given)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = read_rows(out / "per_seed.jsonl")
@@ -69,6 +71,8 @@ def evaluate(
         atomic_write(out / "per_seed.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
     rows = [r for r in rows if r["seed"] in set(seeds)]
     report = summarise(rows)
+    if config is not None:
+        report["config"] = config
     write_json(out / "report.json", report)
     return report
 

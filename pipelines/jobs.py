@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from machines import ExactBackend, ScoreMachine, TopKBackend
-from patchbank import MemoryBank, PatchBank, load_dataset
+from machines import ScoreMachine
+from patchbank import Bank, MemoryBank, PatchBank, load_dataset
+from patchbank.atomic import write_json
 
 from .calibration import calibrate, schedule_from, write_calibration
 from .evaluation import evaluate, read_rows
@@ -29,6 +30,7 @@ class CalibrateConfig:
     seeds: list[int] = field(default_factory=lambda: list(range(8)))
     steps: int = 20
     bank: str | None = None
+    backend: str = "exact"  # a backend spec (see `patchbank backends`); every candidate machine gets its own
     out: str = "outputs/calibrate"
 
 
@@ -40,7 +42,7 @@ class EvaluateConfig:
     seeds: list[int] = field(default_factory=lambda: list(range(100)))
     steps: int = 20
     bank: str | None = None
-    backend: str = "exact"  # exact | topk
+    backend: str = "exact"  # a backend spec for the calibrated machine (the IS baseline is always exact)
     batch: int = 10
     out: str = "outputs/evaluate"
 
@@ -58,7 +60,7 @@ def _setup(model: str, bank_path: str | None):
     return network, bank, train_cfg
 
 
-def _labels_of(train_cfg: dict, seeds: list[int], bank: MemoryBank) -> dict[int, int] | None:
+def _labels_of(train_cfg: dict, seeds: list[int], bank: Bank) -> dict[int, int] | None:
     if not train_cfg["conditional"]:
         return None
     classes = bank.labels.unique().tolist()
@@ -70,7 +72,7 @@ def run_calibrate(cfg: CalibrateConfig) -> dict:
     labels_of = _labels_of(train_cfg, cfg.seeds, bank)
     labels = torch.tensor([labels_of[s] for s in cfg.seeds]) if labels_of else None
     cond = bool(train_cfg["conditional"])
-    result = calibrate(network, lambda P: ScoreMachine(bank, cfg.machine, scales=P, conditional=cond),  # type: ignore[arg-type]
+    result = calibrate(network, lambda P: ScoreMachine(bank, cfg.machine, scales=P, conditional=cond, backend=cfg.backend),  # type: ignore[arg-type]
                        cfg.candidates, cfg.seeds, bank.data.shape, cfg.steps, labels)
     result["config"] = asdict(cfg)
     out = Path(cfg.out)
@@ -82,17 +84,14 @@ def run_calibrate(cfg: CalibrateConfig) -> dict:
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     network, bank, train_cfg = _setup(cfg.model, cfg.bank)
     schedule = schedule_from(json.loads(Path(cfg.calibration).read_text()))
-    backend = TopKBackend() if cfg.backend == "topk" else ExactBackend()
     cond = bool(train_cfg["conditional"])
-    machine = ScoreMachine(bank, cfg.machine, scales=schedule, conditional=cond, backend=backend)  # type: ignore[arg-type]
+    machine = ScoreMachine(bank, cfg.machine, scales=schedule, conditional=cond, backend=cfg.backend)  # type: ignore[arg-type]
     ideal = ScoreMachine(bank, "IS", conditional=cond)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"evaluate": asdict(cfg), "train": train_cfg}, indent=1))
+    write_json(out / "config.json", {"evaluate": asdict(cfg), "train": train_cfg})
     report = evaluate(network, machine, ideal, cfg.seeds, bank.data.shape, out, cfg.steps,
-                      _labels_of(train_cfg, cfg.seeds, bank), cfg.batch)
-    report["config"] = asdict(cfg)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+                      _labels_of(train_cfg, cfg.seeds, bank), cfg.batch, config=asdict(cfg))
     samples = torch.load(out / "samples.pt")
     image_pairs(samples, out / "pairs.png")
     agreement_scatter(read_rows(out / "per_seed.jsonl"), out / "scatter.png")

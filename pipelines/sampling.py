@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from machines import ExactBackend, ScaleSchedule, ScoreMachine, TopKBackend, noise_from_seeds, reference_schedule, sample
+from machines import ScaleSchedule, ScoreMachine, make_backend, noise_from_seeds, reference_schedule, sample
 from patchbank import MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import atomic_write, write_json
 
@@ -33,11 +33,8 @@ class SampleConfig:
     labels: list[int] | None = None
     seeds: list[int] = field(default_factory=lambda: list(range(8)))
     steps: int = 20
-    chunk_size: int = 4096
     bank: str | None = None  # a built PatchBank directory; its data replaces dataset/resize/n_train
-    backend: str = "exact"  # exact | topk
-    k: int = 256
-    tol: float = 1e-4
+    backend: str = "exact"  # a backend spec, e.g. "auto", "topk:k=256:tol=1e-4" (see `patchbank backends`)
     out: str = "outputs/sample"
 
     def scales(self) -> ScaleSchedule | None:
@@ -52,8 +49,7 @@ def run_sample(cfg: SampleConfig) -> Path:
     """Sample ``len(cfg.seeds)`` images; writes ``samples.png``, ``samples.pt`` and ``config.json`` under ``cfg.out``."""
     bank = PatchBank.open(cfg.bank) if cfg.bank else MemoryBank(load_dataset(cfg.dataset, resize=cfg.resize, limit=cfg.n_train))
     data = bank.data
-    exact = ExactBackend(chunk_size=cfg.chunk_size)
-    backend = TopKBackend(k=cfg.k, tol=cfg.tol, fallback=exact) if cfg.backend == "topk" else exact
+    backend = make_backend(cfg.backend)
     machine = ScoreMachine(
         bank, cfg.machine, scales=cfg.scales(), padding=cfg.padding, conditional=cfg.conditional, backend=backend,  # type: ignore[arg-type]
     )
@@ -67,9 +63,8 @@ def run_sample(cfg: SampleConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "samples.png", lambda p: save_image((x + 1) / 2, p, nrow=min(8, len(cfg.seeds)), format="png"))
     atomic_write(out / "samples.pt", lambda p: torch.save({"samples": x, "seeds": cfg.seeds, "labels": labels}, p))
-    record = {**asdict(cfg), "seconds": round(elapsed, 2), "train_images": len(data), "image_shape": list(data.shape)}
-    if isinstance(backend, TopKBackend):
-        record["topk_stats"] = backend.stats.summary()
+    record = {**asdict(cfg), "seconds": round(elapsed, 2), "train_images": len(data), "image_shape": list(data.shape),
+              "backend_stats": backend.stats.summary()}
     write_json(out / "config.json", record)
     return out / "samples.png"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from patchbank import ImageData, random_images
+from patchbank import ImageData, load_npz, random_images, resize_uint8, to_model_range
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
@@ -18,6 +18,33 @@ def datasets_dir() -> Path:
         if d and (Path(d) / "mnist.npz").is_file():
             return Path(d)
     pytest.skip("offline dataset copies not found (set PATCHBANK_DATASETS)")
+
+
+@pytest.fixture(scope="module")
+def datasets_env(datasets_dir):
+    """``$PATCHBANK_DATASETS`` pointed at the offline copies for a module (restored after it), so that
+    datasets load by name (``load_dataset("mnist")``, the CLI, the ablation)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATCHBANK_DATASETS", str(datasets_dir))
+        yield datasets_dir
+
+
+@pytest.fixture(scope="session")
+def mnist_at(datasets_dir):
+    """``mnist_at(n, resize=None)``: the first ``n`` MNIST training images of the offline copy, resized to
+    ``resize × resize`` when given (the same images ``load_dataset("mnist", resize=…, limit=n)`` gives)."""
+    full = load_npz(datasets_dir / "mnist.npz")
+    cache: dict[tuple[int, int | None], ImageData] = {}
+
+    def make(n: int, resize: int | None = None) -> ImageData:
+        if (n, resize) not in cache:
+            data = full.subset(n)
+            if resize is not None:
+                data = ImageData(resize_uint8(data.images, (resize, resize)), data.labels, data.name)
+            cache[(n, resize)] = data
+        return cache[(n, resize)]
+
+    return make
 
 
 @pytest.fixture
@@ -36,5 +63,5 @@ def noised(data: ImageData, t: float, n: int, seed: int = 0) -> torch.Tensor:
 
     g = torch.Generator().manual_seed(seed)
     a, s2 = alpha_sigma2(t)
-    x0 = data.images[:n].double() / 127.5 - 1
+    x0 = to_model_range(data.images[:n], torch.float64)
     return a * x0 + s2**0.5 * torch.randn(x0.shape, generator=g, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""The ablation tool (issue 5) on a small real bank: exact rows have zero error, a top-k row that
+"""The ablation tool on a small real bank: exact rows have zero error, a top-k row that
 retrieves whole buckets has zero error, certified rows stay within their bounds, runs resume, and
 the concentration study agrees with a brute-force computation over undeduplicated patches."""
 
@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from machines import alpha_sigma2
-from patchbank import MemoryBank, load_dataset
+from patchbank import MemoryBank, to_model_range
 from patchbank.geometry import BucketKey, patches_at
-from pipelines import ablation
-from pipelines.ablation import AblationConfig, Variant, posterior_concentration, run_ablation
+from pipelines.ablation import AblationConfig, Variant, entries_for_mass, posterior_concentration, run_ablation
+from pipelines.ablation import run as ablation
+from pipelines.ablation.config import BOUND_SLACK
 from pipelines.cli import _ablation_config, build_parser
 
 GRID = [
@@ -27,15 +28,12 @@ GRID = [
     "topk:k=8:index=Flat:tol=1e-3",
     "tail:k=8:samples=256",  # statistical: reported, not certified
     "auto:samples=512:max_samples=2048:se_tol=0.05",  # the automatic policy: statistical too
-    "summary:tol=1e-3:leaf=16",  # cluster summaries: certified
+    "summary:tol=1e-3:leaf_size=16",  # cluster summaries: certified
 ]
 
 
 @pytest.fixture(scope="module")
-def small_run(tmp_path_factory, datasets_dir):
-    import os
-
-    os.environ["PATCHBANK_DATASETS"] = str(datasets_dir)
+def small_run(tmp_path_factory, datasets_env):
     root = tmp_path_factory.mktemp("ablate")
     (root / "calibration.json").write_text(json.dumps({"schedule": [[0.25, 3], [0.5, 5], [1.0, 5]]}))
     cfg = AblationConfig(dataset="mnist", resize=12, n_train=40, seeds=[0, 1], steps=4, grid=GRID,
@@ -68,13 +66,13 @@ def test_exact_rows_and_whole_bucket_topk_have_zero_error(small_run):
 def test_certified_rows_stay_within_their_bounds(small_run):
     cfg, report = small_run
     for r in report["rows"]:
-        if r["kind"] in ("tail", "auto"):
+        if r["guarantee"] == "statistical":
             assert not r["certified"] and r["within_bound"] is None and r["se_median"] is not None
             assert r["pearson_r_min"] > 0.99, r["config"]
             continue
         assert r["certified"] and r["within_bound"], r["config"]
         for s in report["steps"][r["config"]]:
-            assert s["error_max"] <= s["bound"] + ablation.BOUND_SLACK
+            assert s["error_max"] <= s["bound"] + BOUND_SLACK
     truncated = next(r for r in report["rows"] if r["config"] == "topk:k=8:tol=none")
     assert truncated["step_error_max"] > 1e-6  # the measurement is not vacuous: truncation does change x̂0
     assert truncated["fallback_fraction"] == 0
@@ -211,12 +209,11 @@ def test_float32_reference_and_rows(tmp_path, datasets_dir, monkeypatch):
         run_ablation(config("float16"), progress=False)
 
 
-def test_concentration_dedup_invariance_and_brute_force(datasets_dir, monkeypatch):
-    monkeypatch.setenv("PATCHBANK_DATASETS", str(datasets_dir))
-    data = load_dataset("mnist", resize=12, limit=30)
+def test_concentration_dedup_invariance_and_brute_force(mnist_at):
+    data = mnist_at(30, resize=12)
     key = BucketKey("bbELS", 3, "zeros", (1, 1, 1, 1), None)  # interior pixels
     locs = key.locations(12, 12)
-    x = (data.images[:3].double() / 127.5 - 1)
+    x = to_model_range(data.images[:3], torch.float64)
     for t in (0.1, 0.6):
         a, s2 = alpha_sigma2(t)
         xt = a * x + s2**0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -227,7 +224,7 @@ def test_concentration_dedup_invariance_and_brute_force(datasets_dir, monkeypatc
         torch.testing.assert_close(dedup["n_eff_patches"], raw["n_eff_patches"], rtol=1e-9, atol=0)
         assert (dedup["entries"] < raw["entries"]).all() and (dedup["k_mass"] <= raw["k_mass"]).all()
         # brute force over every patch
-        patches = patches_at(data.images.double() / 127.5 - 1, locs, 3, "zeros").flatten(0, 1)
+        patches = patches_at(to_model_range(data.images, torch.float64), locs, 3, "zeros").flatten(0, 1)
         logits = -((q[:, None, :] - a * patches[None]) ** 2).sum(-1) / (2 * s2)
         p = logits.softmax(1)
         n_eff = torch.exp(-(p * p.clamp_min(1e-300).log()).sum(1))
@@ -240,11 +237,10 @@ def test_concentration_dedup_invariance_and_brute_force(datasets_dir, monkeypatc
             torch.testing.assert_close(one_by_one[name], raw[name], rtol=1e-12, atol=0)
 
 
-def test_concentration_over_whole_images(datasets_dir, monkeypatch):
+def test_concentration_over_whole_images(mnist_at):
     """IS buckets (whole images, no patch-location count to size the logits) agree with a brute-force softmax."""
-    monkeypatch.setenv("PATCHBANK_DATASETS", str(datasets_dir))
-    data = load_dataset("mnist", resize=12, limit=30)
-    x = data.images.double().flatten(1) / 127.5 - 1
+    data = mnist_at(30, resize=12)
+    x = to_model_range(data.images, torch.float64).flatten(1)
     a, s2 = alpha_sigma2(0.3)
     q = a * x[:3] + s2**0.5 * torch.randn(3, x.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     got = posterior_concentration(MemoryBank(data, dedup=False), BucketKey("IS", None, "zeros", (), None), q, a, s2,
@@ -269,25 +265,22 @@ def test_entries_for_mass_equals_a_full_sort():
             target = (1 - mass) * float(p.sum())
             cum = p.sort(descending=True).values.cumsum(0)
             want = min(int((cum < target).sum()) + 1, p.numel())
-            assert ablation.entries_for_mass(logp, target, bins=16, small=64) == want
-            assert ablation.entries_for_mass(logp, target) == want
+            assert entries_for_mass(logp, target, bins=16, small=64) == want
+            assert entries_for_mass(logp, target) == want
 
 
-def test_grid_entries_parse_and_reject_nonsense():
+def test_grid_entries_are_backend_specs_with_a_device():
     v = Variant.parse("topk:k=64:index=IVF64,Flat:nprobe=4:tol=none:device=cpu")
-    assert (v.k, v.index, v.nprobe, v.tol, v.certified) == (64, "IVF64,Flat", 4, None, True)
-    t = Variant.parse("tail:k=8:samples=128:proposal=uniform:min_ess=none")
-    assert (t.kind, t.samples, t.proposal, t.min_ess, t.certified) == ("tail", 128, "uniform", None, False)
-    assert not Variant.parse("topk:index=HNSW32").certified
-    assert Variant.parse("exact:dedup=0").dedup is False
-    auto = Variant.parse("auto:se_tol=0.02:max_samples=65536")
-    assert (auto.kind, auto.samples, auto.max_samples, auto.se_tol, auto.min_ess, auto.certified) == ("auto", 4096, 65536, 0.02, 64.0, False)
-    assert Variant.parse("auto:dtype=float32").dtype == "float32" and Variant.parse("exact").dtype == "float64"
-    summ = Variant.parse("summary:leaf=64")
-    assert (summ.kind, summ.tol, summ.leaf, summ.certified) == ("summary", 1e-3, 64, True)
-    for bad in ("fast", "topk:k", "topk:foo=1", "exact:k=3", "topk:dedup=0", "tail:tol=1e-3", "auto:k=3", "auto:min_ess=none",
-                "topk:se_tol=1e-3", "summary:k=3", "summary:tol=none", "topk:leaf=8", "exact:dtype=float16"):
-        with pytest.raises(ValueError):
+    b = v.backend()
+    assert (v.kind, v.device, b.k, b.index, b.nprobe, b.tol, b.guarantee) == ("topk", "cpu", 64, "IVF64,Flat", 4, None, "certified")
+    assert Variant.parse("topk:index=HNSW32").backend().guarantee == "heuristic"
+    assert Variant.parse("exact:dedup=0").backend().dedup is False
+    assert Variant.parse("auto:dtype=float32").backend().exact.dtype == torch.float32
+    assert Variant.parse("summary:leaf_size=64:device=cuda").device == "cuda"
+    assert v.backend() is not b  # each configuration gets its own backend (and statistics)
+    for bad in ("fast", "topk:k", "topk:foo=1", "exact:k=3", "tail:tol=1e-3", "auto:k=3", "auto:min_ess=none",
+                "summary:tol=none", "topk:leaf=8", "exact:dtype=float16"):
+        with pytest.raises(ValueError, match="grid entry"):
             Variant.parse(bad)
 
 

@@ -16,8 +16,8 @@ from patchbank.geometry import dictionary_groups
 
 
 @pytest.fixture(scope="module")
-def mnist_tiny(datasets_dir) -> ImageData:
-    return load_npz(datasets_dir / "mnist.npz").subset(60)
+def mnist_tiny(mnist_at) -> ImageData:
+    return mnist_at(60)
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,14 @@
-"""The fused exact kernel (issue 6, item 1): against float64 brute force and the torch-operations backend."""
+"""The fused exact kernel: against float64 brute force and the torch-operations backend."""
 
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
 from machines import ExactBackend, ScoreMachine, alpha_sigma2, kernels
-from patchbank import MemoryBank, load_dataset
+from patchbank import MemoryBank, to_model_range
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"no fused kernel here: {kernels.unavailable_reason()}")
 
@@ -113,9 +112,8 @@ def test_fold_rejects_bad_input():
 
 
 @pytest.fixture(scope="module")
-def mnist(datasets_dir):
-    os.environ["PATCHBANK_DATASETS"] = str(datasets_dir)
-    return load_dataset("mnist", resize=16, limit=60)
+def mnist(mnist_at):
+    return mnist_at(60, resize=16)
 
 
 @needs_kernel
@@ -124,7 +122,7 @@ def mnist(datasets_dir):
 def test_fused_backend_equals_torch_operations(mnist, kind, P, dedup, prune):
     """Across t ∈ [0.05, 1]: float64 fused = torch ops to round-off, float32 fused within float32 round-off."""
     bank = MemoryBank(mnist, dedup=dedup)
-    x0 = mnist.images[-2:].double() / 127.5 - 1
+    x0 = to_model_range(mnist.images[-2:], torch.float64)
     for t in (0.05, 0.3, 0.6, 0.95, 1.0):
         a, s2 = alpha_sigma2(t)
         x = a * x0 + s2**0.5 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
@@ -145,7 +143,7 @@ def test_auto_falls_back_to_torch_without_a_compiler(mnist, monkeypatch, tmp_pat
     auto = ExactBackend()
     assert not auto.uses_fused("cpu")
     bank = MemoryBank(mnist, dedup=False)
-    x = mnist.images[:1].double() / 127.5 - 1
+    x = to_model_range(mnist.images[:1], torch.float64)
     out = ScoreMachine(bank, "bbELS", scales=3, backend=auto)(x, 0.4)
     ref = ScoreMachine(bank, "bbELS", scales=3, backend=ExactBackend(kernel="torch"))(x, 0.4)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)

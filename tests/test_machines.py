@@ -7,7 +7,7 @@ import torch
 
 from conftest import noised
 from machines import ExactBackend, ScoreMachine, noise_from_seeds, sample
-from patchbank import BucketKey, ImageData, MemoryBank, dictionary_groups, two_image
+from patchbank import BucketKey, ImageData, MemoryBank, dictionary_groups, to_model_range, two_image
 
 
 @pytest.mark.parametrize("kind,P", [("IS", None), ("ES", None), ("LS", 3), ("ELS", 3), ("bbELS", 5)])
@@ -95,7 +95,7 @@ def _distance_to_set(x: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
 def test_is_sampling_memorises(tiny):
     data = tiny(1)
     x = sample(ScoreMachine(data, "IS"), noise_from_seeds(range(5), (1, 7, 9), torch.float64), steps=20)
-    train = data.images.double().flatten(1) / 127.5 - 1
+    train = to_model_range(data.images, torch.float64).flatten(1)
     assert _distance_to_set(x.flatten(1), train).max() < 1e-3
 
 
@@ -106,7 +106,7 @@ def test_es_sampling_ends_on_a_translate(tiny):
     translates = torch.cat([c.keys for c in bank.image_stream(None, 10**6, translates=True)])
     assert translates.shape[0] == 6 * 7 * 9
     assert _distance_to_set(x.flatten(1), translates).max() < 1e-3
-    train = data.images.double().flatten(1) / 127.5 - 1
+    train = to_model_range(data.images, torch.float64).flatten(1)
     assert _distance_to_set(x.flatten(1), train).max() > 0.1  # not merely memorised untranslated images
 
 
@@ -169,10 +169,8 @@ def test_bad_inputs_fail_clearly(tiny):
 
 
 @pytest.fixture(scope="module")
-def mnist_small(datasets_dir) -> ImageData:
-    from patchbank import load_npz
-
-    return load_npz(datasets_dir / "mnist.npz").subset(150)
+def mnist_small(mnist_at) -> ImageData:
+    return mnist_at(150)
 
 
 @pytest.mark.parametrize("kind,P", [("bbELS", 3), ("bbELS", 7), ("ELS", 5), ("LS", 3)])

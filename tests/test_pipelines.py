@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -85,10 +86,12 @@ def test_train_calibrate_evaluate_end_to_end(tmp_path, datasets_dir, monkeypatch
     monkeypatch.setenv("PATCHBANK_DATASETS", str(datasets_dir))
     cfg = _tiny_config(tmp_path / "train", dataset="mnist", resize=12, n_train=40, iters=4, batch=16)
     model = train(cfg, progress=False)
-    cal = run_calibrate(CalibrateConfig(model=str(model), candidates=[3, 5], seeds=[0, 1], steps=3, out=str(tmp_path / "cal")))
+    cal = run_calibrate(CalibrateConfig(model=str(model), candidates=[3, 5], seeds=[0, 1], steps=3, backend="summary:leaf_size=16",
+                                        out=str(tmp_path / "cal")))
     assert [P for _, P in cal["schedule"]] and all(P in (3, 5) for _, P in cal["schedule"])
     report = run_evaluate(EvaluateConfig(model=str(model), calibration=str(tmp_path / "cal" / "calibration.json"),
-                                         seeds=[0, 1, 2], steps=3, batch=2, out=str(tmp_path / "eval")))
+                                         seeds=[0, 1, 2], steps=3, batch=2, backend="topk:k=16", out=str(tmp_path / "eval")))
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["config"]["backend"] == "topk:k=16"
     for name in ("report.json", "per_seed.jsonl", "samples.pt", "pairs.png", "scatter.png", "scale_curve.png", "config.json"):
         assert (tmp_path / "eval" / name).is_file(), name
     assert report["seeds"] == 3 and -1 <= report["median_machine_r"] <= 1 and -1 <= report["median_is_r"] <= 1
@@ -96,6 +99,6 @@ def test_train_calibrate_evaluate_end_to_end(tmp_path, datasets_dir, monkeypatch
     # Resume: a second run with more seeds computes only the new one.
     rows_before = (tmp_path / "eval" / "per_seed.jsonl").read_text().splitlines()
     report = run_evaluate(EvaluateConfig(model=str(model), calibration=str(tmp_path / "cal" / "calibration.json"),
-                                         seeds=[0, 1, 2, 3], steps=3, batch=2, out=str(tmp_path / "eval")))
+                                         seeds=[0, 1, 2, 3], steps=3, batch=2, backend="topk:k=16", out=str(tmp_path / "eval")))
     rows_after = (tmp_path / "eval" / "per_seed.jsonl").read_text().splitlines()
     assert rows_after[:3] == rows_before and len(rows_after) == 4 and report["seeds"] == 4

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from machines import ExactBackend, ScoreMachine
+from patchbank import to_model_range
 from reference import naive_machine
 from conftest import noised
 
@@ -25,7 +26,7 @@ def test_matches_naive_reference(tiny, kind, padding, P, C, conditional, prune):
     backend = ExactBackend(prune=prune, leaf_size=16)
     machine = ScoreMachine(data, kind, scales=P, padding=padding if kind != "IS" else None, conditional=conditional, backend=backend)
     got = machine(x, t, labels)
-    images = data.images.double().numpy() / 127.5 - 1
+    images = to_model_range(data.images, torch.float64).numpy()
     ref = naive_machine(kind, images, data.labels.numpy(), x.numpy(), t, P, padding or "zeros",
                         labels.numpy() if conditional else None)
     assert torch.allclose(got, torch.from_numpy(ref), atol=1e-5, rtol=0), (got - torch.from_numpy(ref)).abs().max()

@@ -1,4 +1,4 @@
-"""Automatic posterior policy (issue 6, item 4): shared importance draws first, exact work only where needed.
+"""Automatic posterior policy: shared importance draws first, exact work only where needed.
 
 For one bucket call (all query pixels that share a dictionary) the policy
 
@@ -33,23 +33,23 @@ Draws are deterministic given ``seed``, the bucket and the noise level.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import torch
 
+from patchbank.base import Bank
 from patchbank.geometry import BucketKey
-from patchbank.memory import IMAGE_RULES, MemoryBank
 
 from . import kernels
-from .exact import ExactBackend, _bias, _with_ones
+from .base import BackendBase, BackendStats, Guarantee, draw_seed, entry_bias, logits, serving, with_ones
+from .exact import ExactBackend
 from .summary import SummaryBackend
-from .tail import _seed
 from .topk import TopKBackend
 
 
 @dataclass
-class PolicyStats:
+class PolicyStats(BackendStats):
     """Per-call statistics until :meth:`reset`: which route each query took, errors, seconds."""
 
     queries: int = 0
@@ -66,9 +66,6 @@ class PolicyStats:
     topk_s: float = 0.0
     exact_s: float = 0.0
     summary_s: float = 0.0
-
-    def reset(self) -> None:
-        self.__init__()  # type: ignore[misc]
 
     @property
     def choice(self) -> str:
@@ -99,11 +96,12 @@ class PolicyStats:
             "topk_s": round(self.topk_s, 4),
             "exact_s": round(self.exact_s, 4),
             "summary_s": round(self.summary_s, 4),
+            "error_bound": None,
         }
 
 
 @dataclass
-class AutoBackend:
+class AutoBackend(BackendBase):
     """Shared importance draws with per-query acceptance, then certified top-k or exact for the rest.
 
     ``samples``: first-round draws per bucket call; ``growth``/``max_samples``: escalation for
@@ -130,8 +128,9 @@ class AutoBackend:
     exact: ExactBackend = field(default_factory=ExactBackend)
     chunk: int = 8192
     draw_dtype: torch.dtype = torch.float32
-    kernel: str = "auto"
-    stats: PolicyStats = field(default_factory=PolicyStats)
+    kernel: Literal["auto", "fused", "torch"] = "auto"
+    stats: PolicyStats = field(default_factory=PolicyStats, repr=False)
+    guarantee: ClassVar[Guarantee] = "statistical"
 
     def __post_init__(self) -> None:
         if self.samples < 2 or self.max_samples < self.samples or self.growth < 2:
@@ -149,46 +148,44 @@ class AutoBackend:
         """Whether the draws' moments on ``device`` are folded by the fused kernel."""
         return kernels.use_fused(self.kernel, device)
 
-    def posterior(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
+    def posterior(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
         """Posterior means ``[Q, C]`` of queries ``[Q, D]`` against one bucket."""
         Q = queries.shape[0]
         self.stats.queries += Q
         self.stats.buckets += 1
-        if bucket.rule in IMAGE_RULES:
+        route = serving(bank, bucket)
+        if route == "image":
             return self._exact(bank, bucket, queries, a, s2)
         N = bank.stream_size(bucket)
         if N <= self.samples:
             return self._exact(bank, bucket, queries, a, s2)
-        start = time.perf_counter()
-        means, se, ok = self.sampled(bank, bucket, queries, a, s2, limit=self._limit(N))
-        self.stats.sample_s += time.perf_counter() - start
+        with self.stats.timer("sample_s"):
+            means, se, ok = self.sampled(bank, bucket, queries, a, s2, limit=self._limit(N))
         self.stats.sampled += int(ok.sum())
         self.stats.se.append(se[ok].cpu())
         rest = torch.nonzero(~ok).view(-1)
         if rest.numel():
             q = queries[rest.to(queries.device)]
-            if self.topk is not None and bank.materialised(bucket):
-                start = time.perf_counter()
-                means[rest] = self.topk.posterior(bank, bucket, q, a, s2).cpu().to(means.dtype)
-                self.stats.topk_s += time.perf_counter() - start
+            if self.topk is not None and route == "table":
+                with self.stats.timer("topk_s"):
+                    means[rest] = self.topk.posterior(bank, bucket, q, a, s2).cpu().to(means.dtype)
                 self.stats.topk += rest.numel()
-            elif self.summary is not None and bank.materialised(bucket):
-                start = time.perf_counter()
-                means[rest] = self.summary.posterior(bank, bucket, q, a, s2).cpu().to(means.dtype)
-                self.stats.summary_s += time.perf_counter() - start
+            elif self.summary is not None and route == "table":
+                with self.stats.timer("summary_s"):
+                    means[rest] = self.summary.posterior(bank, bucket, q, a, s2).cpu().to(means.dtype)
                 self.stats.summaries += rest.numel()
             else:
                 means[rest] = self._exact(bank, bucket, q, a, s2).cpu().to(means.dtype)
         return means.to(queries.device)
 
-    def sampled(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float,
+    def sampled(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float,
                 limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Shared-draw estimates: means ``[Q, C]``, standard errors ``[Q]``, accepted mask ``[Q]`` (on the CPU);
         ``limit``: most draws for queries that fail (default ``max_samples``, at most a quarter of the
         bucket's entries)."""
         if limit is None:
             limit = self._limit(bank.stream_size(bucket))
-        gen = torch.Generator().manual_seed(_seed(self.seed, bucket, a))
+        gen = torch.Generator().manual_seed(draw_seed(self.seed, bucket, a))
         q = queries.to(self.draw_dtype)
         state = _Sums.empty(q.shape[0], bank.channels, q.device, self.uses_fused(q.device))
         rows = torch.arange(q.shape[0], device=q.device)
@@ -214,10 +211,9 @@ class AutoBackend:
         """Most draws for failing queries: ``max_samples``, but no more than a quarter of the bucket's entries."""
         return max(self.samples, min(self.max_samples, entries // 4))
 
-    def _exact(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
-        start = time.perf_counter()
-        means = self.exact.posterior(bank, bucket, queries, a, s2)
-        self.stats.exact_s += time.perf_counter() - start
+    def _exact(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
+        with self.stats.timer("exact_s"):
+            means = self.exact.posterior(bank, bucket, queries, a, s2)
         self.stats.exact += queries.shape[0]
         return means
 
@@ -244,23 +240,23 @@ class _Sums:
         """Add draws ``keys [M, D]`` with centre values ``values [M, C]`` to the sums of queries ``q [R, D]``
         (rows ``rows`` of the state); the logits are taken in the keys' dtype."""
         # ℓ = −‖q − a·p‖²/(2s²) up to a per-query constant (−‖q‖²/2s², which cancels).
-        logits = torch.addmm(_bias(keys.pow(2).sum(1), None, a, s2, keys.dtype), q.to(keys.dtype), keys.T, alpha=a / s2)  # [R, M]
+        block = logits(q.to(keys.dtype), keys, entry_bias(keys.pow(2).sum(1), None, a, s2, keys.dtype), a, s2)  # [R, M]
         if self.fused:
             values_t = values.to(keys.dtype).T.contiguous()
             if rows.numel() == self.m.shape[0]:  # every query: the state itself, in place
-                kernels.moments(logits, values_t, self.m, self.s1, self.s2)
+                kernels.moments(block, values_t, self.m, self.s1, self.s2)
                 return
             m, t1, t2 = self.m[rows], self.s1[rows], self.s2[rows]
-            kernels.moments(logits, values_t, m, t1, t2)
+            kernels.moments(block, values_t, m, t1, t2)
             self.m[rows], self.s1[rows], self.s2[rows] = m, t1, t2
             return
         values = values.to(torch.float64)
-        logits = logits.to(torch.float64)
+        block = block.to(torch.float64)
         m_old = self.m[rows]
-        m_new = torch.maximum(m_old, logits.amax(1))
-        w = logits.sub_(m_new[:, None]).exp_()
-        v1 = _with_ones(values, values.dtype)
-        v2 = _with_ones(torch.cat([values, values * values], 1), values.dtype)
+        m_new = torch.maximum(m_old, block.amax(1))
+        w = block.sub_(m_new[:, None]).exp_()
+        v1 = with_ones(values, values.dtype)
+        v2 = with_ones(torch.cat([values, values * values], 1), values.dtype)
         scale = torch.exp(m_old - m_new)  # 0 on the first chunk (m_old = −1e300)
         self.s1[rows] = self.s1[rows] * scale[:, None] + w @ v1
         self.s2[rows] = self.s2[rows] * (scale * scale)[:, None] + (w * w) @ v2

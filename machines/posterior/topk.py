@@ -12,28 +12,28 @@ softmax is taken over them with log counts, and the weight left out is bounded:
   as uncertified.
 
 ε = neglected / retained weight; the error on x̂0 is at most ``2ε·max|p| ≤ 2ε``. Queries with
-ε > ``tol`` are recomputed by the exact backend (only those, batched).
+ε > ``tol`` are recomputed by the exact backend (only those, batched). Buckets without a
+distinct-patch table (whole-image rules, streamed scales) are summed exactly.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
+from patchbank.base import Bank
 from patchbank.geometry import BucketKey, centre_index
 from patchbank.index import SearchResult
-from patchbank.memory import IMAGE_RULES, MemoryBank
 
+from .base import BackendBase, BackendStats, Guarantee, NeighbourSearch, serving
 from .exact import ExactBackend
 
 FLOAT32_SLACK = 1e-5  # relative error allowance on float32 index distances
 
 
 @dataclass
-class TopKStats:
+class TopKStats(BackendStats):
     """Per-call statistics, accumulated until :meth:`reset`: queries, fallbacks, ε values, seconds."""
 
     queries: int = 0
@@ -44,9 +44,6 @@ class TopKStats:
     search_s: float = 0.0
     topk_s: float = 0.0
     exact_s: float = 0.0
-
-    def reset(self) -> None:
-        self.__init__()  # type: ignore[misc]
 
     def summary(self) -> dict:
         eps = torch.cat(self.eps) if self.eps else torch.zeros(0)
@@ -60,63 +57,71 @@ class TopKStats:
             "search_s": round(self.search_s, 4),
             "topk_s": round(self.topk_s, 4),
             "exact_s": round(self.exact_s, 4),
+            "error_bound": 2 * self.accepted_eps_max if self.certified else None,
         }
 
 
 @dataclass
-class TopKBackend:
+class TopKBackend(NeighbourSearch, BackendBase):
     """Posterior means from the ``k`` nearest distinct patches, certified, with exact fallback.
 
-    ``tol``: largest accepted ε (neglected/retained weight); ``fallback``: the exact backend for
-    queries above it (None: keep the top-k answer and only report ε); ``nprobe``: IVF lists
-    searched; ``engine``: ``auto`` | ``faiss`` | ``torch`` (see :meth:`PatchBank.search`);
-    ``query_chunk``: queries gathered at a time (memory ``query_chunk × k × D``).
+    ``tol``: largest accepted ε (neglected/retained weight); queries above it are recomputed by
+    ``exact`` (``tol=None``: keep every top-k answer and only report ε); ``nprobe``, ``engine``,
+    ``index``: how the bank is searched (:class:`~machines.posterior.base.NeighbourSearch`); ``query_chunk``: queries
+    gathered at a time (memory ``query_chunk × k × D``). ``exact`` also serves the buckets
+    without a distinct-patch table.
     """
 
     k: int = 256
-    tol: float = 1e-4
-    nprobe: int = 8
-    engine: Literal["auto", "faiss", "torch"] = "auto"
-    fallback: ExactBackend | None = field(default_factory=ExactBackend)
+    tol: float | None = 1e-4
+    exact: ExactBackend = field(default_factory=ExactBackend)
     query_chunk: int = 256
-    stats: TopKStats = field(default_factory=TopKStats)
+    stats: TopKStats = field(default_factory=TopKStats, repr=False)
 
-    def posterior(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.nprobe < 1 or self.query_chunk < 1:
+            raise ValueError(f"need k, nprobe and query_chunk >= 1, got {self.k}, {self.nprobe}, {self.query_chunk}")
+        if self.tol is not None and not self.tol > 0:
+            raise ValueError(f"tol must be > 0 (or None: no fallback), got {self.tol}")
+
+    @property
+    def guarantee(self) -> Guarantee:  # type: ignore[override]
+        """Certified, except through a graph index (HNSW), whose search may miss closer patches."""
+        return "heuristic" if self.index is not None and self.index.upper().startswith("HNSW") else "certified"
+
+    def posterior(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
         """Posterior means ``[Q, C]`` of the centre pixels for queries ``[Q, D]`` against one bucket."""
-        if bucket.rule in IMAGE_RULES:
-            return _require(self.fallback).posterior(bank, bucket, queries, a, s2)
-        if not bank.materialised(bucket):  # no distinct patches, no index at this scale: exact for all
-            start = time.perf_counter()
-            means = _require(self.fallback).posterior(bank, bucket, queries, a, s2)
-            self.stats.exact_s += time.perf_counter() - start
+        route = serving(bank, bucket)
+        if route == "image":
+            return self.exact.posterior(bank, bucket, queries, a, s2)
+        if route == "stream":  # no distinct patches, no index at this scale: exact for all
+            with self.stats.timer("exact_s"):
+                means = self.exact.posterior(bank, bucket, queries, a, s2)
             self.stats.queries += queries.shape[0]
             self.stats.fallback += queries.shape[0]
             self.stats.eps.append(torch.full((queries.shape[0],), torch.inf))
             return means
         q = queries.to(torch.float64)
-        start = time.perf_counter()
-        k = min(self.k, bank.unique_patches(bucket).patches.shape[0])  # more than the bucket holds is the bucket
-        found = bank.search(bucket, (q / a).to(torch.float32), k, self.nprobe, self.engine)
-        self.stats.search_s += time.perf_counter() - start
-        start = time.perf_counter()
-        means, eps = self._truncated(bank, bucket, q, found, a, s2)
-        self.stats.topk_s += time.perf_counter() - start
+        with self.stats.timer("search_s"):
+            k = min(self.k, bank.unique_patches(bucket).patches.shape[0])  # more than the bucket holds is the bucket
+            found = self.nearest(bank, bucket, (q / a).to(torch.float32), k)
+        with self.stats.timer("topk_s"):
+            means, eps = self._truncated(bank, bucket, q, found, a, s2)
         self.stats.queries += q.shape[0]
         self.stats.certified &= found.kind != "hnsw"
         self.stats.eps.append(eps.cpu())
-        accept = eps <= self.tol if self.fallback is not None else torch.ones_like(eps, dtype=torch.bool)
+        accept = eps <= self.tol if self.tol is not None else torch.ones_like(eps, dtype=torch.bool)
         redo = torch.nonzero(~accept).view(-1)
         kept = eps[accept]
         if kept.numel():
             self.stats.accepted_eps_max = max(self.stats.accepted_eps_max, float(kept.max()))
         if redo.numel():
-            start = time.perf_counter()
-            means[redo] = self.fallback.posterior(bank, bucket, q[redo], a, s2).to(means.dtype)
-            self.stats.exact_s += time.perf_counter() - start
+            with self.stats.timer("exact_s"):
+                means[redo] = self.exact.posterior(bank, bucket, q[redo], a, s2).to(means.dtype)
             self.stats.fallback += redo.numel()
         return means
 
-    def _truncated(self, bank: MemoryBank, bucket: BucketKey, q: torch.Tensor, found: SearchResult, a: float, s2: float):
+    def _truncated(self, bank: Bank, bucket: BucketKey, q: torch.Tensor, found: SearchResult, a: float, s2: float):
         """Softmax over the retrieved patches and its certificate ε, query block by block."""
         table = bank.unique_patches(bucket)
         centre = centre_index(bank.channels, bucket.scale).to(q.device)  # type: ignore[arg-type]
@@ -159,9 +164,3 @@ class TopKBackend:
         outer = list_counts[None, :] * torch.exp(-(a * a) * lower.pow(2) / (2 * s2) - m[:, None])
         outer = outer.scatter(1, probed, 0.0)  # probed lists are covered by the inner bound
         return inner + outer.sum(1)
-
-
-def _require(fallback: ExactBackend | None) -> ExactBackend:
-    if fallback is None:
-        raise ValueError("whole-image machines (IS, ES) need the exact backend; give TopKBackend a fallback")
-    return fallback

@@ -1,4 +1,4 @@
-"""Head + importance-sampled tail posterior backend (issue 6, item 2; DESIGN §6 (b)).
+"""Head + importance-sampled tail posterior backend (DESIGN §6 (b)).
 
 For one query and one bucket of distinct patches ``p_j`` with counts ``c_j`` (``n = Σ c_j``),
 weights ``w_j = c_j·exp(ℓ_j)``, ``ℓ_j = −a²‖q/a − p_j‖²/(2s²)`` and centre pixels ``v_j``, the
@@ -24,17 +24,16 @@ times the posterior is broad, the draws are well spread and the ESS is high.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import time
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 
+from patchbank.base import Bank
 from patchbank.geometry import BucketKey, centre_index
-from patchbank.memory import IMAGE_RULES, MemoryBank
 
+from .base import BackendBase, BackendStats, Guarantee, NeighbourSearch, draw_seed, serving
 from .exact import ExactBackend
 
 
@@ -48,7 +47,7 @@ class TailEstimate(NamedTuple):
 
 
 @dataclass
-class TailStats:
+class TailStats(BackendStats):
     """Per-call statistics until :meth:`reset`: queries, standard errors, head mass, seconds."""
 
     queries: int = 0
@@ -59,9 +58,6 @@ class TailStats:
     search_s: float = 0.0
     sample_s: float = 0.0
     exact_s: float = 0.0
-
-    def reset(self) -> None:
-        self.__init__()  # type: ignore[misc]
 
     def summary(self) -> dict:
         se = torch.cat(self.se) if self.se else torch.zeros(0)
@@ -76,18 +72,19 @@ class TailStats:
             "search_s": round(self.search_s, 4),
             "sample_s": round(self.sample_s, 4),
             "exact_s": round(self.exact_s, 4),
+            "error_bound": None,
         }
 
 
 @dataclass
-class SampledTailBackend:
+class SampledTailBackend(NeighbourSearch, BackendBase):
     """Posterior means from an exact top-``k`` head plus ``samples`` importance-sampled tail draws.
 
     ``proposal``: ``count`` (uniform over training patches) or ``uniform`` (over distinct
     patches). ``exact``: the backend for buckets without distinct patches (not materialised) and
     whole-image rules, and for queries whose tail draws have an effective sample size below
-    ``min_ess`` (None: keep every sampled answer). ``engine``/``nprobe``: how the head is searched (see
-    :meth:`patchbank.PatchBank.search`). Memory: ``query_chunk × (k + samples) × D``.
+    ``min_ess`` (None: keep every sampled answer). ``engine``/``nprobe``/``index``: how the head is
+    searched (:class:`~machines.posterior.base.NeighbourSearch`). Memory: ``query_chunk × (k + samples) × D``.
     """
 
     k: int = 64
@@ -95,11 +92,10 @@ class SampledTailBackend:
     proposal: Literal["count", "uniform"] = "count"
     seed: int = 0
     min_ess: float | None = 32.0
-    nprobe: int = 8
-    engine: Literal["auto", "faiss", "torch"] = "auto"
     exact: ExactBackend = field(default_factory=ExactBackend)
     query_chunk: int = 128
-    stats: TailStats = field(default_factory=TailStats)
+    stats: TailStats = field(default_factory=TailStats, repr=False)
+    guarantee: ClassVar[Guarantee] = "statistical"
 
     def __post_init__(self) -> None:
         if self.k < 0 or self.samples < 1:
@@ -107,19 +103,18 @@ class SampledTailBackend:
         if self.proposal not in ("count", "uniform"):
             raise ValueError(f"proposal must be 'count' or 'uniform', got {self.proposal!r}")
 
-    def posterior(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
+    def posterior(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
         """Posterior means ``[Q, C]`` of queries ``[Q, D]`` against one bucket."""
         return self.estimate(bank, bucket, queries, a, s2).means
 
-    def estimate(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float,
+    def estimate(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float,
                  seed: int | None = None) -> TailEstimate:
         """The estimate with its standard errors; ``seed`` overrides the backend's."""
         Q = queries.shape[0]
         self.stats.queries += Q
-        if bucket.rule in IMAGE_RULES or not bank.materialised(bucket):
-            start = time.perf_counter()
-            means = self.exact.posterior(bank, bucket, queries, a, s2)
-            self.stats.exact_s += time.perf_counter() - start
+        if serving(bank, bucket) != "table":
+            with self.stats.timer("exact_s"):
+                means = self.exact.posterior(bank, bucket, queries, a, s2)
             self.stats.exact_queries += Q
             se = torch.zeros(Q, dtype=torch.float64)
             self.stats.se.append(se)
@@ -129,32 +124,29 @@ class SampledTailBackend:
         k = min(self.k, U)
         q = queries.to(torch.float64)
         dev = q.device
-        start = time.perf_counter()
-        head = bank.search(bucket, (q / a).to(torch.float32), k, self.nprobe, self.engine).neighbours.ids if k else None
-        self.stats.search_s += time.perf_counter() - start
-        start = time.perf_counter()
-        gen = torch.Generator().manual_seed(_seed(self.seed if seed is None else seed, bucket, a))
-        counts = table.counts.to(torch.float64)
-        n = float(counts.sum())
-        if self.proposal == "count":
-            draws = torch.multinomial(counts, Q * self.samples, replacement=True, generator=gen).view(Q, self.samples)
-            log_scale = torch.full((U,), math.log(n), dtype=torch.float64)  # log(c_j / π_j) with π_j = c_j / n
-        else:
-            draws = torch.randint(U, (Q, self.samples), generator=gen)
-            log_scale = counts.log() + math.log(U)
-        centre = centre_index(bank.channels, bucket.scale)  # type: ignore[arg-type]
-        parts = [self._block(table.patches, counts, log_scale, centre, q[s : s + self.query_chunk],
-                             head[s : s + self.query_chunk].cpu() if head is not None else None,
-                             draws[s : s + self.query_chunk], a, s2)
-                 for s in range(0, Q, self.query_chunk)]
-        self.stats.sample_s += time.perf_counter() - start
+        with self.stats.timer("search_s"):
+            head = self.nearest(bank, bucket, (q / a).to(torch.float32), k).neighbours.ids if k else None
+        with self.stats.timer("sample_s"):
+            gen = torch.Generator().manual_seed(draw_seed(self.seed if seed is None else seed, bucket, a))
+            counts = table.counts.to(torch.float64)
+            n = float(counts.sum())
+            if self.proposal == "count":
+                draws = torch.multinomial(counts, Q * self.samples, replacement=True, generator=gen).view(Q, self.samples)
+                log_scale = torch.full((U,), math.log(n), dtype=torch.float64)  # log(c_j / π_j) with π_j = c_j / n
+            else:
+                draws = torch.randint(U, (Q, self.samples), generator=gen)
+                log_scale = counts.log() + math.log(U)
+            centre = centre_index(bank.channels, bucket.scale)  # type: ignore[arg-type]
+            parts = [self._block(table.patches, counts, log_scale, centre, q[s : s + self.query_chunk],
+                                 head[s : s + self.query_chunk].cpu() if head is not None else None,
+                                 draws[s : s + self.query_chunk], a, s2)
+                     for s in range(0, Q, self.query_chunk)]
         means, se, head_mass, log_z, ess = (torch.cat(x) for x in zip(*parts))
         if self.min_ess is not None and k < U:
             redo = torch.nonzero(ess < self.min_ess).view(-1)
             if redo.numel():
-                start = time.perf_counter()
-                means[redo] = self.exact.posterior(bank, bucket, q[redo], a, s2).cpu().to(means.dtype)
-                self.stats.exact_s += time.perf_counter() - start
+                with self.stats.timer("exact_s"):
+                    means[redo] = self.exact.posterior(bank, bucket, q[redo], a, s2).cpu().to(means.dtype)
                 self.stats.fallback += redo.numel()
                 se[redo] = 0.0
                 log_z[redo] = torch.nan
@@ -189,9 +181,3 @@ class SampledTailBackend:
         se = (r.var(1, correction=1) / m_draws).sqrt().amax(1) / Z if m_draws > 1 else torch.full_like(Z, torch.inf)
         ess = y.sum(1).pow(2) / y.pow(2).sum(1)  # NaN (→ fallback) when no draw lands in the tail
         return mu, se, wh.sum(1) / Z, Z.log() + M[:, 0], ess.nan_to_num(0.0)
-
-
-def _seed(seed: int, bucket: BucketKey, a: float) -> int:
-    """A generator seed from the user's seed, the bucket and the noise level (stable across runs)."""
-    text = f"{seed}|{bucket.rule}|{bucket.scale}|{bucket.padding}|{bucket.dictionary}|{bucket.label}|{a!r}"
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & ((1 << 63) - 1)

@@ -1,4 +1,4 @@
-"""Cluster summaries (issue 6, item 3): whole clusters of patches as one term, with a certified error bound.
+"""Cluster summaries: whole clusters of patches as one term, with a certified error bound.
 
 A bucket's distinct patches are grouped into clusters (:mod:`patchbank.clusters`: contiguous
 ranges with a centre and a radius, the structure of an IVF list; stored in a :class:`PatchBank`).
@@ -31,16 +31,16 @@ are summed exactly.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 
+from patchbank.base import Bank
 from patchbank.clusters import ClusteredPatches
 from patchbank.geometry import BucketKey, centre_index
-from patchbank.memory import IMAGE_RULES, MemoryBank
 
+from .base import BackendBase, BackendStats, Guarantee, serving
 from .exact import ExactBackend
 
 _ROWS = 1 << 20  # patches per block when computing moments
@@ -96,7 +96,7 @@ def cluster_moments(clusters: ClusteredPatches, centre: torch.Tensor) -> Cluster
 
 
 @dataclass
-class SummaryStats:
+class SummaryStats(BackendStats):
     """Per-call statistics until :meth:`reset`: what happened to each (query, cluster) pair, bounds, seconds."""
 
     queries: int = 0
@@ -111,9 +111,6 @@ class SummaryStats:
     bounds: list[torch.Tensor] = field(default_factory=list)
     summary_s: float = 0.0
     exact_s: float = 0.0
-
-    def reset(self) -> None:
-        self.__init__()  # type: ignore[misc]
 
     def summary(self) -> dict:
         b = torch.cat(self.bounds) if self.bounds else torch.zeros(0)
@@ -130,11 +127,12 @@ class SummaryStats:
             "bound_max": float(b.max()) if b.numel() else 0.0,
             "summary_s": round(self.summary_s, 4),
             "exact_s": round(self.exact_s, 4),
+            "error_bound": float(b.max()) if b.numel() else 0.0,
         }
 
 
 @dataclass
-class SummaryBackend:
+class SummaryBackend(BackendBase):
     """Posterior means with whole clusters summarised or dropped where provably safe, the rest exact.
 
     ``tol``: the largest certified error ``|x̂0 − exact|`` per pixel (values in [-1, 1]); pixels whose
@@ -148,8 +146,9 @@ class SummaryBackend:
     leaf_size: int = 256
     exact: ExactBackend = field(default_factory=ExactBackend)
     query_chunk: int = 256
-    stats: SummaryStats = field(default_factory=SummaryStats)
+    stats: SummaryStats = field(default_factory=SummaryStats, repr=False)
     _moments: dict = field(default_factory=dict, repr=False)
+    guarantee: ClassVar[Guarantee] = "certified"
 
     def __post_init__(self) -> None:
         if not 0 < self.tol < 1:
@@ -157,15 +156,14 @@ class SummaryBackend:
         if self.leaf_size < 1 or self.query_chunk < 1:
             raise ValueError(f"leaf_size and query_chunk must be >= 1, got {self.leaf_size}, {self.query_chunk}")
 
-    def posterior(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
+    def posterior(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
         """Posterior means ``[Q, C]`` of queries ``[Q, D]`` against one bucket."""
         self.stats.queries += queries.shape[0]
-        if bucket.rule in IMAGE_RULES or not bank.materialised(bucket):
+        if serving(bank, bucket) != "table":
             self.stats.exact_buckets += queries.shape[0]
             return self._exact(bank, bucket, queries, a, s2)
-        start = time.perf_counter()
-        means, bound = self.summarised(bank, bucket, queries, a, s2)
-        self.stats.summary_s += time.perf_counter() - start
+        with self.stats.timer("summary_s"):
+            means, bound = self.summarised(bank, bucket, queries, a, s2)
         bad = torch.nonzero(bound > self.tol).view(-1)
         self.stats.bounds.append(bound[bound <= self.tol].cpu())
         if bad.numel():
@@ -173,7 +171,7 @@ class SummaryBackend:
             means[bad] = self._exact(bank, bucket, queries[bad], a, s2).to(means.dtype)
         return means.to(queries.device)
 
-    def summarised(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float
+    def summarised(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Means ``[Q, C]`` and their certified error bounds ``[Q]`` (before any fallback), float64 CPU."""
         clusters = bank.clustered(bucket, self.leaf_size)
@@ -210,10 +208,10 @@ class SummaryBackend:
         expand = ~drop & ~summ
 
         exact = self.exact
-        state = exact._state(Q, centre.numel(), q.device)
+        state = exact.running(Q, centre.numel(), q.device)
         qx = q.to(exact.dtype)
         for k in torch.nonzero(expand.any(0)).view(-1).tolist():
-            exact._visit(state, torch.nonzero(expand[:, k]).view(-1), qx, clusters, k, centre, a, s2)
+            exact.visit(state, torch.nonzero(expand[:, k]).view(-1), qx, clusters, k, centre, a, s2)
         m = state.m.to(torch.float64).clamp(min=-1e300)
         acc = state.acc.to(torch.float64)
         # Summaries: Ẑ_k = e^{ℓ(μ)}(N − a²V/2s²), Ŝ_k = e^{ℓ(μ)}(T + (a⟨r, G⟩ − a²W/2)/s²), bound term e^{ℓ(μ)}·N·B.
@@ -239,8 +237,6 @@ class SummaryBackend:
         st.expanded_entries += int((expand.to(torch.float64) @ sizes).sum())
         return S / Z.clamp(min=1e-300)[:, None], bound
 
-    def _exact(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
-        start = time.perf_counter()
-        means = self.exact.posterior(bank, bucket, queries, a, s2)
-        self.stats.exact_s += time.perf_counter() - start
-        return means
+    def _exact(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
+        with self.stats.timer("exact_s"):
+            return self.exact.posterior(bank, bucket, queries, a, s2)

@@ -1,4 +1,4 @@
-"""The fused exact kernel (issue 6, item 1): one pass over each logits block on the CPU.
+"""The fused exact kernel: one pass over each logits block on the CPU.
 
 The exact backend's time per (query, entry) pair is the matrix product that makes the logits
 plus the softmax work on them. With torch operations the second part is five passes over the

@@ -21,41 +21,48 @@ exponentials when its maximum lies more than ``ln(1e10/prune_tol)`` below the ru
 (each skipped weight < ``prune_tol``·1e-10 of the largest, so up to 1e10 entries change the
 result by < ``prune_tol``). Sums are kept in float64 whatever ``dtype``. On CUDA, or without a C
 compiler under ``"auto"``, the same blocks go through torch operations.
+
+**Every patch** (``dedup=False``): the bucket is streamed with every repetition of each patch
+(no distinct-patch table, no pruning): the reference that deduplication is checked against.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Literal
 
 import torch
 
+from patchbank.base import Bank
 from patchbank.clusters import ClusteredPatches
 from patchbank.geometry import BucketKey, centre_index
-from patchbank.memory import IMAGE_RULES, Chunk, MemoryBank
+from patchbank.tables import Chunk
 
 from . import kernels
+from .base import BackendBase, BackendStats, entry_bias, logits, serving, with_ones
 
 
 @dataclass
-class PairStats:
-    """How many (query, dictionary entry) pairs were computed, out of how many there are."""
+class PairStats(BackendStats):
+    """How many (query, dictionary entry) pairs were computed, out of how many there are, and the seconds."""
 
     visited: int = 0
     total: int = 0
     skipped: int = 0  # visited pairs whose exponential the fused kernel skipped (provably negligible)
-
-    def reset(self) -> None:
-        self.visited = self.total = self.skipped = 0
+    exact_s: float = 0.0
 
     @property
     def visited_fraction(self) -> float:
         return self.visited / self.total if self.total else 1.0
 
+    def summary(self) -> dict:
+        return {"visited_fraction": self.visited_fraction, "skipped_fraction": self.skipped / self.visited if self.visited else 0.0,
+                "exact_s": round(self.exact_s, 4), "error_bound": 0.0}
+
 
 @dataclass
-class ExactBackend:
+class ExactBackend(BackendBase):
     """Exact posterior means.
 
     ``chunk_size``: dictionary entries per chunk; ``query_chunk``: queries per block;
@@ -64,8 +71,10 @@ class ExactBackend:
     distinct patches whose total weight is provably below ``prune_tol`` of the retained weight
     (patch buckets only; whole-image buckets are always streamed). ``kernel``: ``"fused"`` (the C
     fold of :mod:`machines.kernels`; an error where it cannot be compiled), ``"torch"`` (torch
-    operations) or ``"auto"`` (fused for CPU queries when available, else torch). ``stats``
-    counts the (query, entry) pairs computed against those that exist.
+    operations) or ``"auto"`` (fused for CPU queries when available, else torch). ``dedup``:
+    sum over distinct patches with log counts where the bank tabulates them (False: every patch,
+    every repetition, no pruning). ``stats`` counts the (query, entry) pairs computed against
+    those that exist.
     """
 
     chunk_size: int = 4096
@@ -74,8 +83,9 @@ class ExactBackend:
     prune: bool = True
     leaf_size: int = 2048
     prune_tol: float = 1e-16
-    kernel: str = "auto"
-    stats: PairStats = field(default_factory=PairStats)
+    kernel: Literal["auto", "fused", "torch"] = "auto"
+    dedup: bool = True
+    stats: PairStats = field(default_factory=PairStats, repr=False)
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1 or self.query_chunk < 1:
@@ -88,12 +98,14 @@ class ExactBackend:
         """Whether queries on ``device`` go through the fused kernel."""
         return kernels.use_fused(self.kernel, device)
 
-    def posterior(self, bank: MemoryBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
+    def posterior(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
         """Posterior means ``[Q, V]`` of queries ``[Q, D]`` against one bucket of the bank."""
-        if self.prune and bucket.rule not in IMAGE_RULES and bank.materialised(bucket):
-            centre = centre_index(bank.channels, bucket.scale).to(queries.device)  # type: ignore[arg-type]
-            return self._pruned(queries, bank.clustered(bucket, self.leaf_size), centre, a, s2)
-        return self.posterior_mean(queries, bank.stream(bucket, self.chunk_size, self.dtype, queries.device), a, s2)
+        with self.stats.timer("exact_s"):
+            if self.prune and self.dedup and serving(bank, bucket) == "table":
+                centre = centre_index(bank.channels, bucket.scale).to(queries.device)  # type: ignore[arg-type]
+                return self._pruned(queries, bank.clustered(bucket, self.leaf_size), centre, a, s2)
+            chunks = bank.stream(bucket, self.chunk_size, self.dtype, queries.device, distinct=self.dedup)
+            return self.posterior_mean(queries, chunks, a, s2)
 
     def posterior_mean(self, queries: torch.Tensor, chunks: Iterable[Chunk], a: float, s2: float) -> torch.Tensor:
         """queries ``[Q, D]`` and chunks of ``(keys [M, D], values [M, V], log_counts [M] | None)`` → ``[Q, V]``."""
@@ -102,10 +114,10 @@ class ExactBackend:
         for chunk in chunks:
             if chunk.keys.shape[1] != q.shape[1]:
                 raise ValueError(f"queries have dimension {q.shape[1]} but dictionary keys {chunk.keys.shape[1]}")
-            state = state or self._state(q.shape[0], chunk.values.shape[1], q.device)
+            state = state or self.running(q.shape[0], chunk.values.shape[1], q.device)
             self.stats.total += q.shape[0] * chunk.keys.shape[0]
             keys = chunk.keys.to(self.dtype)
-            bias = _bias(keys.pow(2).sum(1), chunk.log_counts, a, s2, self.dtype)
+            bias = entry_bias(keys.pow(2).sum(1), chunk.log_counts, a, s2, self.dtype)
             self._accumulate(state, torch.arange(q.shape[0], device=q.device), q, keys, bias, chunk.values, a, s2)
         if state is None:
             raise ValueError("the dictionary is empty")
@@ -115,7 +127,6 @@ class ExactBackend:
                     bias: torch.Tensor, values: torch.Tensor, a: float, s2: float) -> None:
         """Fold one chunk (keys ``[M, D]``, bias ``[1, M]``, values ``[M, V]``) into the running sums of the
         query ``rows`` (in blocks of ``query_chunk``)."""
-        keys_t = keys.T
         values = state.prepare(values, self.dtype)
         self.stats.visited += rows.numel() * keys.shape[0]
         contiguous = rows.numel() > 0 and int(rows[-1] - rows[0]) == rows.numel() - 1
@@ -124,10 +135,11 @@ class ExactBackend:
             if contiguous:  # a slice: no gathered copy of the queries
                 start = int(rows[s])
                 block = slice(start, start + min(self.query_chunk, rows.numel() - s))
-            logits = torch.addmm(bias, q[block], keys_t, alpha=a / s2)  # [q, M]
-            self.stats.skipped += state.update(block, logits, values)
+            self.stats.skipped += state.update(block, logits(q[block], keys, bias, a, s2), values)  # logits [q, M]
 
-    def _state(self, Q: int, V: int, device: torch.device) -> _Running | _FusedRunning:
+    def running(self, Q: int, V: int, device: torch.device) -> _Running | _FusedRunning:
+        """An empty running state for ``Q`` queries and ``V`` values (fused or torch, as this backend folds);
+        :meth:`visit` adds clusters to it and its ``mean()`` is the posterior mean ``[Q, V]``."""
         if self.uses_fused(device):
             return _FusedRunning.empty(Q, V, math.log(1e10 / self.prune_tol))
         return _Running.empty(Q, V, self.dtype, device)
@@ -141,38 +153,26 @@ class ExactBackend:
         # Upper bound on every member's logit, in the running units (without the −‖q‖²/2s² term).
         gap = (torch.cdist(q, a * clusters.centres.to(dev, dt)) - a * clusters.radii.to(dev, dt)).clamp_(min=0)
         upper = gap.pow_(2).sub_(q.pow(2).sum(1, keepdim=True)).div_(-2 * s2).add_(clusters.max_log_count.to(dev, dt))
-        state = self._state(q.shape[0], centre.numel(), dev)
+        state = self.running(q.shape[0], centre.numel(), dev)
         self.stats.total += q.shape[0] * clusters.patches.shape[0]
         threshold = math.log(clusters.patches.shape[0] / self.prune_tol)
         first = upper.argmax(1)
         for k in torch.unique(first).tolist():
-            self._visit(state, torch.nonzero(first == k).view(-1), q, clusters, k, centre, a, s2)
+            self.visit(state, torch.nonzero(first == k).view(-1), q, clusters, k, centre, a, s2)
         for k in range(clusters.n_clusters):
             rows = torch.nonzero((upper[:, k] >= state.m - threshold) & (first != k)).view(-1)
             if rows.numel():
-                self._visit(state, rows, q, clusters, k, centre, a, s2)
+                self.visit(state, rows, q, clusters, k, centre, a, s2)
         return state.mean()
 
-    def _visit(self, state: _Running | _FusedRunning, rows: torch.Tensor, q: torch.Tensor, clusters: ClusteredPatches, k: int,
-               centre: torch.Tensor, a: float, s2: float) -> None:
+    def visit(self, state: _Running | _FusedRunning, rows: torch.Tensor, q: torch.Tensor, clusters: ClusteredPatches, k: int,
+              centre: torch.Tensor, a: float, s2: float) -> None:
+        """Fold cluster ``k`` exactly into the running sums of the query ``rows`` (queries ``q [Q, D]`` in
+        this backend's dtype; values: the ``centre`` coordinates ``[C]`` of each member)."""
         s, e = clusters.offsets[k].item(), clusters.offsets[k + 1].item()
         keys = clusters.patches[s:e].to(q.device, self.dtype).div_(255.0)
-        bias = _bias(clusters.sq_norms[s:e].to(q.device), clusters.log_counts[s:e].to(q.device), a, s2, self.dtype)
+        bias = entry_bias(clusters.sq_norms[s:e].to(q.device), clusters.log_counts[s:e].to(q.device), a, s2, self.dtype)
         self._accumulate(state, rows, q, keys, bias, keys[:, centre], a, s2)
-
-
-def _bias(sq_norms: torch.Tensor, log_counts: torch.Tensor | None, a: float, s2: float, dtype: torch.dtype) -> torch.Tensor:
-    """Per-entry logit bias ``−a²‖p‖²/(2s²) + c``: ``[1, M]``."""
-    bias = sq_norms.to(dtype) * (-(a * a) / (2 * s2))
-    if log_counts is not None:
-        bias = bias + log_counts.to(dtype)
-    return bias[None, :]
-
-
-def _with_ones(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Values with a ones column appended, so one matrix product gives Σw·v and Σw: ``[M, V+1]``."""
-    values = values.to(dtype)
-    return torch.cat([values, torch.ones(values.shape[0], 1, dtype=dtype, device=values.device)], 1)
 
 
 @dataclass
@@ -189,7 +189,7 @@ class _Running:
     @staticmethod
     def prepare(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A chunk's values ``[M, V]`` as :meth:`update` takes them: with a ones column, ``[M, V+1]``."""
-        return _with_ones(values, dtype)
+        return with_ones(values, dtype)
 
     def update(self, rows: torch.Tensor | slice, logits: torch.Tensor, values: torch.Tensor) -> int:
         m_old = self.m[rows]

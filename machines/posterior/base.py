@@ -1,0 +1,141 @@
+"""What every posterior backend shares: the protocol, how a bucket is served, logits, draws, statistics.
+
+A backend answers one question for a machine: the posterior means of the centre pixels
+``[Q, C]`` (or of whole images ``[Q, C·H·W]``) of queries ``[Q, D]`` against one bucket of a bank,
+at noise level ``(a, s²) = (√ᾱ, 1 − ᾱ)`` (DESIGN §3). Each entry ``p`` with log count ``c`` has the
+logit ``ℓ(p) = −‖q − a·p‖²/(2s²) + c``; backends differ only in which entries they sum exactly,
+which they estimate and how they bound or estimate the error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from contextlib import contextmanager
+from dataclasses import MISSING, dataclass, fields
+from typing import Iterator, Literal, Protocol, runtime_checkable
+
+import torch
+
+from patchbank.base import Bank
+from patchbank.geometry import IMAGE_RULES, BucketKey
+from patchbank.index import SearchResult
+
+Serving = Literal["image", "table", "stream"]
+Guarantee = Literal["exact", "certified", "statistical", "heuristic"]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """How a machine's posteriors are computed.
+
+    ``posterior(bank, bucket, queries [Q, D], a, s2) → means [Q, V]``; ``stats``: what the calls
+    since the last :meth:`reset` did (:class:`BackendStats`); ``guarantee``: what the answers
+    promise — ``exact`` (to float round-off), ``certified`` (a per-pixel bound, reported as
+    ``stats.summary()["error_bound"]``), ``statistical`` (a standard error, not a bound) or
+    ``heuristic``; ``index``: the FAISS index the backend searches (a bank must have been built
+    with it), or None.
+    """
+
+    stats: BackendStats
+    index: str | None
+
+    @property
+    def guarantee(self) -> Guarantee: ...
+
+    def posterior(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor: ...
+
+    def reset(self) -> None: ...
+
+
+def serving(bank: Bank, bucket: BucketKey) -> Serving:
+    """How a bucket can be served: ``image`` (whole-image rules IS/ES), ``table`` (the bank has its
+    distinct patches, clusters and perhaps an index) or ``stream`` (patches cut from the images only)."""
+    if bucket.rule in IMAGE_RULES:
+        return "image"
+    return "table" if bank.materialised(bucket) else "stream"
+
+
+@dataclass
+class BackendStats:
+    """Counters a backend accumulates until :meth:`reset`. Subclasses are dataclasses of counters,
+    lists and seconds; :meth:`summary` turns them into one per-step record whose ``error_bound`` is
+    the certified bound on ``|x̂0 − exact|`` over the answers since the reset (None: not certified)."""
+
+    def reset(self) -> None:
+        """Every field back to its default."""
+        for f in fields(self):
+            setattr(self, f.name, f.default_factory() if f.default_factory is not MISSING else f.default)  # type: ignore[misc]
+
+    @contextmanager
+    def timer(self, name: str) -> Iterator[None]:
+        """Add the seconds the block takes to the field ``name``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, name, getattr(self, name) + time.perf_counter() - start)
+
+    def summary(self) -> dict:
+        raise NotImplementedError
+
+
+class BackendBase:
+    """Defaults of the :class:`Backend` protocol: no index, :meth:`reset` clears the statistics."""
+
+    index: str | None = None
+    guarantee: Guarantee = "exact"
+    stats: BackendStats
+
+    def reset(self) -> None:
+        """Clear the statistics (of this backend and of the backends it delegates to)."""
+        self.stats.reset()
+        for name in ("exact", "topk", "summary"):
+            inner = getattr(self, name, None)
+            if isinstance(inner, BackendBase):
+                inner.reset()
+
+
+def entry_bias(sq_norms: torch.Tensor, log_counts: torch.Tensor | None, a: float, s2: float, dtype: torch.dtype) -> torch.Tensor:
+    """Per-entry logit bias ``−a²‖p‖²/(2s²) + c``: ``[1, M]``."""
+    bias = sq_norms.to(dtype) * (-(a * a) / (2 * s2))
+    if log_counts is not None:
+        bias = bias + log_counts.to(dtype)
+    return bias[None, :]
+
+
+def logits(queries: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, a: float, s2: float) -> torch.Tensor:
+    """``ℓ = (2a⟨q, p⟩ − a²‖p‖²)/(2s²) + c`` for queries ``[Q, D]`` and keys ``[M, D]`` with
+    :func:`entry_bias` ``[1, M]``: ``[Q, M]``. The ``−‖q‖²/(2s²)`` term is left out: it cancels in the softmax."""
+    return torch.addmm(bias, queries, keys.T, alpha=a / s2)
+
+
+def with_ones(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Values with a ones column appended, so one matrix product gives Σw·v and Σw: ``[M, V+1]``."""
+    values = values.to(dtype)
+    return torch.cat([values, torch.ones(values.shape[0], 1, dtype=dtype, device=values.device)], 1)
+
+
+def draw_seed(seed: int, bucket: BucketKey, a: float) -> int:
+    """A generator seed from the user's seed, the bucket and the noise level (stable across runs)."""
+    text = f"{seed}|{bucket.rule}|{bucket.scale}|{bucket.padding}|{bucket.dictionary}|{bucket.label}|{a!r}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class NeighbourSearch:
+    """How a backend asks the bank for a query's nearest distinct patches: ``nprobe`` IVF lists probed;
+    ``engine`` ``auto`` | ``faiss`` | ``torch`` (see :meth:`patchbank.PatchBank.search`); ``index``: the
+    FAISS ``index_factory`` string the bank must have been built with (None: whatever the bank offers —
+    exact k-NN on a :class:`~patchbank.MemoryBank`)."""
+
+    nprobe: int = 8
+    engine: Literal["auto", "faiss", "torch"] = "auto"
+    index: str | None = None
+
+    def nearest(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, k: int) -> SearchResult:
+        """The ``k`` nearest distinct patches of ``queries [Q, D]``; a bank without the asked-for index is an error."""
+        if self.index is not None and bank.index_spec != self.index:
+            raise ValueError(f"the backend searches a {self.index!r} index, but the bank has {bank.index_spec!r}; "
+                             f"build one with `patchbank build … --index '{self.index}'` and pass it as the bank")
+        return bank.search(bucket, queries, k, self.nprobe, self.engine)
