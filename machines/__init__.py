@@ -20,7 +20,7 @@ from .posterior import (
     make_backend,
     parse_backend,
 )
-from .sampler import StepRecorder, ddim_grid, noise_from_seeds, sample
+from .sampler import StepRecorder, ddim_grid, identity_of, noise_from_seeds, sample
 from .schedule import (
     ScaleSchedule,
     abar,
@@ -51,6 +51,7 @@ __all__ = [
     "ddim_grid",
     "describe_backends",
     "eps_from_x0",
+    "identity_of",
     "kernels",
     "make_backend",
     "posterior",

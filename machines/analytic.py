@@ -21,7 +21,7 @@ import torch
 
 from patchbank.base import Bank
 from patchbank.datasets import ImageData
-from patchbank.geometry import IMAGE_RULES, RULE_PADDING, BucketKey, Padding, check_padding, dictionary_groups, patches_at
+from patchbank.geometry import IMAGE_RULES, RULE_PADDING, BucketKey, Padding, check_padding, check_scale, dictionary_groups, patches_at
 from patchbank.memory import MemoryBank
 
 from .posterior import Backend, make_backend
@@ -74,7 +74,9 @@ class ScoreMachine:
         else:
             if scales is None:
                 raise ValueError(f"{kind} needs a patch scale: an odd int or a ScaleSchedule")
-            self.scales = ScaleSchedule.constant(scales) if isinstance(scales, int) else scales
+            if not isinstance(scales, ScaleSchedule):
+                check_scale(scales)  # type: ignore[arg-type]  # 3.0 or True are errors, not P = 3 or 1
+            self.scales = ScaleSchedule.constant(scales) if not isinstance(scales, ScaleSchedule) else scales
 
     def __repr__(self) -> str:
         return (
@@ -82,9 +84,19 @@ class ScoreMachine:
             f"images={len(self.bank)}x{self.channels}x{self.height}x{self.width})"
         )
 
+    def identity(self) -> dict:
+        """Everything that changes this machine's answers (a sampling checkpoint's run id uses it): the
+        kind, padding, conditioning, scale schedule, the data's fingerprint and the backend with its options."""
+        return {"kind": self.kind, "padding": self.padding, "conditional": self.conditional,
+                "scales": None if self.scales is None else self.scales.to_json(), "data": self.bank.fingerprint(),
+                "backend": repr(self.backend)}
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Posterior-mean denoiser: ``x [B, C, H, W]`` at time ``t`` → ``x̂0 [B, C, H, W]``."""
+        """Posterior-mean denoiser: float ``x [B, C, H, W]`` at time ``t`` → ``x̂0 [B, C, H, W]`` in ``x``'s dtype.
+
+        Inputs that are not float tensors of the machine's image shape, hold NaN or Inf, or come
+        without the labels a conditional machine needs are errors naming the problem."""
         self._check_input(x, labels)
         a, s2 = alpha_sigma2(t)
         out = torch.empty_like(x)
@@ -94,8 +106,19 @@ class ScoreMachine:
 
     def _check_input(self, x: torch.Tensor, labels: torch.Tensor | None) -> None:
         expected = (self.channels, self.height, self.width)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor [B, {', '.join(map(str, expected))}], got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a float tensor (images in [-1, 1]), got {x.dtype}; convert it with .double() or to_model_range")
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"{self.kind} machine built for images [B, {', '.join(map(str, expected))}], got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError("x holds no images (batch of 0)")
+        if not torch.isfinite(x).all():
+            bad = torch.nonzero(~torch.isfinite(x))[0].tolist()
+            raise ValueError(f"x holds NaN or Inf (first at index {bad})")
+        if labels is not None and not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor [B], got {type(labels).__name__}")
         if self.conditional and labels is None:
             raise ValueError("a class-conditional machine needs labels [B]")
         if self.conditional and labels.shape != (x.shape[0],):  # type: ignore[union-attr]

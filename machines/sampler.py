@@ -84,6 +84,10 @@ def sample(
     the steps computed in this call only. The file is kept after the last step (delete it to
     sample again from scratch).
     """
+    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+        raise TypeError(f"noise must be a float tensor [B, C, H, W], got {getattr(noise, 'dtype', type(noise).__name__)}")
+    if not torch.isfinite(noise).all():
+        raise ValueError("the noise holds NaN or Inf; a sample from it would be NaN")
     x = noise
     grid = ddim_grid(steps)
     first = 0
@@ -106,12 +110,19 @@ def sample(
     return x
 
 
+def identity_of(denoiser: Denoiser) -> dict | str:
+    """What identifies a denoiser's answers: its ``identity()`` where it has one (machines, wrapped
+    networks), else its ``repr``."""
+    return denoiser.identity() if hasattr(denoiser, "identity") else repr(denoiser)  # type: ignore[attr-defined]
+
+
 def _run_id(machine: Denoiser, noise: torch.Tensor, labels: torch.Tensor | None, steps: int) -> dict:
-    """What identifies a sampling run: the machine's description, a hash of the noise and labels, the steps."""
+    """What identifies a sampling run: the machine's ``identity()`` (its kind, schedule, data fingerprint,
+    backend…; ``repr`` for a denoiser without one), a hash of the noise and labels, the steps."""
     h = hashlib.sha256(noise.detach().cpu().to(torch.float64).contiguous().numpy().tobytes())
     if labels is not None:
         h.update(labels.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
-    return {"machine": repr(machine), "noise": h.hexdigest(), "shape": list(noise.shape), "steps": steps}
+    return {"machine": identity_of(machine), "noise": h.hexdigest(), "shape": list(noise.shape), "steps": steps}
 
 
 def _resume(path: Path, run: dict, noise: torch.Tensor) -> tuple[int, torch.Tensor]:

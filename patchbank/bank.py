@@ -10,8 +10,12 @@ Layout of a bank directory::
 
 Every write goes to a temporary name and is renamed into place, buckets one by one, so a build
 killed at any point resumes on re-run (finished buckets are kept) and ends with the same bank as
-an uninterrupted build. Opening checks the format version, the data fingerprint (recomputed from
-the stored images) and, when the caller gives its data, that the bank was built for it.
+an uninterrupted build. A build holds a lock on its folder (a second build fails at once) and
+validates its whole spec before writing anything. Opening checks the format version, the data
+fingerprint (recomputed from the stored images) and, when the caller gives its data, that the
+bank was built for it. Every stored array is checked against the checksum the build recorded
+when it is first read (:mod:`patchbank.integrity`); :meth:`PatchBank.verify` checks all of them,
+and re-running the build rebuilds whatever fails.
 """
 
 from __future__ import annotations
@@ -34,17 +38,14 @@ from .clusters import ClusteredPatches, cluster_patches
 from .datasets import ImageData
 from .geometry import IMAGE_RULES, RULE_PADDING, BucketKey, dictionary_groups
 from .index import IVFLists, Neighbours, PatchIndex, SearchResult, faiss_gpu_available, index_kind, require_faiss
+from .integrity import BankError, IntegrityError, build_lock, json_object, check_file, load_checked, read_checksums, verify_bucket, write_checksums
 from .memory import MemoryBank
 from .tables import UniquePatches
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-array checksums in every bucket
 NORMALISATION = "x / 127.5 - 1 from uint8; patches stored as int16 2*u8 - 255 (units of 1/255), zero padding = 0"
-
-
-class BankError(RuntimeError):
-    """A bank that cannot be used as asked: missing, corrupted, or built for other data."""
 
 
 @dataclass
@@ -65,6 +66,15 @@ class BankSpec:
     materialise_max: int | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.scales, (list, tuple)) or not self.scales:
+            raise ValueError(f"scales must be a non-empty list of odd patch sizes, got {self.scales!r}")
+        for P in self.scales:
+            if isinstance(P, bool) or not isinstance(P, int) or P < 1 or P % 2 == 0:
+                raise ValueError(f"every scale must be an odd integer >= 1, got {P!r}")
+        if isinstance(self.leaf_size, bool) or not isinstance(self.leaf_size, int) or self.leaf_size < 1:
+            raise ValueError(f"leaf_size must be an integer >= 1, got {self.leaf_size!r}")
+        if self.materialise_max is not None and (isinstance(self.materialise_max, bool) or not isinstance(self.materialise_max, int)):
+            raise ValueError(f"materialise_max must be an integer or None, got {self.materialise_max!r}")
         for rule in self.rules:
             if rule in IMAGE_RULES or rule not in RULE_PADDING:
                 raise ValueError(f"a patch bank serves patch rules {sorted(RULE_PADDING)}, not {rule!r}")
@@ -101,6 +111,7 @@ class PatchBank(Bank):
         self.manifest = manifest
         self.spec = BankSpec(**manifest["spec"])
         self.index_spec = self.spec.index
+        self._fingerprint = manifest["fingerprint"]  # checked against the stored images on opening
         self._buckets = {bucket_id(BucketKey(**_key_from_json(k))) for k in manifest["buckets"]}
         self._indices: dict[BucketKey, PatchIndex] = {}
         self._ivf: dict[BucketKey, IVFLists | None] = {}
@@ -110,32 +121,46 @@ class PatchBank(Bank):
     def build(cls, data: ImageData, path: str | os.PathLike, spec: BankSpec, progress: bool = True) -> PatchBank:
         """Build (or resume building) a bank for ``data`` at ``path``; returns the opened bank."""
         path = Path(path)
-        fingerprint = data.fingerprint()
-        manifest = _new_manifest(data, spec, fingerprint)
-        if (path / "manifest.json").exists():
-            old = _read_manifest(path)
-            _check_resumable(old, manifest, path)
-            finished = (path / "data.zarr").exists() and all((path / "buckets" / bucket_id(k)).exists() for k in spec.buckets(data))
-            if old.get("complete") and finished:  # nothing to build: open it, leaving the manifest (and build time) untouched
-                return cls.open(path)
-        path.mkdir(parents=True, exist_ok=True)
-        _write_json(path / "manifest.json", {**manifest, "complete": False})
-        if not (path / "data.zarr").exists():
-            _atomic_dir(path / "data.zarr", lambda tmp: _write_data(tmp, data))
-        (path / "buckets").mkdir(exist_ok=True)
-        for stale in (path / "buckets").glob("*.tmp"):
-            shutil.rmtree(stale)
-        builder = MemoryBank(data, dedup=True)
+        if len(data) == 0:
+            raise BankError("cannot build a bank of no images")
+        if path.exists() and not path.is_dir():
+            raise BankError(f"{path} is a file, not a folder for a bank")
+        if path.is_dir() and any(p.name != ".build.lock" for p in path.iterdir()) and not (path / "manifest.json").exists():
+            raise BankError(f"{path} is a non-empty folder that is not a patch bank; choose another path")
+        manifest = _new_manifest(data, spec, data.fingerprint())
         keys = spec.buckets(data)
-        start = time.perf_counter()
-        for key in tqdm(keys, desc="building buckets", disable=not progress):
-            target = path / "buckets" / bucket_id(key)
-            if not target.exists():
-                _atomic_dir(target, lambda tmp: _timed(tmp, _write_bucket, builder, key, spec))
-        manifest["build_seconds"] = round(time.perf_counter() - start, 2)
-        manifest["buckets"] = [_key_to_json(k) for k in keys]
-        _write_json(path / "manifest.json", {**manifest, "complete": True})
+        with build_lock(path):
+            old = _read_manifest(path) if (path / "manifest.json").exists() else None
+            if old is not None:
+                _check_resumable(old, manifest, path)
+            repaired = _repair(path, data, keys)
+            if old is not None and old.get("complete") and not repaired:  # nothing to build: the manifest (and build time) stay
+                return cls.open(path)
+            _write_json(path / "manifest.json", {**manifest, "complete": False})
+            if not (path / "data.zarr").exists():
+                _atomic_dir(path / "data.zarr", lambda tmp: _write_data(tmp, data))
+            (path / "buckets").mkdir(exist_ok=True)
+            builder = MemoryBank(data, dedup=True)
+            start = time.perf_counter()
+            for key in tqdm(keys, desc="building buckets", disable=not progress):
+                target = path / "buckets" / bucket_id(key)
+                if not target.exists():
+                    _atomic_dir(target, lambda tmp: _timed(tmp, _write_bucket, builder, key, spec))
+            manifest["build_seconds"] = round(time.perf_counter() - start, 2)
+            manifest["buckets"] = [_key_to_json(k) for k in keys]
+            _write_json(path / "manifest.json", {**manifest, "complete": True})
         return cls.open(path)
+
+    def verify(self) -> dict[str, list[str]]:
+        """Check every stored array and index file of every bucket against its checksum: the problems per
+        bucket (an empty dict when the bank is intact). Re-running the build rebuilds the buckets listed."""
+        problems = {}
+        for entry in self.manifest["buckets"]:
+            name = bucket_id(BucketKey(**_key_from_json(entry)))
+            found = verify_bucket(self.path / "buckets" / name) if (self.path / "buckets" / name).is_dir() else ["missing"]
+            if found:
+                problems[name] = found
+        return problems
 
     # ---- open --------------------------------------------------------------------------------
     @classmethod
@@ -187,6 +212,16 @@ class PatchBank(Bank):
         except Exception as err:  # zarr raises several types for missing/corrupt groups
             raise BankError(f"{self.path}: bucket {name} is missing or corrupted ({err})") from err
 
+    def _arrays(self, key: BucketKey, *names: str) -> list[torch.Tensor]:
+        """Arrays of a bucket, each verified against the checksum the build recorded."""
+        g = self._group(key)
+        folder = self.path / "buckets" / bucket_id(key)
+        try:
+            sums = read_checksums(folder)
+            return [torch.from_numpy(load_checked(folder, g, n, sums)) for n in names]
+        except IntegrityError as err:
+            raise BankError(f"{self.path}: {err}; re-run the same build to repair it") from None
+
     def materialised(self, key: BucketKey) -> bool:
         """Whether the build stored the bucket's distinct patches (P ≤ ``materialise_max``)."""
         self._group(key)  # a clear error for a bucket the bank was not built with
@@ -198,11 +233,7 @@ class PatchBank(Bank):
             if not self.materialised(key):
                 raise BankError(f"{self.path}: bucket {bucket_id(key)} is not materialised (P > materialise_max = "
                                 f"{self.spec.materialise_max}); it is served by streaming from the images")
-            g = self._group(key)
-            try:
-                table = UniquePatches(torch.from_numpy(g["patches"][:]), torch.from_numpy(g["counts"][:]))
-            except Exception as err:
-                raise BankError(f"{self.path}: bucket {bucket_id(key)} is corrupted ({err})") from err
+            table = UniquePatches(*self._arrays(key, "patches", "counts"))
             expected = len(self.image_ids(key.label)) * key.locations(self.height, self.width).shape[0]
             if table.total != expected or table.patches.shape[1] != self.channels * key.scale**2:  # type: ignore[operator]
                 raise BankError(f"{self.path}: bucket {bucket_id(key)} holds {table.total} patches, expected {expected} (corrupted)")
@@ -214,16 +245,13 @@ class PatchBank(Bank):
         if leaf_size != self.spec.leaf_size:
             return self._cluster(key, leaf_size)
         if (key, leaf_size) not in self._clustered:
-            g = self._group(key)
             table = self.unique_patches(key)
-            order = torch.from_numpy(g["cluster_order"][:])
+            order, *rest = self._arrays(key, "cluster_order", "cluster_offsets", "cluster_centres", "cluster_radii",
+                                        "cluster_max_log_count")
             patches = table.patches[order]
             values = patches.to(torch.float64) / 255.0
             self._clustered[(key, leaf_size)] = ClusteredPatches(
-                patches, table.counts[order].to(torch.float64).log(), values.pow(2).sum(1),
-                *(torch.from_numpy(g[n][:]) for n in ("cluster_offsets", "cluster_centres", "cluster_radii", "cluster_max_log_count")),
-                order,
-            )
+                patches, table.counts[order].to(torch.float64).log(), values.pow(2).sum(1), *rest, order)
         return self._clustered[(key, leaf_size)]  # type: ignore[return-value]
 
     def search(self, key: BucketKey, queries: torch.Tensor, k: int, nprobe: int = 8, engine: str = "auto") -> SearchResult:
@@ -251,11 +279,13 @@ class PatchBank(Bank):
             spec = self.manifest["bucket_stats"][bucket_id(key)].get("index")
             if spec is None:
                 raise BankError(f"{self.path}: built without an index (spec index=None); rebuild with e.g. index='Flat'")
-            g = self._group(key)
-            ivf = None
-            if index_kind(spec) == "ivf":
-                ivf = IVFLists(*(torch.from_numpy(g[n][:]) for n in ("ivf_centroids", "ivf_radii", "ivf_counts")))
-            self._indices[key] = PatchIndex.load(self.path / "buckets" / bucket_id(key) / "index.faiss", spec, ivf)
+            ivf = IVFLists(*self._arrays(key, "ivf_centroids", "ivf_radii", "ivf_counts")) if index_kind(spec) == "ivf" else None
+            folder = self.path / "buckets" / bucket_id(key)
+            try:
+                index_file = check_file(folder, "index.faiss", read_checksums(folder))
+            except IntegrityError as err:
+                raise BankError(f"{self.path}: {err}; re-run the same build to repair it") from None
+            self._indices[key] = PatchIndex.load(index_file, spec, ivf)
         return self._indices[key]
 
 
@@ -295,18 +325,41 @@ def _read_manifest(path: Path) -> dict:
     f = path / "manifest.json"
     if not f.is_file():
         raise BankError(f"{path} is not a patch bank (no manifest.json)")
-    try:
-        manifest = json.loads(f.read_text())
-    except json.JSONDecodeError as err:
-        raise BankError(f"{f} is corrupted ({err})") from err
+    manifest = json_object(f)
+    missing = [k for k in ("format_version", "fingerprint", "spec", "buckets") if k not in manifest]
+    if missing:
+        raise BankError(f"{f} is corrupted: it lacks {', '.join(missing)}")
     stats = {}
     for d in (path / "buckets").glob("*/stats.json") if (path / "buckets").is_dir() else []:
-        stats[d.parent.name] = json.loads(d.read_text())
+        stats[d.parent.name] = json_object(d)
         timing = d.with_name("timing.json")  # kept apart: everything else is identical between builds
         if timing.is_file():
-            stats[d.parent.name] |= json.loads(timing.read_text())
+            stats[d.parent.name] |= json_object(timing)
     manifest["bucket_stats"] = stats
     return manifest
+
+
+def _repair(path: Path, data: ImageData, keys: list[BucketKey]) -> bool:
+    """Remove what a re-run must rebuild: unfinished (``*.tmp``) and damaged buckets, data.zarr not matching
+    ``data``; returns whether anything is missing or was removed (else the bank is complete and intact)."""
+    todo = False
+    if (path / "data.zarr").exists():
+        try:
+            intact = _read_data(path, data.name).fingerprint() == data.fingerprint()
+        except BankError:
+            intact = False
+        if not intact:
+            shutil.rmtree(path / "data.zarr")
+    todo |= not (path / "data.zarr").exists()
+    buckets = path / "buckets"
+    for stale in buckets.glob("*.tmp") if buckets.is_dir() else []:
+        shutil.rmtree(stale)
+    for key in keys:
+        target = buckets / bucket_id(key)
+        if target.is_dir() and verify_bucket(target):
+            shutil.rmtree(target)
+        todo |= not target.is_dir()
+    return todo
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -351,6 +404,7 @@ def _write_bucket(tmp: Path, builder: MemoryBank, key: BucketKey, spec: BankSpec
         g.attrs["key"] = _key_to_json(key)
         n = len(builder.image_ids(key.label)) * key.locations(builder.height, builder.width).shape[0]
         (tmp / "stats.json").write_text(json.dumps({"patches": n, "distinct": None, "index": None, "materialised": False, "bytes": 0}))
+        write_checksums(tmp, {})
         return
     table = builder.unique_patches(key)
     builder.forget(key)  # keep the builder's memory bounded by one bucket
@@ -360,18 +414,24 @@ def _write_bucket(tmp: Path, builder: MemoryBank, key: BucketKey, spec: BankSpec
     chunk_rows = max(1, (1 << 22) // max(1, patches.shape[1] * 2))
     g.create_array("patches", data=patches, chunks=(min(chunk_rows, len(patches)), patches.shape[1]))
     g.create_array("counts", data=table.counts.numpy(), chunks=(min(chunk_rows, len(patches)),))
+    arrays = {"patches": patches, "counts": table.counts.numpy()}
     clusters = cluster_patches(table, spec.leaf_size)
     for name in ("order", "offsets", "centres", "radii", "max_log_count"):
-        g.create_array(f"cluster_{name}", data=getattr(clusters, name).numpy())
+        arrays[f"cluster_{name}"] = getattr(clusters, name).numpy()
+        g.create_array(f"cluster_{name}", data=arrays[f"cluster_{name}"])
     stats = {"patches": table.total, "distinct": len(patches), "index": None}
+    files = []
     if spec.index is not None:
         vectors = (table.patches.to(torch.float32) / 255.0).numpy()
         index = PatchIndex.build(vectors, table.counts.numpy(), spec.index)
         index.save(tmp / "index.faiss")
+        files.append("index.faiss")
         stats["index"] = index.spec
         if index.ivf is not None:
             for name in ("centroids", "radii", "counts"):
-                g.create_array(f"ivf_{name}", data=getattr(index.ivf, name).numpy())
+                arrays[f"ivf_{name}"] = getattr(index.ivf, name).numpy()
+                g.create_array(f"ivf_{name}", data=arrays[f"ivf_{name}"])
+    write_checksums(tmp, arrays, files)
     stats["bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
     (tmp / "stats.json").write_text(json.dumps(stats))
 

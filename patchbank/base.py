@@ -47,9 +47,16 @@ class Bank(ABC):
         self._clustered: dict[tuple[BucketKey, int], ClusteredPatches] = {}
         self._search_tables: dict[tuple[BucketKey, str], torch.Tensor] = {}
         self._padded_cache: tuple[tuple[int, str], torch.Tensor] | None = None
+        self._fingerprint: str | None = None
 
     def __len__(self) -> int:
         return len(self.data)
+
+    def fingerprint(self) -> str:
+        """The SHA-256 fingerprint of the bank's images and labels (computed once)."""
+        if self._fingerprint is None:
+            self._fingerprint = self.data.fingerprint()
+        return self._fingerprint
 
     # ---- what each implementation provides ----------------------------------------------------
     @abstractmethod

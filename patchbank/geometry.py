@@ -20,7 +20,7 @@ PADDINGS: tuple[str, ...] = ("zeros", "circular")
 
 def check_scale(P: int) -> int:
     """Validate a patch scale: an odd integer ≥ 1. Returns ``r = P // 2``."""
-    if not isinstance(P, int) or P < 1 or P % 2 == 0:
+    if isinstance(P, bool) or not isinstance(P, int) or P < 1 or P % 2 == 0:
         raise ValueError(f"patch scale P must be an odd integer >= 1, got {P!r}")
     return P // 2
 

@@ -2,7 +2,10 @@
 noise on the same grid, and compare final images per seed (DESIGN §2 agreement metrics).
 
 Results are appended seed batch by seed batch (``per_seed.jsonl`` and ``samples.pt``, each
-written through a temporary name), so an interrupted evaluation resumes where it stopped.
+written through a temporary name), so an interrupted evaluation resumes where it stopped. The
+folder's ``run.json`` records which network, machine, baseline and steps its results belong to
+(their identities: weights hash, schedule, data fingerprint, backend); a re-run with any of them
+changed is refused instead of mixing old results into the new report.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from machines import Denoiser, noise_from_seeds, sample
+from machines import Denoiser, identity_of, noise_from_seeds, sample
 from patchbank.atomic import atomic_write, write_json
 
 from .metrics import mse, pearson_r, r2
+from .runs import claim_folder
 
 
 def compare(network: torch.Tensor, machine: torch.Tensor, ideal: torch.Tensor) -> list[dict]:
@@ -54,7 +58,10 @@ def evaluate(
     """Evaluate (or resume) over ``seeds``; writes ``per_seed.jsonl``, ``samples.pt``, ``report.json``
     (the summary, with ``config`` under the key ``config`` when given)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    claim_folder(out, {"network": identity_of(network), "machine": identity_of(machine), "ideal": identity_of(ideal),
+                       "steps": steps, "shape": list(shape), "conditional": labels_of is not None})
     rows = read_rows(out / "per_seed.jsonl")
     samples = torch.load(out / "samples.pt") if (out / "samples.pt").exists() else {}
     todo = [s for s in seeds if s not in {r["seed"] for r in rows}]

@@ -6,19 +6,19 @@ The machine's dictionary is the network's own training set (read from the model'
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from machines import ScoreMachine
+from machines import ScoreMachine, parse_backend
 from patchbank import Bank, MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import write_json
 
 from .calibration import calibrate, schedule_from, write_calibration
 from .evaluation import evaluate, read_rows
 from .figures import agreement_scatter, image_pairs, scale_curve
+from .runs import read_json
 from .training import load_network
 
 
@@ -33,6 +33,11 @@ class CalibrateConfig:
     backend: str = "exact"  # a backend spec (see `patchbank backends`); every candidate machine gets its own
     out: str = "outputs/calibrate"
 
+    def __post_init__(self) -> None:
+        _check_job(self.machine, self.seeds, self.steps, self.backend)
+        if not self.candidates:
+            raise ValueError("give at least one candidate patch size")
+
 
 @dataclass
 class EvaluateConfig:
@@ -46,11 +51,27 @@ class EvaluateConfig:
     batch: int = 10
     out: str = "outputs/evaluate"
 
+    def __post_init__(self) -> None:
+        _check_job(self.machine, self.seeds, self.steps, self.backend)
+        if self.batch < 1:
+            raise ValueError(f"batch must be >= 1, got {self.batch}")
+
+
+def _check_job(machine: str, seeds: list[int], steps: int, backend: str) -> None:
+    """The options every calibration or evaluation needs right, checked before anything is written."""
+    if machine not in ("LS", "ELS", "bbELS"):
+        raise ValueError(f"machine must be a patch machine (LS, ELS, bbELS), got {machine!r}")
+    if not seeds:
+        raise ValueError("give at least one seed")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    parse_backend(backend)
+
 
 def _setup(model: str, bank_path: str | None):
     """The network, the bank of its training set, and its training config."""
-    train_cfg = json.loads((Path(model).parent / "config.json").read_text())
     network = load_network(model)
+    train_cfg = read_json(Path(model).parent / "config.json", "the model's training config")
     if bank_path:
         bank = PatchBank.open(bank_path)
         if bank.data.fingerprint() != train_cfg["fingerprint"]:
@@ -83,7 +104,7 @@ def run_calibrate(cfg: CalibrateConfig) -> dict:
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     network, bank, train_cfg = _setup(cfg.model, cfg.bank)
-    schedule = schedule_from(json.loads(Path(cfg.calibration).read_text()))
+    schedule = schedule_from(read_json(cfg.calibration, "calibration"))
     cond = bool(train_cfg["conditional"])
     machine = ScoreMachine(bank, cfg.machine, scales=schedule, conditional=cond, backend=cfg.backend)  # type: ignore[arg-type]
     ideal = ScoreMachine(bank, "IS", conditional=cond)

@@ -7,6 +7,8 @@ added per block as a per-channel bias. ``padding`` is ``zeros`` or ``circular``.
 
 from __future__ import annotations
 
+import hashlib
+
 import math
 from typing import Literal
 
@@ -127,6 +129,14 @@ class NetworkDenoiser:
     def __init__(self, net: nn.Module) -> None:
         self.net = net
         self.conditional = getattr(net, "num_classes", None) is not None
+
+    def identity(self) -> dict:
+        """What changes this denoiser's answers: the architecture and a hash of its weights."""
+        h = hashlib.sha256()
+        for name, value in self.net.state_dict().items():
+            h.update(name.encode())
+            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+        return {"network": repr(self.net), "weights": h.hexdigest()}
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -25,6 +25,8 @@ from machines.schedule import COSINE_DENOM
 from patchbank import ImageData, load_dataset, to_model_range
 from patchbank.atomic import atomic_write, write_json
 
+from .runs import config_from_dict, differences, read_json
+
 from .networks import ARCHITECTURES, NetworkDenoiser
 
 log = logging.getLogger(__name__)
@@ -55,10 +57,10 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> TrainConfig:
-        values = json.loads(Path(path).read_text())
-        if "widths" in values:
+        values = read_json(path, "train config")
+        if isinstance(values, dict) and "widths" in values:
             values["widths"] = tuple(values["widths"])
-        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
+        return config_from_dict(cls, values, str(path))
 
 
 def build_network(cfg: TrainConfig, channels: int, num_classes: int | None) -> nn.Module:
@@ -152,7 +154,8 @@ def _resume(path: Path, cfg: TrainConfig, net, opt, sched, gen: torch.Generator,
     saved = {k: v for k, v in ckpt["config"].items() if k not in ("iters", "checkpoint_every", "device")}
     now = {k: v for k, v in asdict(cfg).items() if k not in ("iters", "checkpoint_every", "device")}
     if saved != now:
-        raise ValueError(f"{path} was written by a different run configuration; use another --out or delete it")
+        raise ValueError(f"{path} was written by a different run configuration (differs in: {', '.join(differences(saved, now))}); "
+                         "use another --out or delete it")
     net.load_state_dict(ckpt["net"])
     opt.load_state_dict(ckpt["opt"])
     sched.load_state_dict(ckpt["sched"])
@@ -173,9 +176,15 @@ def _save_checkpoint(path: Path, cfg: TrainConfig, net, opt, sched, gen: torch.G
 
 
 def load_network(path: str | os.PathLike, device: str = "auto") -> NetworkDenoiser:
-    """A trained ``model.pt`` as a denoiser with the machines' call signature."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = TrainConfig(**{k: (tuple(v) if k == "widths" else v) for k, v in ckpt["config"].items()})
-    net = build_network(cfg, ckpt["channels"], ckpt["num_classes"])
-    net.load_state_dict(ckpt["state_dict"])
+    """A trained ``model.pt`` as a denoiser with the machines' call signature; a missing or unreadable
+    file is an error naming it."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no trained model at {path} (train one with `patchbank train`)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        cfg = TrainConfig(**{k: (tuple(v) if k == "widths" else v) for k, v in ckpt["config"].items()})
+        net = build_network(cfg, ckpt["channels"], ckpt["num_classes"])
+        net.load_state_dict(ckpt["state_dict"])
+    except Exception as err:  # truncated pickle, a file of something else, a mismatched state dict
+        raise ValueError(f"{path} is not a readable trained model ({type(err).__name__}: {err})") from None
     return NetworkDenoiser(net.to(resolve_device(device)).eval())

@@ -12,7 +12,9 @@ from ``m`` draws ``j_1 … j_m`` of a proposal ``π`` over the bucket:
 ``Ẑ_T = mean_i 1[j_i ∉ H]·w_{j_i}/π_{j_i}`` and ``Ŝ_T`` likewise with ``v``. The returned mean is
 the self-normalised ratio ``(S_H + Ŝ_T)/(Z_H + Ẑ_T)`` (consistent; its bias is O(1/m)), and its
 standard error per query is the delta-method ``sqrt(var_i(y_i·(v_{j_i} − μ̂))/m)/(Z_H + Ẑ_T)``
-(largest over channels). ``k = 0`` is pure importance sampling (no search). Draws are
+(largest over channels). ``k = 0`` is pure importance sampling (no search). One set of draws
+serves every query of a bucket call (each query's estimate is unbiased over seeds all the same),
+so an answer depends on its own query only, never on the batch it came in; draws are
 deterministic given ``seed``, the bucket and the noise level.
 
 The standard error is itself estimated from the draws and means little when a few draws carry
@@ -131,10 +133,10 @@ class SampledTailBackend(NeighbourSearch, BackendBase):
             counts = table.counts.to(torch.float64)
             n = float(counts.sum())
             if self.proposal == "count":
-                draws = torch.multinomial(counts, Q * self.samples, replacement=True, generator=gen).view(Q, self.samples)
+                draws = torch.multinomial(counts, self.samples, replacement=True, generator=gen).expand(Q, -1)
                 log_scale = torch.full((U,), math.log(n), dtype=torch.float64)  # log(c_j / π_j) with π_j = c_j / n
             else:
-                draws = torch.randint(U, (Q, self.samples), generator=gen)
+                draws = torch.randint(U, (self.samples,), generator=gen).expand(Q, -1)
                 log_scale = counts.log() + math.log(U)
             centre = centre_index(bank.channels, bucket.scale)  # type: ignore[arg-type]
             parts = [self._block(table.patches, counts, log_scale, centre, q[s : s + self.query_chunk],

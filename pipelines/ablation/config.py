@@ -12,6 +12,8 @@ import torch
 from machines import Backend, BackendSpec, ExactBackend, ScaleSchedule, parse_backend, reference_schedule
 from patchbank import ImageData, load_dataset
 
+from ..runs import config_from_dict, read_json
+
 DEFAULT_GRID = [
     "exact",
     "exact:dedup=0",
@@ -61,9 +63,10 @@ class AblationConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> AblationConfig:
-        values = json.loads(Path(path).read_text())
-        values = values.get("ablation", values)  # a results' config.json holds {"ablation": …, "environment": …}
-        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
+        values = read_json(path, "ablation config")
+        if isinstance(values, dict) and "ablation" in values:  # a results' config.json: {"ablation": …, "environment": …}
+            values = values["ablation"]
+        return config_from_dict(cls, values, str(path))
 
 
 @dataclass(frozen=True)
