@@ -37,7 +37,7 @@ Source = Literal["auto", "npz", "torchvision"]
 
 @dataclass(frozen=True)
 class ImageData:
-    """A training set. ``images``: uint8 ``[N, C, H, W]``; ``labels``: int64 ``[N]``."""
+    """A training set. ``images``: uint8 ``[N, C, H, W]`` (N ≥ 1); ``labels``: int64 ``[N]``."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -48,10 +48,14 @@ class ImageData:
             raise ValueError(
                 f"images must be uint8 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}"
             )
+        if self.images.shape[0] == 0:
+            raise ValueError(f"dataset {self.name!r} holds no images")
         if self.labels.shape != (self.images.shape[0],):
             raise ValueError(
                 f"labels must be [N] = [{self.images.shape[0]}], got {tuple(self.labels.shape)}"
             )
+        if self.labels.dtype != torch.int64:
+            raise ValueError(f"labels must be int64, got {self.labels.dtype} (see integer_labels)")
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -119,15 +123,32 @@ def load_npz(path: str | os.PathLike, split: Split = "train", name: str | None =
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such dataset file: {path}")
-    with np.load(path) as z:
-        xk, yk = f"x_{split}", f"y_{split}"
-        if xk not in z or yk not in z:
-            raise KeyError(f"{path} has no {split} split (arrays {xk}, {yk}); it holds {sorted(z.files)}")
-        x, y = z[xk], z[yk]
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            xk, yk = f"x_{split}", f"y_{split}"
+            if xk not in z or yk not in z:
+                raise KeyError(f"{path} has no {split} split (arrays {xk}, {yk}); it holds {sorted(z.files)}")
+            x, y = z[xk], z[yk]
+    except (OSError, ValueError, EOFError) as err:  # not an npz (zip) file, or a damaged one
+        raise ValueError(f"{path} is not a readable .npz dataset ({err})") from None
+    if x.dtype != np.uint8:
+        raise ValueError(f"{path}: {xk} must be uint8 images, got {x.dtype}")
     images = _to_nchw(x)
     if y.shape != (images.shape[0],):
         raise ValueError(f"{path}: {yk} has shape {y.shape}, expected ({images.shape[0]},)")
-    return ImageData(images, torch.from_numpy(y.astype(np.int64)), name or path.stem)
+    return ImageData(images, integer_labels(y, f"{path}: {yk}"), name or path.stem)
+
+
+def integer_labels(labels, where: str = "labels") -> torch.Tensor:
+    """Class labels as int64 ``[N]``. Integer arrays are taken as they are; float arrays only when every
+    value is a whole number (``3.0`` → 3); fractional, NaN or non-numeric labels are an error."""
+    y = np.asarray(labels)
+    if y.dtype.kind in "iub":
+        return torch.from_numpy(y.astype(np.int64))
+    if y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all():
+        return torch.from_numpy(y.astype(np.int64))
+    bad = y[~np.isfinite(y) | (y != np.round(y))][:3] if y.dtype.kind == "f" else y[:3]
+    raise ValueError(f"{where} must be whole-number class labels, got {y.dtype} values such as {bad.tolist()}")
 
 
 def load_torchvision(name: str, root: str | os.PathLike, split: Split = "train", download: bool = True) -> ImageData:
@@ -158,6 +179,10 @@ def load_folder(path: str | os.PathLike, mode: Literal["L", "RGB"] | None = None
         raise FileNotFoundError(f"no such image folder: {root}")
     exts = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
     classes = sorted(d for d in root.iterdir() if d.is_dir())
+    loose = [f for f in root.iterdir() if f.is_file() and f.suffix.lower() in exts]
+    if classes and loose:
+        raise ValueError(f"{root} holds both class folders and loose images (e.g. {loose[0].name}); "
+                         "put every image in a class folder, or none")
     groups = [(i, sorted(d.iterdir())) for i, d in enumerate(classes)] or [(0, sorted(root.iterdir()))]
     files = [(lab, f) for lab, fs in groups for f in fs if f.suffix.lower() in exts]
     if not files:

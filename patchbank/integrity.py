@@ -84,9 +84,9 @@ def load_checked(bucket_dir: Path, group: zarr.Group, name: str, sums: dict[str,
     try:
         values = group[name][:]
     except Exception as err:  # zarr raises several types for missing or damaged metadata
-        raise IntegrityError(f"{bucket_dir.name}: array {name!r} is missing or unreadable ({err})") from err
+        raise IntegrityError(f"{bucket_dir.name}: array {name!r} is missing or corrupted ({err})") from err
     if array_checksum(values) != sums[name]:
-        raise IntegrityError(f"{bucket_dir.name}: array {name!r} does not match its checksum (a chunk is missing or damaged)")
+        raise IntegrityError(f"{bucket_dir.name}: array {name!r} does not match its checksum (a chunk is missing or corrupted)")
     return values
 
 

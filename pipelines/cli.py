@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
-from dataclasses import fields
-
 import json
+import logging
+import sys
+from dataclasses import fields
 from pathlib import Path
 
 from machines import MACHINES, describe_backends, parse_backend
@@ -24,9 +24,12 @@ def parse_seeds(text: str) -> list[int]:
     for part in text.split(","):
         lo, sep, hi = part.strip().partition("-")
         try:
-            seeds += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+            first, last = int(lo), int(hi) if sep else int(lo)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"seeds must look like 0-7 or 1,5,9, not {text!r}") from None
+            raise argparse.ArgumentTypeError(f"seeds must be non-negative integers like 0-7 or 1,5,9, not {text!r}") from None
+        if last < first:
+            raise argparse.ArgumentTypeError(f"empty seed range {part.strip()!r}: the end comes before the start")
+        seeds += list(range(first, last + 1))
     return seeds
 
 
@@ -43,8 +46,14 @@ BACKEND_HELP = "posterior backend spec, e.g. exact, auto, 'auto:se_tol=0.005', '
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="patchbank", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress, and show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add = sub.add_parser
+
+    def add_parser(name: str, **kw) -> argparse.ArgumentParser:  # every command shows its defaults in --help
+        return _add(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
     d = SampleConfig()
     s = sub.add_parser("sample", help="sample images from an analytic machine and save a PNG grid")
     s.add_argument("--dataset", default=d.dataset, help="mnist, fashion_mnist, cifar10, celeba, two_image, random, an .npz or a folder")
@@ -58,10 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--conditional", action="store_true")
     s.add_argument("--labels", type=parse_seeds, default=None, help="one label per seed (conditional), e.g. 0,1,2")
     s.add_argument("--seeds", type=parse_seeds, default=d.seeds, help="e.g. 0-7 or 3,5")
-    s.add_argument("--steps", type=int, default=d.steps)
+    s.add_argument("--steps", type=int, default=d.steps, help="DDIM steps")
     s.add_argument("--bank", default=None, help="a built patch bank to sample from (instead of --dataset)")
     s.add_argument("--backend", type=backend_spec, default=d.backend, help=BACKEND_HELP)
-    s.add_argument("--out", default=d.out)
+    s.add_argument("--out", default=d.out, help="output folder (an interrupted sample resumes from its checkpoint there)")
 
     sub.add_parser("backends", help="list the posterior backends with their options and defaults")
 
@@ -76,38 +85,42 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--index", default="Flat", help="FAISS index_factory string: Flat, IVF<n>,Flat, HNSW<M>; 'none' for no index")
     b.add_argument("--leaf-size", type=int, default=2048, help="cluster size for the exact backend's pruning")
 
-    i = sub.add_parser("info", help="describe a built patch bank")
-    i.add_argument("bank")
+    i = sub.add_parser("info", help="describe a built patch bank: data, spec, per-scale sizes and build times")
+    i.add_argument("bank", help="bank directory")
 
+    v = sub.add_parser("verify", help="check every stored array of a bank against its checksum (exit 1 if any fails)")
+    v.add_argument("bank", help="bank directory")
+
+    dt = TrainConfig()
     tr = sub.add_parser("train", help="train (or resume) an eps-predicting ResNet/UNet")
-    tr.add_argument("--config", default=None, help="a JSON file of TrainConfig fields (see configs/)")
-    tr.add_argument("--iters", type=int, default=None)
-    tr.add_argument("--n-train", type=int, default=None)
-    tr.add_argument("--device", default=None)
-    tr.add_argument("--out", default=None)
+    tr.add_argument("--config", default=None, help="a JSON file of TrainConfig fields (see configs/); unknown keys are errors")
+    tr.add_argument("--iters", type=int, default=None, help=f"training iterations; None keeps the config's (TrainConfig: {dt.iters})")
+    tr.add_argument("--n-train", type=int, default=None, help=f"first N training images; None keeps the config's (TrainConfig: {dt.n_train})")
+    tr.add_argument("--device", default=None, help=f"cpu, cuda or auto; None keeps the config's (TrainConfig: {dt.device})")
+    tr.add_argument("--out", default=None, help=f"output folder: checkpoint, model.pt, config.json; None keeps the config's (TrainConfig: {dt.out})")
 
     c = sub.add_parser("calibrate", help="calibrate a machine's P(t) to a trained network")
     dc = CalibrateConfig()
-    c.add_argument("--model", default=dc.model)
-    c.add_argument("--machine", default=dc.machine, choices=["LS", "ELS", "bbELS"])
-    c.add_argument("--candidates", type=int, nargs="+", default=dc.candidates)
-    c.add_argument("--seeds", type=parse_seeds, default=dc.seeds)
-    c.add_argument("--steps", type=int, default=dc.steps)
-    c.add_argument("--bank", default=None)
+    c.add_argument("--model", default=dc.model, help="a trained model.pt (its config.json names the training data)")
+    c.add_argument("--machine", default=dc.machine, choices=["LS", "ELS", "bbELS"], help="the machine whose P(t) is calibrated")
+    c.add_argument("--candidates", type=int, nargs="+", default=dc.candidates, help="patch sizes P to choose from")
+    c.add_argument("--seeds", type=parse_seeds, default=dc.seeds, help="seeds of the network trajectories, e.g. 0-7")
+    c.add_argument("--steps", type=int, default=dc.steps, help="DDIM steps")
+    c.add_argument("--bank", default=None, help="a built bank of the network's training data (default: built in memory)")
     c.add_argument("--backend", type=backend_spec, default=dc.backend, help=BACKEND_HELP)
-    c.add_argument("--out", default=dc.out)
+    c.add_argument("--out", default=dc.out, help="output folder: calibration.json, scale_curve.png")
 
     e = sub.add_parser("evaluate", help="theory vs network agreement of a calibrated machine (with the IS baseline)")
     de = EvaluateConfig()
-    e.add_argument("--model", default=de.model)
-    e.add_argument("--calibration", default=de.calibration)
-    e.add_argument("--machine", default=de.machine, choices=["LS", "ELS", "bbELS"])
-    e.add_argument("--seeds", type=parse_seeds, default=de.seeds)
-    e.add_argument("--steps", type=int, default=de.steps)
-    e.add_argument("--bank", default=None)
+    e.add_argument("--model", default=de.model, help="a trained model.pt (its config.json names the training data)")
+    e.add_argument("--calibration", default=de.calibration, help="the calibration.json whose schedule the machine uses")
+    e.add_argument("--machine", default=de.machine, choices=["LS", "ELS", "bbELS"], help="the calibrated machine")
+    e.add_argument("--seeds", type=parse_seeds, default=de.seeds, help="seeds, e.g. 0-99")
+    e.add_argument("--steps", type=int, default=de.steps, help="DDIM steps")
+    e.add_argument("--bank", default=None, help="a built bank of the network's training data (default: built in memory)")
     e.add_argument("--backend", type=backend_spec, default=de.backend, help=BACKEND_HELP)
-    e.add_argument("--batch", type=int, default=de.batch)
-    e.add_argument("--out", default=de.out)
+    e.add_argument("--batch", type=int, default=de.batch, help="seeds per batch (each batch is kept when done)")
+    e.add_argument("--out", default=de.out, help="output folder (resumable; refuses results of another run)")
     ab = sub.add_parser("ablate", help="exact-vs-approximate ablation grid and the posterior-concentration study")
     da = AblationConfig()
     ab.add_argument("--config", default=None, help="a JSON of AblationConfig fields, e.g. a previous run's config.json (re-runs it)")
@@ -150,8 +163,21 @@ def _ablation_config(args: argparse.Namespace) -> AblationConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run one command. A user error (bad option, missing file, a bank or folder that does not fit) is one
+    line ``patchbank <command>: error: …`` and exit status 2; ``--verbose`` shows the traceback instead."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        _run(args)
+    except (ValueError, TypeError, KeyError, OSError, RuntimeError) as err:
+        if args.verbose:
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"patchbank {args.command}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.command == "sample":
         values = {f.name: getattr(args, f.name) for f in fields(SampleConfig)}
         values["resize"] = values["resize"] or None
@@ -160,13 +186,20 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "backends":
         print(describe_backends())
     elif args.command == "build":
-        data = load_dataset(args.dataset, resize=args.resize or None, limit=args.n_train or None)
         index = None if args.index.lower() == "none" else args.index
         spec = BankSpec(scales=args.scales, rules=args.rules, labels=args.labels, index=index, leaf_size=args.leaf_size)
+        data = load_dataset(args.dataset, resize=args.resize or None, limit=args.n_train or None)
         bank = PatchBank.build(data, args.out, spec)
         print(json.dumps(bank.info(), indent=1))
     elif args.command == "info":
         print(json.dumps(PatchBank.open(args.bank).info(), indent=1))
+    elif args.command == "verify":
+        problems = PatchBank.open(args.bank).verify()
+        for bucket, found in problems.items():
+            print(f"{bucket}: {'; '.join(found)}")
+        print(f"{args.bank}: {'intact' if not problems else f'{len(problems)} damaged bucket(s); re-run its build to repair them'}")
+        if problems:
+            raise SystemExit(1)
     elif args.command == "train":
         cfg = TrainConfig.from_json(args.config) if args.config else TrainConfig()
         for name in ("iters", "n_train", "device", "out"):

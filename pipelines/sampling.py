@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from machines import ScaleSchedule, ScoreMachine, make_backend, noise_from_seeds, reference_schedule, sample
+from machines import ScaleSchedule, ScoreMachine, make_backend, noise_from_seeds, parse_backend, reference_schedule, sample
 from patchbank import MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import atomic_write, write_json
 
@@ -37,6 +37,17 @@ class SampleConfig:
     backend: str = "exact"  # a backend spec, e.g. "auto", "topk:k=256:tol=1e-4" (see `patchbank backends`)
     out: str = "outputs/sample"
 
+    def __post_init__(self) -> None:
+        if self.machine in ("IS", "ES") and self.scale is not None:
+            raise ValueError(f"{self.machine} compares whole images; --scale does not apply to it")
+        if self.labels is not None and not self.conditional:
+            raise ValueError("labels are given but the machine is not conditional; add --conditional (or drop --labels)")
+        if not self.seeds:
+            raise ValueError("give at least one seed")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        parse_backend(self.backend)
+
     def scales(self) -> ScaleSchedule | None:
         if self.machine in ("IS", "ES"):
             return None
@@ -46,7 +57,12 @@ class SampleConfig:
 
 
 def run_sample(cfg: SampleConfig) -> Path:
-    """Sample ``len(cfg.seeds)`` images; writes ``samples.png``, ``samples.pt`` and ``config.json`` under ``cfg.out``."""
+    """Sample ``len(cfg.seeds)`` images; writes ``samples.png``, ``samples.pt`` and ``config.json`` under ``cfg.out``.
+
+    The sample checkpoints every step in ``cfg.out/sample.ckpt`` (removed once the results are written), so a
+    killed run resumes when re-run with the same settings; other settings are refused while it is there."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)  # an --out under a file fails here, before any work
     bank = PatchBank.open(cfg.bank) if cfg.bank else MemoryBank(load_dataset(cfg.dataset, resize=cfg.resize, limit=cfg.n_train))
     data = bank.data
     backend = make_backend(cfg.backend)
@@ -57,15 +73,14 @@ def run_sample(cfg: SampleConfig) -> Path:
     log.info("%r: %d seeds, %d steps", machine, len(cfg.seeds), cfg.steps)
     start = time.perf_counter()
     noise = noise_from_seeds(cfg.seeds, data.shape)
-    x = sample(machine, noise, cfg.steps, labels, progress=True)
+    x = sample(machine, noise, cfg.steps, labels, progress=True, checkpoint=out / "sample.ckpt")
     elapsed = time.perf_counter() - start
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "samples.png", lambda p: save_image((x + 1) / 2, p, nrow=min(8, len(cfg.seeds)), format="png"))
     atomic_write(out / "samples.pt", lambda p: torch.save({"samples": x, "seeds": cfg.seeds, "labels": labels}, p))
     record = {**asdict(cfg), "seconds": round(elapsed, 2), "train_images": len(data), "image_shape": list(data.shape),
               "backend_stats": backend.stats.summary()}
     write_json(out / "config.json", record)
+    (out / "sample.ckpt").unlink()
     return out / "samples.png"
 
 

@@ -102,6 +102,8 @@ class SampledTailBackend(NeighbourSearch, BackendBase):
     def __post_init__(self) -> None:
         if self.k < 0 or self.samples < 1:
             raise ValueError(f"need k >= 0 and samples >= 1, got k={self.k}, samples={self.samples}")
+        if self.min_ess is not None and not self.min_ess > 0:
+            raise ValueError(f"min_ess must be > 0 (or None: keep every sampled answer), got {self.min_ess}")
         if self.proposal not in ("count", "uniform"):
             raise ValueError(f"proposal must be 'count' or 'uniform', got {self.proposal!r}")
 
