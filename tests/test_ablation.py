@@ -5,6 +5,7 @@ the concentration study agrees with a brute-force computation over undeduplicate
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -90,10 +91,13 @@ def test_rerun_resumes_from_finished_configurations(small_run, monkeypatch):
     assert [r["pearson_r_min"] for r in again["rows"]] == [r["pearson_r_min"] for r in report["rows"]]
 
 
-def test_reference_resumes_seed_by_seed(small_run, monkeypatch):
+def test_reference_resumes_seed_by_seed(small_run, monkeypatch, tmp_path):
     """An interrupted reference keeps its finished seeds: only the missing seed is sampled again."""
     cfg, report = small_run
-    out = Path(cfg.out)
+    out = tmp_path / "out"  # a copy: the module's shared run stays whole for the other tests
+    shutil.copytree(cfg.out, out)
+    cfg = AblationConfig.from_json(Path(cfg.out) / "config.json")
+    cfg.out = str(out)
     before = torch.load(out / "reference.pt", weights_only=False)
     (out / "reference.pt").unlink()
     (out / "reference" / f"seed{cfg.seeds[1]}.pt").unlink()
@@ -106,7 +110,7 @@ def test_reference_resumes_seed_by_seed(small_run, monkeypatch):
 
     monkeypatch.setattr(ablation, "_reference_run", counted)
     monkeypatch.setattr(ablation, "_run_variant", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
-    run_ablation(AblationConfig.from_json(out / "config.json"), progress=False)
+    run_ablation(cfg, progress=False)
     assert calls == [1]
     after = torch.load(out / "reference.pt", weights_only=False)
     for a, b in zip([after["final"]] + after["inputs"] + after["x0"], [before["final"]] + before["inputs"] + before["x0"]):

@@ -72,7 +72,9 @@ def test_stream_size_counts_what_the_stream_yields(built, mnist_tiny):
 def test_dedup_counts_and_info(built, mnist_tiny):
     info = built.info()
     assert info["n_images"] == 60 and set(info["scales"]) == {3, 5}
-    assert all(s["seconds"] > 0 for s in info["scales"].values())  # each scale's buckets' build time
+    timing = {d.parent.name: json.loads(d.read_text())["seconds"] for d in (built.path / "buckets").glob("*/timing.json")}
+    for P, s in info["scales"].items():  # each scale's seconds: the sum of its buckets' (rounded to ms, so maybe 0)
+        assert s["seconds"] == pytest.approx(sum(v for name, v in timing.items() if f"-P{P}-" in name)) and s["seconds"] >= 0
     interior = built.unique_patches(BucketKey("bbELS", 3, "zeros", (1, 1, 1, 1)))
     assert interior.total == 60 * 26 * 26 and len(interior.counts) < interior.total
     mem = MemoryBank(mnist_tiny, dedup=True).unique_patches(BucketKey("bbELS", 3, "zeros", (1, 1, 1, 1)))

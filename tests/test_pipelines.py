@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from machines import ScaleSchedule, ScoreMachine, eps_from_x0, noise_from_seeds, sample
+from machines import ScaleSchedule, ScoreMachine, ddim_grid, eps_from_x0, noise_from_seeds, sample
 
 from pipelines.calibration import calibrate
+from pipelines.metrics import pearson_r
 from pipelines.networks import NetworkDenoiser, ResNet, UNet
 from pipelines.training import TrainConfig, load_network, train
 
@@ -58,7 +59,14 @@ def test_networks_shapes_and_locality(padding):
     assert torch.allclose(net(x, t)[..., :6, :], net(y, t)[..., :6, :], atol=1e-6)
     assert not torch.allclose(net(x, t)[..., 7:, :], net(y, t)[..., 7:, :], atol=1e-6)
     unet = UNet(3, (4, 8, 16), padding, num_classes=10)
-    assert unet(torch.randn(2, 3, 16, 16), t, torch.tensor([1, 2])).shape == (2, 3, 16, 16)
+    x3 = torch.randn(2, 3, 16, 16)
+    out = unet(x3, t, torch.tensor([1, 2]))
+    assert out.shape == (2, 3, 16, 16)
+    assert not torch.allclose(unet(x3, t, torch.tensor([3, 2]))[0], out[0], atol=1e-6)  # the label reaches the output
+    torch.testing.assert_close(unet(x3, t, torch.tensor([3, 2]))[1], out[1])  # … of its own sample only
+    if padding == "circular":  # two 2× poolings: equivariant to circular shifts by multiples of 4
+        shifted = unet(torch.roll(x3, (4, 8), (2, 3)), t, torch.tensor([1, 2]))
+        torch.testing.assert_close(shifted, torch.roll(out, (4, 8), (2, 3)), rtol=0, atol=1e-5)
 
 
 def _tiny_config(tmp_path: Path, **kw) -> TrainConfig:
@@ -75,8 +83,10 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, ema):
     resumed = load_network(train(cfg, progress=False))
     for (name, a), (_, b) in zip(whole.net.state_dict().items(), resumed.net.state_dict().items()):
         assert torch.equal(a, b), name
-    with pytest.raises(ValueError, match="different run configuration"):
+    with pytest.raises(ValueError, match=r"different run configuration \(differs in: lr\)"):
         train(_tiny_config(tmp_path / "resumed", lr=5e-3, ema=ema), progress=False)
+    with pytest.raises(ValueError, match=r"differs in: blocks, width"):
+        train(_tiny_config(tmp_path / "resumed", width=16, blocks=3, ema=ema), progress=False)
 
 
 @pytest.mark.slow
@@ -94,8 +104,18 @@ def test_train_calibrate_evaluate_end_to_end(tmp_path, datasets_dir, monkeypatch
     assert json.loads((tmp_path / "eval" / "report.json").read_text())["config"]["backend"] == "topk:k=16"
     for name in ("report.json", "per_seed.jsonl", "samples.pt", "pairs.png", "scatter.png", "scale_curve.png", "config.json"):
         assert (tmp_path / "eval" / name).is_file(), name
-    assert report["seeds"] == 3 and -1 <= report["median_machine_r"] <= 1 and -1 <= report["median_is_r"] <= 1
-    assert 0 <= report["machine_beats_is"] <= 1 and report["median_machine_mse"] >= 0
+    samples = torch.load(tmp_path / "eval" / "samples.pt")
+    machine_r = [float(pearson_r(samples[s]["machine"][None], samples[s]["network"][None])[0]) for s in (0, 1, 2)]
+    is_r = [float(pearson_r(samples[s]["is"][None], samples[s]["network"][None])[0]) for s in (0, 1, 2)]
+    assert report["seeds"] == 3 and report["median_machine_r"] == pytest.approx(sorted(machine_r)[1], abs=1e-6)
+    assert report["median_is_r"] == pytest.approx(sorted(is_r)[1], abs=1e-6)
+    assert report["machine_beats_is"] == pytest.approx(sum(m > i for m, i in zip(machine_r, is_r)) / 3)
+    # the calibrated schedule: one P per visited time, each the candidate most similar on the median seed
+    assert [t for t, _ in cal["schedule"]] == sorted(ddim_grid(3)[:-1])
+    for t, P in cal["schedule"]:
+        best = cal["per_seed"][f"{t:.4f}"]
+        assert P == sorted(best)[len(best) // 2] and all(
+            max(cal["similarity"][f"{t:.4f}"], key=lambda c: cal["similarity"][f"{t:.4f}"][c][i]) == str(b) for i, b in enumerate(best))
     # Resume: a second run with more seeds computes only the new one.
     rows_before = (tmp_path / "eval" / "per_seed.jsonl").read_text().splitlines()
     report = run_evaluate(EvaluateConfig(model=str(model), calibration=str(tmp_path / "cal" / "calibration.json"),

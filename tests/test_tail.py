@@ -57,6 +57,8 @@ def test_errors_are_within_a_few_reported_standard_errors(bank, mnist, t, k, pro
     # deterministic given the seed, different for another seed
     again = SampledTailBackend(k=k, samples=2048, proposal=proposal, seed=3).estimate(bank, key, q, a, s2)
     assert torch.equal(again.means, est.means)
+    other = SampledTailBackend(k=k, samples=2048, proposal=proposal, seed=4).estimate(bank, key, q, a, s2)
+    assert not torch.equal(other.means[sampled], est.means[sampled]) or not sampled.any()
 
 
 @pytest.mark.parametrize("proposal", ["count", "uniform"])
