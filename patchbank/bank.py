@@ -111,6 +111,7 @@ class PatchBank(Bank):
         self.manifest = manifest
         self.spec = BankSpec(**manifest["spec"])
         self.index_spec = self.spec.index
+        self.leaf_size = self.spec.leaf_size
         self._fingerprint = manifest["fingerprint"]  # checked against the stored images on opening
         self._buckets = {bucket_id(BucketKey(**_key_from_json(k))) for k in manifest["buckets"]}
         self._indices: dict[BucketKey, PatchIndex] = {}

@@ -38,6 +38,7 @@ class Bank(ABC):
     """
 
     index_spec: str | None = None  # the FAISS index_factory string its buckets were indexed with (None: no index)
+    leaf_size: int = 2048  # the cluster size the bank keeps (PatchBank: its build's; MemoryBank: built on demand)
 
     def __init__(self, data: ImageData, dedup: bool) -> None:
         self.data = data

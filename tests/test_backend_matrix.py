@@ -109,3 +109,32 @@ def test_a_call_does_not_depend_on_its_batch(images, banks, kind, C):
     whole = machine(x, T, labels)
     torch.testing.assert_close(machine(x[:1], T, labels[:1]), whole[:1], rtol=0, atol=1e-6)
     torch.testing.assert_close(machine(x[2:], T, labels[2:]), whole[2:], rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def graph_banks(images, tmp_path_factory) -> dict:
+    return {C: PatchBank.build(data, tmp_path_factory.mktemp("hnsw") / f"c{C}", BankSpec(scales=[3], index="HNSW8", leaf_size=64),
+                               progress=False) for C, data in images.items()}
+
+
+@pytest.mark.parametrize("C", [1, 3])
+@pytest.mark.parametrize("t", [0.05, 0.3, 1.0])
+def test_the_cluster_bound_is_rigorous_and_never_looser(images, banks, graph_banks, C, t):
+    """Per pixel, for Flat, IVF and a graph index: the certificate with the cluster bound (``bound="best"``)
+    still bounds the measured error by 2ε, is never above the index's own, and certifies the graph index."""
+    data = images[C]
+    a, s2 = alpha_sigma2(t)
+    x = noised(data, t, 2, seed=5)
+    hnsw = graph_banks[C]
+    bucket = BucketKey("bbELS", 3, "zeros", (1, 1, 1, 1))
+    q = patches_at(x, bucket.locations(H, H), 3, "zeros").flatten(0, 1)
+    want = ExactBackend(prune=False).posterior(banks[C, "memory"], bucket, q, a, s2)
+    for bank in (banks[C, "Flat"], banks[C, "IVF4,Flat"], hnsw):
+        eps = {}
+        for bound in ("index", "best"):
+            topk = make_backend(f"topk:k=8:tol=none:nprobe=1:bound={bound}")
+            err = (topk.posterior(bank, bucket, q, a, s2) - want).abs().amax(1)
+            eps[bound] = topk.stats.eps[-1]
+            assert (err <= 2 * eps[bound] + 1e-12).all(), (bound, bank.index_spec)
+        assert (eps["best"] <= eps["index"]).all()
+        assert topk.stats.certified and topk.guarantee == "certified"

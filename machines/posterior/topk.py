@@ -9,7 +9,14 @@ softmax is taken over them with log counts, and the weight left out is bounded:
 * **ivf**: within the probed lists the same bound; each unprobed list ℓ (centroid c, radius R,
   n_ℓ patches with counts) adds ``n_ℓ·exp(−a²·max(0, ‖q/a − c‖ − R)²/(2s²))``;
 * **hnsw**: the flat formula, but not rigorous (graph search may miss closer patches): reported
-  as uncertified.
+  as uncertified;
+* **clusters** (every index kind, ``bound="best"``, the default): the bank's cluster tree — many
+  small clusters of distinct patches with centre ``c``, radius ``R`` and total count ``n_c`` —
+  bounds every patch not retrieved: ``Σ_c (n_c − r_c)·exp(−a²·max(0, ‖q/a − c‖ − R)²/(2s²))`` with
+  ``r_c`` the counts retrieved from cluster ``c``. It needs nothing from the search but the ids it
+  returned, so it is rigorous for graph indices too, and a query inside one of an IVF list's
+  large balls is usually far outside most of the small ones. The certificate is the smaller of
+  the two bounds.
 
 ε = neglected / retained weight; the error on x̂0 is at most ``2ε·max|p| ≤ 2ε``. Queries with
 ε > ``tol`` are recomputed by the exact backend (only those, batched). Buckets without a
@@ -19,6 +26,7 @@ distinct-patch table (whole-image rules, streamed scales) are summed exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -43,7 +51,9 @@ class TopKStats(BackendStats):
     accepted_eps_max: float = 0.0  # largest ε among answers kept without fallback: their x̂0 error ≤ 2·this
     search_s: float = 0.0
     topk_s: float = 0.0
+    bound_s: float = 0.0  # of topk_s: the cluster bound
     exact_s: float = 0.0
+    tol: float = 1e-4  # what counts as certified in certified_fraction (the backend's tol)
 
     def summary(self) -> dict:
         eps = torch.cat(self.eps) if self.eps else torch.zeros(0)
@@ -53,9 +63,11 @@ class TopKStats(BackendStats):
             "eps_median": float(eps.median()) if eps.numel() else 0.0,
             "eps_max": float(eps.max()) if eps.numel() else 0.0,
             "accepted_eps_max": self.accepted_eps_max,
+            "certified_fraction": float((eps <= self.tol).double().mean()) if eps.numel() and self.certified else 0.0,
             "certified": self.certified,
             "search_s": round(self.search_s, 4),
             "topk_s": round(self.topk_s, 4),
+            "bound_s": round(self.bound_s, 4),
             "exact_s": round(self.exact_s, 4),
             "error_bound": 2 * self.accepted_eps_max if self.certified else None,
         }
@@ -67,18 +79,28 @@ class TopKBackend(NeighbourSearch, BackendBase):
 
     ``tol``: largest accepted ε (neglected/retained weight); queries above it are recomputed by
     ``exact`` (``tol=None``: keep every top-k answer and only report ε); ``nprobe``, ``engine``,
-    ``index``: how the bank is searched (:class:`~machines.posterior.base.NeighbourSearch`); ``query_chunk``: queries
+    ``index``: how the bank is searched (:class:`~machines.posterior.base.NeighbourSearch`); ``bound``:
+    ``best`` (the smaller of the index's bound and the cluster bound) or ``index`` (the index's alone);
+    ``bound_leaf``: cluster size of the cluster bound (None: the bank's stored clusters); ``query_chunk``: queries
     gathered at a time (memory ``query_chunk × k × D``). ``exact`` also serves the buckets
     without a distinct-patch table.
     """
 
     k: int = 256
     tol: float | None = 1e-4
+    bound: Literal["best", "index"] = "best"
+    bound_leaf: int | None = None
     exact: ExactBackend = field(default_factory=ExactBackend)
     query_chunk: int = 256
     stats: TopKStats = field(default_factory=TopKStats, repr=False)
+    _clusters: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        self.stats.tol = self.tol if self.tol is not None else 1e-4
+        if self.bound not in ("best", "index"):
+            raise ValueError(f"bound must be 'best' or 'index', got {self.bound!r}")
+        if self.bound_leaf is not None and self.bound_leaf < 1:
+            raise ValueError(f"bound_leaf must be >= 1, got {self.bound_leaf}")
         if self.k < 1 or self.nprobe < 1 or self.query_chunk < 1:
             raise ValueError(f"need k, nprobe and query_chunk >= 1, got {self.k}, {self.nprobe}, {self.query_chunk}")
         if self.tol is not None and not self.tol > 0:
@@ -86,8 +108,13 @@ class TopKBackend(NeighbourSearch, BackendBase):
 
     @property
     def guarantee(self) -> Guarantee:  # type: ignore[override]
-        """Certified, except through a graph index (HNSW), whose search may miss closer patches."""
-        return "heuristic" if self.index is not None and self.index.upper().startswith("HNSW") else "certified"
+        """Certified; through a graph index (HNSW), whose search may miss closer patches, only with the cluster bound."""
+        graph = self.index is not None and self.index.upper().startswith("HNSW")
+        return "heuristic" if graph and self.bound == "index" else "certified"
+
+    def reset(self) -> None:
+        super().reset()
+        self.stats.tol = self.tol if self.tol is not None else 1e-4
 
     def posterior(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
         """Posterior means ``[Q, C]`` of the centre pixels for queries ``[Q, D]`` against one bucket."""
@@ -108,7 +135,7 @@ class TopKBackend(NeighbourSearch, BackendBase):
         with self.stats.timer("topk_s"):
             means, eps = self._truncated(bank, bucket, q, found, a, s2)
         self.stats.queries += q.shape[0]
-        self.stats.certified &= found.kind != "hnsw"
+        self.stats.certified &= found.kind != "hnsw" or self.bound == "best"
         self.stats.eps.append(eps.cpu())
         accept = eps <= self.tol if self.tol is not None else torch.ones_like(eps, dtype=torch.bool)
         redo = torch.nonzero(~accept).view(-1)
@@ -126,6 +153,7 @@ class TopKBackend(NeighbourSearch, BackendBase):
         table = bank.unique_patches(bucket)
         centre = centre_index(bank.channels, bucket.scale).to(q.device)  # type: ignore[arg-type]
         total = float(table.total)
+        tree = self._tree(bank, bucket, q.device) if self.bound == "best" else None
         means, eps = [], []
         for s in range(0, q.shape[0], self.query_chunk):
             rows = slice(s, s + self.query_chunk)
@@ -141,8 +169,25 @@ class TopKBackend(NeighbourSearch, BackendBase):
             Z = w.sum(1)
             means.append((w[..., None] * cand[..., centre]).sum(1) / Z[:, None])
             bound = self._neglected(found, rows, q[rows] / a, d2, valid, counts, total, a, s2, m[:, 0])
+            if tree is not None:
+                with self.stats.timer("bound_s"):
+                    bound = torch.minimum(bound, _cluster_bound(tree, ids, counts, q[rows] / a, a, s2, m[:, 0]))
             eps.append(bound / Z)
         return torch.cat(means), torch.cat(eps)
+
+    def _tree(self, bank: Bank, bucket: BucketKey, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The cluster bound's data for a bucket (cached): each distinct patch's cluster ``[U]``, cluster
+        centres ``[K, D]``, radii ``[K]`` and total counts ``[K]``, float64 on ``device``."""
+        clusters = bank.clustered(bucket, self.bound_leaf or bank.leaf_size)
+        key = (id(clusters), bucket, str(device))
+        if key not in self._clusters:
+            self._clusters = {k: v for k, v in self._clusters.items() if k[1] != bucket}
+            member = torch.repeat_interleave(torch.arange(clusters.n_clusters), clusters.offsets.diff())
+            cluster_of = torch.empty_like(member)
+            cluster_of[clusters.order] = member
+            n = torch.zeros(clusters.n_clusters, dtype=torch.float64).index_add_(0, member, clusters.log_counts.exp())
+            self._clusters[key] = tuple(t.to(device) for t in (cluster_of, clusters.centres, clusters.radii, n))
+        return self._clusters[key]
 
     def _neglected(self, found: SearchResult, rows: slice, qa: torch.Tensor, d2: torch.Tensor, valid: torch.Tensor,
                    counts: torch.Tensor, total: float, a: float, s2: float, m: torch.Tensor) -> torch.Tensor:
@@ -164,3 +209,18 @@ class TopKBackend(NeighbourSearch, BackendBase):
         outer = list_counts[None, :] * torch.exp(-(a * a) * lower.pow(2) / (2 * s2) - m[:, None])
         outer = outer.scatter(1, probed, 0.0)  # probed lists are covered by the inner bound
         return inner + outer.sum(1)
+
+
+def _cluster_bound(tree: tuple[torch.Tensor, ...], ids: torch.Tensor, counts: torch.Tensor, qa: torch.Tensor, a: float, s2: float,
+                   m: torch.Tensor) -> torch.Tensor:
+    """Upper bound on the weight of every patch not retrieved, relative to ``exp(m)``, through the bank's
+    clusters: ``Σ_c (n_c − r_c)·exp(−a²·max(0, ‖q/a − c‖ − R_c)²/(2s²))``: ``[b]``. ``ids``/``counts`` ``[b, k]``
+    are the retrieved distinct patches and their counts (0 where invalid)."""
+    cluster_of, centres, radii, n = tree
+    retrieved = torch.zeros(qa.shape[0], centres.shape[0], dtype=torch.float64, device=qa.device)
+    retrieved.scatter_add_(1, cluster_of[ids.clamp(min=0)], counts)
+    qn, cn = qa.pow(2).sum(1, keepdim=True), centres.pow(2).sum(1)[None, :]
+    d2 = (qn + cn - 2 * qa @ centres.T - 1e-12 * (qn + cn)).clamp_(min=0)  # ‖q/a − c‖², lowered by its float64 round-off
+    lower = (d2.sqrt_() - radii).clamp_(min=0)
+    rest = (n[None, :] - retrieved).clamp_(min=0)
+    return (rest * torch.exp(-(a * a) * lower.pow(2) / (2 * s2) - m[:, None])).sum(1)
