@@ -277,7 +277,8 @@ def test_grid_entries_are_backend_specs_with_a_device():
     v = Variant.parse("topk:k=64:index=IVF64,Flat:nprobe=4:tol=none:device=cpu")
     b = v.backend()
     assert (v.kind, v.device, b.k, b.index, b.nprobe, b.tol, b.guarantee) == ("topk", "cpu", 64, "IVF64,Flat", 4, None, "certified")
-    assert Variant.parse("topk:index=HNSW32").backend().guarantee == "heuristic"
+    assert Variant.parse("topk:index=HNSW32").backend().guarantee == "certified"  # through the cluster bound
+    assert Variant.parse("topk:index=HNSW32:bound=index").backend().guarantee == "heuristic"
     assert Variant.parse("exact:dedup=0").backend().dedup is False
     assert Variant.parse("auto:dtype=float32").backend().exact.dtype == torch.float32
     assert Variant.parse("summary:leaf_size=64:device=cuda").device == "cuda"
