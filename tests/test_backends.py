@@ -173,3 +173,32 @@ def test_a_sample_does_not_depend_on_its_batch(banks, kind):
     alone = sample(machine, noise_from_seeds([3], (1, H, H), torch.float64), steps=6)
     batch = sample(machine, noise_from_seeds([1, 2, 3], (1, H, H), torch.float64), steps=6)
     torch.testing.assert_close(batch[2:], alone, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind, P, conditional, C", [("bbELS", 3, False, 1), ("LS", 3, True, 3), ("IS", None, False, 3),
+                                                      ("ELS", 5, True, 1)])
+def test_sums_over_shards_merge_into_the_whole_posterior(tiny, kind, P, conditional, C):
+    """1, 2 and 3 shards of a bucket's stream, summed apart and merged, give the single-pass posterior (1e-12)."""
+    from machines.posterior import merge_all, shard_sums
+    from patchbank import dictionary_groups, patches_at
+    from machines import alpha_sigma2
+    from conftest import noised
+
+    data = tiny(C)
+    bank = MemoryBank(data, dedup=True)
+    a, s2 = alpha_sigma2(0.4)
+    x = noised(data, 0.4, 2)
+    padding = "circular" if kind == "ELS" else "zeros"
+    label = 1 if conditional else None
+    if P is None:
+        groups = [(BucketKey("IS", None, "zeros", (), label), x.flatten(1))]
+    else:
+        groups = [(BucketKey(kind, P, padding, key, label), patches_at(x, locs, P, padding).flatten(0, 1))
+                  for key, locs in dictionary_groups(7, 9, P, kind)]
+    backend = ExactBackend(prune=False, chunk_size=5)
+    for bucket, q in groups:
+        whole = backend.posterior(bank, bucket, q, a, s2)
+        for shards in (1, 2, 3):
+            parts = [shard_sums(backend, bank, bucket, q, a, s2, i, shards, whole.shape[1]) for i in range(shards)]
+            torch.testing.assert_close(merge_all(parts).mean(), whole, rtol=0, atol=1e-12)
+            torch.testing.assert_close(merge_all(parts[::-1]).mean(), whole, rtol=0, atol=1e-12)

@@ -16,6 +16,7 @@ from . import kernels
 from .auto import AutoBackend, PolicyStats
 from .base import Backend, BackendBase, BackendStats, Guarantee, NeighbourSearch, Serving, draw_seed, entry_bias, logits, serving, with_ones
 from .exact import ExactBackend, PairStats
+from .shards import PartialSums, merge_all, shard_sums
 from .registry import BACKENDS, BackendSpec, describe_backends, make_backend, parse_backend, register
 from .summary import ClusterMoments, SummaryBackend, SummaryStats, cluster_moments
 from .tail import SampledTailBackend, TailEstimate, TailStats
@@ -33,6 +34,7 @@ __all__ = [
     "Guarantee",
     "NeighbourSearch",
     "PairStats",
+    "PartialSums",
     "PolicyStats",
     "SampledTailBackend",
     "Serving",
@@ -49,8 +51,10 @@ __all__ = [
     "kernels",
     "logits",
     "make_backend",
+    "merge_all",
     "parse_backend",
     "register",
     "serving",
+    "shard_sums",
     "with_ones",
 ]

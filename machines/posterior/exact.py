@@ -109,8 +109,16 @@ class ExactBackend(BackendBase):
 
     def posterior_mean(self, queries: torch.Tensor, chunks: Iterable[Chunk], a: float, s2: float) -> torch.Tensor:
         """queries ``[Q, D]`` and chunks of ``(keys [M, D], values [M, V], log_counts [M] | None)`` → ``[Q, V]``."""
+        state = self.posterior_sums(queries, chunks, a, s2)
+        if state is None:
+            raise ValueError("the dictionary is empty")
+        return state.mean()
+
+    def posterior_sums(self, queries: torch.Tensor, chunks: Iterable[Chunk], a: float, s2: float) -> _Running | _FusedRunning | None:
+        """The running sums over ``chunks`` (None when there are none): a running maximum ``m [Q]`` and
+        ``acc [Q, V+1]`` = (Σw·v, Σw) relative to it, which merge exactly with sums over other entries."""
         q = queries.to(self.dtype)
-        state: _Running | None = None
+        state: _Running | _FusedRunning | None = None
         for chunk in chunks:
             if chunk.keys.shape[1] != q.shape[1]:
                 raise ValueError(f"queries have dimension {q.shape[1]} but dictionary keys {chunk.keys.shape[1]}")
@@ -119,9 +127,7 @@ class ExactBackend(BackendBase):
             keys = chunk.keys.to(self.dtype)
             bias = entry_bias(keys.pow(2).sum(1), chunk.log_counts, a, s2, self.dtype)
             self._accumulate(state, torch.arange(q.shape[0], device=q.device), q, keys, bias, chunk.values, a, s2)
-        if state is None:
-            raise ValueError("the dictionary is empty")
-        return state.mean()
+        return state
 
     def _accumulate(self, state: _Running | _FusedRunning, rows: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
                     bias: torch.Tensor, values: torch.Tensor, a: float, s2: float) -> None:
