@@ -1,0 +1,206 @@
+"""Patch-mosaic provenance: which training patches a machine's posterior weighs at each pixel.
+
+For an analytic machine at a state ``x [B, C, H, W]`` and time ``t``, every pixel's posterior is a
+softmax over its dictionary's training patches (DESIGN §3). :func:`provenance` computes, exactly and
+without touching the machine's backend (so a sample is never changed by explaining it), for each
+pixel: the ``m`` heaviest individual training patches — their training image, the location of their
+centre in that image, their label and weight share —, the total share those ``m`` hold, and the
+posterior's entropy over individual patches (``exp`` of it: the effective number of sources).
+:func:`explain` samples and records provenance at chosen steps; :func:`mosaic_statistics` gives the
+numbers a paper quotes. Whole-image machines (IS) list training images; their location is the pixel's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from machines import ScoreMachine, alpha_sigma2, sample
+from machines.posterior import entry_bias, logits
+from patchbank.base import gather_patches, model_units
+from patchbank.datasets import to_model_range
+from patchbank.geometry import BucketKey, dictionary_groups, patches_at
+
+
+@dataclass
+class Provenance:
+    """Per pixel of ``B`` images ``H × W``, the ``m`` heaviest training patches (heaviest first), all
+    ``[B, H, W, m]``: ``image`` (training image index, −1 where fewer exist), ``row``/``col`` (the source
+    patch's centre in that image), ``label``, ``share`` (posterior weight); ``[B, H, W]``: ``mass`` (their
+    total share) and ``entropy`` (nats, over individual training patches); and the ``m`` heaviest training
+    *images* by the total share of all their patches, ``images``/``image_share`` ``[B, H, W, m]`` (an image
+    of identical patches carries its mass spread over many of them). ``t``: the time it was taken at."""
+
+    t: float
+    image: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    label: torch.Tensor
+    share: torch.Tensor
+    mass: torch.Tensor
+    entropy: torch.Tensor
+    images: torch.Tensor
+    image_share: torch.Tensor
+
+    @property
+    def effective_sources(self) -> torch.Tensor:
+        """``exp(entropy)``: the effective number of training patches a pixel draws on, ``[B, H, W]``."""
+        return self.entropy.exp()
+
+
+@torch.no_grad()
+def provenance(machine: ScoreMachine, x: torch.Tensor, t: float, labels: torch.Tensor | None = None, m: int = 16,
+               block: int = 4096) -> Provenance:
+    """The exact provenance of ``machine``'s posteriors at state ``x [B, C, H, W]`` and time ``t`` (see the module
+    docstring); ``block``: training patches per logits block (memory ``pixels × block``)."""
+    if not isinstance(machine, ScoreMachine):
+        raise TypeError(f"provenance explains analytic machines (ScoreMachine), not {type(machine).__name__}")
+    if machine.kind == "ES":
+        raise ValueError("provenance for ES (whole-image translates) is not implemented; use IS, LS, ELS or bbELS")
+    if m < 1:
+        raise ValueError(f"m must be >= 1, got {m}")
+    machine._check_input(x, labels)
+    a, s2 = alpha_sigma2(t)
+    B, _, H, W = x.shape
+    out = {name: torch.zeros(B, H, W, m, dtype=torch.long) for name in ("image", "row", "col", "label")}
+    share = torch.zeros(B, H, W, m, dtype=torch.float64)
+    mass, entropy = torch.zeros(B, H, W, dtype=torch.float64), torch.zeros(B, H, W, dtype=torch.float64)
+    images, image_share = torch.full((B, H, W, m), -1, dtype=torch.long), torch.zeros(B, H, W, m, dtype=torch.float64)
+    x = x.detach().to("cpu", torch.float64)
+    bank = machine.bank
+    for label, idx in machine._label_groups(B, labels):
+        ids = bank.image_ids(label)
+        for key, locs, queries in _groups(machine, x[idx], label, t):
+            top, entries, log_z, ent, img_top, img_pos = _scan(bank, key, locs, ids, queries, a, s2, m, block)
+            per = 1 if key.rule == "IS" else locs.shape[0]  # entries per training image
+            src = torch.where(entries >= 0, ids[(entries // per).clamp(min=0)], -1)
+            found = {"image": src, "label": torch.where(entries >= 0, bank.labels[src.clamp(min=0)], -1),
+                     "share": (top - log_z[:, None]).exp(),
+                     "images": torch.where(img_pos >= 0, ids[img_pos.clamp(min=0)], -1), "image_share": (img_top - log_z[:, None]).exp()}
+            if key.rule == "IS":  # one posterior per image, the same at every pixel; the source location is the pixel's own
+                rows, cols = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+                for name, value in found.items():
+                    target = {"share": share, "images": images, "image_share": image_share}.get(name, out.get(name))
+                    target[idx] = value[:, None, None, :].expand(-1, H, W, -1)
+                out["row"][idx], out["col"][idx] = rows[None, :, :, None].expand(idx.numel(), H, W, m), cols[None, :, :, None].expand(idx.numel(), H, W, m)
+                mass[idx] = found["share"].sum(-1)[:, None, None].expand(-1, H, W)
+                entropy[idx] = ent[:, None, None].expand(-1, H, W)
+                continue
+            L = locs.shape[0]
+            pix = (idx.repeat_interleave(L), locs[:, 0].repeat(idx.numel()), locs[:, 1].repeat(idx.numel()))
+            loc = (entries % L).clamp(min=0)
+            out["image"][pix], out["label"][pix], share[pix] = found["image"], found["label"], found["share"]
+            images[pix], image_share[pix] = found["images"], found["image_share"]
+            out["row"][pix], out["col"][pix] = locs[loc, 0], locs[loc, 1]
+            mass[pix] = found["share"].sum(-1)
+            entropy[pix] = ent
+    return Provenance(t, out["image"], out["row"], out["col"], out["label"], share, mass, entropy, images, image_share)
+
+
+def explain(machine: ScoreMachine, noise: torch.Tensor, steps: int = 20, labels: torch.Tensor | None = None,
+            at: list[int] | None = None, m: int = 16) -> tuple[torch.Tensor, dict[int, Provenance]]:
+    """Sample from ``noise`` and take :func:`provenance` at the states of steps ``at`` (default the last
+    five); returns the sample — the same as ``sample(machine, noise, steps, labels)`` — and ``{step: Provenance}``."""
+    at = list(range(max(0, steps - 5), steps)) if at is None else at
+    states: dict[int, tuple[float, torch.Tensor]] = {}
+    current = [noise]
+
+    def keep(step: int, t: float, x_prev: torch.Tensor, x0: torch.Tensor) -> None:
+        if step in at:
+            states[step] = (t, current[0])
+        current[0] = x_prev
+
+    final = sample(machine, noise, steps, labels, callback=keep)
+    return final, {step: provenance(machine, x, t, labels, m) for step, (t, x) in sorted(states.items())}
+
+
+def mosaic_statistics(p: Provenance, sample_labels: torch.Tensor | None = None) -> list[dict]:
+    """Per image: distinct training images among the pixels' top sources, sizes of the 4-connected regions
+    that share a top source image (largest first), the fraction of pixels whose top source holds ≥ 50% /
+    ≥ 90% of the mass, and — given the samples' labels — whether every listed source has that label."""
+    stats = []
+    for b in range(p.image.shape[0]):
+        top = p.images[b, :, :, 0]  # each pixel's top source image (by the total share of its patches)
+        row = {"distinct_sources": int(top.unique().numel()), "regions": _region_sizes(top),
+               "top_share_ge_0.5": float((p.image_share[b, :, :, 0] >= 0.5).double().mean()),
+               "top_share_ge_0.9": float((p.image_share[b, :, :, 0] >= 0.9).double().mean()),
+               "effective_sources_median": float(p.effective_sources[b].median())}
+        if sample_labels is not None:
+            row["sources_within_label"] = bool((p.label[b][p.share[b] > 0] == int(sample_labels[b])).all())
+        stats.append(row)
+    return stats
+
+
+def _groups(machine: ScoreMachine, x: torch.Tensor, label: int | None, t: float):
+    """``(bucket, pixels [L, 2], queries)`` for every dictionary the machine uses at ``x`` and ``t``: patch
+    queries ``[b·L, D]`` image-major, or for IS one whole-image query per image ``[b, C·H·W]``."""
+    if machine.scales is None:
+        yield BucketKey("IS", None, machine.padding, (), label), torch.zeros(1, 2, dtype=torch.long), x.flatten(1)
+        return
+    P = machine.scales(t)
+    for key, locs in dictionary_groups(machine.height, machine.width, P, machine.kind):  # type: ignore[arg-type]
+        yield BucketKey(machine.kind, P, machine.padding, key, label), locs, patches_at(x, locs, P, machine.padding).flatten(0, 1)
+
+
+def _scan(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q: torch.Tensor, a: float, s2: float, m: int,
+          block: int) -> tuple[torch.Tensor, ...]:
+    """One pass over every (training image, location) entry of a bucket, image-major then location, in
+    blocks of whole images: the ``m`` largest logits ``[Q, m]`` and their entry numbers (−1 where fewer
+    exist), ``log Z [Q]``, the entropy ``[Q]`` (running max, Σe^(ℓ−max), Σe^(ℓ−max)·ℓ), and the ``m`` largest
+    per-image log-sum-exps ``[Q, m]`` with their positions in ``ids``."""
+    Q, f64 = q.shape[0], torch.float64
+    run_max = torch.full((Q,), -torch.inf, dtype=f64)
+    Z, S = torch.zeros(Q, dtype=f64), torch.zeros(Q, dtype=f64)
+    top = torch.full((Q, m), -torch.inf, dtype=f64)
+    entries = torch.full((Q, m), -1, dtype=torch.long)
+    img_top, img_pos = top.clone(), entries.clone()
+    per = 1 if key.rule == "IS" else locs.shape[0]
+    table = None if key.rule == "IS" else bank.padded(key.scale, key.padding)
+    step = max(1, block // per)
+    for s in range(0, ids.numel(), step):
+        img = ids[s : s + step]
+        if table is None:
+            keys = to_model_range(bank.data.images[img], f64).flatten(1)
+        else:
+            keys = model_units(gather_patches(table, img.repeat_interleave(per), locs.repeat(img.numel(), 1), key.scale), f64, "cpu")
+        ell = logits(q, keys, entry_bias(keys.pow(2).sum(1), None, a, s2, f64), a, s2)  # [Q, M]
+        new_max = torch.maximum(run_max, ell.amax(1))
+        scale = torch.where(torch.isfinite(run_max), (run_max - new_max).exp(), torch.zeros_like(new_max))
+        w = (ell - new_max[:, None]).exp()
+        Z, S, run_max = Z * scale + w.sum(1), S * scale + (w * ell).sum(1), new_max
+        cand = torch.cat([top, ell], 1)
+        numbers = torch.cat([entries, (s * per + torch.arange(ell.shape[1]))[None, :].expand(Q, -1)], 1)
+        top, pos = cand.topk(m, 1)
+        entries = torch.gather(numbers, 1, pos)
+        per_image = ell.view(Q, img.numel(), per).logsumexp(2)  # each image's entries all lie in this block
+        cand = torch.cat([img_top, per_image], 1)
+        numbers = torch.cat([img_pos, (s + torch.arange(img.numel()))[None, :].expand(Q, -1)], 1)
+        img_top, pos = cand.topk(m, 1)
+        img_pos = torch.gather(numbers, 1, pos)
+    log_z = run_max + Z.log()
+    valid = torch.isfinite(top), torch.isfinite(img_top)
+    return (top, torch.where(valid[0], entries, -1), log_z, log_z - S / Z, img_top, torch.where(valid[1], img_pos, -1))
+
+
+def _region_sizes(top: torch.Tensor) -> list[int]:
+    """Sizes of the 4-connected regions of equal values in a ``[H, W]`` map, largest first."""
+    H, W = top.shape
+    seen = torch.zeros(H, W, dtype=torch.bool)
+    sizes = []
+    for i in range(H):
+        for j in range(W):
+            if seen[i, j]:
+                continue
+            value, stack, n = top[i, j], [(i, j)], 0
+            seen[i, j] = True
+            while stack:
+                u, v = stack.pop()
+                n += 1
+                for du, dv in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+                    y, z = u + du, v + dv
+                    if 0 <= y < H and 0 <= z < W and not seen[y, z] and top[y, z] == value:
+                        seen[y, z] = True
+                        stack.append((y, z))
+            sizes.append(n)
+    return sorted(sizes, reverse=True)

@@ -1,0 +1,100 @@
+"""Patch-mosaic provenance: the paper's two-image example, IS memorisation, LS locality, ELS equivariance,
+agreement with a brute-force softmax over every training patch, and that explaining never changes a sample."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import noised
+from machines import ScoreMachine, alpha_sigma2, noise_from_seeds, sample
+from patchbank import MemoryBank, dictionary_groups, patches_at, to_model_range, two_image
+from pipelines.provenance import explain, mosaic_statistics, provenance
+
+
+def test_two_image_mosaic_sources_are_the_image_of_each_pixels_colour():
+    machine = ScoreMachine(two_image(10), "ELS", 3)
+    noise = noise_from_seeds([0, 1, 2], (1, 10, 10), torch.float64)
+    final, found = explain(machine, noise, steps=20, at=[19])
+    p = found[19]
+    colour = (final[:, 0] > 0).long()  # image 0 is all black, image 1 all white
+    assert torch.equal(p.images[..., 0], colour)
+    assert (p.image_share[..., 0] > 1 - 1e-6).all()
+    assert torch.equal(final, sample(machine, noise, steps=20))  # explaining does not change the sample
+    stats = mosaic_statistics(p)
+    assert all(s["distinct_sources"] <= 2 and s["top_share_ge_0.9"] == 1.0 and sum(s["regions"]) == 100 for s in stats)
+
+
+def test_is_names_the_memorised_image_at_every_pixel(tiny):
+    data = tiny(3)
+    machine = ScoreMachine(data, "IS")
+    final, found = explain(machine, noise_from_seeds([4, 5], (3, 7, 9), torch.float64), steps=20, at=[19], m=3)
+    train = to_model_range(data.images, torch.float64).flatten(1)
+    memorised = torch.cdist(final.flatten(1), train).argmin(1)
+    p = found[19]
+    assert (p.images[..., 0] == memorised[:, None, None]).all() and (p.image[..., 0] == memorised[:, None, None]).all()
+    rows, cols = torch.meshgrid(torch.arange(7), torch.arange(9), indexing="ij")
+    assert (p.row[..., 0] == rows).all() and (p.col[..., 0] == cols).all()
+
+
+def test_ls_sources_sit_at_the_pixels_own_location(tiny):
+    data = tiny(1)
+    p = provenance(ScoreMachine(data, "LS", 3), noised(data, 0.3, 2), 0.3, m=4)
+    rows, cols = torch.meshgrid(torch.arange(7), torch.arange(9), indexing="ij")
+    assert (p.row == rows[None, :, :, None]).all() and (p.col == cols[None, :, :, None]).all()
+    assert (p.image >= 0).all() and (p.share.sum(-1) <= 1 + 1e-12).all()
+
+
+def test_els_provenance_is_equivariant(tiny):
+    data = tiny(3)
+    machine = ScoreMachine(data, "ELS", 3)
+    x = noised(data, 0.3, 2, seed=3)
+    p = provenance(machine, x, 0.3, m=4)
+    q = provenance(machine, torch.roll(x, (2, 5), (2, 3)), 0.3, m=4)
+    at = (p.row[..., 0] - torch.arange(7)[None, :, None]) % 7, (p.col[..., 0] - torch.arange(9)[None, None, :]) % 9
+    assert at[0].unique().numel() > 1 or at[1].unique().numel() > 1  # ELS sources come from other locations too
+    for name in ("image", "row", "col", "images"):
+        assert torch.equal(getattr(q, name), torch.roll(getattr(p, name), (2, 5), (1, 2))), name
+    torch.testing.assert_close(q.share, torch.roll(p.share, (2, 5), (1, 2)), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_shares_mass_and_entropy_equal_a_brute_force_softmax(tiny, conditional):
+    data = tiny(3)
+    labels = torch.tensor([1, 0])
+    machine = ScoreMachine(MemoryBank(data, dedup=True), "bbELS", 3, conditional=conditional)
+    t = 0.2
+    x = noised(data, t, 2, seed=9)
+    p = provenance(machine, x, t, labels if conditional else None, m=5, block=7)  # many blocks
+    a, s2 = alpha_sigma2(t)
+    train = to_model_range(data.images, torch.float64)
+    for b in range(2):
+        keep = (data.labels == labels[b]) if conditional else torch.ones(len(data), dtype=torch.bool)
+        for key, locs in dictionary_groups(7, 9, 3, "bbELS"):
+            cand = patches_at(train[keep], locs, 3, "zeros").flatten(0, 1)  # every (image, location), image-major
+            src = torch.nonzero(keep).view(-1).repeat_interleave(locs.shape[0])
+            for (i, j), query in zip(locs.tolist(), patches_at(x[b : b + 1], locs, 3, "zeros")[0]):
+                logp = (-(query - a * cand).pow(2).sum(1) / (2 * s2)).log_softmax(0)
+                share, order = logp.exp().sort(descending=True)
+                want = torch.zeros(5, dtype=torch.float64)  # fewer than m entries: the rest listed with share 0, image −1
+                want[: min(5, share.numel())] = share[:5]
+                torch.testing.assert_close(p.share[b, i, j], want, rtol=0, atol=1e-9)
+                assert (p.image[b, i, j, share.numel():] == -1).all()
+                assert abs(float(p.mass[b, i, j] - share[:5].sum())) <= 1e-9
+                assert abs(float(p.entropy[b, i, j] + (logp.exp() * logp).sum())) <= 1e-9
+                assert p.image[b, i, j, 0] == src[order[0]]
+                assert (p.row[b, i, j, 0], p.col[b, i, j, 0]) == tuple(locs[order[0] % locs.shape[0]].tolist())
+                per_image = torch.zeros(len(data), dtype=torch.float64).index_add_(0, src, logp.exp())
+                assert abs(float(p.image_share[b, i, j, 0] - per_image.max())) <= 1e-9
+    if conditional:
+        assert all(s["sources_within_label"] for s in mosaic_statistics(p, labels))
+
+
+def test_bad_requests_are_errors(tiny):
+    data = tiny(1)
+    with pytest.raises(ValueError, match="m must be"):
+        provenance(ScoreMachine(data, "LS", 3), noised(data, 0.3, 1), 0.3, m=0)
+    with pytest.raises(ValueError, match="ES"):
+        provenance(ScoreMachine(data, "ES"), noised(data, 0.3, 1), 0.3)
+    with pytest.raises(TypeError, match="analytic machines"):
+        provenance(lambda x, t, labels=None: x, noised(data, 0.3, 1), 0.3)  # type: ignore[arg-type]
