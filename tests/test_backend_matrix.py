@@ -118,7 +118,7 @@ def graph_banks(images, tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize("C", [1, 3])
-@pytest.mark.parametrize("t", [0.05, 0.3, 1.0])
+@pytest.mark.parametrize("t", [0.05, 1.0])
 def test_the_cluster_bound_is_rigorous_and_never_looser(images, banks, graph_banks, C, t):
     """Per pixel, for Flat, IVF and a graph index: the certificate with the cluster bound (``bound="best"``)
     still bounds the measured error by 2ε, is never above the index's own, and certifies the graph index."""

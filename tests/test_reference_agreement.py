@@ -24,7 +24,7 @@ def test_matches_naive_reference(tiny, kind, padding, P, C, conditional, prune):
     t = {None: 1.0, 1: 0.3, 3: 0.3, 5: 0.05, 11: 1.0}[P]
     x = noised(data, t, 2, seed=P or 0)
     labels = torch.tensor([1, 0])
-    backend = ExactBackend(prune=prune, leaf_size=16, chunk_size=16, query_chunk=8)
+    backend = ExactBackend(prune=prune, leaf_size=16, chunk_size=24, query_chunk=8)
     machine = ScoreMachine(data, kind, scales=P, padding=padding if kind != "IS" else None, conditional=conditional, backend=backend)
     got = machine(x, t, labels)
     images = to_model_range(data.images, torch.float64).numpy()
