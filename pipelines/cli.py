@@ -14,7 +14,7 @@ from patchbank import BankSpec, PatchBank, load_dataset
 
 from .ablation import AblationConfig, run_ablation
 from .jobs import CalibrateConfig, EvaluateConfig, run_calibrate, run_evaluate
-from .sampling import SampleConfig, run_sample
+from .sampling import SampleConfig, run_explain, run_sample
 from .training import TrainConfig, train
 
 
@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=d.out, help="output folder (an interrupted sample resumes from its checkpoint there)")
 
     sub.add_parser("backends", help="list the posterior backends with their options and defaults")
+
+    x = sub.add_parser("explain", help="which training patches made each pixel of a `patchbank sample` run")
+    x.add_argument("sample", help="the output folder of `patchbank sample` (its config.json and samples.pt)")
+    x.add_argument("--m", type=int, default=16, help="sources listed per pixel")
+    x.add_argument("--at", type=int, nargs="+", default=None, help="steps to explain (default: the last five)")
+    x.add_argument("--out", default=None, help="output folder (default: the sample's folder)")
 
     b = sub.add_parser("build", help="build (or resume building) a patch bank on disk")
     b.add_argument("out", help="bank directory")
@@ -185,6 +191,8 @@ def _run(args: argparse.Namespace) -> None:
         print(run_sample(SampleConfig(**values)))
     elif args.command == "backends":
         print(describe_backends())
+    elif args.command == "explain":
+        print(run_explain(args.sample, args.m, args.at, args.out))
     elif args.command == "build":
         index = None if args.index.lower() == "none" else args.index
         spec = BankSpec(scales=args.scales, rules=args.rules, labels=args.labels, index=index, leaf_size=args.leaf_size)

@@ -94,3 +94,28 @@ def concentration_heatmap(cells: list[dict], path: str | os.PathLike) -> None:
     ax.set(xlabel="t", ylabel="P", title="log10 k(0.999) (text: fraction of the bucket)")
     fig.colorbar(im, ax=ax)
     _save(fig, path)
+
+
+def provenance_figure(samples: torch.Tensor, prov, data, path: str | os.PathLike, n: int = 8) -> None:
+    """Rows per sample: the sample, its attribution map (each pixel coloured by its top source image) and the
+    reassembled mosaic (each pixel replaced by the centre of its top source patch), for the first ``n``.
+    ``samples [B, C, H, W]`` in [-1, 1]; ``prov``: a :class:`~pipelines.provenance.Provenance`; ``data``: the
+    training :class:`~patchbank.ImageData`. Colour images are shown as RGB, grey ones in grey."""
+    B = min(n, samples.shape[0])
+    image, row, col = prov.image[..., 0].clamp(min=0), prov.row[..., 0], prov.col[..., 0]
+    mosaic = data.images[image, :, row, col].permute(0, 3, 1, 2).to(torch.float64) / 255.0  # [B, C, H, W] in [0, 1]
+    fig, axes = plt.subplots(B, 3, figsize=(6, 2 * B), squeeze=False)
+    for b in range(B):
+        for ax, (title, picture) in zip(axes[b], (("sample", (samples[b].double() + 1) / 2), ("top source image", None),
+                                                   ("reassembled mosaic", mosaic[b]))):
+            if picture is None:
+                ax.imshow(prov.images[b, :, :, 0].numpy() % 20, cmap="tab20", vmin=0, vmax=19, interpolation="nearest")
+            else:
+                shown = picture.clamp(0, 1).permute(1, 2, 0).numpy()
+                ax.imshow(shown[..., 0] if shown.shape[-1] == 1 else shown, cmap="gray" if shown.shape[-1] == 1 else None,
+                          vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if b == 0:
+                ax.set_title(title, fontsize=8)
+    _save(fig, path)

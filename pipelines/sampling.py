@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,16 +64,10 @@ def run_sample(cfg: SampleConfig) -> Path:
     killed run resumes when re-run with the same settings; other settings are refused while it is there."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)  # an --out under a file fails here, before any work
-    bank = PatchBank.open(cfg.bank) if cfg.bank else MemoryBank(load_dataset(cfg.dataset, resize=cfg.resize, limit=cfg.n_train))
-    data = bank.data
-    backend = make_backend(cfg.backend)
-    machine = ScoreMachine(
-        bank, cfg.machine, scales=cfg.scales(), padding=cfg.padding, conditional=cfg.conditional, backend=backend,  # type: ignore[arg-type]
-    )
-    labels = _labels(cfg, data.labels)
+    machine, noise, labels = machine_for(cfg)
+    data, backend = machine.bank.data, machine.backend
     log.info("%r: %d seeds, %d steps", machine, len(cfg.seeds), cfg.steps)
     start = time.perf_counter()
-    noise = noise_from_seeds(cfg.seeds, data.shape)
     x = sample(machine, noise, cfg.steps, labels, progress=True, checkpoint=out / "sample.ckpt")
     elapsed = time.perf_counter() - start
     atomic_write(out / "samples.png", lambda p: save_image((x + 1) / 2, p, nrow=min(8, len(cfg.seeds)), format="png"))
@@ -82,6 +77,45 @@ def run_sample(cfg: SampleConfig) -> Path:
     write_json(out / "config.json", record)
     (out / "sample.ckpt").unlink()
     return out / "samples.png"
+
+
+def machine_for(cfg: SampleConfig) -> tuple[ScoreMachine, torch.Tensor, torch.Tensor | None]:
+    """The machine a sampling config describes, with its seeds' noise ``[S, C, H, W]`` and labels."""
+    bank = PatchBank.open(cfg.bank) if cfg.bank else MemoryBank(load_dataset(cfg.dataset, resize=cfg.resize, limit=cfg.n_train))
+    machine = ScoreMachine(bank, cfg.machine, scales=cfg.scales(), padding=cfg.padding, conditional=cfg.conditional,  # type: ignore[arg-type]
+                           backend=make_backend(cfg.backend))
+    return machine, noise_from_seeds(cfg.seeds, bank.data.shape), _labels(cfg, bank.data.labels)
+
+
+def run_explain(sample_dir: str | os.PathLike, m: int = 16, at: list[int] | None = None, out: str | os.PathLike | None = None) -> Path:
+    """Provenance of a ``patchbank sample`` run: re-samples it from its ``config.json`` (checked to give the
+    stored samples back), takes :func:`~pipelines.provenance.provenance` at steps ``at`` (default the last
+    five) and writes ``provenance.pt``, ``statistics.json`` and ``provenance.png`` under ``out`` (default the
+    sample's folder)."""
+    from .figures import provenance_figure
+    from .provenance import explain, mosaic_statistics
+    from .runs import config_from_dict, read_json
+
+    folder = Path(sample_dir)
+    saved = read_json(folder / "config.json", "sample config")
+    cfg = config_from_dict(SampleConfig, {k: v for k, v in saved.items() if k in SampleConfig.__dataclass_fields__},
+                           str(folder / "config.json"))
+    stored = torch.load(folder / "samples.pt")
+    machine, noise, labels = machine_for(cfg)
+    if machine.kind == "ES":
+        raise ValueError("provenance for ES is not implemented")
+    final, found = explain(machine, noise, cfg.steps, labels, at, m)
+    if not torch.allclose(final, stored["samples"], rtol=0, atol=1e-6):
+        raise ValueError(f"{folder}: re-sampling from its config.json does not give the stored samples back "
+                         "(the data, bank or code changed); sample again, then explain")
+    out = Path(out) if out is not None else folder
+    out.mkdir(parents=True, exist_ok=True)
+    last = max(found)
+    stats = {"step": last, "t": found[last].t, "m": m, "images": mosaic_statistics(found[last], labels)}
+    atomic_write(out / "provenance.pt", lambda p: torch.save({"seeds": cfg.seeds, "steps": {s: vars(v) for s, v in found.items()}}, p))
+    write_json(out / "statistics.json", stats)
+    provenance_figure(final, found[last], machine.bank.data, out / "provenance.png")
+    return out / "provenance.png"
 
 
 def cycled_labels(train_labels: torch.Tensor, n: int) -> torch.Tensor:

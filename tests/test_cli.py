@@ -71,3 +71,20 @@ def test_train_calibrate_evaluate_through_the_cli(tmp_path, datasets_env, capsys
     rows = [json.loads(line) for line in (tmp_path / "eval" / "per_seed.jsonl").read_text().splitlines()]
     assert sorted(r["seed"] for r in rows) == [0, 1, 2]
     assert report["median_machine_r"] == pytest.approx(sorted(r["machine_r"] for r in rows)[1])
+
+
+def test_explain_a_sample_run(bank, tmp_path, capsys):
+    main(["sample", "--bank", bank, "--seeds", "0-1", "--steps", "4", "--scale", "3", "--out", str(tmp_path / "s")])
+    main(["explain", str(tmp_path / "s"), "--m", "4", "--at", "2", "3"])
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("provenance.png")
+    stats = json.loads((tmp_path / "s" / "statistics.json").read_text())
+    assert stats["step"] == 3 and stats["m"] == 4 and len(stats["images"]) == 2
+    assert all(sum(s["regions"]) == H * H for s in stats["images"])
+    saved = torch.load(tmp_path / "s" / "provenance.pt")
+    assert sorted(saved["steps"]) == [2, 3] and saved["steps"][3]["image"].shape == (2, H, H, 4)
+    samples = torch.load(tmp_path / "s" / "samples.pt")
+    samples["samples"] += 0.5  # a sample its config does not reproduce is refused, not explained
+    torch.save(samples, tmp_path / "s" / "samples.pt")
+    with pytest.raises(SystemExit):
+        main(["explain", str(tmp_path / "s")])
+    assert "does not give the stored samples back" in capsys.readouterr().err
