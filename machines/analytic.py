@@ -21,7 +21,7 @@ import torch
 
 from patchbank.base import Bank
 from patchbank.datasets import ImageData
-from patchbank.geometry import IMAGE_RULES, RULE_PADDING, BucketKey, Padding, check_padding, check_scale, dictionary_groups, patches_at
+from patchbank.geometry import IMAGE_RULES, RULE_PADDING, BucketKey, Padding, check_padding, dictionary_groups, patches_at
 from patchbank.memory import MemoryBank
 
 from .posterior import Backend, make_backend
@@ -74,9 +74,7 @@ class ScoreMachine:
         else:
             if scales is None:
                 raise ValueError(f"{kind} needs a patch scale: an odd int or a ScaleSchedule")
-            if not isinstance(scales, ScaleSchedule):
-                check_scale(scales)  # type: ignore[arg-type]  # 3.0 or True are errors, not P = 3 or 1
-            self.scales = ScaleSchedule.constant(scales) if not isinstance(scales, ScaleSchedule) else scales
+            self.scales = scales if isinstance(scales, ScaleSchedule) else ScaleSchedule.constant(scales)  # checks P
 
     def __repr__(self) -> str:
         return (

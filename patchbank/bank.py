@@ -134,7 +134,7 @@ class PatchBank(Bank):
             old = _read_manifest(path) if (path / "manifest.json").exists() else None
             if old is not None:
                 _check_resumable(old, manifest, path)
-            repaired = _repair(path, data, keys)
+            repaired = _repair(path, data, manifest["fingerprint"], keys)
             if old is not None and old.get("complete") and not repaired:  # nothing to build: the manifest (and build time) stay
                 return cls.open(path)
             _write_json(path / "manifest.json", {**manifest, "complete": False})
@@ -340,13 +340,13 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
-def _repair(path: Path, data: ImageData, keys: list[BucketKey]) -> bool:
+def _repair(path: Path, data: ImageData, fingerprint: str, keys: list[BucketKey]) -> bool:
     """Remove what a re-run must rebuild: unfinished (``*.tmp``) and damaged buckets, data.zarr not matching
     ``data``; returns whether anything is missing or was removed (else the bank is complete and intact)."""
     todo = False
     if (path / "data.zarr").exists():
         try:
-            intact = _read_data(path, data.name).fingerprint() == data.fingerprint()
+            intact = _read_data(path, data.name).fingerprint() == fingerprint
         except BankError:
             intact = False
         if not intact:

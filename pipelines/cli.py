@@ -44,16 +44,18 @@ def backend_spec(text: str) -> str:
 BACKEND_HELP = "posterior backend spec, e.g. exact, auto, 'auto:se_tol=0.005', 'topk:k=256:tol=1e-4' (list: patchbank backends)"
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: its --help shows every option's default."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="patchbank", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress, and show tracebacks for errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add = sub.add_parser
-
-    def add_parser(name: str, **kw) -> argparse.ArgumentParser:  # every command shows its defaults in --help
-        return _add(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
-
-    sub.add_parser = add_parser  # type: ignore[method-assign]
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     d = SampleConfig()
     s = sub.add_parser("sample", help="sample images from an analytic machine and save a PNG grid")
     s.add_argument("--dataset", default=d.dataset, help="mnist, fashion_mnist, cifar10, celeba, two_image, random, an .npz or a folder")

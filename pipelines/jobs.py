@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch
 
-from machines import ScoreMachine, parse_backend
+from machines import ScoreMachine
 from patchbank import Bank, MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import write_json
 
 from .calibration import calibrate, schedule_from, write_calibration
 from .evaluation import evaluate, read_rows
 from .figures import agreement_scatter, image_pairs, scale_curve
-from .runs import read_json
+from .runs import check_run_options, read_json
 from .training import load_network
 
 
@@ -61,11 +61,7 @@ def _check_job(machine: str, seeds: list[int], steps: int, backend: str) -> None
     """The options every calibration or evaluation needs right, checked before anything is written."""
     if machine not in ("LS", "ELS", "bbELS"):
         raise ValueError(f"machine must be a patch machine (LS, ELS, bbELS), got {machine!r}")
-    if not seeds:
-        raise ValueError("give at least one seed")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    parse_backend(backend)
+    check_run_options(seeds, steps, backend)
 
 
 def _setup(model: str, bank_path: str | None):

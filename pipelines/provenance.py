@@ -63,39 +63,33 @@ def provenance(machine: ScoreMachine, x: torch.Tensor, t: float, labels: torch.T
     machine._check_input(x, labels)
     a, s2 = alpha_sigma2(t)
     B, _, H, W = x.shape
-    out = {name: torch.zeros(B, H, W, m, dtype=torch.long) for name in ("image", "row", "col", "label")}
-    share = torch.zeros(B, H, W, m, dtype=torch.float64)
-    mass, entropy = torch.zeros(B, H, W, dtype=torch.float64), torch.zeros(B, H, W, dtype=torch.float64)
-    images, image_share = torch.full((B, H, W, m), -1, dtype=torch.long), torch.zeros(B, H, W, m, dtype=torch.float64)
-    x = x.detach().to("cpu", torch.float64)
+    f64 = torch.float64
+    fields = {name: torch.full((B, H, W, m), -1, dtype=torch.long) for name in ("image", "row", "col", "label", "images")}
+    fields |= {name: torch.zeros(B, H, W, m, dtype=f64) for name in ("share", "image_share")}
+    fields |= {name: torch.zeros(B, H, W, dtype=f64) for name in ("mass", "entropy")}
+    x = x.detach().to("cpu", f64)
     bank = machine.bank
     for label, idx in machine._label_groups(B, labels):
         ids = bank.image_ids(label)
         for key, locs, queries in _groups(machine, x[idx], label, t):
             top, entries, log_z, ent, img_top, img_pos = _scan(bank, key, locs, ids, queries, a, s2, m, block)
-            per = 1 if key.rule == "IS" else locs.shape[0]  # entries per training image
-            src = torch.where(entries >= 0, ids[(entries // per).clamp(min=0)], -1)
-            found = {"image": src, "label": torch.where(entries >= 0, bank.labels[src.clamp(min=0)], -1),
-                     "share": (top - log_z[:, None]).exp(),
-                     "images": torch.where(img_pos >= 0, ids[img_pos.clamp(min=0)], -1), "image_share": (img_top - log_z[:, None]).exp()}
-            if key.rule == "IS":  # one posterior per image, the same at every pixel; the source location is the pixel's own
-                rows, cols = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
-                for name, value in found.items():
-                    target = {"share": share, "images": images, "image_share": image_share}.get(name, out.get(name))
-                    target[idx] = value[:, None, None, :].expand(-1, H, W, -1)
-                out["row"][idx], out["col"][idx] = rows[None, :, :, None].expand(idx.numel(), H, W, m), cols[None, :, :, None].expand(idx.numel(), H, W, m)
-                mass[idx] = found["share"].sum(-1)[:, None, None].expand(-1, H, W)
-                entropy[idx] = ent[:, None, None].expand(-1, H, W)
-                continue
             L = locs.shape[0]
+            per = 1 if key.rule == "IS" else L  # entries per training image
+            src = torch.where(entries >= 0, ids[(entries // per).clamp(min=0)], -1)
+            share = (top - log_z[:, None]).exp()
+            found = {"image": src, "label": torch.where(entries >= 0, bank.labels[src.clamp(min=0)], -1), "share": share,
+                     "mass": share.sum(-1), "entropy": ent, "images": torch.where(img_pos >= 0, ids[img_pos.clamp(min=0)], -1),
+                     "image_share": (img_top - log_z[:, None]).exp()}
+            if key.rule == "IS":  # one posterior per image, the same at every pixel; each pixel is its own source location
+                found = {name: value.repeat_interleave(L, 0) for name, value in found.items()}
+                found["row"], found["col"] = (locs[:, d].repeat(idx.numel())[:, None].expand(-1, m) for d in (0, 1))
+            else:
+                loc = (entries % L).clamp(min=0)
+                found["row"], found["col"] = locs[loc, 0], locs[loc, 1]
             pix = (idx.repeat_interleave(L), locs[:, 0].repeat(idx.numel()), locs[:, 1].repeat(idx.numel()))
-            loc = (entries % L).clamp(min=0)
-            out["image"][pix], out["label"][pix], share[pix] = found["image"], found["label"], found["share"]
-            images[pix], image_share[pix] = found["images"], found["image_share"]
-            out["row"][pix], out["col"][pix] = locs[loc, 0], locs[loc, 1]
-            mass[pix] = found["share"].sum(-1)
-            entropy[pix] = ent
-    return Provenance(t, out["image"], out["row"], out["col"], out["label"], share, mass, entropy, images, image_share)
+            for name, value in found.items():
+                fields[name][pix] = value
+    return Provenance(t, **fields)
 
 
 def explain(machine: ScoreMachine, noise: torch.Tensor, steps: int = 20, labels: torch.Tensor | None = None,
@@ -134,9 +128,10 @@ def mosaic_statistics(p: Provenance, sample_labels: torch.Tensor | None = None) 
 
 def _groups(machine: ScoreMachine, x: torch.Tensor, label: int | None, t: float):
     """``(bucket, pixels [L, 2], queries)`` for every dictionary the machine uses at ``x`` and ``t``: patch
-    queries ``[b·L, D]`` image-major, or for IS one whole-image query per image ``[b, C·H·W]``."""
-    if machine.scales is None:
-        yield BucketKey("IS", None, machine.padding, (), label), torch.zeros(1, 2, dtype=torch.long), x.flatten(1)
+    queries ``[b·L, D]`` image-major, or for IS every pixel and one whole-image query per image ``[b, C·H·W]``."""
+    if machine.scales is None:  # every pixel shares its image's posterior
+        pixels = torch.stack(torch.meshgrid(torch.arange(machine.height), torch.arange(machine.width), indexing="ij"), -1)
+        yield BucketKey("IS", None, machine.padding, (), label), pixels.reshape(-1, 2), x.flatten(1)
         return
     P = machine.scales(t)
     for key, locs in dictionary_groups(machine.height, machine.width, P, machine.kind):  # type: ignore[arg-type]

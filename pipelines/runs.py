@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, TypeVar
 
+from machines import parse_backend
 from patchbank.atomic import write_json
 
 T = TypeVar("T")
@@ -27,6 +28,15 @@ def config_from_dict(cls: type[T], values: dict, where: str = "config") -> T:
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
             raise ValueError(f"{where}: unknown {cls.__name__} key {key!r}{hint}")
     return cls(**values)
+
+
+def check_run_options(seeds: list[int], steps: int, backend: str) -> None:
+    """What every sampling job needs right — seeds, steps, a valid backend spec — checked before anything is written."""
+    if not seeds:
+        raise ValueError("give at least one seed")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    parse_backend(backend)
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:

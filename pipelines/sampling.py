@@ -11,9 +11,11 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from machines import ScaleSchedule, ScoreMachine, make_backend, noise_from_seeds, parse_backend, reference_schedule, sample
+from machines import ScaleSchedule, ScoreMachine, make_backend, noise_from_seeds, reference_schedule, sample
 from patchbank import MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import atomic_write, write_json
+
+from .runs import check_run_options, config_from_dict, read_json
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +45,7 @@ class SampleConfig:
             raise ValueError(f"{self.machine} compares whole images; --scale does not apply to it")
         if self.labels is not None and not self.conditional:
             raise ValueError("labels are given but the machine is not conditional; add --conditional (or drop --labels)")
-        if not self.seeds:
-            raise ValueError("give at least one seed")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        parse_backend(self.backend)
+        check_run_options(self.seeds, self.steps, self.backend)
 
     def scales(self) -> ScaleSchedule | None:
         if self.machine in ("IS", "ES"):
@@ -94,7 +92,6 @@ def run_explain(sample_dir: str | os.PathLike, m: int = 16, at: list[int] | None
     sample's folder)."""
     from .figures import provenance_figure
     from .provenance import explain, mosaic_statistics
-    from .runs import config_from_dict, read_json
 
     folder = Path(sample_dir)
     saved = read_json(folder / "config.json", "sample config")

@@ -18,7 +18,7 @@ For one bucket call (all query pixels that share a dictionary) the policy
    they pass or ``max_samples`` draws (at most ``N/4``: more would cost about an exact sum) are spent;
 4. sends what remains to the certified **top-k** backend when one is given and the bucket has a
    distinct-patch table (it falls back to exact itself), else to the certified **cluster summaries**
-   (:class:`~machines.summary.SummaryBackend`) when given and the bucket has clusters, else to the
+   (:class:`~machines.posterior.summary.SummaryBackend`) when given and the bucket has clusters, else to the
    **exact** backend (the fused kernel on the CPU).
 
 Broad posteriors (early and middle times: thousands of patches carry weight) pass at step 2 for
@@ -222,7 +222,7 @@ class AutoBackend(BackendBase):
 class _Sums:
     """Running sums over draws per query, relative to a running maximum logit ``m [Q]`` (float64,
     ``-1e300`` before the first draw): ``s1 [Q, C+1]`` = Σ w·(v, 1) and ``s2 [Q, 2C+1]`` = Σ w²·(v, v², 1).
-    ``fused``: fold each block with :func:`machines.kernels.moments` (one C pass) instead of torch
+    ``fused``: fold each block with :func:`machines.posterior.kernels.moments` (one C pass) instead of torch
     operations (maximum, exponential, two products)."""
 
     m: torch.Tensor

@@ -16,7 +16,7 @@ most promising cluster, so ``m`` is near its final value before the sweep.
 
 **Fused kernel** (``kernel="auto"`` or ``"fused"``, CPU): each ``query_chunk × chunk_size`` logits
 block, made by one matrix product while it sits in cache, is folded into the sums by one C pass
-per row (:mod:`machines.kernels`) instead of five torch passes; a row's block is skipped without
+per row (:mod:`machines.posterior.kernels`) instead of five torch passes; a row's block is skipped without
 exponentials when its maximum lies more than ``ln(1e10/prune_tol)`` below the running maximum
 (each skipped weight < ``prune_tol``·1e-10 of the largest, so up to 1e10 entries change the
 result by < ``prune_tol``). Sums are kept in float64 whatever ``dtype``. On CUDA, or without a C
@@ -70,7 +70,7 @@ class ExactBackend(BackendBase):
     loses ~1e-4 of relative weight accuracy there). ``prune``: skip clusters of ``leaf_size``
     distinct patches whose total weight is provably below ``prune_tol`` of the retained weight
     (patch buckets only; whole-image buckets are always streamed). ``kernel``: ``"fused"`` (the C
-    fold of :mod:`machines.kernels`; an error where it cannot be compiled), ``"torch"`` (torch
+    fold of :mod:`machines.posterior.kernels`; an error where it cannot be compiled), ``"torch"`` (torch
     operations) or ``"auto"`` (fused for CPU queries when available, else torch). ``dedup``:
     sum over distinct patches with log counts where the bank tabulates them (False: every patch,
     every repetition, no pruning). ``stats`` counts the (query, entry) pairs computed against

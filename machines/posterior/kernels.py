@@ -13,7 +13,7 @@ The C source is compiled on first use with the system C compiler (``$CC``, else 
 CPU (``-O3 -ffast-math -march=native``) into ``$PATCHBANK_KERNEL_CACHE`` (default
 ``~/.cache/patchbank/kernels``), keyed by the source, the flags, the compiler and the CPU, and
 written under a temporary name then renamed, so concurrent first uses are safe. No compiler means
-no fused kernel: :func:`available` says so and :class:`~machines.exact.ExactBackend` uses torch
+no fused kernel: :func:`available` says so and :class:`~machines.posterior.exact.ExactBackend` uses torch
 operations (``kernel="auto"``) or raises (``kernel="fused"``).
 """
 

@@ -135,15 +135,16 @@ class SampledTailBackend(NeighbourSearch, BackendBase):
             counts = table.counts.to(torch.float64)
             n = float(counts.sum())
             if self.proposal == "count":
-                draws = torch.multinomial(counts, self.samples, replacement=True, generator=gen).expand(Q, -1)
+                draws = torch.multinomial(counts, self.samples, replacement=True, generator=gen)
                 log_scale = torch.full((U,), math.log(n), dtype=torch.float64)  # log(c_j / π_j) with π_j = c_j / n
             else:
-                draws = torch.randint(U, (self.samples,), generator=gen).expand(Q, -1)
+                draws = torch.randint(U, (self.samples,), generator=gen)
                 log_scale = counts.log() + math.log(U)
             centre = centre_index(bank.channels, bucket.scale)  # type: ignore[arg-type]
-            parts = [self._block(table.patches, counts, log_scale, centre, q[s : s + self.query_chunk],
+            cand = table.patches[draws].to(torch.float64) / 255.0  # the shared draws [m, D], gathered once
+            parts = [self._block(table.patches, counts, centre, q[s : s + self.query_chunk],
                                  head[s : s + self.query_chunk].cpu() if head is not None else None,
-                                 draws[s : s + self.query_chunk], a, s2)
+                                 draws, cand, log_scale[draws], a, s2)
                      for s in range(0, Q, self.query_chunk)]
         means, se, head_mass, log_z, ess = (torch.cat(x) for x in zip(*parts))
         if self.min_ess is not None and k < U:
@@ -158,26 +159,27 @@ class SampledTailBackend(NeighbourSearch, BackendBase):
         self.stats.head_mass.append(head_mass)
         return TailEstimate(means.to(dev), se, log_z)
 
-    def _block(self, patches, counts, log_scale, centre, q, head, draws, a, s2):
+    def _block(self, patches, counts, centre, q, head, draws, cand, log_scale, a, s2):
+        """One block of queries ``q [b, D]`` (heads ``[b, k]``) against the shared draws ``draws [m]`` (patches
+        ``cand [m, D]``, ``log_scale [m]`` = log(c_j/π_j))."""
         qa = q.cpu() / a
         coef = -(a * a) / (2 * s2)
-        cand = patches[draws].to(torch.float64) / 255.0  # [b, m, D]
-        lw = coef * (qa[:, None, :] - cand).pow(2).sum(-1) + log_scale[draws]  # log(w_j / π_j)
+        lw = coef * (qa[:, None, :] - cand[None]).pow(2).sum(-1) + log_scale[None]  # log(w_j / π_j), [b, m]
         if head is not None:
             valid = head >= 0
             hid = head.clamp(min=0)
             hp = patches[hid].to(torch.float64) / 255.0  # [b, k, D]
             lh = torch.where(valid, coef * (qa[:, None, :] - hp).pow(2).sum(-1) + counts[hid].log(), -torch.inf)
-            in_head = (draws[:, :, None] == torch.where(valid, head, -1)[:, None, :]).any(-1)
+            in_head = (draws[None, :, None] == torch.where(valid, head, -1)[:, None, :]).any(-1)
             lw = lw.masked_fill(in_head, -torch.inf)
         else:
             lh = torch.full((q.shape[0], 1), -torch.inf, dtype=torch.float64)
             hp = torch.zeros(q.shape[0], 1, patches.shape[1], dtype=torch.float64)
-        m_draws = draws.shape[1]
+        m_draws = draws.shape[0]
         M = torch.maximum(lh.amax(1), lw.amax(1) - math.log(m_draws))[:, None]  # [b, 1]
         wh = (lh - M).exp()
         y = (lw - M).exp()  # per-draw unbiased tail contribution, times m
-        vh, vt = hp[..., centre], cand[..., centre]  # [b, k, C], [b, m, C]
+        vh, vt = hp[..., centre], cand[None, :, centre]  # [b, k, C], [1, m, C]
         Z = wh.sum(1) + y.mean(1)  # [b]
         S = (wh[..., None] * vh).sum(1) + (y[..., None] * vt).mean(1)
         mu = S / Z[:, None]

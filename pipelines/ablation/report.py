@@ -12,17 +12,19 @@ import torch
 from patchbank.atomic import atomic_write
 
 from ..metrics import pearson_r, r2
+from .config import Variant
 
 
-def make_row(name: str, kind: str, spec_text: str, backend, device: str, final: torch.Tensor, seconds: float, seeds: int,
-             steps: list[dict], mem, reference_final: torch.Tensor, network_final: torch.Tensor | None) -> dict:
+def make_row(v: Variant, backend, final: torch.Tensor, seconds: float, seeds: int, steps: list[dict], mem,
+             reference_final: torch.Tensor, network_final: torch.Tensor | None) -> dict:
     """One configuration's row: time, memory, agreement with the exact reference (and the network), errors, bounds."""
     r = pearson_r(final, reference_final)
     certified = backend.guarantee in ("exact", "certified")
+    device = v.device
     row = {
-        "config": name,
-        "kind": kind,
-        "options": spec_text.partition(":")[2] or "-",
+        "config": v.name,
+        "kind": v.kind,
+        "options": str(v.spec).partition(":")[2] or "-",
         "index": backend.index or "-",
         "device": device,
         "guarantee": backend.guarantee,

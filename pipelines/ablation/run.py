@@ -205,8 +205,8 @@ def _run_variant(cfg, v: Variant, data, memory_bank, schedule, noise, labels, re
     mem = PeakMemory(v.device)
     mem.peak_mb, mem.base_mb = max(p["peak_mb"] for p in parts), min(p["base_mb"] for p in parts)
     mem.gpu_mb = max(p["gpu_mb"] for p in parts)
-    row = make_row(v.name, v.kind, str(v.spec), backend, v.device, torch.cat([p["final"] for p in parts]),
-                   sum(p["seconds"] for p in parts), n, steps, mem, reference["final"], network_final)
+    row = make_row(v, backend, torch.cat([p["final"] for p in parts]), sum(p["seconds"] for p in parts), n, steps, mem,
+                   reference["final"], network_final)
     return {"row": row, "steps": steps}
 
 
