@@ -188,6 +188,11 @@ class PatchBank(Bank):
             )
         return cls(path, data, manifest)
 
+    def __reduce__(self):
+        """Pickled as its path and fingerprint: a worker process reopens the bank read-only from the shared
+        filesystem (nothing is rebuilt or copied) and fails if the bank there is not the same bank."""
+        return _reopen, (str(self.path), self._fingerprint)
+
     def info(self) -> dict:
         """Summary of the manifest and per-scale sizes (patches, distinct, disk bytes, build seconds of its buckets)."""
         per_scale: dict[int, dict] = {}
@@ -291,6 +296,14 @@ class PatchBank(Bank):
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+def _reopen(path: str, fingerprint: str) -> PatchBank:
+    bank = PatchBank.open(path)
+    if bank.fingerprint() != fingerprint:
+        raise BankError(f"{path} holds another bank (fingerprint {bank.fingerprint()[:12]}…) than the one sent to this "
+                        f"worker ({fingerprint[:12]}…); is the path the same on every node?")
+    return bank
+
+
 def _faiss_usable(queries: torch.Tensor) -> bool:
     try:
         require_faiss()

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from patchbank.atomic import write_json
-from machines import Denoiser, ScaleSchedule, eps_from_x0, noise_from_seeds, sample
+from machines import Denoiser, ScaleSchedule, eps_from_x0, identity_of, noise_from_seeds, sample
+from patchbank.atomic import atomic_write, write_json
+
+from .executors import Executor, chunks, make_executor
+from .runs import claim_folder
 
 MachineFactory = Callable[[int], Denoiser]
 """Builds the machine to calibrate at a constant scale P."""
@@ -38,10 +41,65 @@ def calibrate(
     steps: int = 20,
     labels: torch.Tensor | None = None,
     progress: bool = True,
+    batch: int | None = None,
+    executor: str | Executor | None = None,
+    resume: str | os.PathLike | None = None,
 ) -> dict:
-    """Returns ``{"schedule": [[t, P], …], "per_seed": {t: [P per seed]}, "similarity": {t: {P: [per seed]}}}``."""
-    noise = noise_from_seeds(seeds, shape, torch.float64)
-    machines = {P: machine_at(P) for P in candidates}
+    """Returns ``{"schedule": [[t, P], …], "per_seed": {t: [P per seed]}, "similarity": {t: {P: [per seed]}}}``.
+
+    Seeds are taken ``batch`` at a time (None: all at once) on ``executor`` (see
+    :mod:`pipelines.executors`; a parallel one receives the network and the candidate machines once per
+    worker, so ``machine_at`` is called here, and needs ``batch`` to split the seeds). With ``resume``, a
+    folder, each finished batch is kept there (``similarity.pt``) and a re-run computes only the seeds
+    not yet kept; a folder of another run (network, machines, grid or labels differ) is refused."""
+    seeds = list(seeds)
+    if labels is not None and len(labels) != len(seeds):
+        raise ValueError(f"give one label per seed: {len(labels)} labels for {len(seeds)} seeds")
+    label_of = dict(zip(seeds, labels.tolist())) if labels is not None else None
+    shared = Candidates(network, {P: machine_at(P) for P in candidates}, steps, tuple(shape), label_of)
+    found: dict[int, tuple[list[float], torch.Tensor]] = {}
+    kept = Path(resume) / "similarity.pt" if resume is not None else None
+    if kept is not None:
+        claim_folder(resume, {"network": identity_of(network), "machines": {str(P): identity_of(m) for P, m in shared.machines.items()},
+                              "steps": steps, "shape": list(shape), "labels": label_of})
+        found = torch.load(kept) if kept.exists() else {}
+
+    def keep(chunk: list[int], result: tuple[list[float], torch.Tensor]) -> None:
+        for i, seed in enumerate(chunk):
+            found[seed] = (result[0], result[1][:, :, i].clone())
+        if kept is not None:
+            atomic_write(kept, lambda p: torch.save(found, p))
+
+    todo = [c for c in ([s for s in chunk if s not in found] for chunk in chunks(seeds, batch or len(seeds))) if c]
+    make_executor(executor).map(similarities, shared, todo, keep, desc="calibrate", progress=progress, size=len)
+    times = found[seeds[0]][0]
+    table = torch.stack([found[s][1] for s in seeds], 2)  # [T, candidates, seeds]
+    schedule, per_seed, curves = [], {}, {}
+    for j, t in enumerate(times):
+        best = [candidates[i] for i in table[j].argmax(0).tolist()]
+        schedule.append([t, sorted(best)[len(best) // 2]])
+        per_seed[f"{t:.4f}"] = best
+        curves[f"{t:.4f}"] = {str(P): table[j, i].tolist() for i, P in enumerate(candidates)}
+    return {"schedule": sorted(schedule), "per_seed": per_seed, "similarity": curves,
+            "candidates": list(candidates), "seeds": seeds, "steps": steps}
+
+
+@dataclass
+class Candidates:
+    """What every calibration batch needs: the network, a machine per candidate P, the grid, the seeds' labels."""
+
+    network: Denoiser
+    machines: dict[int, Denoiser]
+    steps: int
+    shape: tuple[int, ...]
+    label_of: dict[int, int] | None
+
+
+def similarities(job: Candidates, seeds: list[int]) -> tuple[list[float], torch.Tensor]:
+    """Along the network's trajectories from ``seeds``: the visited times and each candidate's ε̂ cosine
+    similarity to the network's, ``[T, candidates, len(seeds)]``."""
+    noise = noise_from_seeds(seeds, job.shape, torch.float64)
+    labels = torch.tensor([job.label_of[s] for s in seeds]) if job.label_of else None
     visited: list[tuple[float, torch.Tensor, torch.Tensor]] = []
     state = {"x": noise}
 
@@ -49,18 +107,12 @@ def calibrate(
         visited.append((t, state["x"], x0))  # x_t the network saw at t, and its x̂0
         state["x"] = x_prev
 
-    sample(network, noise, steps, labels, callback=remember)
-    schedule, per_seed, curves = [], {}, {}
-    for t, x, net_x0 in tqdm(visited, desc="calibrate", disable=not progress):
+    sample(job.network, noise, job.steps, labels, callback=remember)
+    rows = []
+    for t, x, net_x0 in visited:
         net_eps = eps_from_x0(x, net_x0, t)
-        sims = {P: cosine(eps_from_x0(x, m(x, t, labels), t), net_eps) for P, m in machines.items()}
-        table = torch.stack([sims[P] for P in candidates])  # [candidates, seeds]
-        best = [candidates[i] for i in table.argmax(0).tolist()]
-        schedule.append([t, sorted(best)[len(best) // 2]])
-        per_seed[f"{t:.4f}"] = best
-        curves[f"{t:.4f}"] = {str(P): sims[P].tolist() for P in candidates}
-    return {"schedule": sorted(schedule), "per_seed": per_seed, "similarity": curves,
-            "candidates": list(candidates), "seeds": list(seeds), "steps": steps}
+        rows.append(torch.stack([cosine(eps_from_x0(x, m(x, t, labels), t), net_eps) for m in job.machines.values()]))
+    return [t for t, _, _ in visited], torch.stack(rows)
 
 
 def schedule_from(result: dict) -> ScaleSchedule:

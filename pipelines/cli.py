@@ -13,6 +13,7 @@ from machines import MACHINES, describe_backends, parse_backend
 from patchbank import BankSpec, PatchBank, load_dataset
 
 from .ablation import AblationConfig, run_ablation
+from .executors import check_executor
 from .jobs import CalibrateConfig, EvaluateConfig, run_calibrate, run_evaluate
 from .sampling import SampleConfig, run_explain, run_sample
 from .training import TrainConfig, train
@@ -41,6 +42,15 @@ def backend_spec(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def executor_spec(text: str) -> str:
+    """An executor spec, checked now (Ray must be installed for ``ray``)."""
+    try:
+        return check_executor(text)
+    except (ValueError, ImportError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+EXECUTOR_HELP = "where seed batches run: serial, processes:N (local processes) or ray[:ADDRESS] (a Ray cluster; needs the 'ray' extra)"
 BACKEND_HELP = "posterior backend spec, e.g. exact, auto, 'auto:se_tol=0.005', 'topk:k=256:tol=1e-4' (list: patchbank backends)"
 
 
@@ -72,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=d.steps, help="DDIM steps")
     s.add_argument("--bank", default=None, help="a built patch bank to sample from (instead of --dataset)")
     s.add_argument("--backend", type=backend_spec, default=d.backend, help=BACKEND_HELP)
+    s.add_argument("--executor", type=executor_spec, default=d.executor, help=EXECUTOR_HELP)
+    s.add_argument("--batch", type=int, default=None, help="seeds sampled together (default: all at once; one per task on a parallel executor)")
     s.add_argument("--out", default=d.out, help="output folder (an interrupted sample resumes from its checkpoint there)")
 
     sub.add_parser("backends", help="list the posterior backends with their options and defaults")
@@ -116,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, default=dc.steps, help="DDIM steps")
     c.add_argument("--bank", default=None, help="a built bank of the network's training data (default: built in memory)")
     c.add_argument("--backend", type=backend_spec, default=dc.backend, help=BACKEND_HELP)
+    c.add_argument("--executor", type=executor_spec, default=dc.executor, help=EXECUTOR_HELP)
+    c.add_argument("--batch", type=int, default=None, help="seeds per batch (default: all at once; one per task on a parallel executor)")
     c.add_argument("--out", default=dc.out, help="output folder: calibration.json, scale_curve.png")
 
     e = sub.add_parser("evaluate", help="theory vs network agreement of a calibrated machine (with the IS baseline)")
@@ -127,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=de.steps, help="DDIM steps")
     e.add_argument("--bank", default=None, help="a built bank of the network's training data (default: built in memory)")
     e.add_argument("--backend", type=backend_spec, default=de.backend, help=BACKEND_HELP)
+    e.add_argument("--executor", type=executor_spec, default=de.executor, help=EXECUTOR_HELP)
     e.add_argument("--batch", type=int, default=de.batch, help="seeds per batch (each batch is kept when done)")
     e.add_argument("--out", default=de.out, help="output folder (resumable; refuses results of another run)")
     ab = sub.add_parser("ablate", help="exact-vs-approximate ablation grid and the posterior-concentration study")
@@ -152,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--variant-batch", type=int, default=None,
                     help="seeds per batch of each configuration's run (default all); each batch is kept when done (resumable)")
     ab.add_argument("--model", default=None, help="a trained model.pt: also report machine-vs-network agreement")
+    ab.add_argument("--executor", type=executor_spec, default=None, help="where the exact reference's seed batches run (default serial): "
+                    "serial, processes:N or ray[:ADDRESS]")
     ab.add_argument("--no-teacher-forced", dest="teacher_forced", action="store_false", default=None)
     ab.add_argument("--no-concentration", dest="concentration", action="store_false", default=None)
     ab.add_argument("--concentration-times", type=float, nargs="+", default=None)
@@ -177,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         _run(args)
-    except (ValueError, TypeError, KeyError, OSError, RuntimeError) as err:
+    except (ValueError, TypeError, KeyError, OSError, RuntimeError, ImportError) as err:
         if args.verbose:
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err

@@ -14,6 +14,7 @@ import json
 import os
 import statistics
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from machines import Denoiser, identity_of, noise_from_seeds, sample
 from patchbank.atomic import atomic_write, write_json
 
+from .executors import Executor, chunks, make_executor
 from .metrics import mse, pearson_r, r2
 from .runs import claim_folder
 
@@ -54,34 +56,59 @@ def evaluate(
     batch: int = 10,
     progress: bool = True,
     config: dict | None = None,
+    executor: str | Executor | None = None,
 ) -> dict:
     """Evaluate (or resume) over ``seeds``; writes ``per_seed.jsonl``, ``samples.pt``, ``report.json``
-    (the summary, with ``config`` under the key ``config`` when given)."""
+    (the summary, with ``config`` under the key ``config`` when given).
+
+    Seeds run in batches of ``batch`` (``seeds`` in order), on ``executor`` (``serial``, ``processes:N``,
+    ``ray[:ADDRESS]``; see :mod:`pipelines.executors`), which receives the three denoisers once per
+    worker. Each finished batch is written here as it arrives, so a killed job or worker loses only the
+    batches in flight; a re-run computes only the seeds not yet written."""
     out = Path(out)
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
     claim_folder(out, {"network": identity_of(network), "machine": identity_of(machine), "ideal": identity_of(ideal),
                        "steps": steps, "shape": list(shape), "conditional": labels_of is not None})
     rows = read_rows(out / "per_seed.jsonl")
     samples = torch.load(out / "samples.pt") if (out / "samples.pt").exists() else {}
-    todo = [s for s in seeds if s not in {r["seed"] for r in rows}]
-    for start in tqdm(range(0, len(todo), batch), desc="evaluate", disable=not progress):
-        chunk = todo[start : start + batch]
-        noise = noise_from_seeds(chunk, shape, torch.float64)
-        labels = torch.tensor([labels_of[s] for s in chunk]) if labels_of else None
-        finals = {name: sample(d, noise, steps, labels) for name, d in (("network", network), ("machine", machine), ("is", ideal))}
+    finished = {r["seed"] for r in rows}
+    todo = [c for c in ([s for s in chunk if s not in finished] for chunk in chunks(seeds, batch)) if c]
+
+    def keep(chunk: list[int], finals: dict[str, torch.Tensor]) -> None:
         for seed, row in zip(chunk, compare(finals["network"], finals["machine"], finals["is"])):
             rows.append({"seed": seed, **row})
         for i, seed in enumerate(chunk):
             samples[seed] = {name: x[i].float() for name, x in finals.items()}
         atomic_write(out / "samples.pt", lambda p: torch.save(samples, p))
         atomic_write(out / "per_seed.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
-    rows = [r for r in rows if r["seed"] in set(seeds)]
+
+    shared = Trio(network, machine, ideal, steps, tuple(shape), labels_of)
+    make_executor(executor).map(final_images, shared, todo, keep, desc="evaluate", progress=progress, size=len)
+    rows = sorted((r for r in rows if r["seed"] in set(seeds)), key=lambda r: list(seeds).index(r["seed"]))
     report = summarise(rows)
     if config is not None:
         report["config"] = config
     write_json(out / "report.json", report)
     return report
+
+
+@dataclass
+class Trio:
+    """What every evaluation batch needs: the network, the machine and the IS baseline, and the run's grid."""
+
+    network: Denoiser
+    machine: Denoiser
+    ideal: Denoiser
+    steps: int
+    shape: tuple[int, ...]
+    labels_of: dict[int, int] | None
+
+
+def final_images(trio: Trio, seeds: list[int]) -> dict[str, torch.Tensor]:
+    """The three final images of a seed batch from the same noise: ``{"network", "machine", "is"}`` → ``[B, C, H, W]``."""
+    noise = noise_from_seeds(seeds, trio.shape, torch.float64)
+    labels = torch.tensor([trio.labels_of[s] for s in seeds]) if trio.labels_of else None
+    return {name: sample(d, noise, trio.steps, labels)
+            for name, d in (("network", trio.network), ("machine", trio.machine), ("is", trio.ideal))}
 
 
 def read_rows(path: Path) -> list[dict]:

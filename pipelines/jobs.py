@@ -18,6 +18,7 @@ from patchbank.atomic import write_json
 from .calibration import calibrate, schedule_from, write_calibration
 from .evaluation import evaluate, read_rows
 from .figures import agreement_scatter, image_pairs, scale_curve
+from .executors import batch_for
 from .runs import check_run_options, read_json
 from .training import load_network
 
@@ -31,10 +32,12 @@ class CalibrateConfig:
     steps: int = 20
     bank: str | None = None
     backend: str = "exact"  # a backend spec (see `patchbank backends`); every candidate machine gets its own
+    executor: str = "serial"  # serial, processes:N or ray[:ADDRESS] (see pipelines.executors)
+    batch: int | None = None  # seeds per batch (None: all at once, or one per task on a parallel executor)
     out: str = "outputs/calibrate"
 
     def __post_init__(self) -> None:
-        _check_job(self.machine, self.seeds, self.steps, self.backend)
+        _check_job(self.machine, self.seeds, self.steps, self.backend, self.executor, self.batch)
         if not self.candidates:
             raise ValueError("give at least one candidate patch size")
 
@@ -48,20 +51,19 @@ class EvaluateConfig:
     steps: int = 20
     bank: str | None = None
     backend: str = "exact"  # a backend spec for the calibrated machine (the IS baseline is always exact)
+    executor: str = "serial"  # serial, processes:N or ray[:ADDRESS] (see pipelines.executors)
     batch: int = 10
     out: str = "outputs/evaluate"
 
     def __post_init__(self) -> None:
-        _check_job(self.machine, self.seeds, self.steps, self.backend)
-        if self.batch < 1:
-            raise ValueError(f"batch must be >= 1, got {self.batch}")
+        _check_job(self.machine, self.seeds, self.steps, self.backend, self.executor, self.batch)
 
 
-def _check_job(machine: str, seeds: list[int], steps: int, backend: str) -> None:
+def _check_job(machine: str, seeds: list[int], steps: int, backend: str, executor: str, batch: int | None) -> None:
     """The options every calibration or evaluation needs right, checked before anything is written."""
     if machine not in ("LS", "ELS", "bbELS"):
         raise ValueError(f"machine must be a patch machine (LS, ELS, bbELS), got {machine!r}")
-    check_run_options(seeds, steps, backend)
+    check_run_options(seeds, steps, backend, executor, batch)
 
 
 def _setup(model: str, bank_path: str | None):
@@ -90,7 +92,8 @@ def run_calibrate(cfg: CalibrateConfig) -> dict:
     labels = torch.tensor([labels_of[s] for s in cfg.seeds]) if labels_of else None
     cond = bool(train_cfg["conditional"])
     result = calibrate(network, lambda P: ScoreMachine(bank, cfg.machine, scales=P, conditional=cond, backend=cfg.backend),  # type: ignore[arg-type]
-                       cfg.candidates, cfg.seeds, bank.data.shape, cfg.steps, labels)
+                       cfg.candidates, cfg.seeds, bank.data.shape, cfg.steps, labels, batch=batch_for(cfg.batch, cfg.executor),
+                       executor=cfg.executor, resume=Path(cfg.out) / "seeds")
     result["config"] = asdict(cfg)
     out = Path(cfg.out)
     write_calibration(result, out / "calibration.json")
@@ -108,7 +111,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", {"evaluate": asdict(cfg), "train": train_cfg})
     report = evaluate(network, machine, ideal, cfg.seeds, bank.data.shape, out, cfg.steps,
-                      _labels_of(train_cfg, cfg.seeds, bank), cfg.batch, config=asdict(cfg))
+                      _labels_of(train_cfg, cfg.seeds, bank), cfg.batch, config=asdict(cfg), executor=cfg.executor)
     samples = torch.load(out / "samples.pt")
     image_pairs(samples, out / "pairs.png")
     agreement_scatter(read_rows(out / "per_seed.jsonl"), out / "scatter.png")

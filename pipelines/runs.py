@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 from machines import parse_backend
 from patchbank.atomic import write_json
 
+from .executors import check_executor
+
 T = TypeVar("T")
 RUN_FILE = "run.json"
 
@@ -30,13 +32,19 @@ def config_from_dict(cls: type[T], values: dict, where: str = "config") -> T:
     return cls(**values)
 
 
-def check_run_options(seeds: list[int], steps: int, backend: str) -> None:
-    """What every sampling job needs right — seeds, steps, a valid backend spec — checked before anything is written."""
+def check_run_options(seeds: list[int], steps: int, backend: str, executor: str = "serial", batch: int | None = None) -> None:
+    """What every sampling job needs right — seeds, steps, a valid backend and executor spec, a batch size —
+    checked before anything is written."""
     if not seeds:
         raise ValueError("give at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError("a seed is listed twice")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if batch is not None and batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
     parse_backend(backend)
+    check_executor(executor)
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:

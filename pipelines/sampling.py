@@ -15,7 +15,8 @@ from machines import ScaleSchedule, ScoreMachine, make_backend, noise_from_seeds
 from patchbank import MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import atomic_write, write_json
 
-from .runs import check_run_options, config_from_dict, read_json
+from .executors import batch_for, chunks, make_executor
+from .runs import check_run_options, claim_folder, config_from_dict, read_json
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ class SampleConfig:
     steps: int = 20
     bank: str | None = None  # a built PatchBank directory; its data replaces dataset/resize/n_train
     backend: str = "exact"  # a backend spec, e.g. "auto", "topk:k=256:tol=1e-4" (see `patchbank backends`)
+    executor: str = "serial"  # serial, processes:N or ray[:ADDRESS] (see pipelines.executors)
+    batch: int | None = None  # seeds sampled together (None: all at once, or one per task on a parallel executor)
     out: str = "outputs/sample"
 
     def __post_init__(self) -> None:
@@ -45,7 +48,7 @@ class SampleConfig:
             raise ValueError(f"{self.machine} compares whole images; --scale does not apply to it")
         if self.labels is not None and not self.conditional:
             raise ValueError("labels are given but the machine is not conditional; add --conditional (or drop --labels)")
-        check_run_options(self.seeds, self.steps, self.backend)
+        check_run_options(self.seeds, self.steps, self.backend, self.executor, self.batch)
 
     def scales(self) -> ScaleSchedule | None:
         if self.machine in ("IS", "ES"):
@@ -58,23 +61,63 @@ class SampleConfig:
 def run_sample(cfg: SampleConfig) -> Path:
     """Sample ``len(cfg.seeds)`` images; writes ``samples.png``, ``samples.pt`` and ``config.json`` under ``cfg.out``.
 
-    The sample checkpoints every step in ``cfg.out/sample.ckpt`` (removed once the results are written), so a
-    killed run resumes when re-run with the same settings; other settings are refused while it is there."""
+    One batch of seeds on the serial executor checkpoints every step in ``cfg.out/sample.ckpt`` (removed
+    once the results are written), so a killed run resumes when re-run with the same settings; other
+    settings are refused while it is there. Several batches (``cfg.batch``, or a parallel
+    ``cfg.executor``) are kept as each finishes in ``cfg.out/batches/`` and a re-run samples the rest."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)  # an --out under a file fails here, before any work
     machine, noise, labels = machine_for(cfg)
     data, backend = machine.bank.data, machine.backend
-    log.info("%r: %d seeds, %d steps", machine, len(cfg.seeds), cfg.steps)
+    log.info("%r: %d seeds, %d steps on %s", machine, len(cfg.seeds), cfg.steps, cfg.executor)
     start = time.perf_counter()
-    x = sample(machine, noise, cfg.steps, labels, progress=True, checkpoint=out / "sample.ckpt")
+    batch = batch_for(cfg.batch, cfg.executor)
+    if batch is None or batch >= len(cfg.seeds):
+        x = sample(machine, noise, cfg.steps, labels, progress=True, checkpoint=out / "sample.ckpt")
+        stats = backend.stats.summary()
+    else:
+        x, stats = _in_batches(machine, cfg, labels, batch, out / "batches"), None
     elapsed = time.perf_counter() - start
     atomic_write(out / "samples.png", lambda p: save_image((x + 1) / 2, p, nrow=min(8, len(cfg.seeds)), format="png"))
     atomic_write(out / "samples.pt", lambda p: torch.save({"samples": x, "seeds": cfg.seeds, "labels": labels}, p))
     record = {**asdict(cfg), "seconds": round(elapsed, 2), "train_images": len(data), "image_shape": list(data.shape),
-              "backend_stats": backend.stats.summary()}
+              "backend_stats": stats}
     write_json(out / "config.json", record)
-    (out / "sample.ckpt").unlink()
+    (out / "sample.ckpt").unlink(missing_ok=True)
     return out / "samples.png"
+
+
+@dataclass
+class _Sampling:
+    """What every sampling batch needs: the machine, the grid and each seed's label."""
+
+    machine: ScoreMachine
+    steps: int
+    shape: tuple[int, ...]
+    label_of: dict[int, int] | None
+
+
+def sample_seeds(job: _Sampling, seeds: list[int]) -> torch.Tensor:
+    """Final samples ``[B, C, H, W]`` of a seed batch."""
+    labels = torch.tensor([job.label_of[s] for s in seeds]) if job.label_of else None
+    return sample(job.machine, noise_from_seeds(seeds, job.shape), job.steps, labels)
+
+
+def _in_batches(machine: ScoreMachine, cfg: SampleConfig, labels: torch.Tensor | None, batch: int, folder: Path) -> torch.Tensor:
+    """The seeds' samples in batches on ``cfg.executor``, each batch kept in ``folder/kept.pt`` as it finishes."""
+    label_of = dict(zip(cfg.seeds, labels.tolist())) if labels is not None else None
+    claim_folder(folder, {"machine": machine.identity(), "steps": cfg.steps, "labels": label_of})
+    kept_file = folder / "kept.pt"
+    kept: dict[int, torch.Tensor] = torch.load(kept_file) if kept_file.exists() else {}
+
+    def keep(seeds: list[int], x: torch.Tensor) -> None:
+        kept.update({s: x[i].clone() for i, s in enumerate(seeds)})
+        atomic_write(kept_file, lambda p: torch.save(kept, p))
+
+    todo = [c for c in ([s for s in chunk if s not in kept] for chunk in chunks(cfg.seeds, batch)) if c]
+    job = _Sampling(machine, cfg.steps, tuple(machine.bank.data.shape), label_of)
+    make_executor(cfg.executor).map(sample_seeds, job, todo, keep, desc="sample", size=len)
+    return torch.stack([kept[s] for s in cfg.seeds])
 
 
 def machine_for(cfg: SampleConfig) -> tuple[ScoreMachine, torch.Tensor, torch.Tensor | None]:

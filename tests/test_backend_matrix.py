@@ -20,6 +20,7 @@ SPECS = {
     "tail": "tail:k=16:samples=512:min_ess=16",
     "summary": "summary:tol=1e-3:leaf_size=16",
     "auto": "auto:samples=256:max_samples=1024:se_tol=0.05:min_ess=16",
+    "sharded": "sharded:shards=3:inner=topk:k=8:tol=1e-3",
 }
 
 
@@ -84,7 +85,7 @@ def test_backend_answers_within_its_guarantee(images, banks, kind, C, conditiona
         err = (got.double() - want).abs().amax(1)
         if kind == "exact":
             assert err.max() <= 1e-12
-        elif kind == "topk":
+        elif kind in ("topk", "sharded"):
             eps = backend.stats.eps[-1].double()
             kept = eps <= backend.tol
             assert (err[kept] <= 2 * eps[kept] + 1e-12).all() and (err[~kept] <= 1e-12).all()

@@ -35,6 +35,7 @@ CASES = {
     "tail": ("tail:k=32:samples=512", _correlated, lambda st: st.fallback < st.queries),
     "summary": ("summary:tol=1e-3:leaf_size=32", _max_abs(1e-2), lambda st: st.summarised > 0),
     "auto": ("auto:samples=1024:se_tol=0.02", _correlated, lambda st: st.sampled > 0),
+    "sharded": ("sharded:shards=3:inner=topk:k=32", _max_abs(1e-3), lambda st: st.fallback < st.queries),
 }
 
 

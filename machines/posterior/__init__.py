@@ -16,7 +16,7 @@ from . import kernels
 from .auto import AutoBackend, PolicyStats
 from .base import Backend, BackendBase, BackendStats, Guarantee, NeighbourSearch, Serving, draw_seed, entry_bias, logits, serving, with_ones
 from .exact import ExactBackend, PairStats
-from .shards import PartialSums, merge_all, shard_sums
+from .shards import PartialSums, ShardedBackend, merge_all, shard_sums
 from .registry import BACKENDS, BackendSpec, describe_backends, make_backend, parse_backend, register
 from .summary import ClusterMoments, SummaryBackend, SummaryStats, cluster_moments
 from .tail import SampledTailBackend, TailEstimate, TailStats
@@ -35,6 +35,7 @@ __all__ = [
     "NeighbourSearch",
     "PairStats",
     "PartialSums",
+    "ShardedBackend",
     "PolicyStats",
     "SampledTailBackend",
     "Serving",

@@ -24,6 +24,7 @@ import torch
 from .auto import AutoBackend
 from .base import Backend
 from .exact import ExactBackend
+from .shards import ShardedBackend
 from .summary import SummaryBackend
 from .tail import SampledTailBackend
 from .topk import TopKBackend
@@ -212,4 +213,5 @@ register("exact", ExactBackend, "every entry summed exactly (streaming log-sum-e
 register("topk", TopKBackend, "the k nearest distinct patches, certified bound on the rest, exact where it exceeds tol")
 register("tail", SampledTailBackend, "exact top-k head + importance-sampled tail (statistical: standard errors)")
 register("summary", SummaryBackend, "whole clusters summarised or dropped where a per-pixel bound certifies it, the rest exact")
+register("sharded", ShardedBackend, "the bucket split over shards (one per device), each summed exactly or top-k certified, merged exactly")
 register("auto", AutoBackend, "shared importance draws per bucket, accepted per pixel by SE and ESS, the rest exact")

@@ -52,6 +52,7 @@ class AblationConfig:
     reference_batch: int | None = None  # seeds per exact-reference batch (None: all); 1 makes the reference resumable per seed
     reference_dtype: str = "float64"  # precision of the exact reference's sums (float32: ≈ 1.6× faster, for 60k runs)
     variant_batch: int | None = None  # seeds per batch of each configuration's run (None: all), each kept when done
+    executor: str = "serial"  # where the exact reference's seed batches run: serial, processes:N, ray[:ADDRESS]
     model: str | None = None  # a trained network (model.pt): machine-vs-network agreement per row
     teacher_forced: bool = True
     concentration: bool = True

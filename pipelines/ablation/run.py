@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -13,6 +13,7 @@ from machines import Backend, ScaleSchedule, ScoreMachine, StepRecorder, noise_f
 from patchbank import Bank, BankError, BankSpec, ImageData, MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import atomic_write, write_json
 
+from ..executors import SerialExecutor, batch_for, check_executor, chunks, make_executor
 from ..sampling import cycled_labels
 from .concentration import concentration_study
 from .config import (AblationConfig, Variant, concentration_key, held_out, part_key, reference_variant, schedule_of, slack,
@@ -24,12 +25,16 @@ from .resources import PeakMemory, environment
 def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
     """Run every grid configuration against the exact reference; writes the report under ``cfg.out``.
 
+    The exact reference's seed batches run on ``cfg.executor``; the configurations run here, one after
+    another, as their seconds are what the ablation measures.
+
     Files: ``config.json`` (resolved config + environment; ``patchbank ablate --config`` re-runs
     it), ``rows.csv``, ``results.json`` (rows + per-step records), ``summary.md``,
     ``pareto.png``, ``fallback.png`` and, with the concentration study, ``concentration.json``
     and ``concentration.png``. Finished configurations are kept under ``variants/`` and skipped
     when the same run is repeated, so an interrupted ablation resumes.
     """
+    check_executor(cfg.executor)
     variants = [Variant.parse(g) for g in cfg.grid]
     if len({v.name for v in variants}) != len(variants):
         raise ValueError("the grid lists a configuration twice")
@@ -119,15 +124,18 @@ def _reference(cfg, bank, schedule, noise, labels, out: Path, key: dict, progres
         if part is not None and part.get("key") == keys[n]:
             parts[n] = part
     missing = [n for n in range(len(cfg.seeds)) if n not in parts]
-    step = cfg.reference_batch or max(1, len(missing))
-    for s in range(0, len(missing), step):
-        idx = torch.tensor(missing[s : s + step])
-        run = _reference_run(machine, cfg, noise[idx], None if labels is None else labels[idx], progress)
-        for j, n in enumerate(idx.tolist()):  # one file per seed; the batch's seconds shared out evenly
-            part = {"key": keys[n], "final": run["final"][j : j + 1], "seconds": run["seconds"] / len(idx),
+    step = cfg.reference_batch or batch_for(None, cfg.executor) or max(1, len(missing))
+
+    def keep(batch: list[int], run: dict) -> None:
+        for j, n in enumerate(batch):  # one file per seed; the batch's seconds shared out evenly
+            part = {"key": keys[n], "final": run["final"][j : j + 1], "seconds": run["seconds"] / len(batch),
                     "inputs": [x[j : j + 1] for x in run["inputs"]], "x0": [x[j : j + 1] for x in run["x0"]]}
             atomic_write(parts_dir / f"seed{cfg.seeds[n]}.pt", lambda p: torch.save(part, p))
             parts[n] = part
+
+    job = _Reference(machine, noise, labels, cfg.steps, progress and isinstance(make_executor(cfg.executor), SerialExecutor))
+    make_executor(cfg.executor).map(reference_batch, job, chunks(missing, step), keep, desc="exact reference",
+                                    progress=progress, size=len)
     ordered = [parts[n] for n in range(len(cfg.seeds))]
     ref = {"key": ref_key, "final": torch.cat([p["final"] for p in ordered]), "seconds": sum(p["seconds"] for p in ordered),
            "inputs": [torch.cat([p["inputs"][i] for p in ordered]) for i in range(cfg.steps)],
@@ -136,7 +144,24 @@ def _reference(cfg, bank, schedule, noise, labels, out: Path, key: dict, progres
     return ref
 
 
-def _reference_run(machine: ScoreMachine, cfg, noise: torch.Tensor, labels: torch.Tensor | None, progress: bool) -> dict:
+@dataclass
+class _Reference:
+    """What every batch of the exact reference needs: its machine, all seeds' noise and labels, the steps."""
+
+    machine: ScoreMachine
+    noise: torch.Tensor
+    labels: torch.Tensor | None
+    steps: int
+    progress: bool = False
+
+
+def reference_batch(job: _Reference, batch: list[int]) -> dict:
+    """The exact run of the seeds at positions ``batch``: see :func:`_reference_run`."""
+    idx = torch.tensor(batch)
+    return _reference_run(job.machine, job.steps, job.noise[idx], None if job.labels is None else job.labels[idx], job.progress)
+
+
+def _reference_run(machine: ScoreMachine, steps: int, noise: torch.Tensor, labels: torch.Tensor | None, progress: bool) -> dict:
     """Exact trajectories of a batch of seeds: the state each step was applied to, its x̂0, the final samples, seconds."""
     states, x0s = [], []
 
@@ -145,7 +170,7 @@ def _reference_run(machine: ScoreMachine, cfg, noise: torch.Tensor, labels: torc
         states.append(x.clone())
 
     start = time.perf_counter()
-    final = sample(machine, noise, cfg.steps, labels, callback=record, progress=progress)
+    final = sample(machine, noise, steps, labels, callback=record, progress=progress)
     return {"inputs": [noise] + states[:-1], "x0": x0s, "final": final, "seconds": time.perf_counter() - start}
 
 
