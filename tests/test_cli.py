@@ -13,7 +13,7 @@ from pipelines.cli import main
 
 H = 12
 SPECS = {"exact": "exact", "topk": "topk:k=32:tol=1e-4", "tail": "tail:k=32:samples=512", "summary": "summary:leaf_size=32",
-         "auto": "auto:samples=1024:se_tol=0.02"}
+         "auto": "auto:samples=1024:se_tol=0.02", "sharded": "sharded:shards=2:inner=topk:k=32"}
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,22 @@ def test_sample_from_the_bank_with_every_backend(bank, kind, tmp_path, capsys):
     assert r > 0.99
     record = json.loads((tmp_path / kind / "config.json").read_text())
     assert record["backend"] == SPECS[kind] and record["train_images"] == 40 and "error_bound" in record["backend_stats"]
+
+
+def test_sample_on_processes_from_a_shared_bank(bank, tmp_path, capsys):
+    """Seeds in batches on two worker processes (the disk bank reopened there, read-only) give the serial
+    run's samples bit for bit at the same threads; a re-run finds every batch kept and samples nothing."""
+    def run(executor: str, out: str) -> torch.Tensor:
+        main(["sample", "--bank", bank, "--seeds", "0-2", "--steps", "4", "--scale", "3", "--executor", executor,
+              "--batch", "1", "--out", str(tmp_path / out)])
+        capsys.readouterr()
+        return torch.load(tmp_path / out / "samples.pt")["samples"]
+
+    serial, parallel = run("serial:threads=1", "serial"), run("processes:2:threads=1", "parallel")
+    assert torch.equal(serial, parallel)
+    kept = tmp_path / "parallel" / "batches" / "kept.pt"
+    stamp = kept.stat().st_mtime_ns
+    assert torch.equal(run("processes:2:threads=1", "parallel"), serial) and kept.stat().st_mtime_ns == stamp
 
 
 @pytest.mark.slow

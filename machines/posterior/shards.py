@@ -163,24 +163,20 @@ class ShardedBackend(BackendBase):
     def exact_sums(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> PartialSums:
         """Every shard's exact sums, on its device, merged (:func:`shard_sums`, :func:`merge_all`)."""
         V = queries.shape[1] if serving(bank, bucket) == "image" else bank.channels
-        parts = []
-        for j in range(self.shards):
-            with self.stats.timer("shard_s"):
-                part = shard_sums(self.exact, bank, bucket, queries.to(self.device_of(j)), a, s2, j, self.shards, V)
-            parts.append(PartialSums(part.m.cpu(), part.acc.cpu()))
+        with self.stats.timer("shard_s"):  # every shard launched before any result is fetched (devices overlap)
+            parts = [shard_sums(self.exact, bank, bucket, queries.to(self.device_of(j)), a, s2, j, self.shards, V)
+                     for j in range(self.shards)]
         with self.stats.timer("merge_s"):
-            return merge_all(parts)
+            return merge_all([PartialSums(p.m.cpu(), p.acc.cpu()) for p in parts])
 
     def topk_sums(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> tuple[PartialSums, torch.Tensor]:
         """The merged sums over every shard's k nearest patches ``(m [Q], acc [Q, C+1])`` and the merged
         bound ``[Q]`` on the weight of all the others, relative to ``e^m``."""
-        parts, bounds = [], []
-        for j in range(self.shards):
-            with self.stats.timer("shard_s"):
-                part, bound = self._shard_topk(bank, bucket, queries, a, s2, j)
-            parts.append(part)
-            bounds.append(bound)
+        with self.stats.timer("shard_s"):  # every shard launched before any result is fetched (devices overlap)
+            found = [self._shard_topk(bank, bucket, queries, a, s2, j) for j in range(self.shards)]
         with self.stats.timer("merge_s"):
+            parts = [PartialSums(p.m.cpu(), p.acc.cpu()) for p, _ in found]
+            bounds = [b.cpu() for _, b in found]
             merged = merge_all(parts)
             scale = [torch.exp(torch.where(torch.isfinite(p.m), p.m - merged.m, -torch.inf)) for p in parts]
             return merged, sum(b * c for b, c in zip(bounds, scale))
@@ -214,7 +210,8 @@ class ShardedBackend(BackendBase):
         keys, search, _, counts = self._table(bank, bucket, shard)
         Q = queries.shape[0]
         if keys.shape[0] == 0:
-            return PartialSums(torch.full((Q,), -torch.inf, dtype=torch.float64), torch.zeros(Q, bank.channels + 1, dtype=torch.float64)), torch.zeros(Q, dtype=torch.float64)
+            empty = PartialSums(torch.full((Q,), -torch.inf, dtype=torch.float64), torch.zeros(Q, bank.channels + 1, dtype=torch.float64))
+            return empty, torch.zeros(Q, dtype=torch.float64)
         qa = queries.to(keys.device, torch.float64) / a
         found = torch_search(qa.float(), search, min(self.k, keys.shape[0]))
         ids = found.ids
@@ -230,4 +227,4 @@ class ShardedBackend(BackendBase):
         dk2 = d2.amax(1)
         dk2 = (dk2 - FLOAT32_SLACK * (qa.pow(2).sum(1) + dk2 + 1.0)).clamp(min=0)  # float32 search: lowered by its slack
         bound = rest * torch.exp(-(a * a) * dk2 / (2 * s2) - m)
-        return PartialSums(m.cpu(), acc.cpu()), bound.cpu()
+        return PartialSums(m, acc), bound
