@@ -1,7 +1,8 @@
 """Seed-parallel throughput of the executors, and the per-task overhead they add.
 
 1. Throughput, seeds per hour, of ``patchbank sample``'s work (``pipelines.sampling.sample_seeds``,
-   one seed per task) with the given backend on the first ``--n-train`` MNIST images, for
+   one seed per task) with the given backend on the first ``--n-train`` MNIST images (distinct-patch
+   tables up to ``--materialise-max``, built by each worker; larger scales streamed), for
    ``serial`` (all seeds in one batch on torch's default threads), ``processes:2`` and ``ray`` with
    2 one-thread workers; each executor's samples are checked against the serial run.
 2. Overhead per task: ``--tasks`` no-op tasks carrying the same shared payload (the machine and
@@ -11,13 +12,14 @@
 3. The expected wall time of ``--plan-seeds`` seeds on 4 and 16 nodes of ``--cores`` cores each:
    ``ceil(seeds / workers) · per_seed + seeds · overhead / workers + startup``, from the numbers above.
 
-    PATCHBANK_DATASETS=../shared/datasets python benchmarks/bench_executors.py --n-train 10000 --seeds 4
+    PATCHBANK_DATASETS=../shared/datasets python benchmarks/bench_executors.py --n-train 10000 --seeds 4 --steps 10
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import resource
 import time
 
 import torch
@@ -46,36 +48,46 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--backend", default="auto")
+    p.add_argument("--materialise-max", type=int, default=7,
+                   help="distinct-patch tables up to this P (each worker builds its own: at 10,000 images all scales take ~14 GB)")
     p.add_argument("--tasks", type=int, default=200)
     p.add_argument("--nodes", type=int, default=4)
     p.add_argument("--plan-seeds", type=int, default=100)
     p.add_argument("--cores", type=int, default=16)
     args = p.parse_args()
 
-    bank = MemoryBank(load_dataset("mnist", resize=32, limit=args.n_train))
-    machine = ScoreMachine(bank, "bbELS", scales=reference_schedule("MNIST_ResNet_zeros", "calibrated"), backend=args.backend)
-    job = _Sampling(machine, args.steps, tuple(bank.data.shape), None)
+    data = load_dataset("mnist", resize=32, limit=args.n_train)
+
+    def fresh() -> _Sampling:
+        """A machine with nothing built yet: every executor's workers start from the images alone."""
+        machine = ScoreMachine(MemoryBank(data, materialise_max=args.materialise_max), "bbELS", scales=reference_schedule("MNIST_ResNet_zeros", "calibrated"),
+                               backend=args.backend)
+        return _Sampling(machine, args.steps, tuple(data.shape), None)
+
     seeds = list(range(args.seeds))
-    print(f"MNIST {args.n_train} images, 32x32, bbELS MNIST_ResNet_zeros, backend {args.backend}, {args.steps} steps, "
+    print(f"MNIST {args.n_train} images (bank in memory, tables built by each worker), 32x32, bbELS MNIST_ResNet_zeros, backend {args.backend}, tables up to P={args.materialise_max}, {args.steps} steps, "
           f"{args.seeds} seeds, torch {torch.__version__}, {torch.get_num_threads()} threads by default")
 
     rows = []
-    serial_s, serial = timed_map(SerialExecutor(), sample_seeds, job, [seeds])
+    serial_s, serial = timed_map(SerialExecutor(), sample_seeds, fresh(), [seeds])
     reference = serial[tuple(seeds)]
     rows.append(("serial (one batch)", serial_s, 0.0))
     for name, ex in (("processes:2 (1 thread each)", ProcessExecutor(2, threads=1)), ("ray, 2 workers (1 thread each)", RayExecutor(num_cpus=2))):
-        seconds, got = timed_map(ex, sample_seeds, job, [[s] for s in seeds])
+        seconds, got = timed_map(ex, sample_seeds, fresh(), [[s] for s in seeds])
         diff = max(float((got[(s,)][0] - reference[i]).abs().max()) for i, s in enumerate(seeds))
         rows.append((name, seconds, diff))
     print("\n| executor | wall s | seeds/hour | vs serial | max abs diff vs serial |\n|---|---:|---:|---:|---:|")
     for name, seconds, diff in rows:
         print(f"| {name} | {seconds:.1f} | {3600 * args.seeds / seconds:.1f} | {serial_s / seconds:.2f}x | {diff:.1e} |")
+    print(f"peak memory: this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GB, "
+          f"largest worker process {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20:.1f} GB")
 
     import ray
     from ray.cluster_utils import Cluster
 
     ray.shutdown()
     per_seed = serial_s / args.seeds
+    job = fresh()
     print(f"\nper-task overhead ({args.tasks} no-op tasks carrying the machine and its {args.n_train}-image bank):")
     over = {}
     start = time.perf_counter()

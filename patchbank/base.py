@@ -53,6 +53,16 @@ class Bank(ABC):
     def __len__(self) -> int:
         return len(self.data)
 
+    def __getstate__(self) -> dict:
+        """Pickled without the tables built on demand (a worker process builds its own as it needs them:
+        cheaper than sending gigabytes of tables through a pipe, and bounded by what that worker uses)."""
+        state = dict(self.__dict__)
+        for name in ("_unique", "_clustered", "_search_tables"):
+            if name in state:
+                state[name] = {}
+        state["_padded_cache"] = None
+        return state
+
     def fingerprint(self) -> str:
         """The SHA-256 fingerprint of the bank's images and labels (computed once)."""
         if self._fingerprint is None:

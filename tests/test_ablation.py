@@ -117,6 +117,25 @@ def test_reference_resumes_seed_by_seed(small_run, monkeypatch, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)  # the recomputed seed ran alone: round-off at most
 
 
+def test_reference_on_worker_processes(small_run, monkeypatch, tmp_path):
+    """The exact reference's seeds on two worker processes give the serial reference (round-off at most: other
+    threads), and the finished configurations are kept: the executor is not part of what a result depends on."""
+    cfg, _ = small_run
+    out = tmp_path / "out"
+    shutil.copytree(cfg.out, out)
+    cfg = AblationConfig.from_json(Path(cfg.out) / "config.json")
+    cfg.out, cfg.executor = str(out), "processes:2"
+    before = torch.load(out / "reference.pt", weights_only=False)
+    shutil.rmtree(out / "reference")
+    (out / "reference.pt").unlink()
+    monkeypatch.setattr(ablation, "_run_variant", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    run_ablation(cfg, progress=False)
+    assert sorted(p.name for p in (out / "reference").iterdir()) == [f"seed{s}.pt" for s in sorted(cfg.seeds)]
+    after = torch.load(out / "reference.pt", weights_only=False)
+    for a, b in zip([after["final"]] + after["inputs"] + after["x0"], [before["final"]] + before["inputs"] + before["x0"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 def test_configurations_resume_seed_batch_by_batch(tmp_path, datasets_dir, monkeypatch):
     """With variant_batch=1 an interrupted configuration keeps its finished seeds; the resumed
     result equals an uninterrupted run of the same batches."""

@@ -182,3 +182,22 @@ def test_ray_task_whose_worker_dies_is_rerun(ray_cluster, tmp_path):
 def test_ray_exception_is_an_error(ray_cluster):
     with pytest.raises(ValueError, match="bad item 2"):
         collect(RayExecutor(), raises, None, [0, 1, 2, 3])
+
+
+def test_a_disk_bank_travels_as_its_path_and_is_checked_on_arrival(tmp_path):
+    import pickle
+
+    from patchbank import BankError, BankSpec, PatchBank
+
+    path = tmp_path / "bank"
+    bank = PatchBank.build(random_images(6, (1, 7, 7), seed=1), path, BankSpec(scales=[3], index=None), progress=False)
+    payload = pickle.dumps(bank)
+    assert len(payload) < 2000  # the path and fingerprint, not the tables
+    again = pickle.loads(payload)
+    assert again.fingerprint() == bank.fingerprint() and again.path == bank.path
+    import shutil
+
+    shutil.rmtree(path)
+    PatchBank.build(random_images(6, (1, 7, 7), seed=2), path, BankSpec(scales=[3], index=None), progress=False)
+    with pytest.raises(BankError, match="another bank"):
+        pickle.loads(payload)

@@ -87,6 +87,10 @@ class BackendBase:
     guarantee: Guarantee = "exact"
     stats: BackendStats
 
+    def __getstate__(self) -> dict:
+        """Pickled without its caches of bank tables (private dict fields): a worker rebuilds what it uses."""
+        return {k: ({} if k.startswith("_") and isinstance(v, dict) else v) for k, v in self.__dict__.items()}
+
     def reset(self) -> None:
         """Clear the statistics (of this backend and of the backends it delegates to)."""
         self.stats.reset()
