@@ -26,7 +26,7 @@ import torch
 
 from machines import ScoreMachine, reference_schedule
 from patchbank import MemoryBank, load_dataset
-from pipelines.executors import ProcessExecutor, RayExecutor, SerialExecutor
+from pipelines.executors import ProcessExecutor, RayExecutor, SerialExecutor, chunks
 from pipelines.sampling import _Sampling, sample_seeds
 
 
@@ -50,6 +50,10 @@ def main() -> None:
     p.add_argument("--backend", default="auto")
     p.add_argument("--materialise-max", type=int, default=7,
                    help="distinct-patch tables up to this P (each worker builds its own: at 10,000 images all scales take ~14 GB)")
+    p.add_argument("--batch", type=int, default=1, help="seeds per task on the parallel executors")
+    p.add_argument("--serial-batch", type=int, default=None, help="seeds per batch on serial (default: all at once)")
+    p.add_argument("--executors", default="serial,processes,ray", help="which to measure (serial always runs: the reference)")
+    p.add_argument("--no-overhead", action="store_true", help="skip the per-task overhead and the projection")
     p.add_argument("--tasks", type=int, default=200)
     p.add_argument("--nodes", type=int, default=4)
     p.add_argument("--plan-seeds", type=int, default=100)
@@ -69,19 +73,26 @@ def main() -> None:
           f"{args.seeds} seeds, torch {torch.__version__}, {torch.get_num_threads()} threads by default")
 
     rows = []
-    serial_s, serial = timed_map(SerialExecutor(), sample_seeds, fresh(), [seeds])
-    reference = serial[tuple(seeds)]
-    rows.append(("serial (one batch)", serial_s, 0.0))
-    for name, ex in (("processes:2 (1 thread each)", ProcessExecutor(2, threads=1)), ("ray, 2 workers (1 thread each)", RayExecutor(num_cpus=2))):
-        seconds, got = timed_map(ex, sample_seeds, fresh(), [[s] for s in seeds])
-        diff = max(float((got[(s,)][0] - reference[i]).abs().max()) for i, s in enumerate(seeds))
-        rows.append((name, seconds, diff))
+    sb = args.serial_batch or len(seeds)
+    serial_s, serial = timed_map(SerialExecutor(), sample_seeds, fresh(), chunks(seeds, sb))
+    reference = torch.cat([serial[tuple(c)] for c in chunks(seeds, sb)])
+    rows.append((f"serial ({sb} seed(s) per batch)", serial_s, 0.0))
+    chosen = args.executors.split(",")
+    for kind, name, ex in (("processes", f"processes:2 (1 thread each, {args.batch} seed(s) per task)", ProcessExecutor(2, threads=1)),
+                           ("ray", f"ray, 2 workers (1 thread each, {args.batch} seed(s) per task)", RayExecutor(num_cpus=2))):
+        if kind not in chosen:
+            continue
+        seconds, got = timed_map(ex, sample_seeds, fresh(), chunks(seeds, args.batch))
+        mine = torch.cat([got[tuple(c)] for c in chunks(seeds, args.batch)])
+        rows.append((name, seconds, float((mine - reference).abs().max())))
     print("\n| executor | wall s | seeds/hour | vs serial | max abs diff vs serial |\n|---|---:|---:|---:|---:|")
     for name, seconds, diff in rows:
         print(f"| {name} | {seconds:.1f} | {3600 * args.seeds / seconds:.1f} | {serial_s / seconds:.2f}x | {diff:.1e} |")
     print(f"peak memory: this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GB, "
           f"largest worker process {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20:.1f} GB")
 
+    if args.no_overhead:
+        return
     import ray
     from ray.cluster_utils import Cluster
 
