@@ -85,9 +85,11 @@ def test_whole_image_and_streamed_buckets_are_summed_exactly(banks, kind):
     streamed = MemoryBank(data, dedup=True, materialise_max=3)
     x = noise_from_seeds([3], (1, H, H), torch.float64)
     for machine, scales in (("IS", None), ("bbELS", 5)):
-        out = ScoreMachine(streamed, machine, scales, backend=CASES[kind][0])(x, 0.4)
+        backend = make_backend(CASES[kind][0])
+        out = ScoreMachine(streamed, machine, scales, backend=backend)(x, 0.4)
         ref = ScoreMachine(streamed, machine, scales, backend=ExactBackend(prune=False))(x, 0.4)
-        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+        float32 = getattr(backend, "exact", backend).dtype == torch.float32  # the policy's fallback sums in float32
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-5 if float32 else 1e-12)
 
 
 def test_specs_parse_into_configured_backends():

@@ -16,6 +16,9 @@ For one bucket call (all query pixels that share a dictionary) the policy
 3. **accepts** a query's sampled answer when ``ESS ≥ min_ess`` and ``SE ≤ se_tol``; queries that
    fail get ``growth``× more draws (added to the same running sums, still an i.i.d. sample) until
    they pass or ``max_samples`` draws (at most ``N/4``: more would cost about an exact sum) are spent;
+   a query whose ESS and SE, projected in proportion to the draws, would need more than 8× that
+   limit leaves at once (it would fail at the limit too; each query's projection depends on its own
+   draws only, so this keeps answers independent of the batch);
 4. sends what remains to the certified **top-k** backend when one is given and the bucket has a
    distinct-patch table (it falls back to exact itself), else to the certified **cluster summaries**
    (:class:`~machines.posterior.summary.SummaryBackend`) when given and the bucket has clusters, else to the
@@ -47,6 +50,8 @@ from .exact import ExactBackend
 from .summary import SummaryBackend
 from .topk import TopKBackend
 
+EARLY_FACTOR = 8.0  # leave when the projected need exceeds this many times the limit (projections from few draws run high)
+
 
 @dataclass
 class PolicyStats(BackendStats):
@@ -59,6 +64,7 @@ class PolicyStats(BackendStats):
     summaries: int = 0  # queries answered by the cluster summaries
     low_ess: int = 0  # queries that left the draws with ESS < min_ess
     high_se: int = 0  # … with enough ESS but SE > se_tol
+    stopped_early: int = 0  # … of which left the draws before the limit: their projected need was beyond it
     draws: int = 0  # Σ over buckets of the draws made (each shared by that bucket's queries)
     buckets: int = 0
     se: list[torch.Tensor] = field(default_factory=list)
@@ -89,6 +95,7 @@ class PolicyStats(BackendStats):
             "fallback_fraction": (self.topk + self.exact + self.summaries) / q,  # answered by other than the draws
             "low_ess_fraction": self.low_ess / q,
             "high_se_fraction": self.high_se / q,
+            "stopped_early_fraction": self.stopped_early / q,
             "draws_per_bucket": self.draws / self.buckets if self.buckets else 0.0,
             "se_median": float(se.median()) if se.numel() else 0.0,
             "se_max": float(se.max()) if se.numel() else 0.0,
@@ -110,7 +117,9 @@ class AutoBackend(BackendBase):
     (guards the standard error, which is itself estimated from the draws); ``topk``: optional
     certified backend for the rest (used on buckets with distinct-patch tables); ``summary``: optional
     cluster summaries for the rest where there is no ``topk`` (same buckets); ``exact``: the exact
-    backend; ``chunk``: draws per matrix product (memory ``queries × chunk``); ``draw_dtype``: precision
+    backend, float32 by default (its sums are float64 across blocks; float32 logits change an exact
+    x̂0 by ≤ 1e-5 on MNIST and the ablation's float32 references match float64 to r ≥ 1 − 1e-12,
+    far inside what a statistical answer is allowed); ``chunk``: draws per matrix product (memory ``queries × chunk``); ``draw_dtype``: precision
     of the draws' logits (float32, the default, roughly halves the product's cost and changes the
     estimates by ~1e-6 — far below ``se_tol`` —; the running sums are float64 across blocks);
     ``kernel``: ``"auto"`` folds the draws' moments with the fused C kernel where it is available
@@ -125,11 +134,12 @@ class AutoBackend(BackendBase):
     seed: int = 0
     topk: TopKBackend | None = None
     summary: SummaryBackend | None = None
-    exact: ExactBackend = field(default_factory=ExactBackend)
+    exact: ExactBackend = field(default_factory=lambda: ExactBackend(dtype=torch.float32))
     chunk: int = 8192
     draw_dtype: torch.dtype = torch.float32
     kernel: Literal["auto", "fused", "torch"] = "auto"
     stats: PolicyStats = field(default_factory=PolicyStats, repr=False)
+    left_early: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     guarantee: ClassVar[Guarantee] = "statistical"
 
     def __post_init__(self) -> None:
@@ -180,7 +190,8 @@ class AutoBackend(BackendBase):
 
     def sampled(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float,
                 limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Shared-draw estimates: means ``[Q, C]``, standard errors ``[Q]``, accepted mask ``[Q]`` (on the CPU);
+        """Shared-draw estimates: means ``[Q, C]``, standard errors ``[Q]``, accepted mask ``[Q]`` (on the CPU;
+        ``self.left_early [Q]`` marks the queries of this call that left before the limit);
         ``limit``: most draws for queries that fail (default ``max_samples``, at most a quarter of the
         bucket's entries)."""
         if limit is None:
@@ -190,6 +201,7 @@ class AutoBackend(BackendBase):
         state = _Sums.empty(q.shape[0], bank.channels, q.device, self.uses_fused(q.device))
         rows = torch.arange(q.shape[0], device=q.device)
         drawn, target = 0, self.samples
+        stopped = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
         while True:
             while drawn < target:
                 m = min(self.chunk, target - drawn)
@@ -199,8 +211,15 @@ class AutoBackend(BackendBase):
                 self.stats.draws += m
             means, se, ess = state.result()
             ok = (ess >= self.min_ess) & (se <= self.se_tol)
-            rows = torch.nonzero(~ok).view(-1)
+            # ESS grows and SE² shrinks in proportion to the draws: a query whose projected need exceeds
+            # 8× the limit would fail at the limit too, so it leaves now rather than after the rounds.
+            need = drawn * torch.maximum(self.min_ess / ess.clamp(min=1e-300), (se / self.se_tol) ** 2)
+            hopeless = ~ok & ~stopped & (need > EARLY_FACTOR * limit) & (target < limit)
+            self.stats.stopped_early += int(hopeless.sum())
+            stopped |= hopeless
+            rows = torch.nonzero(~ok & ~stopped).view(-1)
             if not rows.numel() or target >= limit:
+                self.left_early = stopped.cpu()
                 low = ess < self.min_ess
                 self.stats.low_ess += int(low.sum())
                 self.stats.high_se += int((~low & ~ok).sum())

@@ -81,8 +81,9 @@ class BackendSpec:
         """A fresh backend (its own statistics) for this spec."""
         entry = BACKENDS[self.kind]
         values = dict(self.options)
-        if self.nested:
-            values[_NESTED] = ExactBackend(**self.nested)
+        if self.nested:  # the kind's own default fallback, with the options given
+            default = next(f for f in dataclasses.fields(entry.cls) if f.name == _NESTED).default_factory()  # type: ignore[misc]
+            values[_NESTED] = dataclasses.replace(default, **self.nested)
         return entry.cls(**values)
 
     def __str__(self) -> str:

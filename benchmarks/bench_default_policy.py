@@ -1,0 +1,64 @@
+"""The automatic policy at its defaults against the exact backend it falls back to, on whole samples.
+
+For each seed, in one run: a bbELS sample with ``ExactBackend(dtype=float32)`` and one with
+``AutoBackend()`` (no arguments), from the same noise, on the first ``--n-train`` images of a
+dataset with a reference schedule (used unconditionally); wall seconds of each, their ratio, the
+Pearson r of the two final images and the policy's route fractions. Tables are built before the
+clocks start (as a bank build would), for both alike.
+
+    PATCHBANK_DATASETS=../shared/datasets python benchmarks/bench_default_policy.py --dataset cifar10 --n-train 4000 \\
+        --schedule CIFAR10_ResNet_zeros_conditional --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from machines import AutoBackend, ExactBackend, ScoreMachine, StepRecorder, noise_from_seeds, reference_schedule, sample
+from patchbank import MemoryBank, load_dataset
+from pipelines.cli import parse_seeds
+from pipelines.metrics import pearson_r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="fashion_mnist")
+    ap.add_argument("--n-train", type=int, default=10000)
+    ap.add_argument("--resize", type=int, default=32)
+    ap.add_argument("--schedule", default="FashionMNIST_ResNet_zeros_conditional")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    data = load_dataset(args.dataset, resize=args.resize or None, limit=args.n_train or None)
+    bank = MemoryBank(data, dedup=True)
+    schedule = reference_schedule(args.schedule)
+    exact, policy = ExactBackend(dtype=torch.float32), AutoBackend()
+    start = time.perf_counter()
+    for P in sorted(set(schedule.scales)):  # one-off tables (distinct patches, clusters) for both machines
+        ScoreMachine(bank, "bbELS", P, backend=exact)(noise_from_seeds([0], data.shape), 0.05)
+    print(f"{args.dataset}: {len(data)} images {list(data.shape)}, {args.schedule}, {args.steps} steps; "
+          f"tables {time.perf_counter() - start:.0f} s; torch {torch.get_num_threads()} threads")
+    print("| seed | exact float32 s | AutoBackend() s | speed-up | Pearson r | sampled | exact | stopped early |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    for seed in parse_seeds(args.seeds):
+        noise = noise_from_seeds([seed], data.shape)
+        t0 = time.perf_counter()
+        ref = sample(ScoreMachine(bank, "bbELS", schedule, backend=exact), noise, args.steps)
+        exact_s = time.perf_counter() - t0
+        machine = ScoreMachine(bank, "bbELS", schedule, backend=policy)
+        recorder = StepRecorder(machine, policy)
+        t0 = time.perf_counter()
+        got = sample(machine, noise, args.steps, callback=recorder)
+        auto_s = time.perf_counter() - t0
+        q = sum(r["queries"] for r in recorder.records)
+        frac = {k: sum(r[k] * r["queries"] for r in recorder.records) / q
+                for k in ("sampled_fraction", "exact_fraction", "stopped_early_fraction")}
+        r = float(pearson_r(got, ref)[0])
+        print(f"| {seed} | {exact_s:.0f} | {auto_s:.0f} | {exact_s / auto_s:.2f}x | {r:.5f} | {frac['sampled_fraction']:.1%} | "
+              f"{frac['exact_fraction']:.1%} | {frac['stopped_early_fraction']:.1%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
