@@ -19,8 +19,8 @@ import torch
 from machines import Denoiser, ScaleSchedule, eps_from_x0, identity_of, noise_from_seeds, sample
 from patchbank.atomic import atomic_write, write_json
 
-from .executors import Executor, chunks, make_executor
-from .runs import claim_folder
+from .executors import Executor, make_executor, pending
+from .runs import claim_folder, seed_labels
 
 MachineFactory = Callable[[int], Denoiser]
 """Builds the machine to calibrate at a constant scale P."""
@@ -70,7 +70,7 @@ def calibrate(
         if kept is not None:
             atomic_write(kept, lambda p: torch.save(found, p))
 
-    todo = [c for c in ([s for s in chunk if s not in found] for chunk in chunks(seeds, batch or len(seeds))) if c]
+    todo = pending(seeds, batch or len(seeds), found)
     make_executor(executor).map(similarities, shared, todo, keep, desc="calibrate", progress=progress, size=len)
     times = found[seeds[0]][0]
     table = torch.stack([found[s][1] for s in seeds], 2)  # [T, candidates, seeds]
@@ -99,7 +99,7 @@ def similarities(job: Candidates, seeds: list[int]) -> tuple[list[float], torch.
     """Along the network's trajectories from ``seeds``: the visited times and each candidate's ε̂ cosine
     similarity to the network's, ``[T, candidates, len(seeds)]``."""
     noise = noise_from_seeds(seeds, job.shape, torch.float64)
-    labels = torch.tensor([job.label_of[s] for s in seeds]) if job.label_of else None
+    labels = seed_labels(job.label_of, seeds)
     visited: list[tuple[float, torch.Tensor, torch.Tensor]] = []
     state = {"x": noise}
 

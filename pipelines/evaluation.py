@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from machines import Denoiser, identity_of, noise_from_seeds, sample
 from patchbank.atomic import atomic_write, write_json
 
-from .executors import Executor, chunks, make_executor
+from .executors import Executor, make_executor, pending
 from .metrics import mse, pearson_r, r2
-from .runs import claim_folder
+from .runs import claim_folder, seed_labels
 
 
 def compare(network: torch.Tensor, machine: torch.Tensor, ideal: torch.Tensor) -> list[dict]:
@@ -70,8 +69,7 @@ def evaluate(
                        "steps": steps, "shape": list(shape), "conditional": labels_of is not None})
     rows = read_rows(out / "per_seed.jsonl")
     samples = torch.load(out / "samples.pt") if (out / "samples.pt").exists() else {}
-    finished = {r["seed"] for r in rows}
-    todo = [c for c in ([s for s in chunk if s not in finished] for chunk in chunks(seeds, batch)) if c]
+    todo = pending(seeds, batch, {r["seed"] for r in rows})
 
     def keep(chunk: list[int], finals: dict[str, torch.Tensor]) -> None:
         for seed, row in zip(chunk, compare(finals["network"], finals["machine"], finals["is"])):
@@ -83,7 +81,8 @@ def evaluate(
 
     shared = Trio(network, machine, ideal, steps, tuple(shape), labels_of)
     make_executor(executor).map(final_images, shared, todo, keep, desc="evaluate", progress=progress, size=len)
-    rows = sorted((r for r in rows if r["seed"] in set(seeds)), key=lambda r: list(seeds).index(r["seed"]))
+    order = {s: i for i, s in enumerate(seeds)}
+    rows = sorted((r for r in rows if r["seed"] in order), key=lambda r: order[r["seed"]])
     report = summarise(rows)
     if config is not None:
         report["config"] = config
@@ -106,7 +105,7 @@ class Trio:
 def final_images(trio: Trio, seeds: list[int]) -> dict[str, torch.Tensor]:
     """The three final images of a seed batch from the same noise: ``{"network", "machine", "is"}`` → ``[B, C, H, W]``."""
     noise = noise_from_seeds(seeds, trio.shape, torch.float64)
-    labels = torch.tensor([trio.labels_of[s] for s in seeds]) if trio.labels_of else None
+    labels = seed_labels(trio.labels_of, seeds)
     return {name: sample(d, noise, trio.steps, labels)
             for name, d in (("network", trio.network), ("machine", trio.machine), ("is", trio.ideal))}
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import pickle
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -250,6 +250,11 @@ def chunks(seeds: Sequence[int], batch: int) -> list[list[int]]:
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     return [list(seeds[i : i + batch]) for i in range(0, len(seeds), batch)]
+
+
+def pending(seeds: Sequence[int], batch: int, done: Container[int]) -> list[list[int]]:
+    """The batches a resumed job still runs: each of :func:`chunks` without its seeds in ``done``, empty ones dropped."""
+    return [c for c in ([s for s in chunk if s not in done] for chunk in chunks(seeds, batch)) if c]
 
 
 def batch_for(batch: int | None, executor: str | Executor | None) -> int | None:

@@ -19,7 +19,7 @@ from .calibration import calibrate, schedule_from, write_calibration
 from .evaluation import evaluate, read_rows
 from .figures import agreement_scatter, image_pairs, scale_curve
 from .executors import batch_for
-from .runs import check_run_options, read_json
+from .runs import check_run_options, read_json, seed_labels
 from .training import load_network
 
 
@@ -89,7 +89,7 @@ def _labels_of(train_cfg: dict, seeds: list[int], bank: Bank) -> dict[int, int] 
 def run_calibrate(cfg: CalibrateConfig) -> dict:
     network, bank, train_cfg = _setup(cfg.model, cfg.bank)
     labels_of = _labels_of(train_cfg, cfg.seeds, bank)
-    labels = torch.tensor([labels_of[s] for s in cfg.seeds]) if labels_of else None
+    labels = seed_labels(labels_of, cfg.seeds)
     cond = bool(train_cfg["conditional"])
     result = calibrate(network, lambda P: ScoreMachine(bank, cfg.machine, scales=P, conditional=cond, backend=cfg.backend),  # type: ignore[arg-type]
                        cfg.candidates, cfg.seeds, bank.data.shape, cfg.steps, labels, batch=batch_for(cfg.batch, cfg.executor),

@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+
 from machines import parse_backend
 from patchbank.atomic import write_json
 
@@ -45,6 +47,11 @@ def check_run_options(seeds: list[int], steps: int, backend: str, executor: str 
         raise ValueError(f"batch must be >= 1, got {batch}")
     parse_backend(backend)
     check_executor(executor)
+
+
+def seed_labels(label_of: dict[int, int] | None, seeds: list[int]) -> torch.Tensor | None:
+    """The labels ``[B]`` of a seed batch from a job's seed → label map (None: unconditional)."""
+    return torch.tensor([label_of[s] for s in seeds]) if label_of else None
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:

@@ -15,8 +15,8 @@ from machines import ScaleSchedule, ScoreMachine, make_backend, noise_from_seeds
 from patchbank import MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import atomic_write, write_json
 
-from .executors import batch_for, chunks, make_executor
-from .runs import check_run_options, claim_folder, config_from_dict, read_json
+from .executors import batch_for, make_executor, pending
+from .runs import check_run_options, claim_folder, config_from_dict, read_json, seed_labels
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,7 @@ class _Sampling:
 
 def sample_seeds(job: _Sampling, seeds: list[int]) -> torch.Tensor:
     """Final samples ``[B, C, H, W]`` of a seed batch."""
-    labels = torch.tensor([job.label_of[s] for s in seeds]) if job.label_of else None
-    return sample(job.machine, noise_from_seeds(seeds, job.shape), job.steps, labels)
+    return sample(job.machine, noise_from_seeds(seeds, job.shape), job.steps, seed_labels(job.label_of, seeds))
 
 
 def _in_batches(machine: ScoreMachine, cfg: SampleConfig, labels: torch.Tensor | None, batch: int, folder: Path) -> torch.Tensor:
@@ -114,7 +113,7 @@ def _in_batches(machine: ScoreMachine, cfg: SampleConfig, labels: torch.Tensor |
         kept.update({s: x[i].clone() for i, s in enumerate(seeds)})
         atomic_write(kept_file, lambda p: torch.save(kept, p))
 
-    todo = [c for c in ([s for s in chunk if s not in kept] for chunk in chunks(cfg.seeds, batch)) if c]
+    todo = pending(cfg.seeds, batch, kept)
     job = _Sampling(machine, cfg.steps, tuple(machine.bank.data.shape), label_of)
     make_executor(cfg.executor).map(sample_seeds, job, todo, keep, desc="sample", size=len)
     return torch.stack([kept[s] for s in cfg.seeds])

@@ -32,7 +32,7 @@ from patchbank.index import Neighbours, merge_neighbours, torch_search
 
 from .base import BackendBase, BackendStats, Guarantee, serving
 from .exact import ExactBackend
-from .topk import FLOAT32_SLACK
+from .topk import beyond_kth
 
 
 @dataclass
@@ -224,7 +224,4 @@ class ShardedBackend(BackendBase):
         centre = centre_index(bank.channels, bucket.scale).to(keys.device)  # type: ignore[arg-type]
         acc = torch.cat([(w[..., None] * cand[..., centre]).sum(1), w.sum(1, keepdim=True)], 1)
         rest = (counts.double().sum() - c.sum(1)).clamp(min=0)
-        dk2 = d2.amax(1)
-        dk2 = (dk2 - FLOAT32_SLACK * (qa.pow(2).sum(1) + dk2 + 1.0)).clamp(min=0)  # float32 search: lowered by its slack
-        bound = rest * torch.exp(-(a * a) * dk2 / (2 * s2) - m)
-        return PartialSums(m, acc), bound
+        return PartialSums(m, acc), rest * beyond_kth(qa, d2.amax(1), a, s2, m)

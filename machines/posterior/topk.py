@@ -189,22 +189,28 @@ class TopKBackend(NeighbourSearch, BackendBase):
                    counts: torch.Tensor, total: float, a: float, s2: float, m: torch.Tensor) -> torch.Tensor:
         """Upper bound on the weight of every patch not retrieved, relative to ``exp(m)``: ``[b]``."""
         full = valid.all(1)  # fewer than k results: everything searchable was returned
-        dk2 = torch.where(valid, d2, torch.zeros_like(d2)).amax(1)
-        slack = FLOAT32_SLACK * (qa.pow(2).sum(1) + dk2 + 1.0)
-        dk2 = (dk2 - slack).clamp(min=0)
+        beyond = beyond_kth(qa, torch.where(valid, d2, torch.zeros_like(d2)).amax(1), a, s2, m)
         retrieved = counts.sum(1)
         if found.kind != "ivf":
             rest = (total - retrieved).clamp(min=0)
-            return torch.where(full, rest * torch.exp(-(a * a) * dk2 / (2 * s2) - m), torch.zeros_like(m))
+            return torch.where(full, rest * beyond, torch.zeros_like(m))
         ivf, probed = found.ivf, found.probed[rows].to(qa.device)  # type: ignore[union-attr,index]
         list_counts = ivf.counts.to(qa.device)  # type: ignore[union-attr]
         in_probed = list_counts[probed].sum(1)
-        inner = torch.where(full, (in_probed - retrieved).clamp(min=0) * torch.exp(-(a * a) * dk2 / (2 * s2) - m), torch.zeros_like(m))
+        inner = torch.where(full, (in_probed - retrieved).clamp(min=0) * beyond, torch.zeros_like(m))
         dist = torch.cdist(qa, ivf.centroids.to(qa.device))  # type: ignore[union-attr]
         lower = (dist - ivf.radii.to(qa.device) * (1 + FLOAT32_SLACK) - FLOAT32_SLACK).clamp(min=0)  # type: ignore[union-attr]
         outer = list_counts[None, :] * torch.exp(-(a * a) * lower.pow(2) / (2 * s2) - m[:, None])
         outer = outer.scatter(1, probed, 0.0)  # probed lists are covered by the inner bound
         return inner + outer.sum(1)
+
+
+def beyond_kth(qa: torch.Tensor, dk2: torch.Tensor, a: float, s2: float, m: torch.Tensor) -> torch.Tensor:
+    """Largest weight, relative to ``exp(m)``, of a patch at least as far from ``q/a`` as the k-th retrieved one
+    (squared distance ``dk2 [b]``, lowered by the float32 search's slack): ``[b]``. Multiplied by the count of
+    the patches not retrieved, it bounds their weight (the flat bound)."""
+    dk2 = (dk2 - FLOAT32_SLACK * (qa.pow(2).sum(1) + dk2 + 1.0)).clamp(min=0)
+    return torch.exp(-(a * a) * dk2 / (2 * s2) - m)
 
 
 def _cluster_bound(tree: tuple[torch.Tensor, ...], ids: torch.Tensor, counts: torch.Tensor, qa: torch.Tensor, a: float, s2: float,

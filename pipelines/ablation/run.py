@@ -133,9 +133,9 @@ def _reference(cfg, bank, schedule, noise, labels, out: Path, key: dict, progres
             atomic_write(parts_dir / f"seed{cfg.seeds[n]}.pt", lambda p: torch.save(part, p))
             parts[n] = part
 
-    job = _Reference(machine, noise, labels, cfg.steps, progress and isinstance(make_executor(cfg.executor), SerialExecutor))
-    make_executor(cfg.executor).map(reference_batch, job, chunks(missing, step), keep, desc="exact reference",
-                                    progress=progress, size=len)
+    executor = make_executor(cfg.executor)
+    job = _Reference(machine, noise, labels, cfg.steps, progress and isinstance(executor, SerialExecutor))
+    executor.map(reference_batch, job, chunks(missing, step), keep, desc="exact reference", progress=progress, size=len)
     ordered = [parts[n] for n in range(len(cfg.seeds))]
     ref = {"key": ref_key, "final": torch.cat([p["final"] for p in ordered]), "seconds": sum(p["seconds"] for p in ordered),
            "inputs": [torch.cat([p["inputs"][i] for p in ordered]) for i in range(cfg.steps)],
