@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("calibrate", help="calibrate a machine's P(t) to a trained network")
     dc = CalibrateConfig()
     c.add_argument("--model", default=dc.model, help="a trained model.pt (its config.json names the training data)")
-    c.add_argument("--machine", default=dc.machine, choices=["LS", "ELS", "bbELS"], help="the machine whose P(t) is calibrated")
+    c.add_argument("--machine", default=dc.machine, choices=["LS", "ELS", "bbELS"],
+                   help="the machine whose P(t) is calibrated (default: the network's rule, bbELS for zero padding, ELS for circular)")
     c.add_argument("--candidates", type=int, nargs="+", default=dc.candidates, help="patch sizes P to choose from")
     c.add_argument("--seeds", type=parse_seeds, default=dc.seeds, help="seeds of the network trajectories, e.g. 0-7")
     c.add_argument("--steps", type=int, default=dc.steps, help="DDIM steps")
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     de = EvaluateConfig()
     e.add_argument("--model", default=de.model, help="a trained model.pt (its config.json names the training data)")
     e.add_argument("--calibration", default=de.calibration, help="the calibration.json whose schedule the machine uses")
-    e.add_argument("--machine", default=de.machine, choices=["LS", "ELS", "bbELS"], help="the calibrated machine")
+    e.add_argument("--machine", default=de.machine, choices=["LS", "ELS", "bbELS"], help="the calibrated machine (default: the calibration's)")
     e.add_argument("--seeds", type=parse_seeds, default=de.seeds, help="seeds, e.g. 0-99")
     e.add_argument("--steps", type=int, default=de.steps, help="DDIM steps")
     e.add_argument("--bank", default=None, help="a built bank of the network's training data (default: built in memory)")

@@ -41,11 +41,11 @@ def agreement_scatter(rows: list[dict], path: str | os.PathLike) -> None:
 
 
 def scale_curve(schedule: list[list[float]], path: str | os.PathLike, reference: list[list[float]] | None = None) -> None:
-    """The calibrated P(t) (and optionally a reference schedule)."""
+    """The calibrated P(t) (and optionally a reference schedule, e.g. the paper's, dashed)."""
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.step([t for t, _ in schedule], [P for _, P in schedule], where="mid", label="calibrated")
     if reference:
-        ax.step([t for t, _ in reference], [P for _, P in reference], where="mid", ls="--", label="reference")
+        ax.step([t for t, _ in reference], [P for _, P in reference], where="mid", ls="--", label="paper")
     ax.set(xlabel="t", ylabel="patch size P")
     ax.legend()
     _save(fig, path)

@@ -1,7 +1,10 @@
 """Calibration and evaluation jobs: typed configs → files, the same functions the CLI calls.
 
 The machine's dictionary is the network's own training set (read from the model's
-``config.json``: dataset, resize, n_train), or a built bank given with ``bank``.
+``config.json``: dataset, resize, n_train), or a built bank given with ``bank``. The machine
+follows the network (see :mod:`pipelines.pairing`): by default bbELS for a zero-padded network and
+circular ELS for a circularly padded one, conditional when the network is; a calibration records
+the network it was calibrated against, and evaluating another network with it is refused.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from machines import ScoreMachine
+from machines import ScoreMachine, reference_schedule
 from patchbank import Bank, MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import write_json
 
@@ -19,6 +22,7 @@ from .calibration import calibrate, schedule_from, write_calibration
 from .evaluation import evaluate, read_rows
 from .figures import agreement_scatter, image_pairs, scale_curve
 from .executors import batch_for
+from .pairing import RULE_PADDING, calibration_record, check_calibration, machine_for, paper_schedule_name
 from .runs import check_run_options, read_json, seed_labels
 from .training import load_network
 
@@ -26,7 +30,7 @@ from .training import load_network
 @dataclass
 class CalibrateConfig:
     model: str = "outputs/train/model.pt"
-    machine: str = "bbELS"
+    machine: str | None = None  # None: the network's rule (bbELS for zero padding, ELS for circular)
     candidates: list[int] = field(default_factory=lambda: [1, 3, 5, 7, 9, 11, 13, 15, 17, 19])
     seeds: list[int] = field(default_factory=lambda: list(range(8)))
     steps: int = 20
@@ -46,7 +50,7 @@ class CalibrateConfig:
 class EvaluateConfig:
     model: str = "outputs/train/model.pt"
     calibration: str = "outputs/calibrate/calibration.json"
-    machine: str = "bbELS"
+    machine: str | None = None  # None: the calibration's machine
     seeds: list[int] = field(default_factory=lambda: list(range(100)))
     steps: int = 20
     bank: str | None = None
@@ -59,9 +63,9 @@ class EvaluateConfig:
         _check_job(self.machine, self.seeds, self.steps, self.backend, self.executor, self.batch)
 
 
-def _check_job(machine: str, seeds: list[int], steps: int, backend: str, executor: str, batch: int | None) -> None:
+def _check_job(machine: str | None, seeds: list[int], steps: int, backend: str, executor: str, batch: int | None) -> None:
     """The options every calibration or evaluation needs right, checked before anything is written."""
-    if machine not in ("LS", "ELS", "bbELS"):
+    if machine is not None and machine not in RULE_PADDING:
         raise ValueError(f"machine must be a patch machine (LS, ELS, bbELS), got {machine!r}")
     check_run_options(seeds, steps, backend, executor, batch)
 
@@ -73,7 +77,9 @@ def _setup(model: str, bank_path: str | None):
     if bank_path:
         bank = PatchBank.open(bank_path)
         if bank.data.fingerprint() != train_cfg["fingerprint"]:
-            raise ValueError(f"bank {bank_path} holds other data than the network was trained on")
+            raise ValueError(f"bank {bank_path} holds other data ({bank.data.name}, {len(bank)} images, fingerprint "
+                             f"{bank.data.fingerprint()[:12]}) than the network {model} was trained on ({train_cfg['dataset']}, "
+                             f"{train_cfg.get('train_images', '?')} images, fingerprint {train_cfg['fingerprint'][:12]})")
     else:
         bank = MemoryBank(load_dataset(train_cfg["dataset"], resize=train_cfg["resize"], limit=train_cfg["n_train"]))
     return network, bank, train_cfg
@@ -88,32 +94,50 @@ def _labels_of(train_cfg: dict, seeds: list[int], bank: Bank) -> dict[int, int] 
 
 def run_calibrate(cfg: CalibrateConfig) -> dict:
     network, bank, train_cfg = _setup(cfg.model, cfg.bank)
+    kind = machine_for(train_cfg, cfg.machine, cfg.model)
     labels_of = _labels_of(train_cfg, cfg.seeds, bank)
     labels = seed_labels(labels_of, cfg.seeds)
     cond = bool(train_cfg["conditional"])
-    result = calibrate(network, lambda P: ScoreMachine(bank, cfg.machine, scales=P, conditional=cond, backend=cfg.backend),  # type: ignore[arg-type]
+    result = calibrate(network, lambda P: ScoreMachine(bank, kind, scales=P, conditional=cond, backend=cfg.backend),  # type: ignore[arg-type]
                        cfg.candidates, cfg.seeds, bank.data.shape, cfg.steps, labels, batch=batch_for(cfg.batch, cfg.executor),
                        executor=cfg.executor, resume=Path(cfg.out) / "seeds")
-    result["config"] = asdict(cfg)
+    result["config"] = {**asdict(cfg), "machine": kind}
+    result["network"] = calibration_record(cfg.model, network.identity()["weights"], train_cfg, kind)
     out = Path(cfg.out)
+    paper = paper_schedule(train_cfg)
+    if paper is not None:
+        result["paper_schedule"] = paper
     write_calibration(result, out / "calibration.json")
-    scale_curve(result["schedule"], out / "scale_curve.png")
+    scale_curve(result["schedule"], out / "scale_curve.png", paper["schedule"] if paper else None)
     return result
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     network, bank, train_cfg = _setup(cfg.model, cfg.bank)
-    schedule = schedule_from(read_json(cfg.calibration, "calibration"))
+    calibration = read_json(cfg.calibration, "calibration")
+    made_for = calibration.get("network", {}).get("machine") or calibration.get("config", {}).get("machine")
+    kind = cfg.machine or made_for or machine_for(train_cfg, None, cfg.model)
+    check_calibration(calibration, cfg.calibration, cfg.model, network.identity()["weights"], train_cfg, kind)
+    machine_for(train_cfg, kind, cfg.model)
+    schedule = schedule_from(calibration)
     cond = bool(train_cfg["conditional"])
-    machine = ScoreMachine(bank, cfg.machine, scales=schedule, conditional=cond, backend=cfg.backend)  # type: ignore[arg-type]
+    machine = ScoreMachine(bank, kind, scales=schedule, conditional=cond, backend=cfg.backend)  # type: ignore[arg-type]
     ideal = ScoreMachine(bank, "IS", conditional=cond)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", {"evaluate": asdict(cfg), "train": train_cfg})
-    report = evaluate(network, machine, ideal, cfg.seeds, bank.data.shape, out, cfg.steps,
-                      _labels_of(train_cfg, cfg.seeds, bank), cfg.batch, config=asdict(cfg), executor=cfg.executor)
+    write_json(out / "config.json", {"evaluate": {**asdict(cfg), "machine": kind}, "train": train_cfg})
+    paper = paper_schedule(train_cfg)
+    report = evaluate(network, machine, ideal, cfg.seeds, bank.data.shape, out, cfg.steps, _labels_of(train_cfg, cfg.seeds, bank),
+                      cfg.batch, executor=cfg.executor, config={**asdict(cfg), "machine": kind, "schedule": schedule.to_json(),
+                                                                "paper_schedule": paper})
     samples = torch.load(out / "samples.pt")
     image_pairs(samples, out / "pairs.png")
     agreement_scatter(read_rows(out / "per_seed.jsonl"), out / "scatter.png")
-    scale_curve(schedule.to_json(), out / "scale_curve.png")
+    scale_curve(schedule.to_json(), out / "scale_curve.png", paper["schedule"] if paper else None)
     return report
+
+
+def paper_schedule(train_cfg: dict) -> dict | None:
+    """``{"name", "schedule": [[t, P], …]}``: the paper's calibrated schedule for a network like this one, or None."""
+    name = paper_schedule_name(train_cfg)
+    return None if name is None else {"name": name, "schedule": reference_schedule(name).to_json()}

@@ -14,6 +14,8 @@ from patchbank import Bank, BankError, BankSpec, ImageData, MemoryBank, PatchBan
 from patchbank.atomic import atomic_write, write_json
 
 from ..executors import SerialExecutor, batch_for, check_executor, chunks, make_executor
+from ..pairing import check_machine_options
+from ..runs import read_json
 from ..sampling import cycled_labels
 from .concentration import concentration_study
 from .config import (AblationConfig, Variant, concentration_key, held_out, part_key, reference_variant, schedule_of, slack,
@@ -41,6 +43,8 @@ def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(cfg.dataset, split=cfg.split, resize=cfg.resize, limit=cfg.n_train)
+    if cfg.model:
+        _check_model(cfg, data)
     schedule = schedule_of(cfg)
     key = {"ablation": asdict(cfg), "fingerprint": data.fingerprint()}
     write_json(out / "config.json", {"ablation": asdict(cfg), "environment": environment(), "fingerprint": key["fingerprint"]})
@@ -172,6 +176,13 @@ def _reference_run(machine: ScoreMachine, steps: int, noise: torch.Tensor, label
     start = time.perf_counter()
     final = sample(machine, noise, steps, labels, callback=record, progress=progress)
     return {"inputs": [noise] + states[:-1], "x0": x0s, "final": final, "seconds": time.perf_counter() - start}
+
+
+def _check_model(cfg: AblationConfig, data: ImageData) -> None:
+    """The trained network must fit the ablation's machine: same data, padding rule and conditioning."""
+    train_cfg = read_json(Path(cfg.model).parent / "config.json", "the model's training config")  # type: ignore[arg-type]
+    check_machine_options(train_cfg, cfg.model, machine=cfg.machine, conditional=cfg.conditional,  # type: ignore[arg-type]
+                          fingerprint=data.fingerprint(), data_name=f"the ablation's data ({cfg.dataset}, {len(data)} images)")
 
 
 def _network_final(cfg: AblationConfig, noise: torch.Tensor, labels) -> torch.Tensor:

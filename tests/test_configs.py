@@ -1,0 +1,128 @@
+"""Every shipped training config runs train → calibrate → evaluate, and a machine fits its network.
+
+Each config in ``configs/`` is trained for a few iterations at a tiny size (its dataset, architecture,
+padding and conditioning kept), calibrated on 2 seeds and evaluated on 2. A conditional network's
+labels must reach the machines, a circular network must be paired with circular ELS, and every
+mismatch between network, calibration, bank and machine is refused with an error naming both sides.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from patchbank import load_dataset, to_model_range
+from pipelines.ablation import AblationConfig, run_ablation
+from pipelines.jobs import CalibrateConfig, EvaluateConfig, run_calibrate, run_evaluate
+from pipelines.pairing import paper_schedule_name
+from pipelines.training import TrainConfig, load_network, train
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.json"))
+CPU_CONFIGS = [p for p in CONFIGS if p.stem.endswith("_cpu")]
+
+
+def _tiny(path: Path, out: Path, iters: int = 4) -> TrainConfig:
+    """The config at ``path`` shrunk to seconds: its data, architecture, padding and conditioning kept."""
+    cfg = TrainConfig.from_json(path)
+    return replace(cfg, resize=12, n_train=60, width=8, blocks=2, widths=(4, 8, 16), iters=iters, batch=16,
+                   checkpoint_every=2, device="cpu", out=str(out))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_loads_and_has_the_papers_schedule(path):
+    cfg = TrainConfig.from_json(path)
+    assert cfg.out == f"outputs/{path.stem}"
+    name = paper_schedule_name({"dataset": cfg.dataset, "arch": cfg.arch, "padding": cfg.padding, "conditional": cfg.conditional})
+    assert name is not None, f"{path.name}: the paper calibrated no schedule for this network"
+    assert {"resnet": "ResNet", "unet": "UNet"}[cfg.arch] in name and cfg.padding in name
+    assert path.stem.endswith(("_cpu", "_paper"))
+    if path.stem.endswith("_paper"):
+        assert cfg.n_train is None and cfg.device == "auto"  # the full training set, on a GPU when there is one
+
+
+@pytest.mark.parametrize("path", CPU_CONFIGS, ids=lambda p: p.stem)
+def test_config_smoke_train_calibrate_evaluate(path, tmp_path, datasets_env):
+    cfg = _tiny(path, tmp_path / "train")
+    model = str(train(cfg, progress=False))
+    cal = run_calibrate(CalibrateConfig(model=model, candidates=[3, 5], seeds=[100, 101], steps=3, out=str(tmp_path / "cal")))
+    kind = "ELS" if cfg.padding == "circular" else "bbELS"
+    assert cal["network"]["machine"] == kind and cal["network"]["conditional"] == cfg.conditional
+    assert cal["paper_schedule"]["name"] == paper_schedule_name(json.loads((tmp_path / "train" / "config.json").read_text()))
+    report = run_evaluate(EvaluateConfig(model=model, calibration=str(tmp_path / "cal" / "calibration.json"), seeds=[0, 1],
+                                         steps=6, batch=2, out=str(tmp_path / "eval")))
+    assert report["seeds"] == 2 and report["config"]["machine"] == kind
+    run = json.loads((tmp_path / "eval" / "run.json").read_text())
+    assert run["machine"]["kind"] == kind and run["machine"]["padding"] == cfg.padding
+    assert run["machine"]["conditional"] == run["ideal"]["conditional"] == cfg.conditional
+    for name in ("pairs.png", "scatter.png", "scale_curve.png", "per_seed.jsonl"):
+        assert (tmp_path / "eval" / name).is_file(), name
+    if cfg.conditional:  # the IS baseline ends on a training image of the seed's label: the label reached it
+        data = load_dataset(cfg.dataset, resize=12, limit=60)
+        classes = data.labels.unique().tolist()
+        train_x = to_model_range(data.images, torch.float64).flatten(1)
+        samples = torch.load(tmp_path / "eval" / "samples.pt")
+        for seed in (0, 1):
+            nearest = (train_x - samples[seed]["is"].double().flatten()).norm(dim=1).argmin()
+            assert int(data.labels[nearest]) == classes[seed % len(classes)]
+
+
+@pytest.mark.parametrize("path", [p for p in CPU_CONFIGS if "unet" in p.stem], ids=lambda p: p.stem)
+def test_an_interrupted_unet_resumes_bit_identically(path, tmp_path, datasets_env):
+    whole = load_network(train(_tiny(path, tmp_path / "whole", iters=5), progress=False))
+    cfg = _tiny(path, tmp_path / "resumed", iters=5)
+    train(cfg, stop_after=3, progress=False)
+    resumed = load_network(train(cfg, progress=False))
+    for (name, a), (_, b) in zip(whole.net.state_dict().items(), resumed.net.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory, datasets_env):
+    """Tiny trained networks: zero-padded MNIST, circular MNIST, conditional FashionMNIST; and a calibration of each."""
+    root = tmp_path_factory.mktemp("nets")
+    base = Path(__file__).parent.parent / "configs"
+    made = {}
+    for name, path in (("zeros", "mnist_resnet_cpu"), ("circular", "mnist_resnet_circular_cpu"), ("fashion", "fashion_resnet_cpu")):
+        model = str(train(_tiny(base / f"{path}.json", root / name, iters=2), progress=False))
+        run_calibrate(CalibrateConfig(model=model, candidates=[3], seeds=[0], steps=2, out=str(root / f"{name}-cal")))
+        made[name] = (model, str(root / f"{name}-cal" / "calibration.json"))
+    return made
+
+
+def test_a_machine_of_the_other_padding_rule_is_refused(nets, tmp_path):
+    with pytest.raises(ValueError, match=r"trained with zeros padding but the ELS machine assumes circular padding; use bbELS"):
+        run_calibrate(CalibrateConfig(model=nets["zeros"][0], machine="ELS", candidates=[3], seeds=[0], steps=2, out=str(tmp_path)))
+    with pytest.raises(ValueError, match=r"trained with circular padding but the bbELS machine assumes zeros padding; use ELS"):
+        run_calibrate(CalibrateConfig(model=nets["circular"][0], machine="bbELS", candidates=[3], seeds=[0], steps=2, out=str(tmp_path)))
+    with pytest.raises(ValueError, match=r"calibrates the ELS machine, not bbELS; evaluate with --machine ELS"):
+        run_evaluate(EvaluateConfig(model=nets["circular"][0], calibration=nets["circular"][1], machine="bbELS", seeds=[0],
+                                    steps=2, out=str(tmp_path / "e")))
+
+
+def test_a_calibration_of_another_network_is_refused(nets, tmp_path):
+    zeros, circular, fashion = nets["zeros"], nets["circular"], nets["fashion"]
+    with pytest.raises(ValueError, match=r"calibrated for a network with padding = circular, but .*zeros/model.pt has padding = zeros"):
+        run_evaluate(EvaluateConfig(model=zeros[0], calibration=circular[1], seeds=[0], steps=2, out=str(tmp_path / "a")))
+    with pytest.raises(ValueError, match=r"calibrates the bbELS machine, not LS; evaluate with --machine bbELS"):
+        run_evaluate(EvaluateConfig(model=zeros[0], calibration=zeros[1], machine="LS", seeds=[0], steps=2, out=str(tmp_path / "a")))
+    with pytest.raises(ValueError, match=r"calibrated for a network trained on other data \(fashion_mnist.*than .*\(mnist"):
+        run_evaluate(EvaluateConfig(model=zeros[0], calibration=fashion[1], seeds=[0], steps=2, out=str(tmp_path / "b")))
+    other = str(Path(circular[0]).parent.parent / "zeros-again")  # same data and config, other weights
+    retrained = str(train(_tiny(Path(__file__).parent.parent / "configs" / "mnist_resnet_cpu.json", Path(other), iters=3), progress=False))
+    with pytest.raises(ValueError, match=r"was calibrated against the network .*zeros/model.pt \(weights [0-9a-f]{12}\), not "):
+        run_evaluate(EvaluateConfig(model=retrained, calibration=zeros[1], seeds=[0], steps=2, out=str(tmp_path / "c")))
+
+
+def test_the_ablation_refuses_a_network_that_does_not_fit_its_machine(nets, tmp_path):
+    base = AblationConfig(dataset="fashion_mnist", resize=12, n_train=60, seeds=[0], steps=2, grid=["exact"], concentration=False,
+                          teacher_forced=False, out=str(tmp_path / "abl"))
+    with pytest.raises(ValueError, match=r"is a class-conditional network but the bbELS machine is an unconditional machine"):
+        run_ablation(replace(base, model=nets["fashion"][0]), progress=False)
+    with pytest.raises(ValueError, match=r"trained on other data \(mnist.*than the ablation's data \(fashion_mnist"):
+        run_ablation(replace(base, model=nets["zeros"][0], conditional=True), progress=False)
+    with pytest.raises(ValueError, match=r"trained with circular padding but the bbELS machine"):
+        run_ablation(replace(base, dataset="mnist", model=nets["circular"][0]), progress=False)
