@@ -14,7 +14,7 @@ from patchbank import BankSpec, PatchBank, load_dataset
 
 from .ablation import AblationConfig, run_ablation
 from .executors import check_executor
-from .jobs import CalibrateConfig, EvaluateConfig, run_calibrate, run_evaluate
+from .jobs import CalibrateConfig, EvaluateConfig, run_calibrate, run_evaluate, run_explain_network
 from .sampling import SampleConfig, run_explain, run_sample
 from .training import TrainConfig, train
 
@@ -88,11 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("backends", help="list the posterior backends with their options and defaults")
 
-    x = sub.add_parser("explain", help="which training patches made each pixel of a `patchbank sample` run")
-    x.add_argument("sample", help="the output folder of `patchbank sample` (its config.json and samples.pt)")
+    x = sub.add_parser("explain", help="which training patches made each pixel: of a `patchbank sample` run, or of a "
+                       "trained network's samples through its calibrated machine")
+    x.add_argument("sample", nargs="?", default=None, help="the output folder of `patchbank sample` (its config.json and samples.pt)")
+    x.add_argument("--model", default=None, help="instead of a sample folder: a trained model.pt, explained by its calibrated machine")
+    x.add_argument("--calibration", default=None, help="with --model: the network's calibration.json (`patchbank calibrate`)")
+    x.add_argument("--seeds", type=parse_seeds, default=None, help="with --model: the network's seeds, e.g. 0-3")
+    x.add_argument("--steps", type=int, default=20, help="with --model: DDIM steps")
+    x.add_argument("--bank", default=None, help="with --model: a built bank of the network's training data (default: in memory)")
     x.add_argument("--m", type=int, default=16, help="sources listed per pixel")
     x.add_argument("--at", type=int, nargs="+", default=None, help="steps to explain (default: the last five)")
-    x.add_argument("--out", default=None, help="output folder (default: the sample's folder)")
+    x.add_argument("--out", default=None, help="output folder (default: the sample's folder; with --model, outputs/explain)")
 
     b = sub.add_parser("build", help="build (or resume building) a patch bank on disk")
     b.add_argument("out", help="bank directory")
@@ -212,7 +218,15 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "backends":
         print(describe_backends())
     elif args.command == "explain":
-        print(run_explain(args.sample, args.m, args.at, args.out))
+        if (args.sample is None) == (args.model is None):
+            raise ValueError("give either a sample folder or --model (with --calibration and --seeds), not both or neither")
+        if args.model is None:
+            print(run_explain(args.sample, args.m, args.at, args.out))
+        elif args.calibration is None or args.seeds is None:
+            raise ValueError("--model needs --calibration (the network's calibration.json) and --seeds")
+        else:
+            print(run_explain_network(args.model, args.calibration, args.seeds, args.steps, args.m, args.at,
+                                      args.out or "outputs/explain", args.bank))
     elif args.command == "build":
         index = None if args.index.lower() == "none" else args.index
         spec = BankSpec(scales=args.scales, rules=args.rules, labels=args.labels, index=index, leaf_size=args.leaf_size)

@@ -101,9 +101,10 @@ def provenance_figure(samples: torch.Tensor, prov, data, path: str | os.PathLike
     reassembled mosaic (each pixel replaced by the centre of its top source patch), for the first ``n``.
     ``samples [B, C, H, W]`` in [-1, 1]; ``prov``: a :class:`~pipelines.provenance.Provenance`; ``data``: the
     training :class:`~patchbank.ImageData`. Colour images are shown as RGB, grey ones in grey."""
+    from .provenance import reassembled_mosaic
+
     B = min(n, samples.shape[0])
-    image, row, col = prov.image[..., 0].clamp(min=0), prov.row[..., 0], prov.col[..., 0]
-    mosaic = data.images[image, :, row, col].permute(0, 3, 1, 2).to(torch.float64) / 255.0  # [B, C, H, W] in [0, 1]
+    mosaic = (reassembled_mosaic(prov, data) + 1) / 2  # [B, C, H, W] in [0, 1]
     fig, axes = plt.subplots(B, 3, figsize=(6, 2 * B), squeeze=False)
     for b in range(B):
         for ax, (title, picture) in zip(axes[b], (("sample", (samples[b].double() + 1) / 2), ("top source image", None),
@@ -119,3 +120,41 @@ def provenance_figure(samples: torch.Tensor, prov, data, path: str | os.PathLike
             if b == 0:
                 ax.set_title(title, fontsize=8)
     _save(fig, path)
+
+
+def _show(ax, picture: torch.Tensor) -> None:
+    """A ``[C, H, W]`` picture in [0, 1]: grey for one channel, RGB for three."""
+    shown = picture.clamp(0, 1).permute(1, 2, 0).numpy()
+    ax.imshow(shown[..., 0] if shown.shape[-1] == 1 else shown, cmap="gray" if shown.shape[-1] == 1 else None,
+              vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def source_gallery(sample: torch.Tensor, prov, data, path: str | os.PathLike, b: int = 0, n: int = 8) -> list[dict]:
+    """The sample ``b`` beside its ``n`` top source images (ranked by the pixels whose top source they are),
+    each with the patches it lent outlined where they were taken (the top patch of every such pixel,
+    ``prov.scale`` wide; whole-image machines outline the whole image). ``sample [C, H, W]`` in [-1, 1].
+    Returns the gallery's rows: ``{"image", "label", "pixels"}``."""
+    from matplotlib.patches import Rectangle
+
+    top = prov.image[b, :, :, 0]
+    ids, counts = top[top >= 0].unique(return_counts=True)
+    order = counts.argsort(descending=True)[:n]
+    rows = [{"image": int(ids[i]), "label": int(data.labels[ids[i]]), "pixels": int(counts[i])} for i in order]
+    fig, axes = plt.subplots(1, len(rows) + 1, figsize=(1.6 * (len(rows) + 1), 2), squeeze=False)
+    _show(axes[0, 0], (sample.double() + 1) / 2)
+    axes[0, 0].set_title("sample", fontsize=8)
+    H, W = top.shape
+    for ax, row in zip(axes[0, 1:], rows):
+        _show(ax, data.images[row["image"]].double() / 255.0)
+        where = top == row["image"]
+        centres = {(int(r), int(c)) for r, c in zip(prov.row[b, :, :, 0][where], prov.col[b, :, :, 0][where])}
+        size = prov.scale or max(H, W)
+        for r, c in sorted(centres) if prov.scale else [((H - 1) / 2, (W - 1) / 2)]:
+            ax.add_patch(Rectangle((c - size / 2, r - size / 2), size, size, fill=False, lw=0.4, ec="tab:red", alpha=0.6))
+        ax.set_xlim(-0.5, W - 0.5)
+        ax.set_ylim(H - 0.5, -0.5)
+        ax.set_title(f"#{row['image']} (label {row['label']})\n{row['pixels']} px", fontsize=7)
+    _save(fig, path)
+    return rows

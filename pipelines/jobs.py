@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from machines import ScoreMachine, reference_schedule
+from machines import ScoreMachine, noise_from_seeds, reference_schedule
 from patchbank import Bank, MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import write_json
 
@@ -112,16 +112,22 @@ def run_calibrate(cfg: CalibrateConfig) -> dict:
     return result
 
 
-def run_evaluate(cfg: EvaluateConfig) -> dict:
-    network, bank, train_cfg = _setup(cfg.model, cfg.bank)
-    calibration = read_json(cfg.calibration, "calibration")
-    made_for = calibration.get("network", {}).get("machine") or calibration.get("config", {}).get("machine")
-    kind = cfg.machine or made_for or machine_for(train_cfg, None, cfg.model)
-    check_calibration(calibration, cfg.calibration, cfg.model, network.identity()["weights"], train_cfg, kind)
-    machine_for(train_cfg, kind, cfg.model)
-    schedule = schedule_from(calibration)
+def calibrated(model: str, calibration: str, machine: str | None = None, bank: str | None = None, backend: str = "exact"):
+    """A trained network and its calibrated machine: ``(network, machine, train_cfg)``, the calibration checked
+    to belong to this network (see :mod:`pipelines.pairing`); ``machine`` defaults to the calibration's."""
+    network, patches, train_cfg = _setup(model, bank)
+    found = read_json(calibration, "calibration")
+    made_for = found.get("network", {}).get("machine") or found.get("config", {}).get("machine")
+    kind = machine or made_for or machine_for(train_cfg, None, model)
+    check_calibration(found, calibration, model, network.identity()["weights"], train_cfg, kind)
+    machine_for(train_cfg, kind, model)
     cond = bool(train_cfg["conditional"])
-    machine = ScoreMachine(bank, kind, scales=schedule, conditional=cond, backend=cfg.backend)  # type: ignore[arg-type]
+    return network, ScoreMachine(patches, kind, scales=schedule_from(found), conditional=cond, backend=backend), train_cfg  # type: ignore[arg-type]
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict:
+    network, machine, train_cfg = calibrated(cfg.model, cfg.calibration, cfg.machine, cfg.bank, cfg.backend)
+    bank, kind, schedule, cond = machine.bank, machine.kind, machine.scales, machine.conditional
     ideal = ScoreMachine(bank, "IS", conditional=cond)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,3 +147,23 @@ def paper_schedule(train_cfg: dict) -> dict | None:
     """``{"name", "schedule": [[t, P], …]}``: the paper's calibrated schedule for a network like this one, or None."""
     name = paper_schedule_name(train_cfg)
     return None if name is None else {"name": name, "schedule": reference_schedule(name).to_json()}
+
+
+def run_explain_network(model: str, calibration: str, seeds: list[int], steps: int = 20, m: int = 16,
+                        at: list[int] | None = None, out: str = "outputs/explain", bank: str | None = None) -> Path:
+    """Which training data a trained network's output came from, by its calibrated machine: samples the
+    network from ``seeds``, and at steps ``at`` (default the last five) takes the machine's exact
+    provenance at the network's own states, with the Pearson r of the machine's x̂0 against the
+    network's there (how far the explanation can be trusted). Writes what ``patchbank explain`` writes
+    for a machine's sample; returns the path of ``provenance.png``."""
+    from .provenance import explain
+    from .sampling import write_explanation
+
+    check_run_options(seeds, steps, "exact", "serial", None)
+    network, machine, train_cfg = calibrated(model, calibration, bank=bank)
+    labels = seed_labels(_labels_of(train_cfg, seeds, machine.bank), seeds)
+    noise = noise_from_seeds(seeds, machine.bank.data.shape, torch.float64)
+    final, found = explain(machine, noise, steps, labels, at, m, along=network)
+    agreement = {str(s): p.agreement.tolist() for s, p in found.items() if p.agreement is not None}
+    return write_explanation(Path(out), seeds, final, found, machine, labels, m,
+                             extra={"network": model, "calibration": calibration, "agreement_r": agreement})

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from machines import ScoreMachine, alpha_sigma2, sample
+from machines import Denoiser, ScoreMachine, alpha_sigma2, sample
 from machines.posterior import entry_bias, logits
 from patchbank.base import gather_patches, model_units
 from patchbank.datasets import to_model_range
 from patchbank.geometry import BucketKey, dictionary_groups, patches_at
+
+from .metrics import pearson_r
 
 
 @dataclass
@@ -30,9 +32,11 @@ class Provenance:
     patch's centre in that image), ``label``, ``share`` (posterior weight); ``[B, H, W]``: ``mass`` (their
     total share) and ``entropy`` (nats, over individual training patches); and the ``m`` heaviest training
     *images* by the total share of all their patches, ``images``/``image_share`` ``[B, H, W, m]`` (an image
-    of identical patches carries its mass spread over many of them). ``t``: the time it was taken at."""
+    of identical patches carries its mass spread over many of them). ``t``: the time it was taken at;
+    ``scale``: the machine's patch size there."""
 
     t: float
+    scale: int | None  # the patch size P the machine used at t (None: whole images)
     image: torch.Tensor
     row: torch.Tensor
     col: torch.Tensor
@@ -42,6 +46,7 @@ class Provenance:
     entropy: torch.Tensor
     images: torch.Tensor
     image_share: torch.Tensor
+    agreement: torch.Tensor | None = None  # [B]: Pearson r of the machine's x̂0 with the sampled denoiser's (explain(along=…))
 
     @property
     def effective_sources(self) -> torch.Tensor:
@@ -89,24 +94,55 @@ def provenance(machine: ScoreMachine, x: torch.Tensor, t: float, labels: torch.T
             pix = (idx.repeat_interleave(L), locs[:, 0].repeat(idx.numel()), locs[:, 1].repeat(idx.numel()))
             for name, value in found.items():
                 fields[name][pix] = value
-    return Provenance(t, **fields)
+    return Provenance(t, None if machine.scales is None else machine.scales(t), **fields)
 
 
 def explain(machine: ScoreMachine, noise: torch.Tensor, steps: int = 20, labels: torch.Tensor | None = None,
-            at: list[int] | None = None, m: int = 16) -> tuple[torch.Tensor, dict[int, Provenance]]:
+            at: list[int] | None = None, m: int = 16, along: Denoiser | None = None) -> tuple[torch.Tensor, dict[int, Provenance]]:
     """Sample from ``noise`` and take :func:`provenance` at the states of steps ``at`` (default the last
-    five); returns the sample — the same as ``sample(machine, noise, steps, labels)`` — and ``{step: Provenance}``."""
+    five); returns the sample — the same as ``sample(machine, noise, steps, labels)`` — and ``{step: Provenance}``.
+
+    ``along``: another denoiser (a trained network) to sample instead; the provenance is then ``machine``'s
+    at *that* denoiser's states — for a network and its calibrated machine, the training patches the
+    theory says the network's output is made of. The returned sample is ``along``'s."""
     at = list(range(max(0, steps - 5), steps)) if at is None else at
-    states: dict[int, tuple[float, torch.Tensor]] = {}
+    states: dict[int, tuple[float, torch.Tensor, torch.Tensor]] = {}
     current = [noise]
 
     def keep(step: int, t: float, x_prev: torch.Tensor, x0: torch.Tensor) -> None:
         if step in at:
-            states[step] = (t, current[0])
+            states[step] = (t, current[0], x0)
         current[0] = x_prev
 
-    final = sample(machine, noise, steps, labels, callback=keep)
-    return final, {step: provenance(machine, x, t, labels, m) for step, (t, x) in sorted(states.items())}
+    final = sample(machine if along is None else along, noise, steps, labels, callback=keep)
+    found = {}
+    for step, (t, x, x0) in sorted(states.items()):
+        x = x.to(noise.dtype)
+        found[step] = provenance(machine, x, t, labels, m)
+        if along is not None:
+            found[step].agreement = pearson_r(machine(x, t, labels), x0.to(x.dtype))
+    return final, found
+
+
+def memorisation(samples: torch.Tensor, p: Provenance, data) -> list[dict]:
+    """Per image of ``samples [B, C, H, W]`` (in [-1, 1]): the RMS distance to its nearest training image (the
+    memorisation check of the IS baseline) beside the RMS distance to its reassembled mosaic (each pixel
+    replaced by its top source patch's centre). A sample far from every training image but close to its
+    mosaic is new as a whole and made of training patches."""
+    x = samples.detach().to("cpu", torch.float64).flatten(1)
+    train = to_model_range(data.images, torch.float64).flatten(1)
+    nearest = torch.cdist(x, train).min(1)
+    mosaic = reassembled_mosaic(p, data).flatten(1)
+    scale = x.shape[1] ** 0.5
+    return [{"nearest_training_image": int(i), "nearest_training_rms": float(d) / scale,
+             "mosaic_rms": float((x[b] - mosaic[b]).norm()) / scale}
+            for b, (d, i) in enumerate(zip(nearest.values, nearest.indices))]
+
+
+def reassembled_mosaic(p: Provenance, data) -> torch.Tensor:
+    """Each pixel replaced by the centre value of its top source patch: ``[B, C, H, W]`` in [-1, 1]."""
+    image, row, col = p.image[..., 0].clamp(min=0), p.row[..., 0], p.col[..., 0]
+    return to_model_range(data.images[image, :, row, col], torch.float64).permute(0, 3, 1, 2)
 
 
 def mosaic_statistics(p: Provenance, sample_labels: torch.Tensor | None = None) -> list[dict]:

@@ -132,8 +132,7 @@ def run_explain(sample_dir: str | os.PathLike, m: int = 16, at: list[int] | None
     stored samples back), takes :func:`~pipelines.provenance.provenance` at steps ``at`` (default the last
     five) and writes ``provenance.pt``, ``statistics.json`` and ``provenance.png`` under ``out`` (default the
     sample's folder)."""
-    from .figures import provenance_figure
-    from .provenance import explain, mosaic_statistics
+    from .provenance import explain
 
     folder = Path(sample_dir)
     saved = read_json(folder / "config.json", "sample config")
@@ -147,13 +146,29 @@ def run_explain(sample_dir: str | os.PathLike, m: int = 16, at: list[int] | None
     if not torch.allclose(final, stored["samples"], rtol=0, atol=1e-6):
         raise ValueError(f"{folder}: re-sampling from its config.json does not give the stored samples back "
                          "(the data, bank or code changed); sample again, then explain")
-    out = Path(out) if out is not None else folder
+    return write_explanation(Path(out) if out is not None else folder, cfg.seeds, final, found, machine, labels, m)
+
+
+def write_explanation(out: Path, seeds: list[int], final: torch.Tensor, found: dict, machine: ScoreMachine,
+                      labels: torch.Tensor | None, m: int, extra: dict | None = None) -> Path:
+    """Write an explanation: ``provenance.pt`` (every step's :class:`~pipelines.provenance.Provenance`),
+    ``statistics.json`` (mosaic statistics and the memorisation check of the last step, per seed, with
+    ``extra``), ``provenance.png`` (sample / attribution map / reassembled mosaic) and ``sources.png`` (the
+    first seed's top source images with their patches outlined). Returns the path of ``provenance.png``."""
+    from .figures import provenance_figure, source_gallery
+    from .provenance import memorisation, mosaic_statistics
+
     out.mkdir(parents=True, exist_ok=True)
     last = max(found)
-    stats = {"step": last, "t": found[last].t, "m": m, "images": mosaic_statistics(found[last], labels)}
-    atomic_write(out / "provenance.pt", lambda p: torch.save({"seeds": cfg.seeds, "steps": {s: vars(v) for s, v in found.items()}}, p))
-    write_json(out / "statistics.json", stats)
-    provenance_figure(final, found[last], machine.bank.data, out / "provenance.png")
+    data = machine.bank.data
+    per_image = [{"seed": seed, **stats, **check} for seed, stats, check in
+                 zip(seeds, mosaic_statistics(found[last], labels), memorisation(final, found[last], data))]
+    atomic_write(out / "provenance.pt", lambda p: torch.save({"seeds": seeds, "steps": {s: vars(v) for s, v in found.items()}}, p))
+    provenance_figure(final, found[last], data, out / "provenance.png")
+    gallery = source_gallery(final[0], found[last], data, out / "sources.png")
+    write_json(out / "statistics.json", {"step": last, "t": found[last].t, "P": found[last].scale, "m": m,
+                                         "machine": repr(machine), **(extra or {}), "images": per_image,
+                                         "first_seed_sources": gallery})
     return out / "provenance.png"
 
 

@@ -17,6 +17,7 @@ import torch
 
 from patchbank import load_dataset, to_model_range
 from pipelines.ablation import AblationConfig, run_ablation
+from pipelines.cli import main
 from pipelines.jobs import CalibrateConfig, EvaluateConfig, run_calibrate, run_evaluate
 from pipelines.pairing import paper_schedule_name
 from pipelines.training import TrainConfig, load_network, train
@@ -126,3 +127,22 @@ def test_the_ablation_refuses_a_network_that_does_not_fit_its_machine(nets, tmp_
         run_ablation(replace(base, model=nets["zeros"][0], conditional=True), progress=False)
     with pytest.raises(ValueError, match=r"trained with circular padding but the bbELS machine"):
         run_ablation(replace(base, dataset="mnist", model=nets["circular"][0]), progress=False)
+
+
+def test_explain_a_network_through_its_calibrated_machine(nets, tmp_path, capsys):
+    model, calibration = nets["fashion"]
+    main(["explain", "--model", model, "--calibration", calibration, "--seeds", "0-1", "--steps", "3", "--at", "1", "2",
+          "--m", "3", "--out", str(tmp_path / "x")])
+    assert capsys.readouterr().out.strip().endswith("provenance.png")
+    stats = json.loads((tmp_path / "x" / "statistics.json").read_text())
+    assert stats["step"] == 2 and stats["P"] == 3 and set(stats["agreement_r"]) == {"1", "2"}
+    assert all(-1 <= r <= 1 for rs in stats["agreement_r"].values() for r in rs)
+    assert [s["seed"] for s in stats["images"]] == [0, 1] and all(s["sources_within_label"] for s in stats["images"])
+    for name in ("provenance.pt", "provenance.png", "sources.png"):
+        assert (tmp_path / "x" / name).is_file(), name
+    with pytest.raises(SystemExit):  # another network's calibration: refused, naming both
+        main(["explain", "--model", nets["zeros"][0], "--calibration", calibration, "--seeds", "0", "--out", str(tmp_path / "y")])
+    assert "calibrated for a network trained on other data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["explain", "--model", model, "--seeds", "0"])
+    assert "--model needs --calibration" in capsys.readouterr().err

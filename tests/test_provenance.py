@@ -9,7 +9,9 @@ import torch
 from conftest import noised
 from machines import ScoreMachine, alpha_sigma2, noise_from_seeds, sample
 from patchbank import MemoryBank, dictionary_groups, patches_at, to_model_range, two_image
-from pipelines.provenance import explain, mosaic_statistics, provenance
+from pipelines.figures import source_gallery
+from pipelines.metrics import pearson_r
+from pipelines.provenance import explain, memorisation, mosaic_statistics, provenance, reassembled_mosaic
 
 
 def test_two_image_mosaic_sources_are_the_image_of_each_pixels_colour():
@@ -98,3 +100,41 @@ def test_bad_requests_are_errors(tiny):
         provenance(ScoreMachine(data, "ES"), noised(data, 0.3, 1), 0.3)
     with pytest.raises(TypeError, match="analytic machines"):
         provenance(lambda x, t, labels=None: x, noised(data, 0.3, 1), 0.3)  # type: ignore[arg-type]
+
+
+def test_explaining_along_another_denoiser_follows_its_trajectory(tiny):
+    data = tiny(3)
+    driver, machine = ScoreMachine(data, "bbELS", 5), ScoreMachine(data, "bbELS", 3)
+    noise = noise_from_seeds([0, 1], (3, 7, 9), torch.float64)
+    final, found = explain(machine, noise, steps=6, at=[4, 5], m=2, along=driver)
+    assert torch.equal(final, sample(driver, noise, steps=6))  # the sample is the driver's
+    states = {}
+    sample(driver, noise, steps=6, callback=lambda step, t, x_prev, x0: states.setdefault(step + 1, x_prev))
+    for step in (4, 5):  # provenance is the machine's at the driver's state, and the agreement its x̂0's r there
+        p = found[step]
+        want = provenance(machine, states[step], p.t, m=2)
+        assert torch.equal(p.share, want.share) and torch.equal(p.image, want.image) and p.scale == 3
+        r = pearson_r(machine(states[step], p.t), driver(states[step], p.t))
+        torch.testing.assert_close(p.agreement, r, rtol=0, atol=1e-12)
+    _, itself = explain(machine, noise, steps=6, at=[5], along=machine)
+    torch.testing.assert_close(itself[5].agreement, torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_memorisation_check_and_source_gallery(tiny, tmp_path):
+    data = tiny(3)
+    final, found = explain(ScoreMachine(data, "IS"), noise_from_seeds([4, 5], (3, 7, 9), torch.float64), steps=20, at=[19], m=3)
+    checks = memorisation(final, found[19], data)
+    train = to_model_range(data.images, torch.float64).flatten(1)
+    assert [c["nearest_training_image"] for c in checks] == torch.cdist(final.flatten(1), train).argmin(1).tolist()
+    assert all(c["nearest_training_rms"] < 1e-3 and c["mosaic_rms"] < 1e-3 for c in checks)  # IS memorises: both ~0
+    rows = source_gallery(final[0], found[19], data, tmp_path / "is.png")
+    assert rows == [{"image": checks[0]["nearest_training_image"], "label": int(data.labels[rows[0]["image"]]), "pixels": 63}]
+    machine = ScoreMachine(data, "bbELS", 3)
+    final, found = explain(machine, noise_from_seeds([0, 1], (3, 7, 9), torch.float64), steps=10, at=[9])
+    rows = source_gallery(final[1], found[9], data, tmp_path / "bbels.png", b=1, n=2)
+    counts = torch.bincount(found[9].image[1, :, :, 0].flatten())
+    assert [r["pixels"] for r in rows] == counts.sort(descending=True).values[:2].tolist() and (tmp_path / "bbels.png").is_file()
+    mosaic = reassembled_mosaic(found[9], data)
+    p = found[9]
+    torch.testing.assert_close(mosaic[1, :, 2, 3], to_model_range(data.images[p.image[1, 2, 3, 0], :, p.row[1, 2, 3, 0], p.col[1, 2, 3, 0]],
+                                                                  torch.float64))

@@ -1,0 +1,123 @@
+"""The agreement table: per row (one training config) train → calibrate → evaluate, then one table.
+
+``row`` runs the three stages of one config through the ``patchbank`` CLI, in this process, each
+resumable (a re-run continues where it stopped). It appends every invocation's command line and wall
+time to ``outputs/<config>/stages.jsonl``. Calibration seeds and evaluation seeds must be disjoint:
+the schedule is never tuned on the seeds it is judged on.
+
+``table`` reads the finished rows and prints the markdown table (medians over seeds beside the
+paper's), copying each row's figures into ``docs/figures/``.
+
+    python experiments/agreement.py row configs/mnist_unet_cpu.json --candidates 3 5 7 9 11 13 15 19 23 27 \\
+        --cal-seeds 1000-1003 --eval-seeds 0-49
+    python experiments/agreement.py table mnist_resnet_cpu mnist_unet_cpu fashion_resnet_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from pipelines.cli import main as patchbank, parse_seeds
+from pipelines.training import TrainConfig
+
+PAPER_R = {("mnist", "resnet"): 0.94, ("mnist", "unet"): 0.84, ("fashion_mnist", "resnet"): 0.90,
+           ("fashion_mnist", "unet"): 0.91, ("cifar10", "resnet"): 0.90, ("cifar10", "unet"): 0.82}
+"""The paper's median Pearson r, machine against network."""
+
+
+def run_row(config: str, candidates: list[int], cal_seeds: str, eval_seeds: str, backend: str, batch: int) -> None:
+    cfg = TrainConfig.from_json(config)
+    root = Path(cfg.out)
+    if set(parse_seeds(cal_seeds)) & set(parse_seeds(eval_seeds)):
+        raise SystemExit("calibration and evaluation seeds overlap: calibrate on seeds the evaluation never sees")
+    model = str(root / "model.pt")
+    stages = [
+        ("train", ["train", "--config", config]),
+        ("calibrate", ["calibrate", "--model", model, "--candidates", *map(str, candidates), "--seeds", cal_seeds,
+                       "--backend", backend, "--batch", "1", "--out", str(root / "calibrate")]),
+        ("evaluate", ["evaluate", "--model", model, "--calibration", str(root / "calibrate" / "calibration.json"),
+                      "--seeds", eval_seeds, "--backend", backend, "--batch", str(batch), "--out", str(root / "evaluate")]),
+    ]
+    for name, argv in stages:
+        start = time.perf_counter()
+        try:
+            patchbank(argv)
+        except SystemExit as stop:
+            if stop.code not in (None, 0):
+                raise
+        record = {"stage": name, "command": "patchbank " + shlex.join(argv), "seconds": round(time.perf_counter() - start, 1),
+                  "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / "stages.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def row_summary(name: str, figures: Path | None = None) -> dict:
+    """One finished row: its config, stage times (summed over invocations), schedules and medians."""
+    root = Path("outputs") / name
+    train_cfg = json.loads((root / "config.json").read_text())
+    report = json.loads((root / "evaluate" / "report.json").read_text())
+    cal = json.loads((root / "calibrate" / "calibration.json").read_text())
+    seconds: dict[str, float] = {}
+    for line in (root / "stages.jsonl").read_text().splitlines() if (root / "stages.jsonl").exists() else []:
+        r = json.loads(line)
+        seconds[r["stage"]] = seconds.get(r["stage"], 0.0) + r["seconds"]
+    if figures is not None:
+        figures.mkdir(parents=True, exist_ok=True)
+        for fig in ("pairs", "scatter", "scale_curve"):
+            shutil.copyfile(root / "evaluate" / f"{fig}.png", figures / f"{name}_{fig}.png")
+    paper = (cal.get("paper_schedule") or {}).get("schedule")
+    return {"name": name, "dataset": train_cfg["dataset"], "arch": train_cfg["arch"], "padding": train_cfg["padding"],
+            "conditional": train_cfg["conditional"], "train_images": train_cfg.get("train_images"),
+            "machine": cal["network"]["machine"] if "network" in cal else cal["config"]["machine"],
+            "schedule": [P for _, P in cal["schedule"]], "paper_schedule": [P for _, P in paper] if paper else None,
+            "paper_r": PAPER_R.get((train_cfg["dataset"], train_cfg["arch"])), "seconds": seconds,
+            "calibration_seeds": len(cal["seeds"]), **report}
+
+
+def table(names: list[str], figures: Path | None) -> str:
+    rows = [row_summary(n, figures) for n in names]
+    head = ("| network | machine | images | seeds | r (paper) | R² | MSE | IS r | beats IS | train / cal / eval min |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for r in rows:
+        net = f"{r['dataset']} {r['arch']} {r['padding']}{' cond.' if r['conditional'] else ''}"
+        mins = " / ".join(f"{r['seconds'].get(s, float('nan')) / 60:.0f}" for s in ("train", "calibrate", "evaluate"))
+        paper = f" ({r['paper_r']:.2f})" if r["paper_r"] is not None else ""
+        lines.append(f"| {net} | {r['machine']} | {r['train_images']} | {r['seeds']} | {r['median_machine_r']:.3f}{paper} | "
+                     f"{r['median_machine_r2']:.3f} | {r['median_machine_mse']:.4f} | {r['median_is_r']:.3f} | "
+                     f"{r['machine_beats_is']:.0%} | {mins} |")
+    lines.append("")
+    for r in rows:
+        lines.append(f"* `{r['name']}` schedule (t = 0.05 … 1): {r['schedule']}; paper: {r['paper_schedule']}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("row", help="train → calibrate → evaluate one config (resumable)")
+    r.add_argument("config")
+    r.add_argument("--candidates", type=int, nargs="+", required=True)
+    r.add_argument("--cal-seeds", default="1000-1003")
+    r.add_argument("--eval-seeds", default="0-99")
+    r.add_argument("--backend", default="exact:dtype=float32")
+    r.add_argument("--batch", type=int, default=10)
+    t = sub.add_parser("table", help="the markdown table of finished rows")
+    t.add_argument("names", nargs="+", help="config names (folders under outputs/)")
+    t.add_argument("--figures", default="docs/figures", help="copy each row's figures here ('' for none)")
+    args = parser.parse_args()
+    if args.command == "row":
+        run_row(args.config, args.candidates, args.cal_seeds, args.eval_seeds, args.backend, args.batch)
+    else:
+        print(table(args.names, Path(args.figures) if args.figures else None))
+
+
+if __name__ == "__main__":
+    main()
