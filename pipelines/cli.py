@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--bank", default=None, help="with --model: a built bank of the network's training data (default: in memory)")
     x.add_argument("--m", type=int, default=16, help="sources listed per pixel")
     x.add_argument("--at", type=int, nargs="+", default=None, help="steps to explain (default: the last five)")
+    x.add_argument("--index", type=backend_spec, default=None,
+                   help="certified provenance from the bank's index, a top-k spec such as topk:k=256 or topk:k=1024:index=Flat "
+                        "(pixels whose certificate fails are scanned exactly; default: exact everywhere)")
+    x.add_argument("--tol", type=float, default=1e-4, help="with --index: largest certificate ε kept")
     x.add_argument("--out", default=None, help="output folder (default: the sample's folder; with --model, outputs/explain)")
 
     b = sub.add_parser("build", help="build (or resume building) a patch bank on disk")
@@ -221,12 +225,12 @@ def _run(args: argparse.Namespace) -> None:
         if (args.sample is None) == (args.model is None):
             raise ValueError("give either a sample folder or --model (with --calibration and --seeds), not both or neither")
         if args.model is None:
-            print(run_explain(args.sample, args.m, args.at, args.out))
+            print(run_explain(args.sample, args.m, args.at, args.out, args.index, args.tol))
         elif args.calibration is None or args.seeds is None:
             raise ValueError("--model needs --calibration (the network's calibration.json) and --seeds")
         else:
             print(run_explain_network(args.model, args.calibration, args.seeds, args.steps, args.m, args.at,
-                                      args.out or "outputs/explain", args.bank))
+                                      args.out or "outputs/explain", args.bank, args.index, args.tol))
     elif args.command == "build":
         index = None if args.index.lower() == "none" else args.index
         spec = BankSpec(scales=args.scales, rules=args.rules, labels=args.labels, index=index, leaf_size=args.leaf_size)

@@ -18,11 +18,14 @@ import torch
 
 from machines import Denoiser, ScoreMachine, alpha_sigma2, sample
 from machines.posterior import entry_bias, logits
+from machines.posterior.base import serving
+from machines.posterior.topk import TopKBackend
 from patchbank.base import gather_patches, model_units
 from patchbank.datasets import to_model_range
 from patchbank.geometry import BucketKey, dictionary_groups, patches_at
 
 from .metrics import pearson_r
+from .retrieval import retained_sources
 
 
 @dataclass
@@ -46,6 +49,8 @@ class Provenance:
     entropy: torch.Tensor
     images: torch.Tensor
     image_share: torch.Tensor
+    mass_lower: torch.Tensor  # [B, H, W]: a certified lower bound on ``mass`` (equal to it where ``exact``)
+    exact: torch.Tensor  # [B, H, W] bool: scanned exactly (False: read off a certified top-k posterior)
     agreement: torch.Tensor | None = None  # [B]: Pearson r of the machine's x̂0 with the sampled denoiser's (explain(along=…))
 
     @property
@@ -56,9 +61,15 @@ class Provenance:
 
 @torch.no_grad()
 def provenance(machine: ScoreMachine, x: torch.Tensor, t: float, labels: torch.Tensor | None = None, m: int = 16,
-               block: int = 4096) -> Provenance:
-    """The exact provenance of ``machine``'s posteriors at state ``x [B, C, H, W]`` and time ``t`` (see the module
-    docstring); ``block``: training patches per logits block (memory ``pixels × block``)."""
+               block: int = 4096, index: TopKBackend | None = None, tol: float = 1e-4) -> Provenance:
+    """The provenance of ``machine``'s posteriors at state ``x [B, C, H, W]`` and time ``t`` (see the module
+    docstring); ``block``: training patches per logits block (memory ``pixels × block``).
+
+    Exact by default. With ``index`` (a :class:`~machines.posterior.topk.TopKBackend`: its ``k``, index
+    and bound), pixels of buckets with a distinct-patch table are first explained from their ``k``
+    retrieved patches, and kept where the certificate gives ``ε ≤ tol`` (``exact`` is False there:
+    shares are of the retained posterior, each within a factor ``1 + ε`` of the true one, and
+    ``mass_lower`` is certified); every other pixel is scanned exactly (:mod:`pipelines.retrieval`)."""
     if not isinstance(machine, ScoreMachine):
         raise TypeError(f"provenance explains analytic machines (ScoreMachine), not {type(machine).__name__}")
     if machine.kind == "ES":
@@ -71,20 +82,22 @@ def provenance(machine: ScoreMachine, x: torch.Tensor, t: float, labels: torch.T
     f64 = torch.float64
     fields = {name: torch.full((B, H, W, m), -1, dtype=torch.long) for name in ("image", "row", "col", "label", "images")}
     fields |= {name: torch.zeros(B, H, W, m, dtype=f64) for name in ("share", "image_share")}
-    fields |= {name: torch.zeros(B, H, W, dtype=f64) for name in ("mass", "entropy")}
+    fields |= {name: torch.zeros(B, H, W, dtype=f64) for name in ("mass", "entropy", "mass_lower")}
+    fields["exact"] = torch.ones(B, H, W, dtype=torch.bool)
     x = x.detach().to("cpu", f64)
     bank = machine.bank
     for label, idx in machine._label_groups(B, labels):
         ids = bank.image_ids(label)
         for key, locs, queries in _groups(machine, x[idx], label, t):
-            top, entries, log_z, ent, img_top, img_pos = _scan(bank, key, locs, ids, queries, a, s2, m, block)
+            top, entries, log_z, ent, img_top, img_pos, eps = _sources(bank, key, locs, ids, queries, a, s2, m, block, index, tol)
             L = locs.shape[0]
             per = 1 if key.rule == "IS" else L  # entries per training image
             src = torch.where(entries >= 0, ids[(entries // per).clamp(min=0)], -1)
             share = (top - log_z[:, None]).exp()
             found = {"image": src, "label": torch.where(entries >= 0, bank.labels[src.clamp(min=0)], -1), "share": share,
                      "mass": share.sum(-1), "entropy": ent, "images": torch.where(img_pos >= 0, ids[img_pos.clamp(min=0)], -1),
-                     "image_share": (img_top - log_z[:, None]).exp()}
+                     "image_share": (img_top - log_z[:, None]).exp(), "exact": eps.isnan()}
+            found["mass_lower"] = torch.where(found["exact"], found["mass"], found["mass"] / (1 + eps))
             if key.rule == "IS":  # one posterior per image, the same at every pixel; each pixel is its own source location
                 found = {name: value.repeat_interleave(L, 0) for name, value in found.items()}
                 found["row"], found["col"] = (locs[:, d].repeat(idx.numel())[:, None].expand(-1, m) for d in (0, 1))
@@ -98,13 +111,15 @@ def provenance(machine: ScoreMachine, x: torch.Tensor, t: float, labels: torch.T
 
 
 def explain(machine: ScoreMachine, noise: torch.Tensor, steps: int = 20, labels: torch.Tensor | None = None,
-            at: list[int] | None = None, m: int = 16, along: Denoiser | None = None) -> tuple[torch.Tensor, dict[int, Provenance]]:
+            at: list[int] | None = None, m: int = 16, along: Denoiser | None = None, index: TopKBackend | None = None,
+            tol: float = 1e-4) -> tuple[torch.Tensor, dict[int, Provenance]]:
     """Sample from ``noise`` and take :func:`provenance` at the states of steps ``at`` (default the last
     five); returns the sample — the same as ``sample(machine, noise, steps, labels)`` — and ``{step: Provenance}``.
 
     ``along``: another denoiser (a trained network) to sample instead; the provenance is then ``machine``'s
     at *that* denoiser's states — for a network and its calibrated machine, the training patches the
-    theory says the network's output is made of. The returned sample is ``along``'s."""
+    theory says the network's output is made of. The returned sample is ``along``'s. ``index``, ``tol``:
+    certified provenance from the bank's index where it holds (see :func:`provenance`)."""
     at = list(range(max(0, steps - 5), steps)) if at is None else at
     states: dict[int, tuple[float, torch.Tensor, torch.Tensor]] = {}
     current = [noise]
@@ -118,7 +133,7 @@ def explain(machine: ScoreMachine, noise: torch.Tensor, steps: int = 20, labels:
     found = {}
     for step, (t, x, x0) in sorted(states.items()):
         x = x.to(noise.dtype)
-        found[step] = provenance(machine, x, t, labels, m)
+        found[step] = provenance(machine, x, t, labels, m, index=index, tol=tol)
         if along is not None:
             found[step].agreement = pearson_r(machine(x, t, labels), x0.to(x.dtype))
     return final, found
@@ -160,6 +175,31 @@ def mosaic_statistics(p: Provenance, sample_labels: torch.Tensor | None = None) 
             row["sources_within_label"] = bool((p.label[b][p.share[b] > 0] == int(sample_labels[b])).all())
         stats.append(row)
     return stats
+
+
+def _sources(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q: torch.Tensor, a: float, s2: float, m: int,
+             block: int, index: TopKBackend | None, tol: float) -> tuple[torch.Tensor, ...]:
+    """:func:`_scan`'s results for every query, and each query's certificate ε (NaN where scanned exactly):
+    from the retained posterior where ``index`` certifies it, else from the exact scan."""
+    nan = torch.full((q.shape[0],), torch.nan, dtype=torch.float64)
+    if index is None or serving(bank, key) != "table":
+        return (*_scan(bank, key, locs, ids, q, a, s2, m, block), nan)
+    ok, kept = retained_sources(bank, key, locs, ids, q, a, s2, m, index, tol)
+    names = ("top", "entries", "log_z", "entropy", "img_top", "img_pos")
+    if not ok.all():
+        scanned = _scan(bank, key, locs, ids, q[~ok], a, s2, m, block)
+    out = []
+    for i, name in enumerate(names):
+        like = kept[name] if kept else scanned[i]
+        value = torch.empty((q.shape[0], *like.shape[1:]), dtype=like.dtype)
+        if kept:
+            value[ok] = kept[name]
+        if not ok.all():
+            value[~ok] = scanned[i]
+        out.append(value)
+    if kept:
+        nan[ok] = kept["eps"].double()
+    return (*out, nan)
 
 
 def _groups(machine: ScoreMachine, x: torch.Tensor, label: int | None, t: float):

@@ -12,6 +12,7 @@ import torch
 from torchvision.utils import save_image
 
 from machines import ScaleSchedule, ScoreMachine, make_backend, noise_from_seeds, reference_schedule, sample
+from machines.posterior.topk import TopKBackend
 from patchbank import MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import atomic_write, write_json
 
@@ -127,11 +128,23 @@ def machine_for(cfg: SampleConfig) -> tuple[ScoreMachine, torch.Tensor, torch.Te
     return machine, noise_from_seeds(cfg.seeds, bank.data.shape), _labels(cfg, bank.data.labels)
 
 
-def run_explain(sample_dir: str | os.PathLike, m: int = 16, at: list[int] | None = None, out: str | os.PathLike | None = None) -> Path:
+def provenance_index(spec: str | None) -> TopKBackend | None:
+    """The top-k backend a certified provenance searches with, from a spec such as ``topk:k=256:index=Flat``."""
+    if spec is None:
+        return None
+    backend = make_backend(spec)
+    if not isinstance(backend, TopKBackend):
+        raise ValueError(f"certified provenance needs a top-k backend spec (e.g. topk:k=256 or topk:k=256:index=Flat), got {spec!r}")
+    return backend
+
+
+def run_explain(sample_dir: str | os.PathLike, m: int = 16, at: list[int] | None = None, out: str | os.PathLike | None = None,
+                index: str | None = None, tol: float = 1e-4) -> Path:
     """Provenance of a ``patchbank sample`` run: re-samples it from its ``config.json`` (checked to give the
     stored samples back), takes :func:`~pipelines.provenance.provenance` at steps ``at`` (default the last
     five) and writes ``provenance.pt``, ``statistics.json`` and ``provenance.png`` under ``out`` (default the
-    sample's folder)."""
+    sample's folder). ``index``: a top-k backend spec for certified provenance where its certificate gives
+    ``ε ≤ tol`` (exact elsewhere)."""
     from .provenance import explain
 
     folder = Path(sample_dir)
@@ -142,7 +155,7 @@ def run_explain(sample_dir: str | os.PathLike, m: int = 16, at: list[int] | None
     machine, noise, labels = machine_for(cfg)
     if machine.kind == "ES":
         raise ValueError("provenance for ES is not implemented")
-    final, found = explain(machine, noise, cfg.steps, labels, at, m)
+    final, found = explain(machine, noise, cfg.steps, labels, at, m, index=provenance_index(index), tol=tol)
     if not torch.allclose(final, stored["samples"], rtol=0, atol=1e-6):
         raise ValueError(f"{folder}: re-sampling from its config.json does not give the stored samples back "
                          "(the data, bank or code changed); sample again, then explain")
@@ -166,7 +179,8 @@ def write_explanation(out: Path, seeds: list[int], final: torch.Tensor, found: d
     atomic_write(out / "provenance.pt", lambda p: torch.save({"seeds": seeds, "steps": {s: vars(v) for s, v in found.items()}}, p))
     provenance_figure(final, found[last], data, out / "provenance.png")
     gallery = source_gallery(final[0], found[last], data, out / "sources.png")
-    write_json(out / "statistics.json", {"step": last, "t": found[last].t, "P": found[last].scale, "m": m,
+    certified = {str(s): float((~p.exact).double().mean()) for s, p in found.items()}
+    write_json(out / "statistics.json", {"step": last, "t": found[last].t, "P": found[last].scale, "m": m, "certified_fraction": certified,
                                          "machine": repr(machine), **(extra or {}), "images": per_image,
                                          "first_seed_sources": gallery})
     return out / "provenance.png"

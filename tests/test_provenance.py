@@ -8,7 +8,8 @@ import torch
 
 from conftest import noised
 from machines import ScoreMachine, alpha_sigma2, noise_from_seeds, sample
-from patchbank import MemoryBank, dictionary_groups, patches_at, to_model_range, two_image
+from machines.posterior.topk import TopKBackend
+from patchbank import BankSpec, ImageData, MemoryBank, PatchBank, dictionary_groups, patches_at, to_model_range, two_image
 from pipelines.figures import source_gallery
 from pipelines.metrics import pearson_r
 from pipelines.provenance import explain, memorisation, mosaic_statistics, provenance, reassembled_mosaic
@@ -138,3 +139,70 @@ def test_memorisation_check_and_source_gallery(tiny, tmp_path):
     p = found[9]
     torch.testing.assert_close(mosaic[1, :, 2, 3], to_model_range(data.images[p.image[1, 2, 3, 0], :, p.row[1, 2, 3, 0], p.col[1, 2, 3, 0]],
                                                                   torch.float64))
+
+
+def _binary(n: int = 12) -> ImageData:
+    """Black-and-white 8×8 images: their 3×3 patches repeat, as real data's do."""
+    g = torch.Generator().manual_seed(0)
+    return ImageData(((torch.rand(n, 1, 8, 8, generator=g) > 0.6) * 255).to(torch.uint8), torch.arange(n) % 2, "binary")
+
+
+def _true_share(data, machine, x, t, b, i, j, image, row, col, label=None):
+    """Brute force: the posterior share of one training patch (image, centre row/col) at pixel (i, j)."""
+    a, s2 = alpha_sigma2(t)
+    train = to_model_range(data.images, torch.float64)
+    keep = torch.ones(len(data), dtype=torch.bool) if label is None else data.labels == label
+    for key, locs in dictionary_groups(8, 8, 3, "bbELS"):
+        hit = ((locs[:, 0] == i) & (locs[:, 1] == j)).nonzero()
+        if hit.numel():
+            cand = patches_at(train[keep], locs, 3, "zeros")  # [n, L, D]
+            q = patches_at(x[b : b + 1], locs, 3, "zeros")[0, hit[0, 0]]
+            logp = (-(q - a * cand.flatten(0, 1)).pow(2).sum(1) / (2 * s2)).log_softmax(0).view(cand.shape[:2])
+            where = ((locs[:, 0] == row) & (locs[:, 1] == col)).nonzero()[0, 0]
+            return float(logp[int(torch.nonzero(keep).view(-1).tolist().index(image)), where].exp())
+    raise AssertionError("pixel not found")
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_certified_provenance_agrees_with_exact_within_its_certificate(conditional):
+    data = _binary()
+    labels = torch.tensor([0, 1]) if conditional else None
+    machine = ScoreMachine(MemoryBank(data, dedup=True), "bbELS", 3, conditional=conditional)
+    tol, scanned = 1e-3, False
+    for t, seed in ((0.05, 3), (0.3, 4)):
+        x = noised(data, t, 2, seed=seed)
+        exact = provenance(machine, x, t, labels, m=4)
+        cert = provenance(machine, x, t, labels, m=4, index=TopKBackend(k=8), tol=tol)
+        assert exact.exact.all() and (~cert.exact).any()  # pixels certified …
+        scanned = scanned or bool(cert.exact.any())  # … and (at t = 0.3) some scanned exactly
+        same = cert.exact
+        for name in ("share", "mass", "entropy", "image_share", "mass_lower"):  # scanned pixels: the exact scan's answer
+            torch.testing.assert_close(getattr(cert, name)[same], getattr(exact, name)[same], rtol=0, atol=1e-12)
+        c = ~same  # read off the top-k posterior: every share within its certificate
+        assert (cert.share[c] >= exact.share[c] - 1e-12).all() and (cert.share[c] <= exact.share[c] * (1 + tol) + 1e-12).all()
+        assert (cert.mass_lower <= exact.mass + 1e-12).all()
+        assert ((cert.image_share[..., 0] - exact.image_share[..., 0]).abs()[c] <= tol + 1e-12).all()
+        assert ((cert.entropy - exact.entropy).abs()[c] <= 1e-2).all()
+        for b, i, j in c.nonzero()[:20].tolist():  # each listed source really carries the share listed (brute force)
+            for r in range(4):
+                truth = _true_share(data, machine, x, t, b, i, j, int(cert.image[b, i, j, r]), int(cert.row[b, i, j, r]),
+                                    int(cert.col[b, i, j, r]), None if labels is None else int(labels[b]))
+                assert truth - 1e-12 <= float(cert.share[b, i, j, r]) <= truth * (1 + tol) + 1e-12
+    assert scanned
+    strict = provenance(machine, x, t, labels, m=4, index=TopKBackend(k=8), tol=0.0)  # only buckets retrieved whole (ε = 0) kept
+    kept = ~strict.exact
+    assert kept.any() and not kept.all() and torch.equal(strict.mass_lower[kept], strict.mass[kept])
+    torch.testing.assert_close(strict.share, exact.share, rtol=0, atol=1e-12)
+
+
+def test_certified_provenance_through_a_faiss_index_equals_the_in_memory_one(tmp_path):
+    pytest.importorskip("faiss")
+    data = _binary()
+    bank = PatchBank.build(data, tmp_path / "bank", BankSpec(scales=[3], rules=["bbELS"], index="Flat"), progress=False)
+    x = noised(data, 0.05, 2, seed=3)
+    here = provenance(ScoreMachine(MemoryBank(data, dedup=True), "bbELS", 3), x, 0.05, m=4, index=TopKBackend(k=8), tol=1e-3)
+    there = provenance(ScoreMachine(bank, "bbELS", 3), x, 0.05, m=4, index=TopKBackend(k=8, index="Flat"), tol=1e-3)
+    both = ~here.exact & ~there.exact
+    assert both.float().mean() > 0.5
+    torch.testing.assert_close(there.share[both], here.share[both], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(there.mass_lower[both], here.mass_lower[both], rtol=1e-6, atol=1e-12)

@@ -146,11 +146,38 @@ class TopKBackend(NeighbourSearch, BackendBase):
 
     def _truncated(self, bank: Bank, bucket: BucketKey, q: torch.Tensor, found: SearchResult, a: float, s2: float):
         """Softmax over the retrieved patches and its certificate ε, query block by block."""
-        table = bank.unique_patches(bucket)
         centre = centre_index(bank.channels, bucket.scale).to(q.device)  # type: ignore[arg-type]
+        means, eps = [], []
+        for cand, logits, bound in self._blocks(bank, bucket, q, found, a, s2):
+            m = logits.amax(1, keepdim=True)
+            w = (logits - m).exp()
+            Z = w.sum(1)
+            means.append((w[..., None] * cand[..., centre]).sum(1) / Z[:, None])
+            eps.append(bound / Z)
+        return torch.cat(means), torch.cat(eps)
+
+    def retained(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The truncated posterior itself, for callers that need more than its mean (provenance): for queries
+        ``[Q, D]`` against a bucket with a distinct-patch table, the ``k`` retrieved distinct patches ``ids
+        [Q, k]`` (−1 where fewer exist), their log weights ``log count − a²‖q/a − p‖²/(2s²)`` ``[Q, k]``
+        (−inf where invalid) and the certificate ``ε [Q]`` (neglected over retained weight)."""
+        q = queries.to(torch.float64)
+        k = min(self.k, bank.unique_patches(bucket).patches.shape[0])
+        found = self.nearest(bank, bucket, (q / a).to(torch.float32), k)
+        logw, eps = [], []
+        for _, logits, bound in self._blocks(bank, bucket, q, found, a, s2):
+            m = logits.amax(1)
+            logw.append(logits)
+            eps.append(bound / (logits - m[:, None]).exp().sum(1))
+        return found.neighbours.ids.to(q.device), torch.cat(logw), torch.cat(eps)
+
+    def _blocks(self, bank: Bank, bucket: BucketKey, q: torch.Tensor, found: SearchResult, a: float, s2: float):
+        """Per block of ``query_chunk`` queries: the retrieved patches ``[b, k, D]`` (model units / a), their log
+        weights ``[b, k]`` and the bound on the weight left out relative to ``exp(max log weight)`` ``[b]``."""
+        table = bank.unique_patches(bucket)
         total = float(table.total)
         tree = self._tree(bank, bucket, q.device) if self.bound == "best" else None
-        means, eps = [], []
         for s in range(0, q.shape[0], self.query_chunk):
             rows = slice(s, s + self.query_chunk)
             ids = found.neighbours.ids[rows].to(q.device)
@@ -160,16 +187,12 @@ class TopKBackend(NeighbourSearch, BackendBase):
             counts = table.counts[safe].to(q.device, torch.float64) * valid
             d2 = (q[rows, None, :] / a - cand).pow(2).sum(-1)  # exact, float64
             logits = torch.where(valid, -(a * a) * d2 / (2 * s2) + counts.clamp(min=1).log(), -torch.inf)
-            m = logits.amax(1, keepdim=True)
-            w = (logits - m).exp()
-            Z = w.sum(1)
-            means.append((w[..., None] * cand[..., centre]).sum(1) / Z[:, None])
-            bound = self._neglected(found, rows, q[rows] / a, d2, valid, counts, total, a, s2, m[:, 0])
+            m = logits.amax(1)
+            bound = self._neglected(found, rows, q[rows] / a, d2, valid, counts, total, a, s2, m)
             if tree is not None:
                 with self.stats.timer("bound_s"):
-                    bound = torch.minimum(bound, _cluster_bound(tree, ids, counts, q[rows] / a, a, s2, m[:, 0]))
-            eps.append(bound / Z)
-        return torch.cat(means), torch.cat(eps)
+                    bound = torch.minimum(bound, _cluster_bound(tree, ids, counts, q[rows] / a, a, s2, m))
+            yield cand, logits, bound
 
     def _tree(self, bank: Bank, bucket: BucketKey, device: torch.device) -> tuple[torch.Tensor, ...]:
         """The cluster bound's data for a bucket (cached): each distinct patch's cluster ``[U]``, cluster
