@@ -227,10 +227,12 @@ def load_dataset(
     ``limit`` keeps the first ``limit`` images.
     """
     data = _load_unresized(name, split, source, root)
+    if limit is not None:  # before resizing: resizing is per image, and the rest would be thrown away
+        data = data.subset(limit)
     if resize is not None:
         size = (resize, resize) if isinstance(resize, int) else tuple(resize)
         data = ImageData(resize_uint8(data.images, size), data.labels, data.name)  # type: ignore[arg-type]
-    return data.subset(limit) if limit is not None else data
+    return data
 
 
 def _load_unresized(name: str, split: Split, source: Source, root: str | os.PathLike | None) -> ImageData:
