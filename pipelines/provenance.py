@@ -25,7 +25,7 @@ from patchbank.datasets import to_model_range
 from patchbank.geometry import BucketKey, dictionary_groups, patches_at
 
 from .metrics import pearson_r
-from .retrieval import retained_sources
+from .retrieval import distinct_scan, retained_sources
 
 
 @dataclass
@@ -182,12 +182,14 @@ def _sources(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q: tor
     """:func:`_scan`'s results for every query, and each query's certificate ε (NaN where scanned exactly):
     from the retained posterior where ``index`` certifies it, else from the exact scan."""
     nan = torch.full((q.shape[0],), torch.nan, dtype=torch.float64)
-    if index is None or serving(bank, key) != "table":
-        return (*_scan(bank, key, locs, ids, q, a, s2, m, block), nan)
+    table = serving(bank, key) == "table"
+    scan = distinct_scan if table else _scan  # over distinct patches where the bank has them, else every patch
+    if index is None or not table:
+        return (*scan(bank, key, locs, ids, q, a, s2, m, block), nan)
     ok, kept = retained_sources(bank, key, locs, ids, q, a, s2, m, index, tol)
     names = ("top", "entries", "log_z", "entropy", "img_top", "img_pos")
     if not ok.all():
-        scanned = _scan(bank, key, locs, ids, q[~ok], a, s2, m, block)
+        scanned = scan(bank, key, locs, ids, q[~ok], a, s2, m, block)
     out = []
     for i, name in enumerate(names):
         like = kept[name] if kept else scanned[i]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from machines.posterior import entry_bias, logits
 from machines.posterior.topk import TopKBackend
 from patchbank.geometry import BucketKey, patches_at
 
@@ -119,3 +120,55 @@ def occurrences(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, wan
     tally = torch.zeros(code.numel(), dtype=torch.float64).index_add_(0, inverse, torch.cat(tallies).double())
     per_image = torch.sparse_coo_tensor(torch.stack([code // S, code % S]), tally, (ids.numel(), S), check_invariants=False).coalesce()
     return first, per_image
+
+
+def distinct_scan(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q: torch.Tensor, a: float, s2: float, m: int,
+                  block: int) -> tuple[torch.Tensor, ...]:
+    """The exact scan's results (see :func:`pipelines.provenance._scan`) through the bucket's distinct patches:
+    logits once per distinct patch (its count as a log weight) instead of once per occurrence, then one
+    integer-compare pass to place the heaviest ones in their images and to count every distinct patch per
+    image (a sparse ``[images, U]`` matrix, so per-image shares are one sparse product). Exact: the same
+    softmax, grouped by value."""
+    f64 = torch.float64
+    table = bank.unique_patches(key)
+    U, Q = table.patches.shape[0], q.shape[0]
+    log_c = table.counts.to(f64).log()
+    run_max = torch.full((Q,), -torch.inf, dtype=f64)
+    Z, S = torch.zeros(Q, dtype=f64), torch.zeros(Q, dtype=f64)
+    top = torch.full((Q, m), -torch.inf, dtype=f64)
+    best = torch.full((Q, m), -1, dtype=torch.long)  # distinct patch numbers, heaviest copy first
+    step = max(1, block)
+
+    def single(s: int, rows: slice = slice(None)) -> torch.Tensor:  # each copy's own log weight [Q, b]
+        keys = table.patches[s : s + step].to(f64) / 255.0
+        return logits(q[rows], keys, entry_bias(keys.pow(2).sum(1), None, a, s2, f64), a, s2)
+
+    for s in range(0, U, step):
+        ell = single(s)
+        weighted = ell + log_c[s : s + step]
+        new_max = torch.maximum(run_max, weighted.amax(1))
+        scale = torch.where(torch.isfinite(run_max), (run_max - new_max).exp(), torch.zeros_like(new_max))
+        w = (weighted - new_max[:, None]).exp()
+        Z, S, run_max = Z * scale + w.sum(1), S * scale + (w * ell).sum(1), new_max
+        top, pos = torch.cat([top, ell], 1).topk(min(m, top.shape[1] + ell.shape[1]), 1)
+        best = torch.gather(torch.cat([best, (s + torch.arange(ell.shape[1]))[None, :].expand(Q, -1)], 1), 1, pos)
+    log_z = run_max + Z.log()
+    entropy = log_z - S / Z
+    first, per_image = occurrences(bank, key, locs, ids, torch.arange(U), m)
+    # the m heaviest individual patches: copies of the m nearest distinct patches, in order
+    copies = first[best.clamp(min=0)]  # [Q, m, m] entry numbers (−1 where a patch has fewer copies)
+    weight = top[:, :, None].expand(-1, -1, m)
+    flat_w = torch.where(copies >= 0, weight, -torch.inf).flatten(1)
+    top_ind, pick = flat_w.topk(m, 1)  # stable enough: equal weights are copies of one patch
+    entries = torch.where(torch.isfinite(top_ind), torch.gather(copies.flatten(1), 1, pick), -1)
+    img_top = torch.full((Q, m), -torch.inf, dtype=f64)
+    img_pos = torch.full((Q, m), -1, dtype=torch.long)
+    n = min(m, ids.numel())
+    chunk = max(1, min(128, (1 << 24) // max(U, 1)))  # queries at a time: memory U × chunk weights
+    for c in range(0, Q, chunk):  # per-image shares: the sparse [images, U] counts times the [U, b] shares
+        rows = slice(c, c + chunk)
+        w = torch.cat([(single(s, rows) - log_z[rows, None]).exp() for s in range(0, U, step)], 1).T
+        value, where = torch.sparse.mm(per_image, w).T.topk(n, 1)
+        img_top[rows, :n] = torch.where(value > 0, value.log() + log_z[rows, None], -torch.inf)
+        img_pos[rows, :n] = torch.where(value > 0, where, -1)
+    return top_ind, entries, log_z, entropy, img_top, img_pos

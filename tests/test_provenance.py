@@ -206,3 +206,28 @@ def test_certified_provenance_through_a_faiss_index_equals_the_in_memory_one(tmp
     assert both.float().mean() > 0.5
     torch.testing.assert_close(there.share[both], here.share[both], rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(there.mass_lower[both], here.mass_lower[both], rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["bbELS", "ELS"])
+def test_provenance_through_distinct_patches_equals_the_scan_of_every_patch(kind):
+    data = _binary()  # many repeated patches: each distinct one stands for many copies
+    x = noised(data, 0.2, 2, seed=5)
+    grouped = provenance(ScoreMachine(MemoryBank(data, dedup=True), kind, 3), x, 0.2, m=5)
+    every = provenance(ScoreMachine(MemoryBank(data, dedup=False), kind, 3), x, 0.2, m=5)
+    for name in ("share", "mass", "entropy", "image_share"):
+        torch.testing.assert_close(getattr(grouped, name), getattr(every, name), rtol=0, atol=1e-9)
+    unique_top = every.image_share[..., 0] > every.image_share[..., 1] + 1e-9  # where the top image is not a tie
+    assert unique_top.float().mean() > 0.3 and torch.equal(grouped.images[..., 0][unique_top], every.images[..., 0][unique_top])
+    train = to_model_range(data.images, torch.float64)
+    pad = "zeros" if kind == "bbELS" else "circular"
+    for b, i, j in [(0, 0, 0), (1, 4, 5), (0, 7, 3)]:  # each listed copy is a patch of the listed weight
+        q = patches_at(x[b : b + 1], torch.tensor([[i, j]]), 3, pad)[0, 0]
+        for r in range(5):
+            src = patches_at(train[grouped.image[b, i, j, r] : grouped.image[b, i, j, r] + 1],
+                             torch.stack([grouped.row[b, i, j, r], grouped.col[b, i, j, r]])[None], 3, pad)[0, 0]
+            a, s2 = alpha_sigma2(0.2)
+            ratio = float(grouped.share[b, i, j, r] / grouped.share[b, i, j, 0])
+            want = float((-(q - a * src).pow(2).sum() / (2 * s2)).exp() / (-(q - a * patches_at(
+                train[grouped.image[b, i, j, 0] : grouped.image[b, i, j, 0] + 1],
+                torch.stack([grouped.row[b, i, j, 0], grouped.col[b, i, j, 0]])[None], 3, pad)[0, 0]).pow(2).sum() / (2 * s2)).exp())
+            assert abs(ratio - want) <= 1e-9
