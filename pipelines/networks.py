@@ -91,12 +91,30 @@ class ResBlock(nn.Module):
         return self.skip(x) + F.relu(self.conv2(h))
 
 
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over all pixels of a feature map, with a residual (DDPM's CIFAR10 model
+    places it at the low-resolution stage). Pre-normalised by GroupNorm inside the attention branch only:
+    every pixel sees every other one, which is what separates it from the local machines."""
+
+    def __init__(self, width: int, heads: int = 4) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(min(8, width), width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = h.shape
+        seq = self.norm(h).flatten(2).transpose(1, 2)  # [B, H·W, C]
+        out, _ = self.attn(seq, seq, seq, need_weights=False)
+        return h + out.transpose(1, 2).reshape(B, C, H, W)
+
+
 class UNet(nn.Module):
     """Three scales (``widths``, paper: 64/128/256) of residual blocks; max-pool down, transposed-conv
-    up, skip concatenation. Image sides must be divisible by 4."""
+    up, skip concatenation. Image sides must be divisible by 4. ``attention``: self-attention after the
+    lowest-resolution block (and a second one before leaving it), as in DDPM's CIFAR10 model."""
 
     def __init__(self, channels: int = 1, widths: tuple[int, int, int] = (64, 128, 256), padding: Padding = "zeros",
-                 num_classes: int | None = None, emb_dim: int = 128) -> None:
+                 num_classes: int | None = None, emb_dim: int = 128, attention: bool = False) -> None:
         super().__init__()
         self.channels, self.padding, self.num_classes = channels, padding, num_classes
         w1, w2, w3 = widths
@@ -104,6 +122,7 @@ class UNet(nn.Module):
         self.inp = conv3(channels, w1, padding)
         self.enc1, self.enc2 = ResBlock(w1, w1, emb_dim, padding), ResBlock(w1, w2, emb_dim, padding)
         self.mid = ResBlock(w2, w3, emb_dim, padding)
+        self.attention = nn.Sequential(SelfAttention(w3), SelfAttention(w3)) if attention else None
         self.up2, self.dec2 = nn.ConvTranspose2d(w3, w2, 2, stride=2), ResBlock(2 * w2, w2, emb_dim, padding)
         self.up1, self.dec1 = nn.ConvTranspose2d(w2, w1, 2, stride=2), ResBlock(2 * w1, w1, emb_dim, padding)
         self.out = conv3(w1, channels, padding)
@@ -115,6 +134,8 @@ class UNet(nn.Module):
         h1 = self.enc1(self.inp(x), emb)
         h2 = self.enc2(F.max_pool2d(h1, 2), emb)
         h3 = self.mid(F.max_pool2d(h2, 2), emb)
+        if self.attention is not None:
+            h3 = self.attention(h3)
         d2 = self.dec2(torch.cat([self.up2(h3), h2], 1), emb)
         d1 = self.dec1(torch.cat([self.up1(d2), h1], 1), emb)
         return self.out(d1)

@@ -43,6 +43,7 @@ class TrainConfig:
     width: int = 64
     blocks: int = 6  # ResNet: receptive field 2·blocks + 5
     widths: tuple[int, int, int] = (32, 64, 128)  # UNet
+    attention: bool = False  # UNet: self-attention at the lowest resolution
     padding: str = "zeros"
     conditional: bool = False
     iters: int = 4000
@@ -66,9 +67,11 @@ class TrainConfig:
 def build_network(cfg: TrainConfig, channels: int, num_classes: int | None) -> nn.Module:
     if cfg.arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {cfg.arch!r}; choose from {sorted(ARCHITECTURES)}")
+    if cfg.attention and cfg.arch != "unet":
+        raise ValueError(f"attention is an option of the UNet, not of the {cfg.arch}")
     if cfg.arch == "resnet":
         return ARCHITECTURES["resnet"](channels, cfg.width, cfg.blocks, cfg.padding, num_classes)  # type: ignore[arg-type]
-    return ARCHITECTURES["unet"](channels, cfg.widths, cfg.padding, num_classes)  # type: ignore[arg-type]
+    return ARCHITECTURES["unet"](channels, cfg.widths, cfg.padding, num_classes, attention=cfg.attention)  # type: ignore[arg-type]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -151,7 +154,8 @@ def _resume(path: Path, cfg: TrainConfig, net, opt, sched, gen: torch.Generator,
     if not path.exists():
         return 0
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    saved = {k: v for k, v in ckpt["config"].items() if k not in ("iters", "checkpoint_every", "device")}
+    saved = {k: v for k, v in {**asdict(TrainConfig()), **ckpt["config"]}.items()  # a field added since: its default
+             if k not in ("iters", "checkpoint_every", "device")}
     now = {k: v for k, v in asdict(cfg).items() if k not in ("iters", "checkpoint_every", "device")}
     if saved != now:
         raise ValueError(f"{path} was written by a different run configuration (differs in: {', '.join(differences(saved, now))}); "

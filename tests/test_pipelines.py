@@ -122,3 +122,61 @@ def test_train_calibrate_evaluate_end_to_end(tmp_path, datasets_dir, monkeypatch
                                          seeds=[0, 1, 2, 3], steps=3, batch=2, backend="topk:k=16", out=str(tmp_path / "eval")))
     rows_after = (tmp_path / "eval" / "per_seed.jsonl").read_text().splitlines()
     assert rows_after[:3] == rows_before and len(rows_after) == 4 and report["seeds"] == 4
+
+
+def test_attention_unet_is_global_where_the_convolutions_are_local():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 64, 64)
+    t = torch.full((1,), 0.5)
+    far = x.clone()
+    far[..., 60:, 60:] += 1.0  # 56+ pixels from the top-left corner: outside every convolution's reach
+    for attention in (False, True):
+        net = UNet(3, (8, 16, 32), "zeros", num_classes=10, attention=attention)
+        out, moved = net(x, t, torch.tensor([3])), net(far, t, torch.tensor([3]))
+        assert out.shape == (1, 3, 64, 64)
+        reached = not torch.allclose(out[..., :8, :8], moved[..., :8, :8], atol=1e-7)
+        assert reached == attention  # only attention carries the far change to the corner
+    circular = UNet(3, (8, 16, 32), "circular", attention=True)  # attention has no positional code: still shift-equivariant
+    torch.testing.assert_close(circular(torch.roll(x, (4, 8), (2, 3)), t), torch.roll(circular(x, t), (4, 8), (2, 3)), rtol=0, atol=1e-5)
+    zeros = UNet(3, (8, 16, 32), "zeros", attention=True)  # with zero padding the borders place every pixel: not equivariant
+    assert not torch.allclose(zeros(torch.roll(x, (4, 8), (2, 3)), t), torch.roll(zeros(x, t), (4, 8), (2, 3)), atol=1e-3)
+    with pytest.raises(ValueError, match="attention is an option of the UNet"):
+        from pipelines.training import build_network
+        build_network(TrainConfig(arch="resnet", attention=True), 3, None)
+
+
+def test_colour_figures_show_colour(tmp_path):
+    """[-1, 1] → RGB with no channel mix-up: pure red, green and blue images come out red, green and blue,
+    in the rows network / machine / IS; provenance figures show a training image's colours too."""
+    import matplotlib.image as mpimg
+
+    from pipelines.figures import image_pairs
+
+    def pure(channel: int) -> torch.Tensor:
+        x = -torch.ones(3, 8, 8)
+        x[channel] = 1.0
+        return x
+
+    image_pairs({0: {"network": pure(0), "machine": pure(1), "is": pure(2)}}, tmp_path / "pairs.png")
+    png = torch.from_numpy(mpimg.imread(tmp_path / "pairs.png"))[..., :3]
+    rows = {}
+    for c, name in enumerate(("red", "green", "blue")):
+        want = torch.zeros(3)
+        want[c] = 1.0
+        hit = ((png - want).abs().amax(-1) < 0.05).nonzero()
+        assert hit.shape[0] > 20, name
+        rows[name] = hit[:, 0].double().mean()
+    assert rows["red"] < rows["green"] < rows["blue"]  # network above machine above IS
+    from machines import ScoreMachine
+    from patchbank import ImageData
+    from pipelines.figures import source_gallery
+    from pipelines.provenance import explain
+
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    images[0, 0], images[1, 2] = 255, 255  # a red and a blue training image
+    data = ImageData(images, torch.tensor([0, 1]), "rgb")
+    final, found = explain(ScoreMachine(data, "IS"), noise_from_seeds([0], (3, 8, 8), torch.float64), steps=10, at=[9], m=1)
+    rows = source_gallery(final[0], found[9], data, tmp_path / "sources.png")
+    png = torch.from_numpy(mpimg.imread(tmp_path / "sources.png"))[..., :3]
+    colour = torch.tensor([1.0, 0, 0]) if rows[0]["image"] == 0 else torch.tensor([0, 0, 1.0])
+    assert ((png - colour).abs().amax(-1) < 0.05).sum() > 100  # the sample and its source, in the source's colour
