@@ -122,6 +122,10 @@ def occurrences(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, wan
     return first, per_image
 
 
+NEGLIGIBLE = 1e-18
+"""Share below which a distinct patch (all its copies) is left out of the per-image shares."""
+
+
 def distinct_scan(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q: torch.Tensor, a: float, s2: float, m: int,
                   block: int) -> tuple[torch.Tensor, ...]:
     """The exact scan's results (see :func:`pipelines.provenance._scan`) through the bucket's distinct patches:
@@ -150,8 +154,9 @@ def distinct_scan(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q
         scale = torch.where(torch.isfinite(run_max), (run_max - new_max).exp(), torch.zeros_like(new_max))
         w = (weighted - new_max[:, None]).exp()
         Z, S, run_max = Z * scale + w.sum(1), S * scale + (w * ell).sum(1), new_max
-        top, pos = torch.cat([top, ell], 1).topk(min(m, top.shape[1] + ell.shape[1]), 1)
-        best = torch.gather(torch.cat([best, (s + torch.arange(ell.shape[1]))[None, :].expand(Q, -1)], 1), 1, pos)
+        block_top, block_pos = ell.topk(min(m, ell.shape[1]), 1)  # the block's best first, then merged: a small cat
+        top, pos = torch.cat([top, block_top], 1).topk(m, 1)
+        best = torch.gather(torch.cat([best, s + block_pos], 1), 1, pos)
     log_z = run_max + Z.log()
     entropy = log_z - S / Z
     first, per_image = occurrences(bank, key, locs, ids, torch.arange(U), m)
@@ -165,10 +170,17 @@ def distinct_scan(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q
     img_pos = torch.full((Q, m), -1, dtype=torch.long)
     n = min(m, ids.numel())
     chunk = max(1, min(128, (1 << 24) // max(U, 1)))  # queries at a time: memory U × chunk weights
+    image_of, patch_of = per_image.indices()
+    tally, counts = per_image.values(), table.counts.to(f64)
     for c in range(0, Q, chunk):  # per-image shares: the sparse [images, U] counts times the [U, b] shares
         rows = slice(c, c + chunk)
         w = torch.cat([(single(s, rows) - log_z[rows, None]).exp() for s in range(0, U, step)], 1).T
-        value, where = torch.sparse.mm(per_image, w).T.topk(n, 1)
+        # patches whose copies together carry < 1e-18 of every query's mass are left out of the product:
+        # all of them together move an image's share by at most U·1e-18
+        live = (w.amax(1) * counts >= NEGLIGIBLE)[patch_of]
+        part = torch.sparse_coo_tensor(torch.stack([image_of[live], patch_of[live]]), tally[live], per_image.shape,
+                                       check_invariants=False)
+        value, where = torch.sparse.mm(part, w).T.topk(n, 1)
         img_top[rows, :n] = torch.where(value > 0, value.log() + log_z[rows, None], -torch.inf)
         img_pos[rows, :n] = torch.where(value > 0, where, -1)
     return top_ind, entries, log_z, entropy, img_top, img_pos
