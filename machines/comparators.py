@@ -106,3 +106,7 @@ class NearestNeighbourMachine(_Comparator):
             nearest = torch.cdist(x[idx].flatten(1).to(torch.float64) / a, train).argmin(1)
             out[idx] = train[nearest].view(-1, *self.shape).to(x.dtype)
         return out
+
+
+COMPARATORS = {"wiener": WienerMachine, "nearest": NearestNeighbourMachine}
+"""The comparator theories by name (``patchbank evaluate --machines bbELS,wiener,nearest``)."""

@@ -10,6 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from machines import MACHINES, describe_backends, parse_backend
+from machines.comparators import COMPARATORS
 from patchbank import BankSpec, PatchBank, load_dataset
 
 from .ablation import AblationConfig, run_ablation
@@ -48,6 +49,17 @@ def executor_spec(text: str) -> str:
         return check_executor(text)
     except (ValueError, ImportError) as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def theory_list(text: str) -> tuple[str | None, list[str]]:
+    """``bbELS,wiener,nearest`` → the patch machine named (or None) and the comparators, in order (IS is implied)."""
+    names = [n.strip() for n in text.split(",") if n.strip() and n.strip() != "IS"]
+    patch = [n for n in names if n in ("LS", "ELS", "bbELS")]
+    unknown = [n for n in names if n not in COMPARATORS and n not in ("LS", "ELS", "bbELS")]
+    if unknown or len(patch) > 1:
+        raise argparse.ArgumentTypeError(f"theories are one of LS, ELS, bbELS (the calibrated machine), IS and the comparators "
+                                         f"{', '.join(COMPARATORS)}; got {text!r}")
+    return (patch[0] if patch else None), [n for n in names if n in COMPARATORS]
 
 
 EXECUTOR_HELP = "where seed batches run: serial, processes:N (local processes) or ray[:ADDRESS] (a Ray cluster; needs the 'ray' extra)"
@@ -148,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=de.model, help="a trained model.pt (its config.json names the training data)")
     e.add_argument("--calibration", default=de.calibration, help="the calibration.json whose schedule the machine uses")
     e.add_argument("--machine", default=de.machine, choices=["LS", "ELS", "bbELS"], help="the calibrated machine (default: the calibration's)")
+    e.add_argument("--machines", type=theory_list, default=None,
+                   help="every theory to compare with the network on the same seeds, e.g. bbELS,wiener,nearest (the patch "
+                        "machine is the calibrated one, IS always runs; comparators: wiener, nearest)")
     e.add_argument("--seeds", type=parse_seeds, default=de.seeds, help="seeds, e.g. 0-99")
     e.add_argument("--steps", type=int, default=de.steps, help="DDIM steps")
     e.add_argument("--bank", default=None, help="a built bank of the network's training data (default: built in memory)")
@@ -256,7 +271,12 @@ def _run(args: argparse.Namespace) -> None:
         result = run_calibrate(CalibrateConfig(**{f.name: getattr(args, f.name) for f in fields(CalibrateConfig)}))
         print(json.dumps(result["schedule"]))
     elif args.command == "evaluate":
-        report = run_evaluate(EvaluateConfig(**{f.name: getattr(args, f.name) for f in fields(EvaluateConfig)}))
+        values = {f.name: getattr(args, f.name) for f in fields(EvaluateConfig) if f.name != "comparators"}
+        patch, values["comparators"] = args.machines or (None, [])
+        if patch is not None and args.machine is not None and patch != args.machine:
+            raise ValueError(f"--machines names {patch} but --machine {args.machine}")
+        values["machine"] = values["machine"] or patch
+        report = run_evaluate(EvaluateConfig(**values))
         print(json.dumps(report, indent=1))
     elif args.command == "ablate":
         report = run_ablation(_ablation_config(args))

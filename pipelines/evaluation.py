@@ -28,17 +28,23 @@ from .runs import claim_folder, seed_labels
 
 
 def compare(network: torch.Tensor, machine: torch.Tensor, ideal: torch.Tensor) -> list[dict]:
-    """Per-sample metrics of final images ``[B, C, H, W]``: machine and IS against the network."""
-    rows = zip(pearson_r(machine, network), r2(machine, network), mse(machine, network),
-               pearson_r(ideal, network), r2(ideal, network), mse(ideal, network))
-    keys = ("machine_r", "machine_r2", "machine_mse", "is_r", "is_r2", "is_mse")
-    return [{k: float(v) for k, v in zip(keys, row)} for row in rows]
+    """Per-sample metrics of final images ``[B, C, H, W]``: the machine and IS against the network — ``<name>_r``
+    (Pearson), ``<name>_r2`` (R², network as reference), ``<name>_mse``."""
+    theories = {"machine": machine, "is": ideal}
+    rows: list[dict] = [{} for _ in range(network.shape[0])]
+    for name, x in theories.items():
+        for row, values in zip(rows, zip(pearson_r(x, network), r2(x, network), mse(x, network))):
+            row.update({f"{name}_r": float(values[0]), f"{name}_r2": float(values[1]), f"{name}_mse": float(values[2])})
+    return rows
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Medians over seeds and the fraction of seeds where the machine beats IS (by Pearson r)."""
-    out = {f"median_{k}": statistics.median(r[k] for r in rows) for k in rows[0] if k != "seed"}
+    """Medians over seeds and the fraction of seeds where the machine beats IS and each other theory (by Pearson r)."""
+    keys = [k for k in rows[0] if k != "seed" and all(k in r for r in rows)]  # theories measured on every seed
+    out = {f"median_{k}": statistics.median(r[k] for r in rows) for k in keys}
     out["machine_beats_is"] = sum(r["machine_r"] > r["is_r"] for r in rows) / len(rows)
+    for name in sorted({k[: -len("_r")] for k in keys if k.endswith("_r")} - {"machine", "is"}):
+        out[f"machine_beats_{name}"] = sum(r["machine_r"] > r[f"{name}_r"] for r in rows) / len(rows)
     out["seeds"] = len(rows)
     return out
 
@@ -56,6 +62,7 @@ def evaluate(
     progress: bool = True,
     config: dict | None = None,
     executor: str | Executor | None = None,
+    others: dict[str, Denoiser] | None = None,
 ) -> dict:
     """Evaluate (or resume) over ``seeds``; writes ``per_seed.jsonl``, ``samples.pt``, ``report.json``
     (the summary, with ``config`` under the key ``config`` when given).
@@ -63,7 +70,10 @@ def evaluate(
     Seeds run in batches of ``batch`` (``seeds`` in order), on ``executor`` (``serial``, ``processes:N``,
     ``ray[:ADDRESS]``; see :mod:`pipelines.executors`), which receives the three denoisers once per
     worker. Each finished batch is written here as it arrives, so a killed job or worker loses only the
-    batches in flight; a re-run computes only the seeds not yet written."""
+    batches in flight; a re-run computes only the seeds not yet written. ``others``: more theories by name
+    (comparators such as the Wiener filter), sampled from the same noise and compared with the stored
+    network images the same way; each is kept under ``theories/<name>/`` (its own run record), so a
+    theory can be added to a finished evaluation without sampling the network or machine again."""
     out = Path(out)
     claim_folder(out, {"network": identity_of(network), "machine": identity_of(machine), "ideal": identity_of(ideal),
                        "steps": steps, "shape": list(shape), "conditional": labels_of is not None})
@@ -71,16 +81,36 @@ def evaluate(
     samples = torch.load(out / "samples.pt") if (out / "samples.pt").exists() else {}
     todo = pending(seeds, batch, {r["seed"] for r in rows})
 
+    def save() -> None:
+        atomic_write(out / "samples.pt", lambda p: torch.save(samples, p))
+        atomic_write(out / "per_seed.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+
     def keep(chunk: list[int], finals: dict[str, torch.Tensor]) -> None:
         for seed, row in zip(chunk, compare(finals["network"], finals["machine"], finals["is"])):
             rows.append({"seed": seed, **row})
         for i, seed in enumerate(chunk):
             samples[seed] = {name: x[i].float() for name, x in finals.items()}
-        atomic_write(out / "samples.pt", lambda p: torch.save(samples, p))
-        atomic_write(out / "per_seed.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+        save()
 
     shared = Trio(network, machine, ideal, steps, tuple(shape), labels_of)
     make_executor(executor).map(final_images, shared, todo, keep, desc="evaluate", progress=progress, size=len)
+    by_seed = {r["seed"]: r for r in rows}
+    for name, theory in (others or {}).items():
+        if name in ("network", "machine", "is"):
+            raise ValueError(f"{name!r} is taken; name the theory otherwise")
+        claim_folder(out / "theories" / name, {"theory": identity_of(theory), "steps": steps, "shape": list(shape),
+                                                "conditional": labels_of is not None})
+
+        def add(chunk: list[int], finals: torch.Tensor, name: str = name) -> None:
+            reference = torch.stack([samples[seed]["network"] for seed in chunk]).to(finals.dtype)
+            for i, (seed, row) in enumerate(zip(chunk, compare(reference, finals, finals))):
+                by_seed[seed].update({k.replace("machine_", f"{name}_"): v for k, v in row.items() if k.startswith("machine_")})
+                samples[seed][name] = finals[i].float()
+            save()
+
+        missing = pending(seeds, batch, {s for s, r in by_seed.items() if f"{name}_r" in r})
+        one = Trio(theory, theory, theory, steps, tuple(shape), labels_of)
+        make_executor(executor).map(theory_images, one, missing, add, desc=f"evaluate {name}", progress=progress, size=len)
     order = {s: i for i, s in enumerate(seeds)}
     rows = sorted((r for r in rows if r["seed"] in order), key=lambda r: order[r["seed"]])
     report = summarise(rows)
@@ -108,6 +138,12 @@ def final_images(trio: Trio, seeds: list[int]) -> dict[str, torch.Tensor]:
     labels = seed_labels(trio.labels_of, seeds)
     return {name: sample(d, noise, trio.steps, labels)
             for name, d in (("network", trio.network), ("machine", trio.machine), ("is", trio.ideal))}
+
+
+def theory_images(job: Trio, seeds: list[int]) -> torch.Tensor:
+    """One theory's final images of a seed batch (the theory in ``job.machine``): ``[B, C, H, W]``."""
+    noise = noise_from_seeds(seeds, job.shape, torch.float64)
+    return sample(job.machine, noise, job.steps, seed_labels(job.labels_of, seeds))
 
 
 def read_rows(path: Path) -> list[dict]:

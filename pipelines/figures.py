@@ -20,13 +20,15 @@ def _save(fig, path: str | os.PathLike) -> None:
 
 
 def image_pairs(samples: dict[int, dict[str, torch.Tensor]], path: str | os.PathLike, n: int = 8) -> None:
-    """Rows network / machine / IS for the first ``n`` seeds."""
+    """One row per theory — network / machine / IS, then any other theory evaluated — for the first ``n`` seeds."""
     seeds = sorted(samples)[:n]
-    rows = [torch.stack([samples[s][name] for s in seeds]) for name in ("network", "machine", "is")]
+    names = ["network", "machine", "is"] + [k for k in samples[seeds[0]] if k not in ("network", "machine", "is")]
+    rows = [torch.stack([samples[s][name] for s in seeds]) for name in names]
     grid = make_grid((torch.cat(rows) + 1) / 2, nrow=len(seeds), padding=2, pad_value=1.0).clamp(0, 1)
-    fig, ax = plt.subplots(figsize=(1.2 * len(seeds), 4))
+    fig, ax = plt.subplots(figsize=(1.2 * len(seeds), 1.35 * len(names)))
     ax.imshow(grid.permute(1, 2, 0).numpy(), cmap="gray" if grid.shape[0] == 1 else None)
-    ax.set_yticks([grid.shape[1] * (i + 0.5) / 3 for i in range(3)], ["network", "machine", "IS"])
+    ax.set_yticks([grid.shape[1] * (i + 0.5) / len(names) for i in range(len(names))],
+                  [{"is": "IS"}.get(name, name) for name in names])
     ax.set_xticks([])
     _save(fig, path)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from machines import ScoreMachine, noise_from_seeds, reference_schedule
+from machines.comparators import COMPARATORS
 from patchbank import Bank, MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import write_json
 
@@ -57,10 +58,16 @@ class EvaluateConfig:
     backend: str = "exact"  # a backend spec for the calibrated machine (the IS baseline is always exact)
     executor: str = "serial"  # serial, processes:N or ray[:ADDRESS] (see pipelines.executors)
     batch: int = 10
+    comparators: list[str] = field(default_factory=list)  # more theories on the same seeds: wiener, nearest
     out: str = "outputs/evaluate"
 
     def __post_init__(self) -> None:
         _check_job(self.machine, self.seeds, self.steps, self.backend, self.executor, self.batch)
+        unknown = sorted(set(self.comparators) - set(COMPARATORS))
+        if unknown:
+            raise ValueError(f"unknown comparator {', '.join(unknown)}; choose from {', '.join(COMPARATORS)}")
+        if len(set(self.comparators)) != len(self.comparators):
+            raise ValueError("a comparator is listed twice")
 
 
 def _check_job(machine: str | None, seeds: list[int], steps: int, backend: str, executor: str, batch: int | None) -> None:
@@ -133,8 +140,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", {"evaluate": {**asdict(cfg), "machine": kind}, "train": train_cfg})
     paper = paper_schedule(train_cfg)
+    others = {name: COMPARATORS[name](bank, conditional=cond) for name in cfg.comparators}
     report = evaluate(network, machine, ideal, cfg.seeds, bank.data.shape, out, cfg.steps, _labels_of(train_cfg, cfg.seeds, bank),
-                      cfg.batch, executor=cfg.executor, config={**asdict(cfg), "machine": kind, "schedule": schedule.to_json(),
+                      cfg.batch, executor=cfg.executor, others=others, config={**asdict(cfg), "machine": kind, "schedule": schedule.to_json(),
                                                                 "paper_schedule": paper})
     samples = torch.load(out / "samples.pt")
     image_pairs(samples, out / "pairs.png")

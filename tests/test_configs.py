@@ -19,6 +19,7 @@ from patchbank import load_dataset, to_model_range
 from pipelines.ablation import AblationConfig, run_ablation
 from pipelines.cli import main
 from pipelines.jobs import CalibrateConfig, EvaluateConfig, run_calibrate, run_evaluate
+from pipelines.metrics import pearson_r
 from pipelines.pairing import paper_schedule_name
 from pipelines.training import TrainConfig, load_network, train
 
@@ -146,3 +147,31 @@ def test_explain_a_network_through_its_calibrated_machine(nets, tmp_path, capsys
     with pytest.raises(SystemExit):
         main(["explain", "--model", model, "--seeds", "0"])
     assert "--model needs --calibration" in capsys.readouterr().err
+
+
+def test_one_agreement_table_for_every_theory(nets, tmp_path, capsys):
+    model, calibration = nets["fashion"]
+    run = ["evaluate", "--model", model, "--calibration", calibration, "--seeds", "0-2", "--steps", "3", "--batch", "2",
+           "--out", str(tmp_path / "e")]
+    main(run)
+    before = (tmp_path / "e" / "per_seed.jsonl").read_text().splitlines()
+    main(run + ["--machines", "bbELS,IS,wiener,nearest"])  # theories added to the finished evaluation
+    after = [json.loads(line) for line in (tmp_path / "e" / "per_seed.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k.startswith(("seed", "machine_", "is_"))} for r in after] == [json.loads(b) for b in before]
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    samples = torch.load(tmp_path / "e" / "samples.pt")
+    assert set(samples[0]) == {"network", "machine", "is", "wiener", "nearest"}
+    for name in ("machine", "is", "wiener", "nearest"):  # every theory against the same network on the same seeds
+        r = sorted(float(pearson_r(samples[s][name][None], samples[s]["network"][None])[0]) for s in range(3))
+        assert report[f"median_{name}_r"] == pytest.approx(r[1], abs=1e-6)
+        assert f"median_{name}_r2" in report and f"median_{name}_mse" in report
+    assert 0 <= report["machine_beats_wiener"] <= 1 and report["config"]["comparators"] == ["wiener", "nearest"]
+    labels = {s: s % 10 for s in range(3)}  # a conditional comparator stays within the seed's label
+    data = load_dataset("fashion_mnist", resize=12, limit=60)
+    train_x = to_model_range(data.images, torch.float64).flatten(1)
+    for s, y in labels.items():
+        nearest = (train_x - samples[s]["nearest"].double().flatten()).norm(dim=1)
+        assert float(nearest.min()) < 1e-5 and int(data.labels[nearest.argmin()]) == sorted(data.labels.unique().tolist())[y]
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--model", model, "--calibration", calibration, "--machines", "bbELS,pca", "--out", str(tmp_path / "f")])
+    assert "theories are one of" in capsys.readouterr().err
