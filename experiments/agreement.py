@@ -31,7 +31,8 @@ PAPER_R = {("mnist", "resnet"): 0.94, ("mnist", "unet"): 0.84, ("fashion_mnist",
 """The paper's median Pearson r, machine against network."""
 
 
-def run_row(config: str, candidates: list[int], cal_seeds: str, eval_seeds: str, backend: str, batch: int) -> None:
+def run_row(config: str, candidates: list[int], cal_seeds: str, eval_seeds: str, backend: str, batch: int,
+            theories: str | None = None) -> None:
     cfg = TrainConfig.from_json(config)
     root = Path(cfg.out)
     if set(parse_seeds(cal_seeds)) & set(parse_seeds(eval_seeds)):
@@ -42,7 +43,8 @@ def run_row(config: str, candidates: list[int], cal_seeds: str, eval_seeds: str,
         ("calibrate", ["calibrate", "--model", model, "--candidates", *map(str, candidates), "--seeds", cal_seeds,
                        "--backend", backend, "--batch", "1", "--out", str(root / "calibrate")]),
         ("evaluate", ["evaluate", "--model", model, "--calibration", str(root / "calibrate" / "calibration.json"),
-                      "--seeds", eval_seeds, "--backend", backend, "--batch", str(batch), "--out", str(root / "evaluate")]),
+                      "--seeds", eval_seeds, "--backend", backend, "--batch", str(batch), "--out", str(root / "evaluate")]
+                     + (["--machines", theories] if theories else [])),
     ]
     for name, argv in stages:
         start = time.perf_counter()
@@ -109,12 +111,13 @@ def main() -> None:
     r.add_argument("--eval-seeds", default="0-99")
     r.add_argument("--backend", default="exact:dtype=float32")
     r.add_argument("--batch", type=int, default=10)
+    r.add_argument("--theories", default=None, help="comparator theories evaluated beside the machine, e.g. wiener,nearest")
     t = sub.add_parser("table", help="the markdown table of finished rows")
     t.add_argument("names", nargs="+", help="config names (folders under outputs/)")
     t.add_argument("--figures", default="docs/figures", help="copy each row's figures here ('' for none)")
     args = parser.parse_args()
     if args.command == "row":
-        run_row(args.config, args.candidates, args.cal_seeds, args.eval_seeds, args.backend, args.batch)
+        run_row(args.config, args.candidates, args.cal_seeds, args.eval_seeds, args.backend, args.batch, args.theories)
     else:
         print(table(args.names, Path(args.figures) if args.figures else None))
 
