@@ -95,6 +95,15 @@ def table(names: list[str], figures: Path | None) -> str:
         lines.append(f"| {net} | {r['machine']} | {r['train_images']} | {r['seeds']} | {r['median_machine_r']:.3f}{paper} | "
                      f"{r['median_machine_r2']:.3f} | {r['median_machine_mse']:.4f} | {r['median_is_r']:.3f} | "
                      f"{r['machine_beats_is']:.0%} | {mins} |")
+    theories = sorted({k[len("median_"):-len("_r")] for r in rows for k in r
+                       if k.startswith("median_") and k.endswith("_r") and k not in ("median_machine_r", "median_is_r")})
+    if theories:
+        lines += ["", "| network | machine r / R² | " + " | ".join(f"{t} r / R² (machine beats it)" for t in theories) + " |",
+                  "|---|---:|" + "---:|" * len(theories)]
+        for r in rows:
+            cells = [f"{r[f'median_{t}_r']:.3f} / {r[f'median_{t}_r2']:.3f} ({r[f'machine_beats_{t}']:.0%})"
+                     if f"median_{t}_r" in r else "—" for t in theories]
+            lines.append(f"| {r['name']} | {r['median_machine_r']:.3f} / {r['median_machine_r2']:.3f} | " + " | ".join(cells) + " |")
     lines.append("")
     for r in rows:
         lines.append(f"* `{r['name']}` schedule (t = 0.05 … 1): {r['schedule']}; paper: {r['paper_schedule']}")
