@@ -27,15 +27,16 @@ from .metrics import mse, pearson_r, r2
 from .runs import claim_folder, seed_labels
 
 
+def metrics(name: str, x: torch.Tensor, network: torch.Tensor) -> list[dict]:
+    """Per sample of ``x [B, C, H, W]`` against the network's images: ``<name>_r`` (Pearson), ``<name>_r2`` (R²,
+    network as reference) and ``<name>_mse``."""
+    return [{f"{name}_r": float(r), f"{name}_r2": float(q), f"{name}_mse": float(e)}
+            for r, q, e in zip(pearson_r(x, network), r2(x, network), mse(x, network))]
+
+
 def compare(network: torch.Tensor, machine: torch.Tensor, ideal: torch.Tensor) -> list[dict]:
-    """Per-sample metrics of final images ``[B, C, H, W]``: the machine and IS against the network — ``<name>_r``
-    (Pearson), ``<name>_r2`` (R², network as reference), ``<name>_mse``."""
-    theories = {"machine": machine, "is": ideal}
-    rows: list[dict] = [{} for _ in range(network.shape[0])]
-    for name, x in theories.items():
-        for row, values in zip(rows, zip(pearson_r(x, network), r2(x, network), mse(x, network))):
-            row.update({f"{name}_r": float(values[0]), f"{name}_r2": float(values[1]), f"{name}_mse": float(values[2])})
-    return rows
+    """Per-sample :func:`metrics` of final images ``[B, C, H, W]``: the machine and IS against the network."""
+    return [{**m, **i} for m, i in zip(metrics("machine", machine, network), metrics("is", ideal, network))]
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -103,8 +104,8 @@ def evaluate(
 
         def add(chunk: list[int], finals: torch.Tensor, name: str = name) -> None:
             reference = torch.stack([samples[seed]["network"] for seed in chunk]).to(finals.dtype)
-            for i, (seed, row) in enumerate(zip(chunk, compare(reference, finals, finals))):
-                by_seed[seed].update({k.replace("machine_", f"{name}_"): v for k, v in row.items() if k.startswith("machine_")})
+            for i, (seed, row) in enumerate(zip(chunk, metrics(name, finals, reference))):
+                by_seed[seed].update(row)
                 samples[seed][name] = finals[i].float()
             save()
 
