@@ -1,14 +1,16 @@
-"""Comparator machines: the Wiener filter and the nearest training image."""
+"""Comparator machines: the Wiener filter, the nearest training image, PCA-locality and the smoothed closed form."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import noised
-from machines import ScoreMachine, alpha_sigma2, noise_from_seeds, sample
-from machines.comparators import NearestNeighbourMachine, WienerMachine
-from patchbank import ImageData, to_model_range
+from machines import BACKENDS, ScoreMachine, alpha_sigma2, noise_from_seeds, sample
+from machines.comparators import (COMPARATORS, NearestNeighbourMachine, PCALocalityMachine, SmoothedClosedFormMachine, WienerMachine,
+                                  make_comparator, masked_posterior_means, parse_comparator)
+from patchbank import ImageData, MemoryBank, random_images, to_model_range
 
 
 def _gaussian_images(n: int, seed: int = 0) -> tuple[ImageData, torch.Tensor, torch.Tensor]:
@@ -92,3 +94,135 @@ def test_comparators_refuse_bad_input(tiny):
             machine(torch.zeros(1, 3, 7, 9, dtype=torch.float64), 0.5)
     with pytest.raises(ValueError, match="needs labels"):
         WienerMachine(data, conditional=True)(torch.zeros(2, 1, 7, 9, dtype=torch.float64), 0.5)
+
+
+def _brute_pca(machine: PCALocalityMachine, x: torch.Tensor, t: float, train: torch.Tensor) -> torch.Tensor:
+    """PCA-locality by its definition, one output value at a time: one softmax over all images ``[B, D]``."""
+    a, s2 = alpha_sigma2(t)
+    M = machine.mask(t).to(torch.float64)
+    flat = x.flatten(1)
+    out = torch.empty_like(flat)
+    for m in range(flat.shape[1]):
+        sq = (flat[:, None, :] - a * train[None]).pow(2) @ M[:, m]  # [B, N]
+        out[:, m] = torch.softmax(-sq / (2 * s2 * machine.temperature), 1) @ train[:, m]
+    return out
+
+
+@pytest.mark.parametrize("C,normalise", [(1, "row"), (3, "symmetric")])
+def test_pca_locality_is_one_global_softmax_per_value(tiny, C, normalise):
+    data = tiny(C)
+    train = to_model_range(data.images, torch.float64).flatten(1)
+    for t, temperature in ((0.2, 1.0), (0.6, 0.5)):
+        machine = PCALocalityMachine(data, threshold=0.05, temperature=temperature, normalise=normalise, chunk=4)  # 6 images: 2 chunks
+        x = noised(data, t, 3, seed=5)
+        mask = machine.mask(t)
+        assert 0 < int(mask.sum()) < mask.numel()  # a real locality mask: neither empty nor full
+        want = _brute_pca(machine, x, t, train)
+        torch.testing.assert_close(machine(x, t).flatten(1), want, rtol=0, atol=1e-12)
+    # The trap: averaging each chunk's own softmax is another estimator, and it is measurably off.
+    a, s2 = alpha_sigma2(0.2)
+    M = machine.mask(0.2).to(torch.float64)
+    x = noised(data, 0.2, 3, seed=5).flatten(1)
+    parts = [masked_posterior_means(x, train[s : s + 3], M, a, s2) for s in (0, 3)]
+    assert (sum(parts) / 2 - masked_posterior_means(x, train, M, a, s2, chunk=3)).abs().max() > 1e-3
+
+
+def test_pca_locality_with_a_full_mask_is_the_ideal_score(tiny):
+    data = tiny(3)
+    ideal = ScoreMachine(data, "IS")
+    for normalise in PCALocalityMachine.NORMALISATIONS:
+        full = PCALocalityMachine(data, threshold=0.0, normalise=normalise, chunk=5)
+        for t in (0.1, 0.5, 0.9):
+            x = noised(data, t, 4, seed=3)
+            assert bool(full.mask(t).all())
+            torch.testing.assert_close(full(x, t), ideal(x, t), rtol=0, atol=1e-12)
+
+
+def test_pca_locality_is_local_and_conditional(tiny):
+    data = tiny(1)
+    machine = PCALocalityMachine(data, threshold=0.3, normalise="symmetric")
+    t = 0.4
+    x = noised(data, t, 2, seed=8)
+    base = machine(x, t).flatten(1)
+    mask = machine.mask(t)
+    m = int(mask.sum(0).argmin())  # the value that sees the fewest others
+    outside = ~mask[:, m]
+    assert outside.any()
+    moved = x.flatten(1).clone()
+    moved[:, outside] += 0.7 * torch.randn(2, int(outside.sum()), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    after = machine(moved.view_as(x), t).flatten(1)
+    torch.testing.assert_close(after[:, m], base[:, m], rtol=0, atol=1e-12)  # nothing outside its mask reaches it
+    assert (after - base).abs().max() > 1e-6  # while values whose masks hold the moved pixels do move
+    cond = PCALocalityMachine(data, conditional=True, threshold=0.3, normalise="symmetric")
+    labels = torch.tensor([1, 0])
+    got = cond(x, t, labels)
+    for b, y in enumerate(labels.tolist()):
+        alone = PCALocalityMachine(data.subset(indices=torch.nonzero(data.labels == y).view(-1)), threshold=0.3, normalise="symmetric")
+        torch.testing.assert_close(got[b], alone(x[b : b + 1], t)[0], rtol=0, atol=1e-12)
+
+
+def test_smoothed_closed_form_at_zero_is_the_closed_form_and_matches_its_expectation(tiny):
+    data = tiny(1)
+    x = noised(data, 0.5, 3, seed=2)
+    torch.testing.assert_close(SmoothedClosedFormMachine(data, sigma=0.0)(x, 0.5), ScoreMachine(data, "IS")(x, 0.5), rtol=0, atol=0)
+    # One-value images 0.8 and -0.4: E_ε[IS(x + σε)] by Gauss-Hermite quadrature against 20,000 draws.
+    two = ImageData(torch.tensor([229, 76], dtype=torch.uint8).view(2, 1, 1, 1), torch.zeros(2, dtype=torch.long), "two")
+    ys = to_model_range(two.images, torch.float64).view(-1)
+    sigma, t = 0.5, 0.3
+    a, s2 = alpha_sigma2(t)
+    machine = SmoothedClosedFormMachine(two, sigma=sigma, draws=20_000, seed=1)
+    nodes, weights = np.polynomial.hermite_e.hermegauss(80)
+    for x0 in (-0.3, 0.5):
+        z = torch.as_tensor(x0 + sigma * nodes)
+        w = torch.softmax(-(z[:, None] - a * ys[None]).pow(2) / (2 * s2), 1) @ ys
+        expected = float((torch.as_tensor(weights) * w).sum() / weights.sum())
+        single = ScoreMachine(two, "IS")(machine.noise.view(-1, 1, 1, 1) * sigma + x0, t).view(-1)
+        se = float(single.std() / len(single) ** 0.5)
+        got = float(machine(torch.full((1, 1, 1, 1), x0, dtype=torch.float64), t))
+        assert abs(got - expected) < 4 * se + 1e-12, (x0, got, expected, se)
+        assert abs(got - float(ScoreMachine(two, "IS")(torch.full((1, 1, 1, 1), x0, dtype=torch.float64), t))) > 10 * se  # smoothing moves it
+
+
+def test_smoothed_closed_form_through_every_backend_and_batch_independent(tiny):
+    data = tiny(3)
+    bank = MemoryBank(data, dedup=True)
+    x = noised(data, 0.3, 3, seed=6)
+    exact = SmoothedClosedFormMachine(bank, sigma=0.2, draws=4)(x, 0.3)
+    for kind in BACKENDS:  # whole-image posteriors are exact under every backend (auto's in float32: ~1e-6)
+        got = SmoothedClosedFormMachine(bank, sigma=0.2, draws=4, backend=kind)(x, 0.3)
+        torch.testing.assert_close(got, exact, rtol=0, atol=1e-5 if kind == "auto" else 1e-9, msg=f"backend {kind}")
+    one = SmoothedClosedFormMachine(bank, sigma=0.2, draws=4)(x[1:2], 0.3)
+    torch.testing.assert_close(one, exact[1:2], rtol=0, atol=1e-12)
+    cond = SmoothedClosedFormMachine(bank, conditional=True, sigma=0.2, draws=4)
+    labels = torch.tensor([0, 1, 1])
+    final = sample(cond, noise_from_seeds([0, 1, 2], data.shape, torch.float64), steps=6, labels=labels)
+    train = to_model_range(data.images, torch.float64).flatten(1)
+    nearest = torch.cdist(final.flatten(1), train).argmin(1)  # late steps are nearly IS: each sample ends by an image of its label
+    assert data.labels[nearest].tolist() == labels.tolist()
+
+
+def test_comparator_specs_and_bad_parameters(tiny):
+    data = tiny(1)
+    assert parse_comparator("smoothed:sigma=0.25:draws=3") == ("smoothed", {"sigma": 0.25, "draws": 3})
+    machine = make_comparator("pca_locality:threshold=0.1:normalise=symmetric", data)
+    assert isinstance(machine, PCALocalityMachine) and machine.threshold == 0.1
+    assert make_comparator(machine.spec(), data).identity() == machine.identity()
+    assert make_comparator("smoothed", data).identity() != make_comparator("smoothed:sigma=0.2", data).identity()
+    for spec, message in (("wiener2", "unknown comparator"), ("smoothed:alpha=1", "has no option 'alpha=1'"),
+                          ("smoothed:draws=two", "draws must be a int"), ("pca_locality:threshold", "has no option")):
+        with pytest.raises(ValueError, match=message):
+            parse_comparator(spec)
+    for make, message in ((lambda: PCALocalityMachine(data, threshold=1.5), "threshold must lie in"),
+                          (lambda: PCALocalityMachine(data, temperature=0), "temperature must be > 0"),
+                          (lambda: PCALocalityMachine(data, normalise="col"), "normalise must be one of"),
+                          (lambda: SmoothedClosedFormMachine(data, sigma=-1), "sigma must be >= 0"),
+                          (lambda: SmoothedClosedFormMachine(data, draws=0), "draws must be >= 1")):
+        with pytest.raises(ValueError, match=message):
+            make()
+    for name, cls in COMPARATORS.items():
+        machine = cls(data)
+        with pytest.raises(ValueError, match=r"built for float images \[B, 1, 7, 9\]"):
+            machine(torch.zeros(1, 1, 9, 7, dtype=torch.float64), 0.5)
+        with pytest.raises(ValueError, match="needs labels"):
+            cls(data, conditional=True)(torch.zeros(2, 1, 7, 9, dtype=torch.float64), 0.5)
+        assert torch.isfinite(sample(machine, noise_from_seeds([0], data.shape, torch.float64), steps=4)).all(), name
