@@ -34,12 +34,6 @@ from .analytic import ScoreMachine
 from .posterior import Backend
 from .schedule import alpha_sigma2
 
-FULL_COVARIANCE_MAX = 4096
-"""Largest C·H·W whose covariance is eigendecomposed whole (a 4,096² float64 matrix is 134 MB). Beyond it,
-and whenever the images are fewer than C·H·W, the spectrum comes from the centred data's SVD ``[N, D]``
-instead: exact as well (Σ has rank ≤ N − 1; directions outside the data's span have λ = 0)."""
-
-
 class _Comparator:
     """Shared input checks and per-label grouping. ``PARAMETERS``: the options a spec string may set, with their
     types; ``CALIBRATED``: the free parameter that :func:`pipelines.calibration.calibrate` may fit (None: none)."""
@@ -84,29 +78,16 @@ class _Comparator:
 
 class WienerMachine(_Comparator):
     """The Wiener filter (see the module docstring); ``x [B, C, H, W]`` → ``x̂0`` in ``x``'s dtype. The mean and
-    spectrum of each label's images are computed once and kept (memory ``D²`` up to
-    :data:`FULL_COVARIANCE_MAX`, else ``N·D``)."""
+    spectrum of each label's images are computed once by the bank and kept (memory ``D²`` up to
+    :data:`~patchbank.base.FULL_COVARIANCE_MAX`, else ``N·D``), on disk beside a built bank's buckets."""
 
     name = "wiener"
 
-    def __init__(self, data: Bank | ImageData, conditional: bool = False) -> None:
-        super().__init__(data, conditional)
-        self._stats: dict[int | None, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
     def statistics(self, label: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(μ [D], eigenvalues λ [r], eigenvectors V [D, r])`` of the label's images (all for None), float64."""
-        if label not in self._stats:
-            x = self._images(label)
-            mu = x.mean(0)
-            centred = x - mu
-            n, D = centred.shape
-            if D <= FULL_COVARIANCE_MAX and n >= D:
-                lam, V = torch.linalg.eigh(centred.T @ centred / n)
-            else:
-                _, sv, Vh = torch.linalg.svd(centred, full_matrices=False)
-                lam, V = sv.pow(2) / n, Vh.T
-            self._stats[label] = (mu, lam.clamp(min=0), V)
-        return self._stats[label]
+        """``(μ [D], eigenvalues λ [r], eigenvectors V [D, r])`` of the label's images (all for None), float64: the
+        bank's :meth:`~patchbank.base.Bank.image_statistics` (computed once; stored with a bank on disk)."""
+        found = self.bank.image_statistics(label)
+        return found.mu, found.lam, found.V
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None) -> torch.Tensor:

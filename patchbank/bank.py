@@ -228,6 +228,10 @@ class PatchBank(Bank):
         except IntegrityError as err:
             raise BankError(f"{self.path}: {err}; re-run the same build to repair it") from None
 
+    def _statistics_file(self, label: int | None) -> Path | None:
+        """Image statistics are stored with the bank, under ``statistics/``."""
+        return self.path / "statistics" / f"{'all' if label is None else f'label{label}'}.pt"
+
     def materialised(self, key: BucketKey) -> bool:
         """Whether the build stored the bucket's distinct patches (P ≤ ``materialise_max``)."""
         self._group(key)  # a clear error for a bucket the bank was not built with

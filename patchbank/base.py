@@ -8,7 +8,9 @@ backend asks for:
 * :meth:`Bank.sample_patches` — patches drawn uniformly, straight from the images;
 * :meth:`Bank.unique_patches` / :meth:`Bank.clustered` — the distinct-patch table and its
   clusters, where :meth:`Bank.materialised` says there is one;
-* :meth:`Bank.search` — the nearest distinct patches of a query.
+* :meth:`Bank.search` — the nearest distinct patches of a query;
+* :meth:`Bank.image_statistics` — the mean and covariance spectrum of its images (per label), computed once
+  (and, for a bank on disk, stored with it).
 
 :class:`~patchbank.memory.MemoryBank` (tables built in memory on first use) and
 :class:`~patchbank.bank.PatchBank` (tables and FAISS indices read from disk) are the two
@@ -18,7 +20,10 @@ own way.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -28,6 +33,56 @@ from .datasets import ImageData, to_model_range
 from .geometry import IMAGE_RULES, BucketKey, centre_index, check_padding, check_scale, pad_images
 from .index import SearchResult, torch_search
 from .tables import Chunk, UniquePatches
+
+log = logging.getLogger(__name__)
+
+FULL_COVARIANCE_MAX = 4096
+"""Largest D = C·H·W whose covariance is eigendecomposed whole (a 4,096² float64 matrix is 134 MB). Beyond it,
+and whenever the images are fewer than D, the spectrum comes from the centred data's thin SVD instead, exact
+as well (Σ has rank ≤ N − 1; directions outside the data's span have λ = 0), in memory ``N·D``: at D = 12,288
+(64×64 RGB) and N = 30,000 that is 2.9 GB."""
+
+
+@dataclass
+class ImageStatistics:
+    """Mean ``mu [D]``, covariance eigenvalues ``lam [r]`` and eigenvectors ``V [D, r]`` (``Σ = V diag(λ) Vᵀ``) of
+    flattened images in model units, float64."""
+
+    mu: torch.Tensor
+    lam: torch.Tensor
+    V: torch.Tensor
+
+    def save(self, path: Path, fingerprint: str) -> None:
+        from .atomic import atomic_write
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda p: torch.save({"fingerprint": fingerprint, "mu": self.mu, "lam": self.lam, "V": self.V}, p))
+
+    @classmethod
+    def load(cls, path: Path, fingerprint: str) -> ImageStatistics | None:
+        """The statistics stored at ``path`` for these images, or None (none stored, another data set's, unreadable)."""
+        if not path.exists():
+            return None
+        try:
+            found = torch.load(path, weights_only=True)
+        except Exception as err:  # a damaged file is computed again, not trusted
+            log.warning("ignoring unreadable image statistics %s (%s)", path, err)
+            return None
+        return cls(found["mu"], found["lam"], found["V"]) if found.get("fingerprint") == fingerprint else None
+
+
+def image_statistics(x: torch.Tensor) -> ImageStatistics:
+    """Mean and covariance spectrum (``1/N`` normalisation) of rows ``x [N, D]``; see :data:`FULL_COVARIANCE_MAX`."""
+    x = x.to(torch.float64)
+    mu = x.mean(0)
+    centred = x - mu
+    n, D = centred.shape
+    if D <= FULL_COVARIANCE_MAX and n >= D:
+        lam, V = torch.linalg.eigh(centred.T @ centred / n)
+    else:
+        _, sv, Vh = torch.linalg.svd(centred, full_matrices=False)
+        lam, V = sv.pow(2) / n, Vh.T
+    return ImageStatistics(mu, lam.clamp(min=0), V)
 
 
 class Bank(ABC):
@@ -49,6 +104,7 @@ class Bank(ABC):
         self._search_tables: dict[tuple[BucketKey, str], torch.Tensor] = {}
         self._padded_cache: tuple[tuple[int, str], torch.Tensor] | None = None
         self._fingerprint: str | None = None
+        self._statistics: dict[int | None, ImageStatistics] = {}
 
     def __len__(self) -> int:
         return len(self.data)
@@ -57,7 +113,7 @@ class Bank(ABC):
         """Pickled without the tables built on demand (a worker process builds its own as it needs them:
         cheaper than sending gigabytes of tables through a pipe, and bounded by what that worker uses)."""
         state = dict(self.__dict__)
-        for name in ("_unique", "_clustered", "_search_tables"):
+        for name in ("_unique", "_clustered", "_search_tables", "_statistics"):
             if name in state:
                 state[name] = {}
         state["_padded_cache"] = None
@@ -86,7 +142,27 @@ class Bank(ABC):
     def search(self, key: BucketKey, queries: torch.Tensor, k: int, nprobe: int = 8, engine: str = "auto") -> SearchResult:
         """The ``k`` distinct patches nearest to ``queries [Q, D]`` (model units) in a bucket."""
 
+    def _statistics_file(self, label: int | None) -> Path | None:
+        """Where a bank keeps a label's :class:`ImageStatistics` between runs (None: in memory only)."""
+        return None
+
     # ---- shared by both implementations ------------------------------------------------------
+    def image_statistics(self, label: int | None = None) -> ImageStatistics:
+        """The mean and covariance spectrum of the label's training images (all for None), float64, in model
+        units: computed once (:func:`image_statistics`), kept, and stored with a bank on disk."""
+        if label not in self._statistics:
+            path = self._statistics_file(label)
+            stats = ImageStatistics.load(path, self.fingerprint()) if path is not None else None
+            if stats is None:
+                stats = image_statistics(to_model_range(self.data.images[self.image_ids(label)], torch.float64).flatten(1))
+                if path is not None:
+                    try:
+                        stats.save(path, self.fingerprint())
+                    except OSError as err:  # a read-only bank still answers; it computes again next time
+                        log.warning("could not store image statistics at %s (%s)", path, err)
+            self._statistics[label] = stats
+        return self._statistics[label]
+
     def image_ids(self, label: int | None) -> torch.Tensor:
         """Indices of the training images in a label's dictionary (all images for None)."""
         if label is None:

@@ -5,6 +5,11 @@ network's ε̂ with each candidate machine's ε̂ (cosine similarity over the wh
 the best P per seed and take the median over seeds (of the chosen candidates, so the result
 is always a candidate). Writes the schedule as explicit (t, P) pairs plus the per-seed
 choices and the similarity curves.
+
+The same procedure fits a comparator theory's free parameter (the smoothed closed form's σ, PCA-locality's
+temperature): the candidates are its values, and since those theories take one value for the whole
+trajectory, :func:`best_constant` picks the value whose similarity, averaged over the visited times, has
+the highest median over seeds.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from patchbank.atomic import atomic_write, write_json
 from .executors import Executor, make_executor, pending
 from .runs import claim_folder, seed_labels
 
-MachineFactory = Callable[[int], Denoiser]
-"""Builds the machine to calibrate at a constant scale P."""
+MachineFactory = Callable[[int | float], Denoiser]
+"""Builds the machine to calibrate at a constant scale P (or a comparator at one value of its free parameter)."""
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -35,7 +40,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def calibrate(
     network: Denoiser,
     machine_at: MachineFactory,
-    candidates: Sequence[int],
+    candidates: Sequence[int] | Sequence[float],
     seeds: Sequence[int],
     shape: Sequence[int],
     steps: int = 20,
@@ -89,7 +94,7 @@ class Candidates:
     """What every calibration batch needs: the network, a machine per candidate P, the grid, the seeds' labels."""
 
     network: Denoiser
-    machines: dict[int, Denoiser]
+    machines: dict[int | float, Denoiser]
     steps: int
     shape: tuple[int, ...]
     label_of: dict[int, int] | None
@@ -113,6 +118,18 @@ def similarities(job: Candidates, seeds: list[int]) -> tuple[list[float], torch.
         net_eps = eps_from_x0(x, net_x0, t)
         rows.append(torch.stack([cosine(eps_from_x0(x, m(x, t, labels), t), net_eps) for m in job.machines.values()]))
     return [t for t, _, _ in visited], torch.stack(rows)
+
+
+def best_constant(result: dict) -> tuple[float, dict[str, float]]:
+    """The candidate of a :func:`calibrate` result with the highest median over seeds of its ε̂ cosine similarity
+    averaged over the visited times, and that score for every candidate (``{str(candidate): score}``)."""
+    curves = result["similarity"]
+    scores = {}
+    for c in result["candidates"]:
+        per_seed = torch.tensor([curves[t][str(c)] for t in curves], dtype=torch.float64).mean(0)  # [seeds]
+        scores[str(c)] = float(per_seed.median())
+    best = max(result["candidates"], key=lambda c: scores[str(c)])
+    return best, scores
 
 
 def schedule_from(result: dict) -> ScaleSchedule:

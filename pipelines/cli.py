@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from machines import MACHINES, describe_backends, parse_backend
-from machines.comparators import COMPARATORS
+from machines.comparators import COMPARATORS, parse_comparator
 from patchbank import BankSpec, PatchBank, load_dataset
 
 from .ablation import AblationConfig, run_ablation
@@ -52,14 +52,32 @@ def executor_spec(text: str) -> str:
 
 
 def theory_list(text: str) -> tuple[str | None, list[str]]:
-    """``bbELS,wiener,nearest`` → the patch machine named (or None) and the comparators, in order (IS is implied)."""
+    """``bbELS,wiener,smoothed:sigma=0.1`` → the patch machine named (or None) and the comparator specs, in order
+    (IS is implied); an unknown theory or comparator option is a usage error naming it."""
     names = [n.strip() for n in text.split(",") if n.strip() and n.strip() != "IS"]
     patch = [n for n in names if n in ("LS", "ELS", "bbELS")]
-    unknown = [n for n in names if n not in COMPARATORS and n not in ("LS", "ELS", "bbELS")]
+    unknown = [n for n in names if n.split(":")[0] not in COMPARATORS and n not in ("LS", "ELS", "bbELS")]
     if unknown or len(patch) > 1:
         raise argparse.ArgumentTypeError(f"theories are one of LS, ELS, bbELS (the calibrated machine), IS and the comparators "
-                                         f"{', '.join(COMPARATORS)}; got {text!r}")
-    return (patch[0] if patch else None), [n for n in names if n in COMPARATORS]
+                                         f"{', '.join(COMPARATORS)} (with options, e.g. smoothed:sigma=0.1); got {text!r}")
+    specs = [n for n in names if n not in patch]
+    try:
+        for spec in specs:
+            parse_comparator(spec)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return (patch[0] if patch else None), specs
+
+
+def number(text: str) -> int | float:
+    """A calibration candidate: an int where the text is one (patch sizes), else a float (a comparator's parameter)."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a candidate must be a number, got {text!r}") from None
 
 
 EXECUTOR_HELP = "where seed batches run: serial, processes:N (local processes) or ray[:ADDRESS] (a Ray cluster; needs the 'ray' extra)"
@@ -141,12 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", default=None, help=f"cpu, cuda or auto; None keeps the config's (TrainConfig: {dt.device})")
     tr.add_argument("--out", default=None, help=f"output folder: checkpoint, model.pt, config.json; None keeps the config's (TrainConfig: {dt.out})")
 
-    c = sub.add_parser("calibrate", help="calibrate a machine's P(t) to a trained network")
+    c = sub.add_parser("calibrate", help="calibrate a machine's P(t) (or a comparator's free parameter) to a trained network")
     dc = CalibrateConfig()
     c.add_argument("--model", default=dc.model, help="a trained model.pt (its config.json names the training data)")
-    c.add_argument("--machine", default=dc.machine, choices=["LS", "ELS", "bbELS"],
-                   help="the machine whose P(t) is calibrated (default: the network's rule, bbELS for zero padding, ELS for circular)")
-    c.add_argument("--candidates", type=int, nargs="+", default=dc.candidates, help="patch sizes P to choose from")
+    c.add_argument("--machine", default=dc.machine,
+                   help="LS, ELS or bbELS: the machine whose P(t) is calibrated (default: the network's rule, bbELS for zero "
+                        "padding, ELS for circular); or a comparator spec whose free parameter is fitted: smoothed (sigma), "
+                        "pca_locality (temperature), with its other options, e.g. pca_locality:threshold=0.05")
+    c.add_argument("--candidates", type=number, nargs="+", default=dc.candidates,
+                   help="patch sizes P to choose from (or, for a comparator, values of its parameter)")
     c.add_argument("--seeds", type=parse_seeds, default=dc.seeds, help="seeds of the network trajectories, e.g. 0-7")
     c.add_argument("--steps", type=int, default=dc.steps, help="DDIM steps")
     c.add_argument("--bank", default=None, help="a built bank of the network's training data (default: built in memory)")
@@ -161,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--calibration", default=de.calibration, help="the calibration.json whose schedule the machine uses")
     e.add_argument("--machine", default=de.machine, choices=["LS", "ELS", "bbELS"], help="the calibrated machine (default: the calibration's)")
     e.add_argument("--machines", type=theory_list, default=None,
-                   help="every theory to compare with the network on the same seeds, e.g. bbELS,wiener,nearest (the patch "
-                        "machine is the calibrated one, IS always runs; comparators: wiener, nearest)")
+                   help="every theory to compare with the network on the same seeds, e.g. bbELS,wiener,nearest,pca_locality,"
+                        "smoothed:sigma=0.1 (the patch machine is the calibrated one, IS always runs; comparators: "
+                        f"{', '.join(COMPARATORS)}, each with its options)")
     e.add_argument("--seeds", type=parse_seeds, default=de.seeds, help="seeds, e.g. 0-99")
     e.add_argument("--steps", type=int, default=de.steps, help="DDIM steps")
     e.add_argument("--bank", default=None, help="a built bank of the network's training data (default: built in memory)")
@@ -176,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--dataset", default=None, help=f"default {da.dataset}")
     ab.add_argument("--resize", type=int, default=None, help=f"default {da.resize} (0 keeps the original size)")
     ab.add_argument("--n-train", type=int, default=None, help=f"default {da.n_train} (0 = all)")
-    ab.add_argument("--machine", default=None, choices=["LS", "ELS", "bbELS"])
+    ab.add_argument("--machine", default=None, help=f"LS, ELS or bbELS (default {da.machine}), or a comparator spec such as "
+                    "smoothed:sigma=0.1 (its IS posteriors go through the grid's backends) or pca_locality (exact entries only)")
     ab.add_argument("--conditional", action="store_true", default=None)
     ab.add_argument("--schedule", default=None, help=f"reference scale schedule, default {da.schedule}")
     ab.add_argument("--calibration", default=None, help="a calibration.json to use as the schedule instead")
@@ -269,7 +292,7 @@ def _run(args: argparse.Namespace) -> None:
         print(train(cfg))
     elif args.command == "calibrate":
         result = run_calibrate(CalibrateConfig(**{f.name: getattr(args, f.name) for f in fields(CalibrateConfig)}))
-        print(json.dumps(result["schedule"]))
+        print(json.dumps(result["parameter"]) if "parameter" in result else json.dumps(result["schedule"]))
     elif args.command == "evaluate":
         values = {f.name: getattr(args, f.name) for f in fields(EvaluateConfig) if f.name != "comparators"}
         patch, values["comparators"] = args.machines or (None, [])

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from machines import ScoreMachine, noise_from_seeds, reference_schedule
-from machines.comparators import COMPARATORS
+from machines.comparators import COMPARATORS, make_comparator, parse_comparator
 from patchbank import Bank, MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import write_json
 
-from .calibration import calibrate, schedule_from, write_calibration
+from .calibration import best_constant, calibrate, schedule_from, write_calibration
 from .evaluation import evaluate, read_rows
 from .figures import agreement_scatter, image_pairs, scale_curve
 from .executors import batch_for
@@ -30,9 +30,13 @@ from .training import load_network
 
 @dataclass
 class CalibrateConfig:
+    """``machine``: a patch machine (LS, ELS, bbELS; None: the network's rule), whose P(t) is calibrated over the
+    ``candidates`` patch sizes, or a comparator spec with a free parameter (``smoothed``, ``pca_locality:threshold=0.05``),
+    whose parameter (σ, temperature) is fitted over the ``candidates`` values."""
+
     model: str = "outputs/train/model.pt"
     machine: str | None = None  # None: the network's rule (bbELS for zero padding, ELS for circular)
-    candidates: list[int] = field(default_factory=lambda: [1, 3, 5, 7, 9, 11, 13, 15, 17, 19])
+    candidates: list[int] | list[float] = field(default_factory=lambda: [1, 3, 5, 7, 9, 11, 13, 15, 17, 19])
     seeds: list[int] = field(default_factory=lambda: list(range(8)))
     steps: int = 20
     bank: str | None = None
@@ -42,9 +46,14 @@ class CalibrateConfig:
     out: str = "outputs/calibrate"
 
     def __post_init__(self) -> None:
-        _check_job(self.machine, self.seeds, self.steps, self.backend, self.executor, self.batch)
+        comparator = self.machine is not None and self.machine.split(":")[0] in COMPARATORS
+        if comparator:
+            name, _ = parse_comparator(self.machine)  # type: ignore[arg-type]
+            if COMPARATORS[name].CALIBRATED is None:
+                raise ValueError(f"the {name} comparator has no free parameter to calibrate")
+        _check_job(None if comparator else self.machine, self.seeds, self.steps, self.backend, self.executor, self.batch)
         if not self.candidates:
-            raise ValueError("give at least one candidate patch size")
+            raise ValueError("give at least one candidate patch size (or parameter value)")
 
 
 @dataclass
@@ -58,16 +67,14 @@ class EvaluateConfig:
     backend: str = "exact"  # a backend spec for the calibrated machine (the IS baseline is always exact)
     executor: str = "serial"  # serial, processes:N or ray[:ADDRESS] (see pipelines.executors)
     batch: int = 10
-    comparators: list[str] = field(default_factory=list)  # more theories on the same seeds: wiener, nearest
+    comparators: list[str] = field(default_factory=list)  # more theories on the same seeds, as specs: wiener, smoothed:sigma=0.1
     out: str = "outputs/evaluate"
 
     def __post_init__(self) -> None:
         _check_job(self.machine, self.seeds, self.steps, self.backend, self.executor, self.batch)
-        unknown = sorted(set(self.comparators) - set(COMPARATORS))
-        if unknown:
-            raise ValueError(f"unknown comparator {', '.join(unknown)}; choose from {', '.join(COMPARATORS)}")
-        if len(set(self.comparators)) != len(self.comparators):
-            raise ValueError("a comparator is listed twice")
+        names = [parse_comparator(spec)[0] for spec in self.comparators]  # unknown names and options are errors
+        if len(set(names)) != len(names):
+            raise ValueError("a comparator is listed twice (each theory is one column of the table)")
 
 
 def _check_job(machine: str | None, seeds: list[int], steps: int, backend: str, executor: str, batch: int | None) -> None:
@@ -100,6 +107,8 @@ def _labels_of(train_cfg: dict, seeds: list[int], bank: Bank) -> dict[int, int] 
 
 
 def run_calibrate(cfg: CalibrateConfig) -> dict:
+    if cfg.machine is not None and cfg.machine.split(":")[0] in COMPARATORS:
+        return _calibrate_comparator(cfg)
     network, bank, train_cfg = _setup(cfg.model, cfg.bank)
     kind = machine_for(train_cfg, cfg.machine, cfg.model)
     labels_of = _labels_of(train_cfg, cfg.seeds, bank)
@@ -116,6 +125,26 @@ def run_calibrate(cfg: CalibrateConfig) -> dict:
         result["paper_schedule"] = paper
     write_calibration(result, out / "calibration.json")
     scale_curve(result["schedule"], out / "scale_curve.png", paper["schedule"] if paper else None)
+    return result
+
+
+def _calibrate_comparator(cfg: CalibrateConfig) -> dict:
+    """Fit a comparator's free parameter to the network: the candidate values' ε̂ similarity along the network's
+    trajectories (per time, as for P), and the one value the comparator keeps (:func:`best_constant`)."""
+    network, bank, train_cfg = _setup(cfg.model, cfg.bank)
+    name, options = parse_comparator(cfg.machine)  # type: ignore[arg-type]
+    parameter = COMPARATORS[name].CALIBRATED
+    labels_of = _labels_of(train_cfg, cfg.seeds, bank)
+    cond = bool(train_cfg["conditional"])
+    result = calibrate(network, lambda v: make_comparator(name, bank, cond, **{**options, parameter: v}),  # type: ignore[misc]
+                       cfg.candidates, cfg.seeds, bank.data.shape, cfg.steps, seed_labels(labels_of, cfg.seeds),
+                       batch=batch_for(cfg.batch, cfg.executor), executor=cfg.executor, resume=Path(cfg.out) / "seeds")
+    best, scores = best_constant(result)
+    chosen = make_comparator(name, bank, cond, **{**options, parameter: best})  # type: ignore[misc]
+    result["parameter"] = {"name": parameter, "value": best, "spec": chosen.spec(), "median_mean_similarity": scores}
+    result["config"] = asdict(cfg)
+    result["network"] = calibration_record(cfg.model, network.identity()["weights"], train_cfg, name)
+    write_calibration(result, Path(cfg.out) / "calibration.json")
     return result
 
 
@@ -140,7 +169,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", {"evaluate": {**asdict(cfg), "machine": kind}, "train": train_cfg})
     paper = paper_schedule(train_cfg)
-    others = {name: COMPARATORS[name](bank, conditional=cond) for name in cfg.comparators}
+    others = {parse_comparator(spec)[0]: make_comparator(spec, bank, cond) for spec in cfg.comparators}
     report = evaluate(network, machine, ideal, cfg.seeds, bank.data.shape, out, cfg.steps, _labels_of(train_cfg, cfg.seeds, bank),
                       cfg.batch, executor=cfg.executor, others=others, config={**asdict(cfg), "machine": kind, "schedule": schedule.to_json(),
                                                                 "paper_schedule": paper})

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 
+from machines.comparators import COMPARATORS
+
 log = logging.getLogger(__name__)
 
 RULE_PADDING = {"LS": "zeros", "bbELS": "zeros", "ELS": "circular"}
@@ -35,12 +37,14 @@ def machine_for(train_cfg: dict, machine: str | None, model: str) -> str:
 def check_machine_options(train_cfg: dict, model: str, *, machine: str, conditional: bool, fingerprint: str,
                           data_name: str = "the machine's data") -> None:
     """A machine built with these options must fit the network of ``train_cfg``: same training data (by
-    fingerprint), the padding rule and the conditioning. Raises ``ValueError`` naming both sides."""
+    fingerprint), the padding rule (patch machines; a comparator theory has none) and the conditioning.
+    Raises ``ValueError`` naming both sides."""
     if train_cfg.get("fingerprint") not in (None, fingerprint):
         raise ValueError(f"the network {model} was trained on other data ({train_cfg.get('dataset')}, "
                          f"{train_cfg.get('train_images', '?')} images, fingerprint {str(train_cfg['fingerprint'])[:12]}) "
                          f"than {data_name} (fingerprint {fingerprint[:12]})")
-    machine_for(train_cfg, machine, model)
+    if machine.split(":")[0] not in COMPARATORS:
+        machine_for(train_cfg, machine, model)
     net_conditional = bool(train_cfg.get("conditional", False))
     if net_conditional != conditional:
         side = ("a class-conditional network", "an unconditional machine") if net_conditional else \

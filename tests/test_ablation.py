@@ -232,6 +232,26 @@ def test_float32_reference_and_rows(tmp_path, datasets_dir, monkeypatch):
         run_ablation(config("float16"), progress=False)
 
 
+def test_comparators_are_ablated_too(tmp_path, datasets_dir, monkeypatch):
+    """A comparator theory in the ablation tool: the smoothed closed form's IS posteriors go through each grid
+    backend (exact under every one, auto's in float32), a comparator that takes no backend accepts exact entries
+    only, and no concentration study is made (it is of patch buckets)."""
+    monkeypatch.setenv("PATCHBANK_DATASETS", str(datasets_dir))
+    grid = ["exact", "topk:k=8", "auto"]
+    cfg = AblationConfig(dataset="mnist", resize=12, n_train=30, seeds=[0, 1], steps=3, grid=grid, machine="smoothed:sigma=0.2:draws=2",
+                         banks=str(tmp_path / "banks"), out=str(tmp_path / "out"))
+    report = run_ablation(cfg, progress=False)
+    rows = {r["config"]: r for r in report["rows"]}
+    assert rows["exact"]["max_abs_diff"] == 0 and rows["topk:k=8"]["max_abs_diff"] == 0 and rows["topk:k=8"]["step_error_max"] == 0
+    assert 0 < rows["auto"]["max_abs_diff"] < 1e-4 and rows["auto"]["pearson_r_min"] > 1 - 1e-9
+    assert "concentration" not in report and not (tmp_path / "out" / "concentration.json").exists()
+    pca = AblationConfig(dataset="mnist", resize=12, n_train=30, seeds=[0], steps=3, grid=["exact"], machine="pca_locality",
+                         out=str(tmp_path / "pca"))
+    assert run_ablation(pca, progress=False)["rows"][0]["max_abs_diff"] == 0
+    with pytest.raises(ValueError, match="computes its posteriors itself, exactly, through no backend; .* not topk:k=8"):
+        run_ablation(AblationConfig(**{**asdict(pca), "grid": ["exact", "topk:k=8"]}), progress=False)
+
+
 def test_concentration_dedup_invariance_and_brute_force(mnist_at):
     data = mnist_at(30, resize=12)
     key = BucketKey("bbELS", 3, "zeros", (1, 1, 1, 1), None)  # interior pixels

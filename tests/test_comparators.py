@@ -48,7 +48,29 @@ def test_wiener_spectrum_routes_agree_and_statistics_are_kept():
     _, lam3, V3 = few.statistics()
     x3 = to_model_range(data.images[:3], torch.float64).flatten(1)
     torch.testing.assert_close((V3 * lam3) @ V3.T, torch.cov(x3.T, correction=0), rtol=0, atol=1e-12)
-    assert full.statistics() is full.statistics()
+    assert all(a is b for a, b in zip(full.statistics(), full.statistics()))  # computed once, kept
+
+
+def test_image_statistics_are_stored_with_a_bank_on_disk(tiny, tmp_path, monkeypatch):
+    from patchbank import BankSpec, PatchBank
+    from patchbank import base as bank_base
+
+    data = tiny(1)
+    bank = PatchBank.build(data, tmp_path / "bank", BankSpec(scales=[3], index=None), progress=False)
+    first = WienerMachine(bank, conditional=True).statistics(1)
+    assert (tmp_path / "bank" / "statistics" / "label1.pt").is_file()
+
+    def recompute(x):
+        raise AssertionError("the stored statistics should have been read")
+
+    monkeypatch.setattr(bank_base, "image_statistics", recompute)
+    again = WienerMachine(PatchBank.open(tmp_path / "bank"), conditional=True).statistics(1)
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    monkeypatch.undo()
+    (tmp_path / "bank" / "statistics" / "label1.pt").write_bytes(b"damaged")  # a damaged file is computed again
+    for a, b in zip(first, WienerMachine(PatchBank.open(tmp_path / "bank"), conditional=True).statistics(1)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_wiener_limits_and_conditioning(tiny):

@@ -175,3 +175,37 @@ def test_one_agreement_table_for_every_theory(nets, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["evaluate", "--model", model, "--calibration", calibration, "--machines", "bbELS,pca", "--out", str(tmp_path / "f")])
     assert "theories are one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--model", model, "--calibration", calibration, "--machines", "smoothed:sigma=x", "--out", str(tmp_path / "f")])
+    assert "sigma must be a float" in capsys.readouterr().err
+
+
+def test_comparator_parameters_are_calibrated_and_evaluated_by_spec(nets, tmp_path, capsys):
+    model, calibration = nets["fashion"]
+    main(["calibrate", "--model", model, "--machine", "smoothed:draws=2", "--candidates", "0", "0.3", "--seeds", "1000-1001",
+          "--steps", "3", "--out", str(tmp_path / "c")])
+    printed = json.loads(capsys.readouterr().out)
+    found = json.loads((tmp_path / "c" / "calibration.json").read_text())
+    assert printed == found["parameter"] and found["parameter"]["name"] == "sigma"
+    scores = found["parameter"]["median_mean_similarity"]
+    assert set(scores) == {"0", "0.3"} and found["parameter"]["value"] == max((0, 0.3), key=lambda c: scores[str(c)])
+    assert found["parameter"]["spec"] == f"smoothed:sigma={float(found['parameter']['value'])}:draws=2:seed=0"
+    assert found["network"]["machine"] == "smoothed" and found["network"]["conditional"]
+    for t, by_value in found["similarity"].items():  # the ε̂ cosines behind the choice, one per seed
+        assert all(len(v) == 2 and all(-1 <= c <= 1 for c in v) for v in by_value.values())
+    spec = found["parameter"]["spec"]
+    run = ["evaluate", "--model", model, "--calibration", calibration, "--seeds", "0-1", "--steps", "3", "--batch", "2",
+           "--machines", f"bbELS,pca_locality:threshold=0.1,{spec}", "--out", str(tmp_path / "e")]
+    main(run)
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert report["config"]["comparators"] == ["pca_locality:threshold=0.1", spec]
+    for name in ("pca_locality", "smoothed"):
+        assert -1 <= report[f"median_{name}_r"] <= 1 and 0 <= report[f"machine_beats_{name}"] <= 1
+    theory = json.loads((tmp_path / "e" / "theories" / "smoothed" / "run.json").read_text())
+    assert theory["theory"]["sigma"] == float(found["parameter"]["value"]) and theory["theory"]["draws"] == 2
+    with pytest.raises(SystemExit):  # the same column with another σ is another theory: refused, not mixed in
+        main(run[:-4] + ["--machines", "smoothed:sigma=0.7:draws=2", "--out", str(tmp_path / "e")])
+    assert "holds results of another run (differs in: theory)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--model", model, "--machine", "wiener", "--candidates", "1", "--out", str(tmp_path / "w")])
+    assert "no free parameter to calibrate" in capsys.readouterr().err

@@ -98,6 +98,17 @@ class Variant:
         return self.spec.build()
 
 
+def comparator_of(cfg: AblationConfig) -> tuple[str, dict, bool] | None:
+    """For an ablation of a comparator theory (``machine`` a comparator spec such as ``smoothed:sigma=0.1``):
+    its name, options and whether its posteriors go through the grid's backends; None for a patch machine."""
+    from machines.comparators import COMPARATORS, SmoothedClosedFormMachine, parse_comparator
+
+    if cfg.machine.split(":")[0] not in COMPARATORS:
+        return None
+    name, options = parse_comparator(cfg.machine)
+    return name, options, COMPARATORS[name] is SmoothedClosedFormMachine
+
+
 def exact_part(backend: Backend) -> ExactBackend:
     """The exact sums a backend's answers rest on: the backend itself, or its exact fallback."""
     return backend if isinstance(backend, ExactBackend) else backend.exact  # type: ignore[attr-defined]

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from machines import Backend, ScaleSchedule, ScoreMachine, StepRecorder, noise_from_seeds, sample
+from machines import Backend, Denoiser, ScaleSchedule, ScoreMachine, StepRecorder, noise_from_seeds, sample
+from machines.comparators import make_comparator
 from patchbank import Bank, BankError, BankSpec, ImageData, MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import atomic_write, write_json
 
@@ -18,8 +19,8 @@ from ..pairing import check_machine_options
 from ..runs import read_json
 from ..sampling import cycled_labels
 from .concentration import concentration_study
-from .config import (AblationConfig, Variant, concentration_key, held_out, part_key, reference_variant, schedule_of, slack,
-                     slug, variant_key, without_seeds)
+from .config import (AblationConfig, Variant, comparator_of, concentration_key, held_out, part_key, reference_variant,
+                     schedule_of, slack, slug, variant_key, without_seeds)
 from .report import best_configuration, exact_row, make_row, merge_steps, summary_markdown, write_csv
 from .resources import PeakMemory, environment
 
@@ -40,6 +41,17 @@ def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
     variants = [Variant.parse(g) for g in cfg.grid]
     if len({v.name for v in variants}) != len(variants):
         raise ValueError("the grid lists a configuration twice")
+    theory = comparator_of(cfg)
+    if theory is None and cfg.machine not in ("LS", "ELS", "bbELS"):
+        from machines.comparators import COMPARATORS
+
+        raise ValueError(f"unknown machine {cfg.machine!r}: ablate a patch machine (LS, ELS, bbELS) or a comparator "
+                         f"({', '.join(COMPARATORS)})")
+    if theory is not None and not theory[2]:
+        other = [v.name for v in variants if v.kind != "exact"]
+        if other:
+            raise ValueError(f"the {theory[0]} comparator computes its posteriors itself, exactly, through no backend; "
+                             f"its grid can hold exact entries only, not {', '.join(other)}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(cfg.dataset, split=cfg.split, resize=cfg.resize, limit=cfg.n_train)
@@ -71,7 +83,7 @@ def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
         r["speedup_vs_exact"] = base / r["seconds"] if r["seconds"] else None
     report = {"config": asdict(cfg), "rows": rows, "steps": steps, "reference_seconds": reference["seconds"],
               "best": best_configuration(rows)}
-    if cfg.concentration:
+    if cfg.concentration and theory is None:  # the study is of patch buckets: a comparator has none
         report["concentration"] = _concentration(cfg, memory_bank, schedule, key["fingerprint"], out, progress)
     write_json(out / "results.json", report)
     write_csv(rows, out / "rows.csv")
@@ -80,7 +92,7 @@ def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
 
     pareto_plot(rows, out / "pareto.png")
     fallback_curves(steps, out / "fallback.png")
-    if cfg.concentration:
+    if "concentration" in report:
         concentration_heatmap(report["concentration"], out / "concentration.png")
     return report
 
@@ -97,8 +109,14 @@ def _concentration(cfg: AblationConfig, bank: Bank, schedule: ScaleSchedule, fin
     return kept["cells"]
 
 
-def _machine(cfg: AblationConfig, bank: Bank, schedule: ScaleSchedule, backend: Backend) -> ScoreMachine:
-    return ScoreMachine(bank, cfg.machine, scales=schedule, conditional=cfg.conditional, backend=backend)  # type: ignore[arg-type]
+def _machine(cfg: AblationConfig, bank: Bank, schedule: ScaleSchedule, backend: Backend) -> Denoiser:
+    """The ablated machine with ``backend``: a patch machine on the schedule, or a comparator (the smoothed closed
+    form's IS posteriors go through the backend; the other comparators compute theirs exactly without one)."""
+    theory = comparator_of(cfg)
+    if theory is None:
+        return ScoreMachine(bank, cfg.machine, scales=schedule, conditional=cfg.conditional, backend=backend)  # type: ignore[arg-type]
+    extra = {"backend": backend} if theory[2] else {}
+    return make_comparator(cfg.machine, bank, cfg.conditional, **extra)
 
 
 def _reference(cfg, bank, schedule, noise, labels, out: Path, key: dict, progress: bool) -> dict:
@@ -152,7 +170,7 @@ def _reference(cfg, bank, schedule, noise, labels, out: Path, key: dict, progres
 class _Reference:
     """What every batch of the exact reference needs: its machine, all seeds' noise and labels, the steps."""
 
-    machine: ScoreMachine
+    machine: Denoiser
     noise: torch.Tensor
     labels: torch.Tensor | None
     steps: int
@@ -165,7 +183,7 @@ def reference_batch(job: _Reference, batch: list[int]) -> dict:
     return _reference_run(job.machine, job.steps, job.noise[idx], None if job.labels is None else job.labels[idx], job.progress)
 
 
-def _reference_run(machine: ScoreMachine, steps: int, noise: torch.Tensor, labels: torch.Tensor | None, progress: bool) -> dict:
+def _reference_run(machine: Denoiser, steps: int, noise: torch.Tensor, labels: torch.Tensor | None, progress: bool) -> dict:
     """Exact trajectories of a batch of seeds: the state each step was applied to, its x̂0, the final samples, seconds."""
     states, x0s = [], []
 
@@ -194,8 +212,9 @@ def _network_final(cfg: AblationConfig, noise: torch.Tensor, labels) -> torch.Te
 
 def _bank_for(cfg: AblationConfig, backend: Backend, data: ImageData, memory_bank: MemoryBank, schedule: ScaleSchedule,
               progress: bool) -> Bank:
-    """The in-memory bank, or — for a backend that searches a FAISS index — a bank with that index (built once, reused)."""
-    if backend.index is None:
+    """The in-memory bank, or — for a backend that searches a FAISS index — a bank with that index (built once, reused).
+    A comparator's posteriors are over whole images, which no index serves: it always gets the in-memory bank."""
+    if backend.index is None or comparator_of(cfg) is not None:
         return memory_bank
     path = Path(cfg.banks) / f"{data.name}-{data.fingerprint()[:12]}-{cfg.machine}-{slug(backend.index)}-m{cfg.materialise_max or 0}"
     spec = BankSpec(scales=sorted(set(schedule.scales)), rules=[cfg.machine], labels=cfg.conditional, index=backend.index,
@@ -246,7 +265,7 @@ def _run_variant(cfg, v: Variant, data, memory_bank, schedule, noise, labels, re
     return {"row": row, "steps": steps}
 
 
-def _variant_batch(cfg, v: Variant, machine: ScoreMachine, backend: Backend, noise, labels, reference, idx: list[int],
+def _variant_batch(cfg, v: Variant, machine: Denoiser, backend: Backend, noise, labels, reference, idx: list[int],
                    progress) -> dict:
     """One batch of seeds (``idx`` into ``cfg.seeds``): the timed free run and the teacher-forced steps."""
     device = v.device
