@@ -10,7 +10,12 @@ paper's), copying each row's figures into ``docs/figures/``.
 
     python experiments/agreement.py row configs/mnist_unet_cpu.json --candidates 3 5 7 9 11 13 15 19 23 27 \\
         --cal-seeds 1000-1003 --eval-seeds 0-49
+    python experiments/agreement.py row configs/mnist_resnet_cpu.json --candidates 3 5 7 9 11 13 15 \\
+        --cal-seeds 1000-1004 --eval-seeds 0-29 --theories wiener,nearest --fit smoothed@0,0.1,0.2 pca_locality@0.5,1,2
     python experiments/agreement.py table mnist_resnet_cpu mnist_unet_cpu fashion_resnet_cpu
+
+``--fit`` calibrates a comparator's free parameter on the calibration seeds (its own stage, timed) and
+evaluates the comparator with the value found.
 """
 
 from __future__ import annotations
@@ -32,7 +37,10 @@ PAPER_R = {("mnist", "resnet"): 0.94, ("mnist", "unet"): 0.84, ("fashion_mnist",
 
 
 def run_row(config: str, candidates: list[int], cal_seeds: str, eval_seeds: str, backend: str, batch: int,
-            theories: str | None = None) -> None:
+            theories: str | None = None, fitted: list[str] | None = None) -> None:
+    """``fitted``: comparators whose free parameter is calibrated first, as ``SPEC@v1,v2,…`` (e.g.
+    ``smoothed:draws=8@0,0.05,0.1``), on the same calibration seeds; the evaluation then runs them with the
+    value found, beside ``theories``."""
     cfg = TrainConfig.from_json(config)
     root = Path(cfg.out)
     if set(parse_seeds(cal_seeds)) & set(parse_seeds(eval_seeds)):
@@ -42,11 +50,21 @@ def run_row(config: str, candidates: list[int], cal_seeds: str, eval_seeds: str,
         ("train", ["train", "--config", config]),
         ("calibrate", ["calibrate", "--model", model, "--candidates", *map(str, candidates), "--seeds", cal_seeds,
                        "--backend", backend, "--batch", "1", "--out", str(root / "calibrate")]),
-        ("evaluate", ["evaluate", "--model", model, "--calibration", str(root / "calibrate" / "calibration.json"),
-                      "--seeds", eval_seeds, "--backend", backend, "--batch", str(batch), "--out", str(root / "evaluate")]
-                     + (["--machines", theories] if theories else [])),
     ]
-    for name, argv in stages:
+    fits = []
+    for item in fitted or []:
+        spec, _, values = item.partition("@")
+        folder = root / f"calibrate_{spec.split(':')[0]}"
+        fits.append(folder / "calibration.json")
+        stages.append((f"calibrate {spec.split(':')[0]}", ["calibrate", "--model", model, "--machine", spec, "--candidates",
+                                                           *values.split(","), "--seeds", cal_seeds, "--batch", "1", "--out", str(folder)]))
+    evaluate = ["evaluate", "--model", model, "--calibration", str(root / "calibrate" / "calibration.json"), "--seeds", eval_seeds,
+                "--backend", backend, "--batch", str(batch), "--out", str(root / "evaluate")]
+    for name, argv in stages + [("evaluate", evaluate)]:
+        if name == "evaluate":
+            found = [json.loads(f.read_text())["parameter"]["spec"] for f in fits]
+            names = ",".join([t for t in (theories or "").split(",") if t] + found)
+            argv = argv + (["--machines", names] if names else [])
         start = time.perf_counter()
         try:
             patchbank(argv)
@@ -80,7 +98,7 @@ def row_summary(name: str, figures: Path | None = None) -> dict:
             "machine": cal["network"]["machine"] if "network" in cal else cal["config"]["machine"],
             "schedule": [P for _, P in cal["schedule"]], "paper_schedule": [P for _, P in paper] if paper else None,
             "paper_r": PAPER_R.get((train_cfg["dataset"], train_cfg["arch"])), "seconds": seconds,
-            "calibration_seeds": len(cal["seeds"]), **report}
+            "calibration_seeds": len(cal["seeds"]), "comparators": report.get("config", {}).get("comparators", []), **report}
 
 
 def table(names: list[str], figures: Path | None) -> str:
@@ -107,6 +125,8 @@ def table(names: list[str], figures: Path | None) -> str:
     lines.append("")
     for r in rows:
         lines.append(f"* `{r['name']}` schedule (t = 0.05 … 1): {r['schedule']}; paper: {r['paper_schedule']}")
+        if r["comparators"]:
+            lines.append(f"* `{r['name']}` comparators: " + ", ".join(f"`{c}`" for c in r["comparators"]))
     return "\n".join(lines)
 
 
@@ -121,12 +141,14 @@ def main() -> None:
     r.add_argument("--backend", default="exact:dtype=float32")
     r.add_argument("--batch", type=int, default=10)
     r.add_argument("--theories", default=None, help="comparator theories evaluated beside the machine, e.g. wiener,nearest")
+    r.add_argument("--fit", nargs="+", default=None, metavar="SPEC@VALUES",
+                   help="comparators whose free parameter is calibrated first, e.g. smoothed@0,0.05,0.1 pca_locality@0.5,1,2")
     t = sub.add_parser("table", help="the markdown table of finished rows")
     t.add_argument("names", nargs="+", help="config names (folders under outputs/)")
     t.add_argument("--figures", default="docs/figures", help="copy each row's figures here ('' for none)")
     args = parser.parse_args()
     if args.command == "row":
-        run_row(args.config, args.candidates, args.cal_seeds, args.eval_seeds, args.backend, args.batch, args.theories)
+        run_row(args.config, args.candidates, args.cal_seeds, args.eval_seeds, args.backend, args.batch, args.theories, args.fit)
     else:
         print(table(args.names, Path(args.figures) if args.figures else None))
 

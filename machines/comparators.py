@@ -136,7 +136,8 @@ class PCALocalityMachine(_Comparator):
     over the training images ``y_i`` (of the sample's label when conditional), ``T`` = ``temperature``. This is
     the analytical denoiser of the paper's method section; the mask's normalisation and binarisation follow the
     authors' public implementation (threshold 0.02 and temperature 1 are its defaults). With ``threshold=0``
-    the mask is full and the machine is exactly IS (``temperature=1``).
+    the mask is full and the machine is exactly IS (``temperature=1``); the authors' code instead weights
+    distances by the real-valued ``Â`` at threshold 0, a case not offered here.
 
     The softmax runs over *all* images at once: images stream in chunks of ``chunk`` through a running
     maximum and running sums per output value (a log-sum-exp merge), never as an average of per-chunk softmaxes
