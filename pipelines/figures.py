@@ -74,7 +74,8 @@ def fallback_curves(steps: dict[str, list[dict]], path: str | os.PathLike) -> No
         if recs and "fallback_fraction" in recs[0]:
             ax.plot([r["t"] for r in recs], [r["fallback_fraction"] for r in recs], marker=".", label=name)
     ax.set(xlabel="t", ylabel="fallback fraction", ylim=(-0.02, 1.02))
-    ax.legend(fontsize=6)
+    if ax.lines:  # a grid without top-k rows (exact only, or a comparator's) has no curves to name
+        ax.legend(fontsize=6)
     _save(fig, path)
 
 
