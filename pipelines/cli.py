@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", default=d.dataset, help="mnist, fashion_mnist, cifar10, celeba, two_image, random, an .npz or a folder")
     s.add_argument("--resize", type=int, default=d.resize, help="resize to R×R (0 keeps the original size)")
     s.add_argument("--n-train", type=int, default=d.n_train, help="use the first N training images (0 = all)")
-    s.add_argument("--machine", default=d.machine, choices=MACHINES)
+    s.add_argument("--machine", default=d.machine, help=f"one of {', '.join(MACHINES)}, or a comparator spec: "
+                   f"{', '.join(COMPARATORS)} with options, e.g. smoothed:sigma=0.1 or pca_locality:threshold=0.05")
     s.add_argument("--schedule", default=d.schedule, help="reference scale schedule (see machines/data/scales.json)")
     s.add_argument("--reading", default=d.reading, choices=["calibrated", "paper"])
     s.add_argument("--scale", type=int, default=None, help="a constant patch scale P instead of the schedule")

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from machines import ScaleSchedule, ScoreMachine, make_backend, noise_from_seeds, reference_schedule, sample
+from machines import MACHINES, Denoiser, ScaleSchedule, ScoreMachine, make_backend, noise_from_seeds, reference_schedule, sample
+from machines.comparators import COMPARATORS, SmoothedClosedFormMachine, make_comparator, parse_comparator
 from machines.posterior.topk import TopKBackend
 from patchbank import MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import atomic_write, write_json
@@ -29,7 +30,7 @@ class SampleConfig:
     dataset: str = "mnist"
     resize: int | None = 32
     n_train: int | None = 300
-    machine: str = "bbELS"
+    machine: str = "bbELS"  # IS, ES, LS, ELS, bbELS, or a comparator spec such as smoothed:sigma=0.1
     schedule: str = "MNIST_ResNet_zeros"
     reading: str = "calibrated"
     scale: int | None = None  # a constant P instead of the reference schedule
@@ -45,14 +46,26 @@ class SampleConfig:
     out: str = "outputs/sample"
 
     def __post_init__(self) -> None:
+        if not self.comparator and self.machine not in MACHINES:
+            raise ValueError(f"unknown machine {self.machine!r}; choose from {', '.join(MACHINES)} or a comparator "
+                             f"({', '.join(COMPARATORS)}, e.g. smoothed:sigma=0.1)")
+        if self.comparator:
+            parse_comparator(self.machine)  # an unknown option is an error now, before any work
+            if self.scale is not None or self.padding is not None:
+                raise ValueError(f"{self.machine} is a comparator theory: --scale and --padding do not apply to it")
         if self.machine in ("IS", "ES") and self.scale is not None:
             raise ValueError(f"{self.machine} compares whole images; --scale does not apply to it")
         if self.labels is not None and not self.conditional:
             raise ValueError("labels are given but the machine is not conditional; add --conditional (or drop --labels)")
         check_run_options(self.seeds, self.steps, self.backend, self.executor, self.batch)
 
+    @property
+    def comparator(self) -> bool:
+        """Whether ``machine`` names a comparator theory (see :mod:`machines.comparators`)."""
+        return self.machine.split(":")[0] in COMPARATORS
+
     def scales(self) -> ScaleSchedule | None:
-        if self.machine in ("IS", "ES"):
+        if self.machine in ("IS", "ES") or self.comparator:
             return None
         if self.scale is not None:
             return ScaleSchedule.constant(self.scale)
@@ -69,13 +82,14 @@ def run_sample(cfg: SampleConfig) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)  # an --out under a file fails here, before any work
     machine, noise, labels = machine_for(cfg)
-    data, backend = machine.bank.data, machine.backend
+    data = machine.bank.data
+    backend = getattr(machine, "backend", None) or getattr(getattr(machine, "ideal", None), "backend", None)
     log.info("%r: %d seeds, %d steps on %s", machine, len(cfg.seeds), cfg.steps, cfg.executor)
     start = time.perf_counter()
     batch = batch_for(cfg.batch, cfg.executor)
     if batch is None or batch >= len(cfg.seeds):
         x = sample(machine, noise, cfg.steps, labels, progress=True, checkpoint=out / "sample.ckpt")
-        stats = backend.stats.summary()
+        stats = backend.stats.summary() if backend is not None else None
     else:
         x, stats = _in_batches(machine, cfg, labels, batch, out / "batches"), None
     elapsed = time.perf_counter() - start
@@ -92,7 +106,7 @@ def run_sample(cfg: SampleConfig) -> Path:
 class _Sampling:
     """What every sampling batch needs: the machine, the grid and each seed's label."""
 
-    machine: ScoreMachine
+    machine: Denoiser
     steps: int
     shape: tuple[int, ...]
     label_of: dict[int, int] | None
@@ -103,7 +117,7 @@ def sample_seeds(job: _Sampling, seeds: list[int]) -> torch.Tensor:
     return sample(job.machine, noise_from_seeds(seeds, job.shape), job.steps, seed_labels(job.label_of, seeds))
 
 
-def _in_batches(machine: ScoreMachine, cfg: SampleConfig, labels: torch.Tensor | None, batch: int, folder: Path) -> torch.Tensor:
+def _in_batches(machine: Denoiser, cfg: SampleConfig, labels: torch.Tensor | None, batch: int, folder: Path) -> torch.Tensor:
     """The seeds' samples in batches on ``cfg.executor``, each batch kept in ``folder/kept.pt`` as it finishes."""
     label_of = dict(zip(cfg.seeds, labels.tolist())) if labels is not None else None
     claim_folder(folder, {"machine": machine.identity(), "steps": cfg.steps, "labels": label_of})
@@ -115,14 +129,19 @@ def _in_batches(machine: ScoreMachine, cfg: SampleConfig, labels: torch.Tensor |
         atomic_write(kept_file, lambda p: torch.save(kept, p))
 
     todo = pending(cfg.seeds, batch, kept)
-    job = _Sampling(machine, cfg.steps, tuple(machine.bank.data.shape), label_of)
+    job = _Sampling(machine, cfg.steps, tuple(machine.bank.data.shape), label_of)  # type: ignore[attr-defined]
     make_executor(cfg.executor).map(sample_seeds, job, todo, keep, desc="sample", size=len)
     return torch.stack([kept[s] for s in cfg.seeds])
 
 
 def machine_for(cfg: SampleConfig) -> tuple[ScoreMachine, torch.Tensor, torch.Tensor | None]:
-    """The machine a sampling config describes, with its seeds' noise ``[S, C, H, W]`` and labels."""
+    """The machine a sampling config describes, with its seeds' noise ``[S, C, H, W]`` and labels (a comparator
+    theory where ``cfg.machine`` is a comparator spec; the smoothed closed form gets ``cfg.backend``)."""
     bank = PatchBank.open(cfg.bank) if cfg.bank else MemoryBank(load_dataset(cfg.dataset, resize=cfg.resize, limit=cfg.n_train))
+    if cfg.comparator:
+        extra = {"backend": make_backend(cfg.backend)} if COMPARATORS[parse_comparator(cfg.machine)[0]] is SmoothedClosedFormMachine else {}
+        theory = make_comparator(cfg.machine, bank, cfg.conditional, **extra)
+        return theory, noise_from_seeds(cfg.seeds, bank.data.shape), _labels(cfg, bank.data.labels)  # type: ignore[return-value]
     machine = ScoreMachine(bank, cfg.machine, scales=cfg.scales(), padding=cfg.padding, conditional=cfg.conditional,  # type: ignore[arg-type]
                            backend=make_backend(cfg.backend))
     return machine, noise_from_seeds(cfg.seeds, bank.data.shape), _labels(cfg, bank.data.labels)
@@ -153,6 +172,8 @@ def run_explain(sample_dir: str | os.PathLike, m: int = 16, at: list[int] | None
                            str(folder / "config.json"))
     stored = torch.load(folder / "samples.pt")
     machine, noise, labels = machine_for(cfg)
+    if cfg.comparator:
+        raise ValueError(f"provenance is of the patch machines and IS, not of the comparator {cfg.machine}")
     if machine.kind == "ES":
         raise ValueError("provenance for ES is not implemented")
     final, found = explain(machine, noise, cfg.steps, labels, at, m, index=provenance_index(index), tol=tol)

@@ -67,6 +67,28 @@ def test_sample_on_processes_from_a_shared_bank(bank, tmp_path, capsys):
     assert torch.equal(run("processes:2:threads=1", "parallel"), serial) and kept.stat().st_mtime_ns == stamp
 
 
+def test_sample_a_comparator_theory(bank, tmp_path, capsys):
+    """``patchbank sample --machine SPEC`` samples a comparator from the bank's images: the same images as the
+    Python API, from the same seeds; options a patch machine takes, or a bad spec, are refused."""
+    from machines import noise_from_seeds, sample
+    from machines.comparators import make_comparator
+    from patchbank import PatchBank
+
+    for spec in ("smoothed:sigma=0.2:draws=2", "pca_locality:normalise=symmetric:threshold=0.1", "wiener"):
+        out = tmp_path / spec.split(":")[0]
+        main(["sample", "--bank", bank, "--machine", spec, "--seeds", "0,3", "--steps", "4", "--out", str(out)])
+        assert capsys.readouterr().out.strip().endswith("samples.png")
+        got = torch.load(out / "samples.pt")["samples"]
+        theory = make_comparator(spec, PatchBank.open(bank))
+        torch.testing.assert_close(got, sample(theory, noise_from_seeds([0, 3], (1, H, H)), 4), rtol=0, atol=1e-6)
+    for argv, message in ((["--machine", "smoothed", "--scale", "3"], "--scale and --padding do not apply"),
+                          (["--machine", "smoothed:beta=2"], "has no option 'beta=2'"),
+                          (["--machine", "foo"], "unknown machine 'foo'")):
+        with pytest.raises(SystemExit):
+            main(["sample", "--bank", bank, "--out", str(tmp_path / "bad"), *argv])
+        assert message in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_train_calibrate_evaluate_through_the_cli(tmp_path, datasets_env, capsys):
     cfg = {"dataset": "mnist", "resize": H, "n_train": 40, "width": 8, "blocks": 2, "iters": 4, "batch": 16,
