@@ -303,6 +303,19 @@ def parse_comparator(spec: str) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
+def named_spec(text: str) -> tuple[str, str]:
+    """``"pca_sym=pca_locality:normalise=symmetric"`` → ``("pca_sym", "pca_locality:normalise=symmetric")``; a spec
+    without a name (``"smoothed:sigma=0.1"``) is named by its comparator (``"smoothed"``). Names let one table hold
+    two variants of a theory; a name is letters, digits and underscores."""
+    head, eq, rest = text.strip().partition("=")
+    if eq and ":" not in head:
+        if not head.replace("_", "").isalnum():
+            raise ValueError(f"a theory's name is letters, digits and underscores, got {head!r}")
+        parse_comparator(rest)
+        return head, rest
+    return parse_comparator(text)[0], text.strip()
+
+
 def make_comparator(spec: str, data: Bank | ImageData, conditional: bool = False, **extra: Any) -> _Comparator:
     """The comparator a spec string names, over ``data`` (``extra``: further constructor arguments, e.g. a backend)."""
     name, options = parse_comparator(spec)

@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from machines import MACHINES, describe_backends, parse_backend
-from machines.comparators import COMPARATORS, parse_comparator
+from machines.comparators import COMPARATORS, named_spec
 from patchbank import BankSpec, PatchBank, load_dataset
 
 from .ablation import AblationConfig, run_ablation
@@ -56,17 +56,23 @@ def theory_list(text: str) -> tuple[str | None, list[str]]:
     (IS is implied); an unknown theory or comparator option is a usage error naming it."""
     names = [n.strip() for n in text.split(",") if n.strip() and n.strip() != "IS"]
     patch = [n for n in names if n in ("LS", "ELS", "bbELS")]
-    unknown = [n for n in names if n.split(":")[0] not in COMPARATORS and n not in ("LS", "ELS", "bbELS")]
+    unknown = [n for n in names if _theory_kind(n) not in COMPARATORS and n not in ("LS", "ELS", "bbELS")]
     if unknown or len(patch) > 1:
         raise argparse.ArgumentTypeError(f"theories are one of LS, ELS, bbELS (the calibrated machine), IS and the comparators "
                                          f"{', '.join(COMPARATORS)} (with options, e.g. smoothed:sigma=0.1); got {text!r}")
     specs = [n for n in names if n not in patch]
     try:
         for spec in specs:
-            parse_comparator(spec)
+            named_spec(spec)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return (patch[0] if patch else None), specs
+
+
+def _theory_kind(text: str) -> str:
+    """The comparator a ``[name=]spec`` entry names."""
+    head, eq, rest = text.partition("=")
+    return (rest if eq and ":" not in head else text).split(":")[0]
 
 
 def number(text: str) -> int | float:
@@ -185,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--machines", type=theory_list, default=None,
                    help="every theory to compare with the network on the same seeds, e.g. bbELS,wiener,nearest,pca_locality,"
                         "smoothed:sigma=0.1 (the patch machine is the calibrated one, IS always runs; comparators: "
-                        f"{', '.join(COMPARATORS)}, each with its options)")
+                        f"{', '.join(COMPARATORS)}, each with its options; NAME=SPEC names a variant, e.g. "
+                        "pca_sym=pca_locality:normalise=symmetric)")
     e.add_argument("--seeds", type=parse_seeds, default=de.seeds, help="seeds, e.g. 0-99")
     e.add_argument("--steps", type=int, default=de.steps, help="DDIM steps")
     e.add_argument("--bank", default=None, help="a built bank of the network's training data (default: built in memory)")

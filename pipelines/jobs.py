@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from machines import ScoreMachine, noise_from_seeds, reference_schedule
-from machines.comparators import COMPARATORS, make_comparator, parse_comparator
+from machines.comparators import COMPARATORS, make_comparator, named_spec, parse_comparator
 from patchbank import Bank, MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import write_json
 
@@ -72,9 +72,10 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         _check_job(self.machine, self.seeds, self.steps, self.backend, self.executor, self.batch)
-        names = [parse_comparator(spec)[0] for spec in self.comparators]  # unknown names and options are errors
+        names = [named_spec(spec)[0] for spec in self.comparators]  # unknown names and options are errors
         if len(set(names)) != len(names):
-            raise ValueError("a comparator is listed twice (each theory is one column of the table)")
+            raise ValueError("a comparator is listed twice (each theory is one column of the table; name variants, "
+                             "e.g. pca_sym=pca_locality:normalise=symmetric)")
 
 
 def _check_job(machine: str | None, seeds: list[int], steps: int, backend: str, executor: str, batch: int | None) -> None:
@@ -169,7 +170,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", {"evaluate": {**asdict(cfg), "machine": kind}, "train": train_cfg})
     paper = paper_schedule(train_cfg)
-    others = {parse_comparator(spec)[0]: make_comparator(spec, bank, cond) for spec in cfg.comparators}
+    others = {name: make_comparator(spec, bank, cond) for name, spec in map(named_spec, cfg.comparators)}
     report = evaluate(network, machine, ideal, cfg.seeds, bank.data.shape, out, cfg.steps, _labels_of(train_cfg, cfg.seeds, bank),
                       cfg.batch, executor=cfg.executor, others=others, config={**asdict(cfg), "machine": kind, "schedule": schedule.to_json(),
                                                                 "paper_schedule": paper})

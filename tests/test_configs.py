@@ -195,17 +195,23 @@ def test_comparator_parameters_are_calibrated_and_evaluated_by_spec(nets, tmp_pa
         assert all(len(v) == 2 and all(-1 <= c <= 1 for c in v) for v in by_value.values())
     spec = found["parameter"]["spec"]
     run = ["evaluate", "--model", model, "--calibration", calibration, "--seeds", "0-1", "--steps", "3", "--batch", "2",
-           "--machines", f"bbELS,pca_locality:threshold=0.1,{spec}", "--out", str(tmp_path / "e")]
+           "--machines", f"bbELS,pca_locality:threshold=0.1,pca_sym=pca_locality:normalise=symmetric,{spec}", "--out", str(tmp_path / "e")]
     main(run)
     report = json.loads((tmp_path / "e" / "report.json").read_text())
-    assert report["config"]["comparators"] == ["pca_locality:threshold=0.1", spec]
-    for name in ("pca_locality", "smoothed"):
+    assert report["config"]["comparators"] == ["pca_locality:threshold=0.1", "pca_sym=pca_locality:normalise=symmetric", spec]
+    samples = torch.load(tmp_path / "e" / "samples.pt")
+    assert not torch.equal(samples[0]["pca_sym"], samples[0]["pca_locality"])  # two variants, two columns
+    for name in ("pca_locality", "pca_sym", "smoothed"):
         assert -1 <= report[f"median_{name}_r"] <= 1 and 0 <= report[f"machine_beats_{name}"] <= 1
     theory = json.loads((tmp_path / "e" / "theories" / "smoothed" / "run.json").read_text())
     assert theory["theory"]["sigma"] == float(found["parameter"]["value"]) and theory["theory"]["draws"] == 2
     with pytest.raises(SystemExit):  # the same column with another σ is another theory: refused, not mixed in
         main(run[:-4] + ["--machines", "smoothed:sigma=0.7:draws=2", "--out", str(tmp_path / "e")])
     assert "holds results of another run (differs in: theory)" in capsys.readouterr().err
+    for bad, message in (("smoothed,smoothed:sigma=0.2", "a comparator is listed twice"), ("p-s=smoothed", "letters, digits")):
+        with pytest.raises(SystemExit):
+            main(run[:-4] + ["--machines", bad, "--out", str(tmp_path / "g")])
+        assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["calibrate", "--model", model, "--machine", "wiener", "--candidates", "1", "--out", str(tmp_path / "w")])
     assert "no free parameter to calibrate" in capsys.readouterr().err
