@@ -28,6 +28,7 @@ import statistics
 import time
 from pathlib import Path
 
+from machines.comparators import named_spec
 from pipelines.cli import main as patchbank, parse_seeds
 from pipelines.training import TrainConfig
 
@@ -53,16 +54,17 @@ def run_row(config: str, candidates: list[int], cal_seeds: str, eval_seeds: str,
     ]
     fits = []
     for item in fitted or []:
-        spec, _, values = item.partition("@")
-        folder = root / f"calibrate_{spec.split(':')[0]}"
-        fits.append(folder / "calibration.json")
-        stages.append((f"calibrate {spec.split(':')[0]}", ["calibrate", "--model", model, "--machine", spec, "--candidates",
-                                                           *values.split(","), "--seeds", cal_seeds, "--batch", "1", "--out", str(folder)]))
+        named, _, values = item.partition("@")
+        name, spec = named_spec(named)
+        folder = root / f"calibrate_{name}"
+        fits.append((name, folder / "calibration.json"))
+        stages.append((f"calibrate {name}", ["calibrate", "--model", model, "--machine", spec, "--candidates", *values.split(","),
+                                             "--seeds", cal_seeds, "--batch", "1", "--out", str(folder)]))
     evaluate = ["evaluate", "--model", model, "--calibration", str(root / "calibrate" / "calibration.json"), "--seeds", eval_seeds,
                 "--backend", backend, "--batch", str(batch), "--out", str(root / "evaluate")]
     for name, argv in stages + [("evaluate", evaluate)]:
         if name == "evaluate":
-            found = [json.loads(f.read_text())["parameter"]["spec"] for f in fits]
+            found = [f"{name}={json.loads(f.read_text())['parameter']['spec']}" for name, f in fits]
             names = ",".join([t for t in (theories or "").split(",") if t] + found)
             argv = argv + (["--machines", names] if names else [])
         start = time.perf_counter()
@@ -142,7 +144,8 @@ def main() -> None:
     r.add_argument("--batch", type=int, default=10)
     r.add_argument("--theories", default=None, help="comparator theories evaluated beside the machine, e.g. wiener,nearest")
     r.add_argument("--fit", nargs="+", default=None, metavar="SPEC@VALUES",
-                   help="comparators whose free parameter is calibrated first, e.g. smoothed@0,0.05,0.1 pca_locality@0.5,1,2")
+                   help="comparators whose free parameter is calibrated first, [NAME=]SPEC@VALUES, e.g. smoothed@0,0.05,0.1 "
+                        "pca_locality@0.5,1,2 pca_sym=pca_locality:normalise=symmetric@0.5,1,2")
     t = sub.add_parser("table", help="the markdown table of finished rows")
     t.add_argument("names", nargs="+", help="config names (folders under outputs/)")
     t.add_argument("--figures", default="docs/figures", help="copy each row's figures here ('' for none)")
