@@ -36,7 +36,8 @@ from .schedule import alpha_sigma2
 
 class _Comparator:
     """Shared input checks and per-label grouping. ``PARAMETERS``: the options a spec string may set, with their
-    types; ``CALIBRATED``: the free parameter that :func:`pipelines.calibration.calibrate` may fit (None: none)."""
+    types; ``CALIBRATED``: the free parameter that calibration fits by default (None: none; any numeric
+    parameter can be fitted on request)."""
 
     name = "comparator"
     PARAMETERS: dict[str, type] = {}
@@ -150,7 +151,7 @@ class PCALocalityMachine(_Comparator):
 
     name = "pca_locality"
     PARAMETERS = {"threshold": float, "temperature": float, "normalise": str}
-    CALIBRATED = "temperature"
+    CALIBRATED = "threshold"  # the mask's extent, as P is the patch machines'; the temperature can be fitted instead
     NORMALISATIONS = ("row", "symmetric")
 
     def __init__(self, data: Bank | ImageData, conditional: bool = False, threshold: float = 0.02, temperature: float = 1.0,

@@ -172,9 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--machine", default=dc.machine,
                    help="LS, ELS or bbELS: the machine whose P(t) is calibrated (default: the network's rule, bbELS for zero "
                         "padding, ELS for circular); or a comparator spec whose free parameter is fitted: smoothed (sigma), "
-                        "pca_locality (temperature), with its other options, e.g. pca_locality:threshold=0.05")
+                        "pca_locality (threshold; see --parameter), with its other options, e.g. pca_locality:normalise=symmetric")
     c.add_argument("--candidates", type=number, nargs="+", default=dc.candidates,
                    help="patch sizes P to choose from (or, for a comparator, values of its parameter)")
+    c.add_argument("--parameter", default=dc.parameter,
+                   help="for a comparator: the parameter to fit (default: smoothed's sigma, pca_locality's threshold; "
+                        "e.g. temperature)")
     c.add_argument("--seeds", type=parse_seeds, default=dc.seeds, help="seeds of the network trajectories, e.g. 0-7")
     c.add_argument("--steps", type=int, default=dc.steps, help="DDIM steps")
     c.add_argument("--bank", default=None, help="a built bank of the network's training data (default: built in memory)")

@@ -37,6 +37,7 @@ class CalibrateConfig:
     model: str = "outputs/train/model.pt"
     machine: str | None = None  # None: the network's rule (bbELS for zero padding, ELS for circular)
     candidates: list[int] | list[float] = field(default_factory=lambda: [1, 3, 5, 7, 9, 11, 13, 15, 17, 19])
+    parameter: str | None = None  # a comparator's parameter to fit (None: its default, e.g. sigma, threshold)
     seeds: list[int] = field(default_factory=lambda: list(range(8)))
     steps: int = 20
     bank: str | None = None
@@ -49,8 +50,14 @@ class CalibrateConfig:
         comparator = self.machine is not None and self.machine.split(":")[0] in COMPARATORS
         if comparator:
             name, _ = parse_comparator(self.machine)  # type: ignore[arg-type]
-            if COMPARATORS[name].CALIBRATED is None:
+            cls = COMPARATORS[name]
+            numeric = [p for p, kind in cls.PARAMETERS.items() if kind is float]
+            if self.parameter is None and cls.CALIBRATED is None:
                 raise ValueError(f"the {name} comparator has no free parameter to calibrate")
+            if self.parameter is not None and self.parameter not in numeric:
+                raise ValueError(f"the {name} comparator cannot fit {self.parameter!r}; its parameters: {', '.join(numeric) or 'none'}")
+        elif self.parameter is not None:
+            raise ValueError("--parameter is for comparators; a patch machine's calibration fits its patch size P(t)")
         _check_job(None if comparator else self.machine, self.seeds, self.steps, self.backend, self.executor, self.batch)
         if not self.candidates:
             raise ValueError("give at least one candidate patch size (or parameter value)")
@@ -134,7 +141,7 @@ def _calibrate_comparator(cfg: CalibrateConfig) -> dict:
     trajectories (per time, as for P), and the one value the comparator keeps (:func:`best_constant`)."""
     network, bank, train_cfg = _setup(cfg.model, cfg.bank)
     name, options = parse_comparator(cfg.machine)  # type: ignore[arg-type]
-    parameter = COMPARATORS[name].CALIBRATED
+    parameter = cfg.parameter or COMPARATORS[name].CALIBRATED
     labels_of = _labels_of(train_cfg, cfg.seeds, bank)
     cond = bool(train_cfg["conditional"])
     result = calibrate(network, lambda v: make_comparator(name, bank, cond, **{**options, parameter: v}),  # type: ignore[misc]

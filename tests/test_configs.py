@@ -215,3 +215,11 @@ def test_comparator_parameters_are_calibrated_and_evaluated_by_spec(nets, tmp_pa
     with pytest.raises(SystemExit):
         main(["calibrate", "--model", model, "--machine", "wiener", "--candidates", "1", "--out", str(tmp_path / "w")])
     assert "no free parameter to calibrate" in capsys.readouterr().err
+    for argv, message in ((["--machine", "smoothed", "--parameter", "draws"], "cannot fit 'draws'"),
+                          (["--machine", "bbELS", "--parameter", "sigma"], "--parameter is for comparators")):
+        with pytest.raises(SystemExit):
+            main(["calibrate", "--model", model, *argv, "--candidates", "1", "--out", str(tmp_path / "w")])
+        assert message in capsys.readouterr().err
+    main(["calibrate", "--model", model, "--machine", "pca_locality", "--parameter", "temperature", "--candidates", "0.5", "2",
+          "--seeds", "1000", "--steps", "2", "--out", str(tmp_path / "t")])
+    assert json.loads(capsys.readouterr().out)["name"] == "temperature"
