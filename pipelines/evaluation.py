@@ -99,6 +99,12 @@ def evaluate(
     for name, theory in (others or {}).items():
         if name in ("network", "machine", "is"):
             raise ValueError(f"{name!r} is taken; name the theory otherwise")
+        if not (out / "theories" / name / "run.json").exists():  # a new theory here: no earlier results count as its
+            for row in by_seed.values():
+                for key in [k for k in row if k in (f"{name}_r", f"{name}_r2", f"{name}_mse")]:
+                    del row[key]
+            for kept in samples.values():
+                kept.pop(name, None)
         claim_folder(out / "theories" / name, {"theory": identity_of(theory), "steps": steps, "shape": list(shape),
                                                 "conditional": labels_of is not None})
 

@@ -9,12 +9,15 @@ mismatch between network, calibration, bank and machine is refused with an error
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from machines import noise_from_seeds, sample
+from machines.comparators import make_comparator
 from patchbank import load_dataset, to_model_range
 from pipelines.ablation import AblationConfig, run_ablation
 from pipelines.cli import main
@@ -208,6 +211,15 @@ def test_comparator_parameters_are_calibrated_and_evaluated_by_spec(nets, tmp_pa
     with pytest.raises(SystemExit):  # the same column with another σ is another theory: refused, not mixed in
         main(run[:-4] + ["--machines", "smoothed:sigma=0.7:draws=2", "--out", str(tmp_path / "e")])
     assert "holds results of another run (differs in: theory)" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "e" / "theories" / "smoothed")  # its record gone: its results no longer count, it runs again
+    main(run[:-4] + ["--machines", "smoothed:sigma=5:draws=2", "--out", str(tmp_path / "e")])
+    again = torch.load(tmp_path / "e" / "samples.pt")
+    data = load_dataset("fashion_mnist", resize=12, limit=60)
+    theory = make_comparator("smoothed:sigma=5:draws=2", data, conditional=True)
+    expect = sample(theory, noise_from_seeds([0, 1], data.shape, torch.float64), 3, data.labels.unique()[:2])
+    torch.testing.assert_close(torch.stack([again[s]["smoothed"] for s in (0, 1)]), expect.float(), rtol=0, atol=1e-6)
+    assert json.loads((tmp_path / "e" / "theories" / "smoothed" / "run.json").read_text())["theory"]["sigma"] == 5
+    capsys.readouterr()
     for bad, message in (("smoothed,smoothed:sigma=0.2", "a comparator is listed twice"), ("p-s=smoothed", "letters, digits")):
         with pytest.raises(SystemExit):
             main(run[:-4] + ["--machines", bad, "--out", str(tmp_path / "g")])
