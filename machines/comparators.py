@@ -5,7 +5,8 @@
   ``E[x0 | x_t] = μ + a·Σ (a²Σ + σ²I)⁻¹ (x_t − a·μ)`` (the Gaussian conditional mean, i.e. the Wiener filter;
   among all linear denoisers it has the least mean squared error on any data with that μ and Σ). Computed through ``Σ = V diag(λ) Vᵀ``: ``x̂0 = μ + V diag(aλ/(a²λ + σ²)) Vᵀ (x_t − aμ)``.
 * :class:`NearestNeighbourMachine` — the training image nearest to ``x_t / a``: the IS posterior's heaviest image
-  (its zero-temperature limit), a memorisation baseline.
+  (its zero-temperature limit), a memorisation baseline. Found by an exact search over the whole images (the
+  bank's indices are of patches).
 * :class:`PCALocalityMachine` — the locality denoiser of Lukoianov, Yuan, Solomon & Sitzmann (*Locality in image
   diffusion models emerges from data statistics*, NeurIPS 2025): each output value ``m`` is the softmax-weighted
   mean of the training images' value ``m``, weighted by distances measured only over the pixels of ``m``'s
@@ -33,6 +34,7 @@ from patchbank.memory import MemoryBank
 from .analytic import ScoreMachine
 from .posterior import Backend
 from .schedule import alpha_sigma2
+
 
 class _Comparator:
     """Shared input checks and per-label grouping. ``PARAMETERS``: the options a spec string may set, with their
