@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from machines import ScoreMachine, noise_from_seeds, reference_schedule
-from machines.comparators import COMPARATORS, make_comparator, named_spec, parse_comparator
+from machines.comparators import COMPARATORS, SmoothedClosedFormMachine, make_comparator, named_spec, parse_comparator
 from patchbank import Bank, MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import write_json
 
@@ -28,15 +28,18 @@ from .runs import check_run_options, read_json, seed_labels
 from .training import load_network
 
 
+PATCH_CANDIDATES = [1, 3, 5, 7, 9, 11, 13, 15, 17, 19]
+
+
 @dataclass
 class CalibrateConfig:
     """``machine``: a patch machine (LS, ELS, bbELS; None: the network's rule), whose P(t) is calibrated over the
-    ``candidates`` patch sizes, or a comparator spec with a free parameter (``smoothed``, ``pca_locality:threshold=0.05``),
-    whose parameter (σ, temperature) is fitted over the ``candidates`` values."""
+    ``candidates`` patch sizes, or a comparator spec with a free parameter (``smoothed``, ``pca_locality:normalise=symmetric``),
+    whose ``parameter`` (default: σ, the mask threshold) is fitted over the ``candidates`` values, which must then be given."""
 
     model: str = "outputs/train/model.pt"
     machine: str | None = None  # None: the network's rule (bbELS for zero padding, ELS for circular)
-    candidates: list[int] | list[float] = field(default_factory=lambda: [1, 3, 5, 7, 9, 11, 13, 15, 17, 19])
+    candidates: list[int] | list[float] = field(default_factory=lambda: list(PATCH_CANDIDATES))
     parameter: str | None = None  # a comparator's parameter to fit (None: its default, e.g. sigma, threshold)
     seeds: list[int] = field(default_factory=lambda: list(range(8)))
     steps: int = 20
@@ -56,6 +59,9 @@ class CalibrateConfig:
                 raise ValueError(f"the {name} comparator has no free parameter to calibrate")
             if self.parameter is not None and self.parameter not in numeric:
                 raise ValueError(f"the {name} comparator cannot fit {self.parameter!r}; its parameters: {', '.join(numeric) or 'none'}")
+            if list(self.candidates) == PATCH_CANDIDATES:
+                raise ValueError(f"give the values of {self.parameter or cls.CALIBRATED} to try as candidates (the default "
+                                 "candidates are patch sizes)")
         elif self.parameter is not None:
             raise ValueError("--parameter is for comparators; a patch machine's calibration fits its patch size P(t)")
         _check_job(None if comparator else self.machine, self.seeds, self.steps, self.backend, self.executor, self.batch)
@@ -144,11 +150,12 @@ def _calibrate_comparator(cfg: CalibrateConfig) -> dict:
     parameter = cfg.parameter or COMPARATORS[name].CALIBRATED
     labels_of = _labels_of(train_cfg, cfg.seeds, bank)
     cond = bool(train_cfg["conditional"])
-    result = calibrate(network, lambda v: make_comparator(name, bank, cond, **{**options, parameter: v}),  # type: ignore[misc]
+    extra = {"backend": cfg.backend} if COMPARATORS[name] is SmoothedClosedFormMachine else {}  # its IS posteriors
+    result = calibrate(network, lambda v: make_comparator(name, bank, cond, **{**options, parameter: v}, **extra),  # type: ignore[misc]
                        cfg.candidates, cfg.seeds, bank.data.shape, cfg.steps, seed_labels(labels_of, cfg.seeds),
                        batch=batch_for(cfg.batch, cfg.executor), executor=cfg.executor, resume=Path(cfg.out) / "seeds")
     best, scores = best_constant(result)
-    chosen = make_comparator(name, bank, cond, **{**options, parameter: best})  # type: ignore[misc]
+    chosen = make_comparator(name, bank, cond, **{**options, parameter: best}, **extra)  # type: ignore[misc]
     result["parameter"] = {"name": parameter, "value": best, "spec": chosen.spec(), "median_mean_similarity": scores}
     result["config"] = asdict(cfg)
     result["network"] = calibration_record(cfg.model, network.identity()["weights"], train_cfg, name)

@@ -227,6 +227,9 @@ def test_comparator_parameters_are_calibrated_and_evaluated_by_spec(nets, tmp_pa
     with pytest.raises(SystemExit):
         main(["calibrate", "--model", model, "--machine", "wiener", "--candidates", "1", "--out", str(tmp_path / "w")])
     assert "no free parameter to calibrate" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--model", model, "--machine", "smoothed", "--out", str(tmp_path / "w")])
+    assert "give the values of sigma to try as candidates" in capsys.readouterr().err
     for argv, message in ((["--machine", "smoothed", "--parameter", "draws"], "cannot fit 'draws'"),
                           (["--machine", "bbELS", "--parameter", "sigma"], "--parameter is for comparators")):
         with pytest.raises(SystemExit):
