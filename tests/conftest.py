@@ -3,8 +3,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# One thread per process unless told otherwise: the suite's tensors are small, and its executor tests run
+# worker processes (and a local Ray cluster) beside the main one, where 2-thread BLAS in every process on a
+# 2-core machine oversubscribes the cores (measured: the whole suite 14:21 with 2 threads against 3:44 with
+# one, on this machine with one other single-thread job running). Workers inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from patchbank import ImageData, load_npz, random_images, resize_uint8, to_model_range
 
