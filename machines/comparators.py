@@ -62,7 +62,15 @@ class _Comparator:
         return [(int(y), torch.nonzero(labels == y).view(-1)) for y in labels.unique()]
 
     def _images(self, label: int | None) -> torch.Tensor:
-        return to_model_range(self.bank.data.images[self.bank.image_ids(label)], torch.float64).flatten(1)
+        """The label's training images as float64 rows ``[N, D]`` in model units (converted once, kept)."""
+        cache = self.__dict__.setdefault("_train", {})
+        if label not in cache:
+            cache[label] = to_model_range(self.bank.data.images[self.bank.image_ids(label)], torch.float64).flatten(1)
+        return cache[label]
+
+    def __getstate__(self) -> dict:
+        """Pickled without the float copies of the images (a worker converts them again)."""
+        return {k: ({} if k.startswith("_") and isinstance(v, dict) else v) for k, v in self.__dict__.items()}
 
     def parameters(self) -> dict[str, Any]:
         """The values of this comparator's :attr:`PARAMETERS`."""
@@ -170,7 +178,6 @@ class PCALocalityMachine(_Comparator):
         self.threshold, self.temperature, self.normalise, self.chunk = float(threshold), float(temperature), normalise, chunk
         self.wiener = WienerMachine(self.bank, conditional)
         self._masks: dict[tuple[int | None, float], torch.Tensor] = {}
-        self._train: dict[int | None, torch.Tensor] = {}
 
     def mask(self, t: float, label: int | None = None) -> torch.Tensor:
         """The binary locality mask at time ``t``: bool ``[D, D]``, column ``m`` = the values output ``m`` compares."""
@@ -190,18 +197,13 @@ class PCALocalityMachine(_Comparator):
                 self._masks[key] = (A / root[:, None] / root[None, :]).abs() >= self.threshold
         return self._masks[key]
 
-    def _training(self, label: int | None) -> torch.Tensor:
-        if label not in self._train:
-            self._train[label] = self._images(label)
-        return self._train[label]
-
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None) -> torch.Tensor:
         a, s2 = alpha_sigma2(t)
         out = torch.empty_like(x)
         for label, idx in self._groups(x, labels):
             M = self.mask(t, label).to(torch.float64)
-            means = masked_posterior_means(x[idx].flatten(1).to(torch.float64), self._training(label), M, a, s2 * self.temperature,
+            means = masked_posterior_means(x[idx].flatten(1).to(torch.float64), self._images(label), M, a, s2 * self.temperature,
                                            self.chunk)
             out[idx] = means.view(-1, *self.shape).to(x.dtype)
         return out

@@ -248,3 +248,16 @@ def test_comparator_specs_and_bad_parameters(tiny):
         with pytest.raises(ValueError, match="needs labels"):
             cls(data, conditional=True)(torch.zeros(2, 1, 7, 9, dtype=torch.float64), 0.5)
         assert torch.isfinite(sample(machine, noise_from_seeds([0], data.shape, torch.float64), steps=4)).all(), name
+
+
+def test_comparators_pickle_without_their_caches(tiny):
+    import pickle
+
+    data = tiny(1)
+    x = noised(data, 0.4, 2, seed=3)
+    for spec in ("nearest", "pca_locality:normalise=symmetric:threshold=0.2", "wiener"):
+        machine = make_comparator(spec, data)
+        before = machine(x, 0.4)
+        sent = pickle.loads(pickle.dumps(machine))
+        assert not sent.__dict__.get("_train") and not sent.__dict__.get("_masks", {})
+        torch.testing.assert_close(sent(x, 0.4), before, rtol=0, atol=0)
