@@ -44,6 +44,7 @@ class _Comparator:
     name = "comparator"
     PARAMETERS: dict[str, type] = {}
     CALIBRATED: str | None = None
+    TAKES_BACKEND = False  # whether its posteriors go through a posterior backend (given as ``backend=``)
 
     def __init__(self, data: Bank | ImageData, conditional: bool = False) -> None:
         self.bank = data if isinstance(data, Bank) else MemoryBank(data)
@@ -256,6 +257,7 @@ class SmoothedClosedFormMachine(_Comparator):
     name = "smoothed"
     PARAMETERS = {"sigma": float, "draws": int, "seed": int}
     CALIBRATED = "sigma"
+    TAKES_BACKEND = True
 
     def __init__(self, data: Bank | ImageData, conditional: bool = False, sigma: float = 0.1, draws: int = 8, seed: int = 0,
                  backend: Backend | str | None = None) -> None:
@@ -269,8 +271,13 @@ class SmoothedClosedFormMachine(_Comparator):
         g = torch.Generator().manual_seed(self.seed)
         self.noise = torch.randn(self.draws, *self.shape, generator=g, dtype=torch.float64)  # [K, C, H, W]
 
+    @property
+    def backend(self) -> Backend:
+        """The backend its IS posteriors go through."""
+        return self.ideal.backend
+
     def identity(self) -> dict:
-        return {**super().identity(), "backend": repr(self.ideal.backend)}
+        return {**super().identity(), "backend": repr(self.backend)}
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -308,20 +315,36 @@ def parse_comparator(spec: str) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
+def _split_name(text: str) -> tuple[str | None, str]:
+    """``"NAME=SPEC"`` → ``(NAME, SPEC)``; a spec without a name → ``(None, spec)`` (a ``=`` after a ``:`` is an option's)."""
+    head, eq, rest = text.strip().partition("=")
+    return (head, rest) if eq and ":" not in head else (None, text.strip())
+
+
+def comparator_kind(text: str) -> str | None:
+    """The comparator a ``[NAME=]SPEC`` string names (``"pca_sym=pca_locality:…"`` → ``"pca_locality"``), or None
+    where it names none (a patch machine such as ``bbELS``, or an unknown name). Options are not checked."""
+    kind = _split_name(text)[1].split(":")[0]
+    return kind if kind in COMPARATORS else None
+
+
 def named_spec(text: str) -> tuple[str, str]:
     """``"pca_sym=pca_locality:normalise=symmetric"`` → ``("pca_sym", "pca_locality:normalise=symmetric")``; a spec
     without a name (``"smoothed:sigma=0.1"``) is named by its comparator (``"smoothed"``). Names let one table hold
     two variants of a theory; a name is letters, digits and underscores."""
-    head, eq, rest = text.strip().partition("=")
-    if eq and ":" not in head:
-        if not head.replace("_", "").isalnum():
-            raise ValueError(f"a theory's name is letters, digits and underscores, got {head!r}")
-        parse_comparator(rest)
-        return head, rest
-    return parse_comparator(text)[0], text.strip()
+    name, spec = _split_name(text)
+    if name is not None and not name.replace("_", "").isalnum():
+        raise ValueError(f"a theory's name is letters, digits and underscores, got {name!r}")
+    kind, _ = parse_comparator(spec)
+    return name or kind, spec
 
 
-def make_comparator(spec: str, data: Bank | ImageData, conditional: bool = False, **extra: Any) -> _Comparator:
-    """The comparator a spec string names, over ``data`` (``extra``: further constructor arguments, e.g. a backend)."""
+def make_comparator(spec: str, data: Bank | ImageData, conditional: bool = False, backend: Backend | str | None = None,
+                    **extra: Any) -> _Comparator:
+    """The comparator a spec string names, over ``data``. ``backend`` goes to a comparator whose posteriors go through
+    one (:attr:`~_Comparator.TAKES_BACKEND`) and is not used by the others; ``extra``: further constructor arguments."""
     name, options = parse_comparator(spec)
-    return COMPARATORS[name](data, conditional=conditional, **options, **extra)
+    cls = COMPARATORS[name]
+    if cls.TAKES_BACKEND:
+        extra["backend"] = backend
+    return cls(data, conditional=conditional, **options, **extra)

@@ -7,7 +7,7 @@ is always a candidate). Writes the schedule as explicit (t, P) pairs plus the pe
 choices and the similarity curves.
 
 The same procedure fits a comparator theory's free parameter (the smoothed closed form's σ, PCA-locality's
-temperature): the candidates are its values, and since those theories take one value for the whole
+mask threshold or temperature): the candidates are its values, and since those theories take one value for the whole
 trajectory, :func:`best_constant` picks the value whose similarity, averaged over the visited times, has
 the highest median over seeds.
 """

@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from machines import MACHINES, describe_backends, parse_backend
-from machines.comparators import COMPARATORS, named_spec
+from machines.comparators import COMPARATORS, comparator_kind, named_spec
 from patchbank import BankSpec, PatchBank, load_dataset
 
 from .ablation import AblationConfig, run_ablation
@@ -56,7 +56,7 @@ def theory_list(text: str) -> tuple[str | None, list[str]]:
     (IS is implied); an unknown theory or comparator option is a usage error naming it."""
     names = [n.strip() for n in text.split(",") if n.strip() and n.strip() != "IS"]
     patch = [n for n in names if n in ("LS", "ELS", "bbELS")]
-    unknown = [n for n in names if _theory_kind(n) not in COMPARATORS and n not in ("LS", "ELS", "bbELS")]
+    unknown = [n for n in names if comparator_kind(n) is None and n not in ("LS", "ELS", "bbELS")]
     if unknown or len(patch) > 1:
         raise argparse.ArgumentTypeError(f"theories are one of LS, ELS, bbELS (the calibrated machine), IS and the comparators "
                                          f"{', '.join(COMPARATORS)} (with options, e.g. smoothed:sigma=0.1); got {text!r}")
@@ -67,12 +67,6 @@ def theory_list(text: str) -> tuple[str | None, list[str]]:
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return (patch[0] if patch else None), specs
-
-
-def _theory_kind(text: str) -> str:
-    """The comparator a ``[name=]spec`` entry names."""
-    head, eq, rest = text.partition("=")
-    return (rest if eq and ":" not in head else text).split(":")[0]
 
 
 def number(text: str) -> int | float:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from machines import ScoreMachine, noise_from_seeds, reference_schedule
-from machines.comparators import COMPARATORS, SmoothedClosedFormMachine, make_comparator, named_spec, parse_comparator
+from machines.comparators import COMPARATORS, comparator_kind, make_comparator, named_spec, parse_comparator
 from patchbank import Bank, MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import write_json
 
@@ -50,7 +50,7 @@ class CalibrateConfig:
     out: str = "outputs/calibrate"
 
     def __post_init__(self) -> None:
-        comparator = self.machine is not None and self.machine.split(":")[0] in COMPARATORS
+        comparator = self.machine is not None and comparator_kind(self.machine) is not None
         if comparator:
             name, _ = parse_comparator(self.machine)  # type: ignore[arg-type]
             cls = COMPARATORS[name]
@@ -121,7 +121,7 @@ def _labels_of(train_cfg: dict, seeds: list[int], bank: Bank) -> dict[int, int] 
 
 
 def run_calibrate(cfg: CalibrateConfig) -> dict:
-    if cfg.machine is not None and cfg.machine.split(":")[0] in COMPARATORS:
+    if cfg.machine is not None and comparator_kind(cfg.machine) is not None:
         return _calibrate_comparator(cfg)
     network, bank, train_cfg = _setup(cfg.model, cfg.bank)
     kind = machine_for(train_cfg, cfg.machine, cfg.model)
@@ -150,12 +150,11 @@ def _calibrate_comparator(cfg: CalibrateConfig) -> dict:
     parameter = cfg.parameter or COMPARATORS[name].CALIBRATED
     labels_of = _labels_of(train_cfg, cfg.seeds, bank)
     cond = bool(train_cfg["conditional"])
-    extra = {"backend": cfg.backend} if COMPARATORS[name] is SmoothedClosedFormMachine else {}  # its IS posteriors
-    result = calibrate(network, lambda v: make_comparator(name, bank, cond, **{**options, parameter: v}, **extra),  # type: ignore[misc]
+    result = calibrate(network, lambda v: make_comparator(name, bank, cond, cfg.backend, **{**options, parameter: v}),  # type: ignore[misc]
                        cfg.candidates, cfg.seeds, bank.data.shape, cfg.steps, seed_labels(labels_of, cfg.seeds),
                        batch=batch_for(cfg.batch, cfg.executor), executor=cfg.executor, resume=Path(cfg.out) / "seeds")
     best, scores = best_constant(result)
-    chosen = make_comparator(name, bank, cond, **{**options, parameter: best}, **extra)  # type: ignore[misc]
+    chosen = make_comparator(name, bank, cond, cfg.backend, **{**options, parameter: best})  # type: ignore[misc]
     result["parameter"] = {"name": parameter, "value": best, "spec": chosen.spec(), "median_mean_similarity": scores}
     result["config"] = asdict(cfg)
     result["network"] = calibration_record(cfg.model, network.identity()["weights"], train_cfg, name)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from machines.comparators import COMPARATORS
+from machines.comparators import comparator_kind
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def check_machine_options(train_cfg: dict, model: str, *, machine: str, conditio
         raise ValueError(f"the network {model} was trained on other data ({train_cfg.get('dataset')}, "
                          f"{train_cfg.get('train_images', '?')} images, fingerprint {str(train_cfg['fingerprint'])[:12]}) "
                          f"than {data_name} (fingerprint {fingerprint[:12]})")
-    if machine.split(":")[0] not in COMPARATORS:
+    if comparator_kind(machine) is None:
         machine_for(train_cfg, machine, model)
     net_conditional = bool(train_cfg.get("conditional", False))
     if net_conditional != conditional:

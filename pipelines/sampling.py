@@ -12,7 +12,7 @@ import torch
 from torchvision.utils import save_image
 
 from machines import MACHINES, Denoiser, ScaleSchedule, ScoreMachine, make_backend, noise_from_seeds, reference_schedule, sample
-from machines.comparators import COMPARATORS, SmoothedClosedFormMachine, make_comparator, parse_comparator
+from machines.comparators import COMPARATORS, comparator_kind, make_comparator, parse_comparator
 from machines.posterior.topk import TopKBackend
 from patchbank import MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import atomic_write, write_json
@@ -62,7 +62,7 @@ class SampleConfig:
     @property
     def comparator(self) -> bool:
         """Whether ``machine`` names a comparator theory (see :mod:`machines.comparators`)."""
-        return self.machine.split(":")[0] in COMPARATORS
+        return comparator_kind(self.machine) is not None
 
     def scales(self) -> ScaleSchedule | None:
         if self.machine in ("IS", "ES") or self.comparator:
@@ -83,7 +83,7 @@ def run_sample(cfg: SampleConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)  # an --out under a file fails here, before any work
     machine, noise, labels = machine_for(cfg)
     data = machine.bank.data
-    backend = getattr(machine, "backend", None) or getattr(getattr(machine, "ideal", None), "backend", None)
+    backend = getattr(machine, "backend", None)  # a comparator that computes its posteriors itself has none
     log.info("%r: %d seeds, %d steps on %s", machine, len(cfg.seeds), cfg.steps, cfg.executor)
     start = time.perf_counter()
     batch = batch_for(cfg.batch, cfg.executor)
@@ -139,8 +139,7 @@ def machine_for(cfg: SampleConfig) -> tuple[ScoreMachine, torch.Tensor, torch.Te
     theory where ``cfg.machine`` is a comparator spec; the smoothed closed form gets ``cfg.backend``)."""
     bank = PatchBank.open(cfg.bank) if cfg.bank else MemoryBank(load_dataset(cfg.dataset, resize=cfg.resize, limit=cfg.n_train))
     if cfg.comparator:
-        extra = {"backend": make_backend(cfg.backend)} if COMPARATORS[parse_comparator(cfg.machine)[0]] is SmoothedClosedFormMachine else {}
-        theory = make_comparator(cfg.machine, bank, cfg.conditional, **extra)
+        theory = make_comparator(cfg.machine, bank, cfg.conditional, make_backend(cfg.backend))
         return theory, noise_from_seeds(cfg.seeds, bank.data.shape), _labels(cfg, bank.data.labels)  # type: ignore[return-value]
     machine = ScoreMachine(bank, cfg.machine, scales=cfg.scales(), padding=cfg.padding, conditional=cfg.conditional,  # type: ignore[arg-type]
                            backend=make_backend(cfg.backend))

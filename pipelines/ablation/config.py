@@ -101,12 +101,12 @@ class Variant:
 def comparator_of(cfg: AblationConfig) -> tuple[str, dict, bool] | None:
     """For an ablation of a comparator theory (``machine`` a comparator spec such as ``smoothed:sigma=0.1``):
     its name, options and whether its posteriors go through the grid's backends; None for a patch machine."""
-    from machines.comparators import COMPARATORS, SmoothedClosedFormMachine, parse_comparator
+    from machines.comparators import COMPARATORS, comparator_kind, parse_comparator
 
-    if cfg.machine.split(":")[0] not in COMPARATORS:
+    if comparator_kind(cfg.machine) is None:
         return None
     name, options = parse_comparator(cfg.machine)
-    return name, options, COMPARATORS[name] is SmoothedClosedFormMachine
+    return name, options, COMPARATORS[name].TAKES_BACKEND
 
 
 def exact_part(backend: Backend) -> ExactBackend:

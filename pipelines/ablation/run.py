@@ -115,8 +115,7 @@ def _machine(cfg: AblationConfig, bank: Bank, schedule: ScaleSchedule, backend: 
     theory = comparator_of(cfg)
     if theory is None:
         return ScoreMachine(bank, cfg.machine, scales=schedule, conditional=cfg.conditional, backend=backend)  # type: ignore[arg-type]
-    extra = {"backend": backend} if theory[2] else {}
-    return make_comparator(cfg.machine, bank, cfg.conditional, **extra)
+    return make_comparator(cfg.machine, bank, cfg.conditional, backend)
 
 
 def _reference(cfg, bank, schedule, noise, labels, out: Path, key: dict, progress: bool) -> dict:
