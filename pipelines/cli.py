@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="certified provenance from the bank's index, a top-k spec such as topk:k=256 or topk:k=1024:index=Flat "
                         "(pixels whose certificate fails are scanned exactly; default: exact everywhere)")
     x.add_argument("--tol", type=float, default=1e-4, help="with --index: largest certificate ε kept")
+    x.add_argument("--listed-images", action="store_true",
+                   help="skip the exact per-image shares and rank images by their listed patches' shares (lower bounds): "
+                        "much faster where posteriors are broad; patches, shares, mass and entropy stay exact")
     x.add_argument("--out", default=None, help="output folder (default: the sample's folder; with --model, outputs/explain)")
 
     b = sub.add_parser("build", help="build (or resume building) a patch bank on disk")
@@ -268,12 +271,12 @@ def _run(args: argparse.Namespace) -> None:
         if (args.sample is None) == (args.model is None):
             raise ValueError("give either a sample folder or --model (with --calibration and --seeds), not both or neither")
         if args.model is None:
-            print(run_explain(args.sample, args.m, args.at, args.out, args.index, args.tol))
+            print(run_explain(args.sample, args.m, args.at, args.out, args.index, args.tol, not args.listed_images))
         elif args.calibration is None or args.seeds is None:
             raise ValueError("--model needs --calibration (the network's calibration.json) and --seeds")
         else:
             print(run_explain_network(args.model, args.calibration, args.seeds, args.steps, args.m, args.at,
-                                      args.out or "outputs/explain", args.bank, args.index, args.tol))
+                                      args.out or "outputs/explain", args.bank, args.index, args.tol, not args.listed_images))
     elif args.command == "build":
         index = None if args.index.lower() == "none" else args.index
         spec = BankSpec(scales=args.scales, rules=args.rules, labels=args.labels, index=index, leaf_size=args.leaf_size)

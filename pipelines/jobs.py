@@ -202,13 +202,13 @@ def paper_schedule(train_cfg: dict) -> dict | None:
 
 def run_explain_network(model: str, calibration: str, seeds: list[int], steps: int = 20, m: int = 16,
                         at: list[int] | None = None, out: str = "outputs/explain", bank: str | None = None,
-                        index: str | None = None, tol: float = 1e-4) -> Path:
+                        index: str | None = None, tol: float = 1e-4, image_shares: bool = True) -> Path:
     """Which training data a trained network's output came from, by its calibrated machine: samples the
     network from ``seeds``, and at steps ``at`` (default the last five) takes the machine's exact
     provenance at the network's own states, with the Pearson r of the machine's x̂0 against the
     network's there (how far the explanation can be trusted). Writes what ``patchbank explain`` writes
     for a machine's sample; returns the path of ``provenance.png``. ``index``, ``tol``: certified
-    provenance (see :func:`pipelines.sampling.run_explain`)."""
+    provenance, and ``image_shares`` (see :func:`pipelines.sampling.run_explain`)."""
     from .provenance import explain
     from .sampling import provenance_index, write_explanation
 
@@ -216,7 +216,8 @@ def run_explain_network(model: str, calibration: str, seeds: list[int], steps: i
     network, machine, train_cfg = calibrated(model, calibration, bank=bank)
     labels = seed_labels(_labels_of(train_cfg, seeds, machine.bank), seeds)
     noise = noise_from_seeds(seeds, machine.bank.data.shape, torch.float64)
-    final, found = explain(machine, noise, steps, labels, at, m, along=network, index=provenance_index(index), tol=tol)
+    final, found = explain(machine, noise, steps, labels, at, m, along=network, index=provenance_index(index), tol=tol,
+                           image_shares=image_shares)
     agreement = {str(s): p.agreement.tolist() for s, p in found.items() if p.agreement is not None}
     return write_explanation(Path(out), seeds, final, found, machine, labels, m,
                              extra={"network": model, "calibration": calibration, "agreement_r": agreement})

@@ -25,7 +25,7 @@ from patchbank.datasets import to_model_range
 from patchbank.geometry import BucketKey, dictionary_groups, patches_at
 
 from .metrics import pearson_r
-from .retrieval import distinct_scan, retained_sources
+from .retrieval import cluster_scan, distinct_scan, retained_sources
 
 
 @dataclass
@@ -35,7 +35,8 @@ class Provenance:
     patch's centre in that image), ``label``, ``share`` (posterior weight); ``[B, H, W]``: ``mass`` (their
     total share) and ``entropy`` (nats, over individual training patches); and the ``m`` heaviest training
     *images* by the total share of all their patches, ``images``/``image_share`` ``[B, H, W, m]`` (an image
-    of identical patches carries its mass spread over many of them). ``t``: the time it was taken at;
+    of identical patches carries its mass spread over many of them; with ``listed_images``, over the ``m``
+    listed patches only, so each is a lower bound on the image's share). ``t``: the time it was taken at;
     ``scale``: the machine's patch size there."""
 
     t: float
@@ -52,6 +53,7 @@ class Provenance:
     mass_lower: torch.Tensor  # [B, H, W]: a certified lower bound on ``mass`` (equal to it where ``exact``)
     exact: torch.Tensor  # [B, H, W] bool: scanned exactly (False: read off a certified top-k posterior)
     agreement: torch.Tensor | None = None  # [B]: Pearson r of the machine's x̂0 with the sampled denoiser's (explain(along=…))
+    listed_images: bool = False  # True: ``images``/``image_share`` sum the m listed patches only (lower bounds)
 
     @property
     def effective_sources(self) -> torch.Tensor:
@@ -61,7 +63,7 @@ class Provenance:
 
 @torch.no_grad()
 def provenance(machine: ScoreMachine, x: torch.Tensor, t: float, labels: torch.Tensor | None = None, m: int = 16,
-               block: int = 4096, index: TopKBackend | None = None, tol: float = 1e-4) -> Provenance:
+               block: int = 4096, index: TopKBackend | None = None, tol: float = 1e-4, image_shares: bool = True) -> Provenance:
     """The provenance of ``machine``'s posteriors at state ``x [B, C, H, W]`` and time ``t`` (see the module
     docstring); ``block``: training patches per logits block (memory ``pixels × block``).
 
@@ -69,7 +71,12 @@ def provenance(machine: ScoreMachine, x: torch.Tensor, t: float, labels: torch.T
     and bound), pixels of buckets with a distinct-patch table are first explained from their ``k``
     retrieved patches, and kept where the certificate gives ``ε ≤ tol`` (``exact`` is False there:
     shares are of the retained posterior, each within a factor ``1 + ε`` of the true one, and
-    ``mass_lower`` is certified); every other pixel is scanned exactly (:mod:`pipelines.retrieval`)."""
+    ``mass_lower`` is certified); every other pixel is scanned exactly (:mod:`pipelines.retrieval`).
+
+    ``image_shares=False``: skip the exact per-image shares (the costliest part where posteriors are broad);
+    buckets with a distinct-patch table then go through the cluster tree, visiting only the clusters that
+    can hold more than 1e-14 of a pixel's mass, and ``images``/``image_share`` sum the listed patches
+    (lower bounds). Patches, shares, mass and entropy are exact either way."""
     if not isinstance(machine, ScoreMachine):
         raise TypeError(f"provenance explains analytic machines (ScoreMachine), not {type(machine).__name__}")
     if machine.kind == "ES":
@@ -89,7 +96,8 @@ def provenance(machine: ScoreMachine, x: torch.Tensor, t: float, labels: torch.T
     for label, idx in machine._label_groups(B, labels):
         ids = bank.image_ids(label)
         for key, locs, queries in _groups(machine, x[idx], label, t):
-            top, entries, log_z, ent, img_top, img_pos, eps = _sources(bank, key, locs, ids, queries, a, s2, m, block, index, tol)
+            top, entries, log_z, ent, img_top, img_pos, eps = _sources(bank, key, locs, ids, queries, a, s2, m, block, index, tol,
+                                                                       image_shares)
             L = locs.shape[0]
             per = 1 if key.rule == "IS" else L  # entries per training image
             src = torch.where(entries >= 0, ids[(entries // per).clamp(min=0)], -1)
@@ -107,19 +115,20 @@ def provenance(machine: ScoreMachine, x: torch.Tensor, t: float, labels: torch.T
             pix = (idx.repeat_interleave(L), locs[:, 0].repeat(idx.numel()), locs[:, 1].repeat(idx.numel()))
             for name, value in found.items():
                 fields[name][pix] = value
-    return Provenance(t, None if machine.scales is None else machine.scales(t), **fields)
+    return Provenance(t, None if machine.scales is None else machine.scales(t), **fields, listed_images=not image_shares)
 
 
 def explain(machine: ScoreMachine, noise: torch.Tensor, steps: int = 20, labels: torch.Tensor | None = None,
             at: list[int] | None = None, m: int = 16, along: Denoiser | None = None, index: TopKBackend | None = None,
-            tol: float = 1e-4) -> tuple[torch.Tensor, dict[int, Provenance]]:
+            tol: float = 1e-4, image_shares: bool = True) -> tuple[torch.Tensor, dict[int, Provenance]]:
     """Sample from ``noise`` and take :func:`provenance` at the states of steps ``at`` (default the last
     five); returns the sample — the same as ``sample(machine, noise, steps, labels)`` — and ``{step: Provenance}``.
 
     ``along``: another denoiser (a trained network) to sample instead; the provenance is then ``machine``'s
     at *that* denoiser's states — for a network and its calibrated machine, the training patches the
     theory says the network's output is made of. The returned sample is ``along``'s. ``index``, ``tol``:
-    certified provenance from the bank's index where it holds (see :func:`provenance`)."""
+    certified provenance from the bank's index where it holds; ``image_shares``: exact per-image shares, or
+    the listed patches' (see :func:`provenance`)."""
     at = list(range(max(0, steps - 5), steps)) if at is None else at
     states: dict[int, tuple[float, torch.Tensor, torch.Tensor]] = {}
     current = [noise]
@@ -133,7 +142,7 @@ def explain(machine: ScoreMachine, noise: torch.Tensor, steps: int = 20, labels:
     found = {}
     for step, (t, x, x0) in sorted(states.items()):
         x = x.to(noise.dtype)
-        found[step] = provenance(machine, x, t, labels, m, index=index, tol=tol)
+        found[step] = provenance(machine, x, t, labels, m, index=index, tol=tol, image_shares=image_shares)
         if along is not None:
             found[step].agreement = pearson_r(machine(x, t, labels), x0.to(x.dtype))
     return final, found
@@ -178,18 +187,21 @@ def mosaic_statistics(p: Provenance, sample_labels: torch.Tensor | None = None) 
 
 
 def _sources(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q: torch.Tensor, a: float, s2: float, m: int,
-             block: int, index: TopKBackend | None, tol: float) -> tuple[torch.Tensor, ...]:
+             block: int, index: TopKBackend | None, tol: float, image_shares: bool = True) -> tuple[torch.Tensor, ...]:
     """:func:`_scan`'s results for every query, and each query's certificate ε (NaN where scanned exactly):
     from the retained posterior where ``index`` certifies it, else from the exact scan."""
     nan = torch.full((q.shape[0],), torch.nan, dtype=torch.float64)
     table = serving(bank, key) == "table"
-    scan = distinct_scan if table else _scan  # over distinct patches where the bank has them, else every patch
+    def scan(*args) -> tuple[torch.Tensor, ...]:  # through distinct patches and their clusters where the bank has them, else every patch
+        if not table:
+            return _scan(*args, block)
+        return distinct_scan(*args, block) if image_shares else cluster_scan(*args)
     if index is None or not table:
-        return (*scan(bank, key, locs, ids, q, a, s2, m, block), nan)
+        return (*scan(bank, key, locs, ids, q, a, s2, m), nan)
     ok, kept = retained_sources(bank, key, locs, ids, q, a, s2, m, index, tol)
     names = ("top", "entries", "log_z", "entropy", "img_top", "img_pos")
     if not ok.all():
-        scanned = scan(bank, key, locs, ids, q[~ok], a, s2, m, block)
+        scanned = scan(bank, key, locs, ids, q[~ok], a, s2, m)
     out = []
     for i, name in enumerate(names):
         like = kept[name] if kept else scanned[i]

@@ -1,24 +1,180 @@
-"""Certified provenance from the bank's index: the sources of a pixel without visiting every training patch.
+"""Where a bucket's distinct patches came from, and provenance read off them without visiting every patch.
 
-Late in the reverse process a pixel's posterior sits on a few patches. The top-k backend retrieves the
-``k`` nearest distinct patches and certifies ε, the weight left out over the weight retained
-(:meth:`~machines.posterior.topk.TopKBackend.retained`). Where ε ≤ ``tol`` the provenance is read off
-the retained posterior: shares ``w/Z_k`` (each true share lies in ``[w/(Z_k(1+ε)), w/Z_k]``), and the
-listed mass has the certified lower bound ``Σ w/(Z_k(1+ε))``. Distinct patches have forgotten which
-images they came from, so one pass over the bucket's patches (integer compares, no distances) finds
-where the retained ones occur: the first ``m`` occurrences of each (the individual patches listed)
-and how often each occurs in each image (the per-image shares). Pixels whose certificate fails go
-through the exact scan.
+Distinct-patch tables have forgotten which images their rows came from. :func:`source_map` recovers it
+once per bucket (one integer-compare pass over the bucket's patches, then kept beside the bank): for
+every distinct patch, the entries (training image position × L + location) it occurs at, and how
+often it occurs in each image. Two exact-to-round-off routes use it:
+
+* :func:`distinct_scan`: every distinct patch once (its count as a log weight), then exact per-image
+  shares from the per-image counts — one sparse product.
+* :func:`cluster_scan`: without per-image shares, through the bank's cluster tree as the pruned exact
+  backend sums (DESIGN §3): a (query, cluster) pair is skipped when the cluster's bound puts all its
+  patches together below ``PRUNE_TOL / U`` of the query's running maximum, so what is skipped is below
+  ``PRUNE_TOL`` of the posterior's mass. The images' shares are then lower bounds from the listed patches.
+* :func:`retained_sources`: certified provenance from the bank's index. The top-k backend retrieves
+  the ``k`` nearest distinct patches and certifies ε, the weight left out over the weight retained
+  (:meth:`~machines.posterior.topk.TopKBackend.retained`). Where ε ≤ ``tol`` the provenance is read off
+  the retained posterior: shares ``w/Z_k`` (each true share lies in ``[w/(Z_k(1+ε)), w/Z_k]``), and
+  the listed mass has the certified lower bound ``Σ w/(Z_k(1+ε))``.
 """
 
 from __future__ import annotations
 
+import math
+import weakref
+from typing import NamedTuple
+
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from machines.posterior import entry_bias, logits
 from machines.posterior.topk import TopKBackend
 from patchbank.geometry import BucketKey, patches_at
+
+NEGLIGIBLE = 1e-18
+"""Share below which a distinct patch (all its copies) is left out of a query's per-image shares."""
+
+PRUNE_TOL = 1e-14
+"""Largest fraction of a query's posterior mass that :func:`cluster_scan` may skip."""
+
+LEAF_SIZE = 2048
+"""Cluster size of the tree :func:`cluster_scan` prunes with (the exact backend's, so both share one tree)."""
+
+
+class SourceMap(NamedTuple):
+    """Where each of a bucket's ``U`` distinct patches occurs among its ``N`` entries (entry ``e`` is
+    training image position ``e // L`` × location ``e % L``): ``order [N]`` (entry numbers grouped by
+    distinct patch, ascending within each), ``offsets [U+1]`` (patch ``u``'s entries are
+    ``order[offsets[u]:offsets[u+1]]``), and per patch its images with their occurrence counts, as CSR:
+    ``image_offsets [U+1]``, ``image_pos [nnz]`` (positions in the bucket's image list), ``image_count [nnz]``."""
+
+    order: torch.Tensor
+    offsets: torch.Tensor
+    image_offsets: torch.Tensor
+    image_pos: torch.Tensor
+    image_count: torch.Tensor
+
+    def first(self, rows: torch.Tensor, m: int) -> torch.Tensor:
+        """The first ``m`` entries of distinct patches ``rows [...]``: ``[..., m]`` (−1 where fewer)."""
+        start = self.offsets[rows][..., None] + torch.arange(m)
+        inside = start < self.offsets[rows + 1][..., None]
+        return torch.where(inside, self.order[start.clamp(max=self.order.numel() - 1)], -1)
+
+    def per_image(self, rows: torch.Tensor, n_images: int) -> torch.Tensor:
+        """Occurrence counts of distinct patches ``rows [S]`` per image, sparse ``[n_images, S]`` (float64)."""
+        lo, hi = self.image_offsets[rows], self.image_offsets[rows + 1]
+        size = hi - lo
+        col = torch.repeat_interleave(torch.arange(rows.numel()), size)
+        at = torch.repeat_interleave(lo - torch.cumsum(size, 0) + size, size) + torch.arange(int(size.sum()))
+        return torch.sparse_coo_tensor(torch.stack([self.image_pos[at], col]), self.image_count[at].double(),
+                                       (n_images, rows.numel()), check_invariants=False)
+
+
+_MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def source_map(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, block: int = 1 << 20) -> SourceMap:
+    """The bucket's :class:`SourceMap` (built once per bank and bucket, then kept while the bank lives): one
+    pass over the patches of images ``ids`` at pixels ``locs [L, 2]``, each matched to its row of the
+    distinct-patch table as integers (a hash, then every hash match checked value by value). Memory
+    ``~3·N`` integers. A table that does not match the images is an error naming the bucket."""
+    cache = _MAPS.setdefault(bank, {})
+    if key in cache:
+        return cache[key]
+    rows = bank.unique_patches(key).patches.numpy().astype(np.int64)  # int16 units 2·u8 − 255
+    U, L = rows.shape[0], locs.shape[0]
+    mix = np.random.default_rng(0).integers(1, 2**62, size=(rows.shape[1],), dtype=np.int64) | 1
+    hashes = rows @ mix  # wraps modulo 2^64: fine for a hash
+    by_hash = np.argsort(hashes, kind="stable")
+    sorted_hashes = hashes[by_hash]
+    if np.any(sorted_hashes[1:] == sorted_hashes[:-1]):
+        raise RuntimeError(f"two distinct patches of bucket {key} share a hash")  # 2^-64 per pair: never seen
+    inverse = np.empty(ids.numel() * L, dtype=np.int64)
+    step = max(1, block // L)
+    for s in tqdm(range(0, ids.numel(), step), desc=f"sources P={key.scale} {key.dictionary}", leave=False,
+                  disable=ids.numel() <= 4 * step):
+        x = bank.data.images[ids[s : s + step]].to(torch.int16).mul_(2).sub_(255)
+        patches = patches_at(x, locs, key.scale, key.padding).flatten(0, 1).numpy().astype(np.int64)  # [b·L, D]
+        h = patches @ mix
+        at = np.searchsorted(sorted_hashes, h).clip(max=U - 1)
+        which = by_hash[at]
+        if not ((sorted_hashes[at] == h).all() and (patches == rows[which]).all()):
+            raise ValueError(f"bucket {key}: the bank's distinct-patch table does not hold every patch of its images "
+                             "(a table built for other data?)")
+        inverse[s * L : s * L + patches.shape[0]] = which
+    counts = np.bincount(inverse, minlength=U)
+    if not np.array_equal(counts, bank.unique_patches(key).counts.numpy()):
+        raise ValueError(f"bucket {key}: the distinct-patch table's counts do not match its images (a table built for other data?)")
+    order = np.argsort(inverse, kind="stable")
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    # per patch, its images: runs of equal (patch, image) along ``order`` (images ascend within a patch)
+    code = inverse[order] * ids.numel() + order // L
+    start = np.flatnonzero(np.concatenate([[True], code[1:] != code[:-1]]))
+    run = np.diff(np.concatenate([start, [code.size]]))
+    patch_of_run = code[start] // ids.numel()
+    image_offsets = np.concatenate([[0], np.cumsum(np.bincount(patch_of_run, minlength=U))])
+    found = SourceMap(*(torch.from_numpy(v) for v in (order, offsets, image_offsets, code[start] % ids.numel(), run)))
+    cache[key] = found
+    return found
+
+
+def forget_sources(bank) -> None:
+    """Drop the source maps kept for ``bank`` (they hold ~3 integers per patch of every bucket explained)."""
+    _MAPS.pop(bank, None)
+
+
+def image_top(sources: SourceMap, n_images: int, rows: torch.Tensor, patch: torch.Tensor, share: torch.Tensor, Q: int, m: int,
+              log_z: torch.Tensor, chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``m`` heaviest images per query from per-copy shares: ``share [T]`` of one copy of distinct patch
+    ``patch [T]`` for query ``rows [T]`` (relative to ``exp(log_z)``); returns log weights ``[Q, m]`` (−inf where
+    fewer) and image positions ``[Q, m]`` (−1 where fewer): the patches' sparse per-image counts ``[images, S]``
+    times the shares ``[S, chunk]``, ``chunk`` queries at a time."""
+    top = torch.full((Q, m), -torch.inf, dtype=torch.float64)
+    pos = torch.full((Q, m), -1, dtype=torch.long)
+    n = min(m, n_images)
+    if patch.numel() == 0:
+        return top, pos
+    wanted, slot = patch.unique(return_inverse=True)
+    weights = torch.zeros(wanted.numel(), Q, dtype=torch.float64)
+    weights.index_put_((slot, rows), share, accumulate=True)
+    counts = sources.per_image(wanted, n_images)
+    for c in range(0, Q, chunk):
+        value, where = torch.sparse.mm(counts, weights[:, c : c + chunk]).T.topk(n, 1)  # [b, n]
+        top[c : c + chunk, :n] = torch.where(value > 0, value.log() + log_z[c : c + chunk, None], -torch.inf)
+        pos[c : c + chunk, :n] = torch.where(value > 0, where, -1)
+    return top, pos
+
+
+def listed_copies(sources: SourceMap, best: torch.Tensor, single: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``m`` heaviest individual patches from the heaviest distinct ones: ``best [Q, k]`` distinct
+    patches (−1 where none) with each copy's log weight ``single [Q, k]`` → log weights and entry numbers
+    ``[Q, m]`` (−inf / −1 where fewer). Copies of one distinct patch are listed in entry order."""
+    copies = sources.first(best.clamp(min=0), m)  # [Q, k, m]
+    weight = torch.where((copies >= 0) & (best >= 0)[..., None], single[..., None], -torch.inf).flatten(1)
+    n = min(m, weight.shape[1])
+    top = torch.full((best.shape[0], m), -torch.inf, dtype=torch.float64)
+    entries = torch.full((best.shape[0], m), -1, dtype=torch.long)
+    value, pick = weight.topk(n, 1)  # ties are copies of one patch (or exactly equal weights)
+    top[:, :n] = value
+    entries[:, :n] = torch.where(torch.isfinite(value), torch.gather(copies.flatten(1), 1, pick), -1)
+    return top, entries
+
+
+def listed_images(top: torch.Tensor, entries: torch.Tensor, L: int, log_z: torch.Tensor, m: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower bounds on the images' shares from the listed patches alone: the ``m`` listed individual patches
+    (log weights ``top [Q, m]``, entry numbers ``entries [Q, m]``, −1 where none; ``L`` entries per image) summed
+    per image, heaviest image first: log weights ``[Q, m]`` and image positions ``[Q, m]``. An image's true
+    share is at least its listed one, and at most that plus the mass not listed."""
+    image = torch.where(entries >= 0, entries // L, -1)
+    same = image[:, :, None] == image[:, None, :]  # [Q, m, m]
+    weight = torch.where(same & (image >= 0)[:, None, :], (top - log_z[:, None]).exp()[:, None, :], 0.0).sum(2)
+    first = ~torch.tril(same, -1).any(2) & (image >= 0)  # one row per image: its first listed patch
+    value, pick = torch.where(first, weight, -1.0).topk(m, 1)
+    keep = value > 0
+    return (torch.where(keep, value.clamp(min=1e-300).log() + log_z[:, None], -torch.inf),
+            torch.where(keep, torch.gather(image, 1, pick), -1))
 
 
 def retained_sources(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q: torch.Tensor, a: float, s2: float,
@@ -33,108 +189,94 @@ def retained_sources(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor
     if rows.numel() == 0:
         return ok, {}
     uid, logw, eps = uid[rows].cpu(), logw[rows].cpu(), eps[rows].cpu()
+    sources = source_map(bank, key, locs, ids)
     counts = bank.unique_patches(key).counts
-    wanted = uid[uid >= 0].unique()
-    first, per_image = occurrences(bank, key, locs, ids, wanted, m)
-    slot = torch.full((int(wanted.max()) + 1,), -1, dtype=torch.long)
-    slot[wanted] = torch.arange(wanted.numel())
-    log_c = torch.where(uid >= 0, counts[uid.clamp(min=0)].double().log(), torch.zeros_like(logw))
+    valid = uid >= 0
+    log_c = torch.where(valid, counts[uid.clamp(min=0)].double().log(), torch.zeros_like(logw))
     log_z = logw.logsumexp(1)
     p = (logw - log_z[:, None]).exp()
     entropy = -(p * torch.where(p > 0, logw - log_z[:, None] - log_c, torch.zeros_like(p))).sum(1)
     single = logw - log_c  # each copy's own log weight
-    Q = rows.numel()
-    top = torch.full((Q, m), -torch.inf, dtype=torch.float64)
-    entries = torch.full((Q, m), -1, dtype=torch.long)
-    order = single.argsort(1, descending=True)
-    for r in range(Q):
-        filled = 0
-        for j in order[r].tolist():
-            if uid[r, j] < 0 or filled == m:
-                break
-            got = first[slot[uid[r, j]]]
-            take = got[got >= 0][: m - filled]
-            top[r, filled : filled + take.numel()] = single[r, j]
-            entries[r, filled : filled + take.numel()] = take
-            filled += take.numel()
-    # per-image shares Σ_u e^{single_u − log Z}·n_{u,image}: the sparse [images, S] counts times [S, Q] weights
-    weights = torch.zeros(wanted.numel(), Q, dtype=torch.float64)
-    valid = uid >= 0
-    weights[slot[uid[valid]], torch.nonzero(valid)[:, 0]] = (single[valid] - log_z.repeat_interleave(valid.sum(1))).exp()
-    img_top = torch.full((Q, m), -torch.inf, dtype=torch.float64)
-    pos = torch.full((Q, m), -1, dtype=torch.long)
-    n = min(m, ids.numel())
-    for c in range(0, Q, 128):  # memory: images × 128
-        shares = torch.sparse.mm(per_image, weights[:, c : c + 128]).T  # [b, images]
-        value, where = shares.topk(n, 1)
-        img_top[c : c + 128, :n] = torch.where(value > 0, value.log() + log_z[c : c + 128, None], -torch.inf)
-        pos[c : c + 128, :n] = torch.where(value > 0, where, -1)
-    return ok, {"top": top, "entries": torch.where(torch.isfinite(top), entries, -1), "log_z": log_z, "entropy": entropy,
-                "img_top": img_top, "img_pos": pos, "eps": eps}
+    top, entries = listed_copies(sources, torch.where(valid, uid, -1), single, m)
+    at = torch.nonzero(valid)
+    img_top, img_pos = image_top(sources, ids.numel(), at[:, 0], uid[valid], (single[valid] - log_z[at[:, 0]]).exp(),
+                                 rows.numel(), m, log_z)
+    return ok, {"top": top, "entries": entries, "log_z": log_z, "entropy": entropy, "img_top": img_top, "img_pos": img_pos,
+                "eps": eps}
 
 
-def occurrences(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, wanted: torch.Tensor, m: int,
-                block: int = 1 << 20) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where the distinct patches ``wanted [S]`` (row numbers of the bucket's table) occur among the bucket's
-    entries (images ``ids`` × pixels ``locs``, image-major): their first ``m`` entry numbers ``[S, m]`` (−1
-    where fewer) and their occurrence counts per image ``[S, len(ids)]`` (float64). One pass over the
-    patches, compared as integers (a hash, then every hash match checked value by value); the counts are a
-    sparse ``[len(ids), S]`` tensor (image-major)."""
-    rows = bank.unique_patches(key).patches[wanted].numpy().astype(np.int64)  # int16 units 2·u8 − 255
-    rng = np.random.default_rng(0)
-    mix = rng.integers(1, 2**62, size=(rows.shape[1],), dtype=np.int64) | 1
-    hashes = rows @ mix  # wraps modulo 2^64: fine for a hash
-    order = np.argsort(hashes, kind="stable")
-    sorted_hashes = hashes[order]
-    if np.any(sorted_hashes[1:] == sorted_hashes[:-1]):
-        raise RuntimeError("two wanted patches share a hash; retry with another mix")  # never seen: 2^-64 per pair
-    L, S = locs.shape[0], wanted.numel()
-    first = torch.full((S, m), -1, dtype=torch.long)
-    filled = torch.zeros(S, dtype=torch.long)
-    codes, tallies = [], []
-    step = max(1, block // L)
-    for s in range(0, ids.numel(), step):
-        x = bank.data.images[ids[s : s + step]].to(torch.int16).mul_(2).sub_(255)
-        patches = patches_at(x, locs, key.scale, key.padding).flatten(0, 1).numpy().astype(np.int64)  # [b·L, D]
-        h = patches @ mix
-        at = np.searchsorted(sorted_hashes, h).clip(max=S - 1)
-        hit = np.nonzero(sorted_hashes[at] == h)[0]
-        which = order[at[hit]]
-        same = (patches[hit] == rows[which]).all(1)  # a hash match is checked value by value
-        hit, which = torch.from_numpy(hit[same]), torch.from_numpy(which[same])
-        entry = s * L + hit
-        code, tally = ((s + hit // L) * S + which).unique(return_counts=True)  # (image position, patch) pairs
-        codes.append(code)
-        tallies.append(tally)
-        if (filled < m).any():
-            keep = filled[which] < m
-            which, entry = which[keep], entry[keep]
-            by = torch.argsort(which, stable=True)
-            which, entry = which[by], entry[by]
-            start = torch.searchsorted(which, which, right=False)
-            rank = torch.arange(which.numel()) - start + filled[which]
-            fits = rank < m
-            first[which[fits], rank[fits]] = entry[fits]
-            filled += torch.bincount(which[fits], minlength=S)
-    code, inverse = torch.cat(codes).unique(return_inverse=True)
-    tally = torch.zeros(code.numel(), dtype=torch.float64).index_add_(0, inverse, torch.cat(tallies).double())
-    per_image = torch.sparse_coo_tensor(torch.stack([code // S, code % S]), tally, (ids.numel(), S), check_invariants=False).coalesce()
-    return first, per_image
+def cluster_scan(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q: torch.Tensor, a: float, s2: float, m: int,
+                 leaf_size: int | None = None) -> tuple[torch.Tensor, ...]:
+    """The sources of queries ``q [Q, D]`` without per-image shares, through the bucket's distinct patches and
+    cluster tree: the ``m`` heaviest individual patches (log weights and entry numbers ``[Q, m]``), ``log Z [Q]``,
+    entropy ``[Q]``, and the images of the listed patches with their listed shares (lower bounds on their
+    shares, :func:`listed_images`; log weights and positions in ``ids`` ``[Q, m]``). Exact but for at most
+    ``PRUNE_TOL`` of each query's mass, skipped in clusters that provably hold no more. ``leaf_size``: the
+    cluster tree's leaf size (None: ``LEAF_SIZE``, the exact backend's, so both use one tree)."""
+    f64 = torch.float64
+    tree = bank.clustered(key, leaf_size or LEAF_SIZE)
+    sources = source_map(bank, key, locs, ids)
+    U, Q, K = tree.patches.shape[0], q.shape[0], tree.n_clusters
+    q = q.to(f64)
+    size = tree.offsets.diff()
+    # bound on every member's log weight (counts included), in the logits' units (without −‖q‖²/2s²)
+    gap = (torch.cdist(q, a * tree.centres) - a * tree.radii).clamp_(min=0)
+    upper = (q.pow(2).sum(1, keepdim=True) - gap.pow_(2)).div_(2 * s2).add_(tree.max_log_count)  # [Q, K]
 
+    def block(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, slice]:  # each copy's log weight [r, n]
+        s, e = int(tree.offsets[k]), int(tree.offsets[k + 1])
+        keys = tree.patches[s:e].to(f64) / 255.0
+        return logits(q[rows], keys, entry_bias(tree.sq_norms[s:e], None, a, s2, f64), a, s2), tree.log_counts[s:e], slice(s, e)
 
-NEGLIGIBLE = 1e-18
-"""Share below which a distinct patch (all its copies) is left out of the per-image shares."""
+    run_max = torch.full((Q,), -torch.inf, dtype=f64)
+    Z, S = torch.zeros(Q, dtype=f64), torch.zeros(Q, dtype=f64)
+    found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per visit: rows, their block's top m, its patches
+
+    def visit(rows: torch.Tensor, k: int) -> None:
+        ell, log_c, span = block(rows, k)
+        weighted = ell + log_c
+        old = run_max[rows]
+        new = torch.maximum(old, weighted.amax(1))
+        scale = torch.where(torch.isfinite(old), (old - new).exp(), torch.zeros_like(new))
+        w = (weighted - new[:, None]).exp()
+        Z[rows], S[rows], run_max[rows] = Z[rows] * scale + w.sum(1), S[rows] * scale + (w * ell).sum(1), new
+        block_top, block_pos = ell.topk(min(m, ell.shape[1]), 1)
+        found.append((rows[:, None].expand_as(block_top), block_top, tree.order[span][block_pos]))
+
+    threshold = math.log(U / PRUNE_TOL)
+    first = upper.argmax(1)  # each query's most promising cluster first: its running maximum is then near final
+    for k in torch.unique(first).tolist():
+        visit(torch.nonzero(first == k).view(-1), k)
+    for k in range(K):
+        rows = torch.nonzero((upper[:, k] >= run_max - threshold) & (first != k)).view(-1)
+        if rows.numel():
+            visit(rows, k)
+    # the m heaviest distinct patches per query, from every visit's own top m: one sort by (query, weight)
+    who, value, patch = (torch.cat([f[i].reshape(-1) for f in found]) for i in range(3))
+    by = torch.argsort(value, descending=True, stable=True)
+    by = by[torch.argsort(who[by], stable=True)]
+    who, value, patch = who[by], value[by], patch[by]
+    rank = torch.arange(who.numel()) - torch.searchsorted(who, who)
+    keep = rank < m
+    top = torch.full((Q, m), -torch.inf, dtype=f64)
+    best = torch.full((Q, m), -1, dtype=torch.long)  # distinct patches (table rows), heaviest copy first
+    top[who[keep], rank[keep]] = value[keep]
+    best[who[keep], rank[keep]] = patch[keep]
+    log_z = run_max + Z.log()
+    entropy = log_z - S / Z
+    top_ind, entries = listed_copies(sources, best, top, m)
+    return top_ind, entries, log_z, entropy, *listed_images(top_ind, entries, locs.shape[0], log_z, m)
 
 
 def distinct_scan(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q: torch.Tensor, a: float, s2: float, m: int,
-                  block: int) -> tuple[torch.Tensor, ...]:
+                  block: int = 4096) -> tuple[torch.Tensor, ...]:
     """The exact scan's results (see :func:`pipelines.provenance._scan`) through the bucket's distinct patches:
-    logits once per distinct patch (its count as a log weight) instead of once per occurrence, then one
-    integer-compare pass to place the heaviest ones in their images and to count every distinct patch per
-    image (a sparse ``[images, U]`` matrix, so per-image shares are one sparse product). Exact: the same
-    softmax, grouped by value."""
+    logits once per distinct patch (its count as a log weight) instead of once per occurrence; the heaviest
+    placed in their images and per-image shares as one sparse product with the bucket's per-image counts
+    (:func:`source_map`). Exact: the same softmax, grouped by value. ``block``: distinct patches per logits block."""
     f64 = torch.float64
     table = bank.unique_patches(key)
+    sources = source_map(bank, key, locs, ids)
     U, Q = table.patches.shape[0], q.shape[0]
     log_c = table.counts.to(f64).log()
     run_max = torch.full((Q,), -torch.inf, dtype=f64)
@@ -159,24 +301,19 @@ def distinct_scan(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q
         best = torch.gather(torch.cat([best, s + block_pos], 1), 1, pos)
     log_z = run_max + Z.log()
     entropy = log_z - S / Z
-    first, per_image = occurrences(bank, key, locs, ids, torch.arange(U), m)
-    # the m heaviest individual patches: copies of the m nearest distinct patches, in order
-    copies = first[best.clamp(min=0)]  # [Q, m, m] entry numbers (−1 where a patch has fewer copies)
-    weight = top[:, :, None].expand(-1, -1, m)
-    flat_w = torch.where(copies >= 0, weight, -torch.inf).flatten(1)
-    top_ind, pick = flat_w.topk(m, 1)  # stable enough: equal weights are copies of one patch
-    entries = torch.where(torch.isfinite(top_ind), torch.gather(copies.flatten(1), 1, pick), -1)
+    top_ind, entries = listed_copies(sources, best, top, m)
     img_top = torch.full((Q, m), -torch.inf, dtype=f64)
     img_pos = torch.full((Q, m), -1, dtype=torch.long)
     n = min(m, ids.numel())
+    per_image = sources.per_image(torch.arange(U), ids.numel()).coalesce()
     chunk = max(1, min(128, (1 << 24) // max(U, 1)))  # queries at a time: memory U × chunk weights
     image_of, patch_of = per_image.indices()
     tally, counts = per_image.values(), table.counts.to(f64)
     for c in range(0, Q, chunk):  # per-image shares: the sparse [images, U] counts times the [U, b] shares
         rows = slice(c, c + chunk)
         w = torch.cat([(single(s, rows) - log_z[rows, None]).exp() for s in range(0, U, step)], 1).T
-        # patches whose copies together carry < 1e-18 of every query's mass are left out of the product:
-        # all of them together move an image's share by at most U·1e-18
+        # patches whose copies together carry < NEGLIGIBLE of every query's mass are left out of the product:
+        # all of them together move an image's share by at most U·NEGLIGIBLE
         live = (w.amax(1) * counts >= NEGLIGIBLE)[patch_of]
         part = torch.sparse_coo_tensor(torch.stack([image_of[live], patch_of[live]]), tally[live], per_image.shape,
                                        check_invariants=False)

@@ -157,12 +157,13 @@ def provenance_index(spec: str | None) -> TopKBackend | None:
 
 
 def run_explain(sample_dir: str | os.PathLike, m: int = 16, at: list[int] | None = None, out: str | os.PathLike | None = None,
-                index: str | None = None, tol: float = 1e-4) -> Path:
+                index: str | None = None, tol: float = 1e-4, image_shares: bool = True) -> Path:
     """Provenance of a ``patchbank sample`` run: re-samples it from its ``config.json`` (checked to give the
     stored samples back), takes :func:`~pipelines.provenance.provenance` at steps ``at`` (default the last
     five) and writes ``provenance.pt``, ``statistics.json`` and ``provenance.png`` under ``out`` (default the
     sample's folder). ``index``: a top-k backend spec for certified provenance where its certificate gives
-    ``ε ≤ tol`` (exact elsewhere)."""
+    ``ε ≤ tol`` (exact elsewhere). ``image_shares=False``: images ranked by their listed patches' shares
+    (lower bounds), much faster where posteriors are broad."""
     from .provenance import explain
 
     folder = Path(sample_dir)
@@ -175,7 +176,8 @@ def run_explain(sample_dir: str | os.PathLike, m: int = 16, at: list[int] | None
         raise ValueError(f"provenance is of the patch machines and IS, not of the comparator {cfg.machine}")
     if machine.kind == "ES":
         raise ValueError("provenance for ES is not implemented")
-    final, found = explain(machine, noise, cfg.steps, labels, at, m, index=provenance_index(index), tol=tol)
+    final, found = explain(machine, noise, cfg.steps, labels, at, m, index=provenance_index(index), tol=tol,
+                           image_shares=image_shares)
     if not torch.allclose(final, stored["samples"], rtol=0, atol=1e-6):
         raise ValueError(f"{folder}: re-sampling from its config.json does not give the stored samples back "
                          "(the data, bank or code changed); sample again, then explain")
@@ -201,6 +203,7 @@ def write_explanation(out: Path, seeds: list[int], final: torch.Tensor, found: d
     gallery = source_gallery(final[0], found[last], data, out / "sources.png")
     certified = {str(s): float((~p.exact).double().mean()) for s, p in found.items()}
     write_json(out / "statistics.json", {"step": last, "t": found[last].t, "P": found[last].scale, "m": m, "certified_fraction": certified,
+                                         "image_shares": "listed patches (lower bounds)" if found[last].listed_images else "exact",
                                          "machine": repr(machine), **(extra or {}), "images": per_image,
                                          "first_seed_sources": gallery})
     return out / "provenance.png"

@@ -125,6 +125,12 @@ def test_explain_a_sample_run(bank, tmp_path, capsys):
           "--out", str(tmp_path / "cert")])  # certified from the bank's FAISS index where it holds
     certified = json.loads((tmp_path / "cert" / "statistics.json").read_text())["certified_fraction"]["3"]
     assert 0 < certified <= 1
+    main(["explain", str(tmp_path / "s"), "--m", "4", "--at", "3", "--listed-images", "--out", str(tmp_path / "listed")])
+    listed = torch.load(tmp_path / "listed" / "provenance.pt")["steps"][3]
+    assert listed["listed_images"] and json.loads((tmp_path / "listed" / "statistics.json").read_text())["image_shares"].startswith("listed")
+    for name in ("share", "mass", "entropy"):  # the same patches and shares; only the images' shares are lower bounds
+        torch.testing.assert_close(listed[name], saved["steps"][3][name], rtol=0, atol=1e-9)
+    assert (listed["image_share"][..., 0] <= saved["steps"][3]["image_share"][..., 0] + 1e-12).all()
     with pytest.raises(SystemExit):
         main(["explain", str(tmp_path / "s"), "--index", "exact"])
     assert "needs a top-k backend spec" in capsys.readouterr().err

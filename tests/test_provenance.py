@@ -10,6 +10,7 @@ from conftest import noised
 from machines import ScoreMachine, alpha_sigma2, noise_from_seeds, sample
 from machines.posterior.topk import TopKBackend
 from patchbank import BankSpec, ImageData, MemoryBank, PatchBank, dictionary_groups, patches_at, to_model_range, two_image
+from patchbank.geometry import BucketKey
 from pipelines.figures import source_gallery
 from pipelines.metrics import pearson_r
 from pipelines.provenance import explain, memorisation, mosaic_statistics, provenance, reassembled_mosaic
@@ -231,3 +232,59 @@ def test_provenance_through_distinct_patches_equals_the_scan_of_every_patch(kind
                 train[grouped.image[b, i, j, 0] : grouped.image[b, i, j, 0] + 1],
                 torch.stack([grouped.row[b, i, j, 0], grouped.col[b, i, j, 0]])[None], 3, pad)[0, 0]).pow(2).sum() / (2 * s2)).exp())
             assert abs(ratio - want) <= 1e-9
+
+
+@pytest.mark.parametrize("t", [0.05, 0.3])
+def test_provenance_without_image_shares_prunes_clusters_and_keeps_every_patch_exact(mnist_at, monkeypatch, t):
+    import pipelines.retrieval as retrieval
+
+    data = mnist_at(30, 12)
+    monkeypatch.setattr(retrieval, "LEAF_SIZE", 8)  # many clusters on a small bank, so some can be skipped
+    pairs = []
+    real = retrieval.logits
+    monkeypatch.setattr(retrieval, "logits", lambda q, keys, *rest: pairs.append(q.shape[0] * keys.shape[0]) or real(q, keys, *rest))
+    machine = ScoreMachine(MemoryBank(data, dedup=True), "bbELS", 3, conditional=True)
+    labels = data.labels[:2]
+    x = noised(data, t, 2, seed=7)
+    exact = provenance(machine, x, t, labels, m=5)
+    pairs.clear()
+    fast = provenance(machine, x, t, labels, m=5, image_shares=False)
+    for name in ("share", "mass", "entropy", "mass_lower"):
+        torch.testing.assert_close(getattr(fast, name), getattr(exact, name), rtol=0, atol=1e-9)
+    gap = (exact.share[..., :-1] - exact.share[..., 1:]).abs() > 1e-9  # copies of one patch tie, listed in any order
+    untied = torch.cat([gap, torch.ones_like(gap[..., :1])], -1) & torch.cat([torch.ones_like(gap[..., :1]), gap], -1)
+    assert untied.float().mean() > 0.3
+    for name in ("image", "row", "col", "label"):
+        assert torch.equal(getattr(fast, name)[untied], getattr(exact, name)[untied]), name
+    assert fast.listed_images and not exact.listed_images
+    # the listed images' shares are lower bounds: never above the top image's true share, never below the top patch's
+    assert (fast.image_share[..., 0] <= exact.image_share[..., 0] + 1e-12).all()
+    assert (fast.image_share[..., 0] >= fast.share[..., 0] - 1e-12).all()
+    torch.testing.assert_close(fast.image_share.sum(-1), fast.mass, rtol=0, atol=1e-12)
+    listed = torch.where(fast.images >= 0, fast.images, -2)
+    assert all(set(listed[b, i, j].tolist()) - {-2} == set(fast.image[b, i, j].tolist()) - {-1}
+               for b in range(2) for i in range(12) for j in range(12))
+    total = sum(machine.bank.unique_patches(BucketKey("bbELS", 3, "zeros", key, int(label))).patches.shape[0] * locs.shape[0]
+                for key, locs in dictionary_groups(12, 12, 3, "bbELS") for label in labels)
+    if t == 0.05:  # late: most clusters are provably negligible
+        assert sum(pairs) < 0.5 * total
+
+
+def test_a_table_built_for_other_data_is_refused_by_the_source_map(tiny, monkeypatch):
+    from pipelines.retrieval import source_map
+    from patchbank.tables import UniquePatches
+
+    data = tiny(1)
+    bank = MemoryBank(data, dedup=True)
+    key, locs = next(iter(dictionary_groups(7, 9, 3, "bbELS")))
+    key = BucketKey("bbELS", 3, "zeros", key, None)
+    table = bank.unique_patches(key)
+    shuffled = UniquePatches(table.patches[1:], table.counts[1:])  # a patch missing: built for other data
+    monkeypatch.setattr(bank, "unique_patches", lambda k: shuffled)
+    with pytest.raises(ValueError, match="does not hold every patch"):
+        source_map(bank, key, locs, bank.image_ids(None))
+    recount = UniquePatches(table.patches, table.counts.flip(0))
+    monkeypatch.setattr(bank, "unique_patches", lambda k: recount)
+    if not torch.equal(recount.counts, table.counts):
+        with pytest.raises(ValueError, match="counts do not match"):
+            source_map(bank, key, locs, bank.image_ids(None))
