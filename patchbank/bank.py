@@ -247,7 +247,8 @@ class PatchBank(Bank):
             expected = len(self.image_ids(key.label)) * key.locations(self.height, self.width).shape[0]
             if table.total != expected or table.patches.shape[1] != self.channels * key.scale**2:  # type: ignore[operator]
                 raise BankError(f"{self.path}: bucket {bucket_id(key)} holds {table.total} patches, expected {expected} (corrupted)")
-            self._unique[key] = table
+            self._unique[key] = self.hold(key, table)
+        self.touch(key)
         return self._unique[key]
 
     def clustered(self, key: BucketKey, leaf_size: int = 2048) -> ClusteredPatches:
@@ -260,8 +261,9 @@ class PatchBank(Bank):
                                         "cluster_max_log_count")
             patches = table.patches[order]
             values = patches.to(torch.float64) / 255.0
-            self._clustered[(key, leaf_size)] = ClusteredPatches(
-                patches, table.counts[order].to(torch.float64).log(), values.pow(2).sum(1), *rest, order)
+            self._clustered[(key, leaf_size)] = self.hold(key, ClusteredPatches(
+                patches, table.counts[order].to(torch.float64).log(), values.pow(2).sum(1), *rest, order))
+        self.touch(key)
         return self._clustered[(key, leaf_size)]  # type: ignore[return-value]
 
     def search(self, key: BucketKey, queries: torch.Tensor, k: int, nprobe: int = 8, engine: str = "auto") -> SearchResult:

@@ -21,7 +21,9 @@ own way.
 from __future__ import annotations
 
 import logging
+import os
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -85,11 +87,32 @@ def image_statistics(x: torch.Tensor) -> ImageStatistics:
     return ImageStatistics(mu, lam.clamp(min=0), V)
 
 
+def default_cache_bytes() -> int:
+    """Half of this machine's physical memory: what a bank keeps of its tables by default."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):  # no sysconf (e.g. Windows): 8 GB
+        return 8 << 30
+
+
+def _nbytes(value) -> int:
+    """Bytes held by a tensor or a tuple of tensors."""
+    if isinstance(value, torch.Tensor):
+        return value.element_size() * value.numel()
+    return sum(_nbytes(v) for v in value if isinstance(v, torch.Tensor))
+
+
 class Bank(ABC):
     """Training images and the buckets cut from them; geometry exposed as ``channels``, ``height``, ``width``.
 
     ``dedup``: stream a patch bucket as its distinct patches with log counts wherever the bank
     has them tabulated (identical uint8 patches are exactly identical, so the posterior is unchanged).
+
+    Tables a bank builds or reads on demand (distinct patches, clusters, search tables) are kept per
+    bucket within ``cache_bytes`` (default half the machine's memory; None: no limit): beyond it the
+    least recently used buckets' tables are dropped, and built or read again when asked for. Answers
+    do not change, only time: at large P (colour data, D in the hundreds) nearly every patch is
+    distinct, and keeping every scale's table would exhaust memory (a calibration visits many P).
     """
 
     index_spec: str | None = None  # the FAISS index_factory string its buckets were indexed with (None: no index)
@@ -105,6 +128,8 @@ class Bank(ABC):
         self._padded_cache: tuple[tuple[int, str], torch.Tensor] | None = None
         self._fingerprint: str | None = None
         self._statistics: dict[int | None, ImageStatistics] = {}
+        self.cache_bytes: int | None = default_cache_bytes()
+        self._held: OrderedDict[BucketKey, int] = OrderedDict()  # bytes of tables kept per bucket, least recent first
 
     def __len__(self) -> int:
         return len(self.data)
@@ -116,6 +141,7 @@ class Bank(ABC):
         for name in ("_unique", "_clustered", "_search_tables", "_statistics"):
             if name in state:
                 state[name] = {}
+        state["_held"] = OrderedDict()
         state["_padded_cache"] = None
         return state
 
@@ -276,14 +302,42 @@ class Bank(ABC):
     def _cluster(self, key: BucketKey, leaf_size: int) -> ClusteredPatches:
         """Clusters computed from the distinct-patch table (built once per ``leaf_size``, cached)."""
         if (key, leaf_size) not in self._clustered:
-            self._clustered[(key, leaf_size)] = cluster_patches(self.unique_patches(key), leaf_size)
+            self._clustered[(key, leaf_size)] = self.hold(key, cluster_patches(self.unique_patches(key), leaf_size))
+        self.touch(key)
         return self._clustered[(key, leaf_size)]
+
+    def hold(self, key: BucketKey, value):
+        """Count a table just built or read for ``key`` against ``cache_bytes``, dropping the least recently used
+        other buckets' tables while the bank holds more; returns ``value``."""
+        self._held[key] = self._held.get(key, 0) + _nbytes(value)
+        self._held.move_to_end(key)
+        while self.cache_bytes is not None and sum(self._held.values()) > self.cache_bytes and len(self._held) > 1:
+            oldest = next(iter(self._held))
+            if oldest == key:
+                break
+            log.info("bank tables over %.1f GB: dropping bucket %s's", self.cache_bytes / 1e9, oldest)
+            self.forget(oldest)
+        return value
+
+    def touch(self, key: BucketKey) -> None:
+        """Mark ``key``'s tables as the most recently used."""
+        if key in self._held:
+            self._held.move_to_end(key)
+
+    def forget(self, key: BucketKey) -> None:
+        """Drop every table kept for a bucket (its distinct patches, clusters and search tables)."""
+        getattr(self, "_unique", {}).pop(key, None)
+        for cache in (self._clustered, self._search_tables):
+            for name in [name for name in cache if name[0] == key]:
+                del cache[name]
+        self._held.pop(key, None)
 
     def _torch_search(self, key: BucketKey, queries: torch.Tensor, k: int) -> SearchResult:
         """Exact k-NN over the distinct-patch table by torch matmul + top-k, on the queries' device."""
         cache = (key, str(queries.device))
         if cache not in self._search_tables:
-            self._search_tables[cache] = self.unique_patches(key).patches.to(queries.device, torch.float32) / 255.0
+            self._search_tables[cache] = self.hold(key, self.unique_patches(key).patches.to(queries.device, torch.float32) / 255.0)
+        self.touch(key)
         return SearchResult(torch_search(queries, self._search_tables[cache], k), "flat")
 
     def _unique_stream(self, key: BucketKey, chunk_size: int, dtype: torch.dtype, device: torch.device | str) -> Iterator[Chunk]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -22,15 +23,20 @@ class MemoryBank(Bank):
 
     With ``dedup=True`` each patch bucket is served as its distinct patches with log counts
     (identical uint8 patches are exactly identical, so the posterior is unchanged). The
-    distinct-patch tables are built on first use and kept (see :meth:`unique_patches`); scales
-    above ``materialise_max`` never get one (their patches are streamed from the images).
+    distinct-patch tables are built on first use and kept within ``cache_bytes`` (``"auto"``: half the
+    machine's memory; None: no limit; least recently used buckets dropped first, see :class:`Bank`);
+    scales above ``materialise_max`` never get one (their patches are streamed from the images).
     Nearest-patch search is exact (torch matmul + top-k); :class:`~patchbank.bank.PatchBank`
     adds FAISS indices.
     """
 
     def __init__(self, data: ImageData, dedup: bool = False, dedup_chunk: int = 1 << 20,
-                 materialise_max: int | None = None) -> None:
+                 materialise_max: int | None = None, cache_bytes: int | None | Literal["auto"] = "auto") -> None:
         super().__init__(data, dedup)
+        if cache_bytes != "auto":
+            if cache_bytes is not None and cache_bytes < 0:
+                raise ValueError(f"cache_bytes must be >= 0 (or None: no limit), got {cache_bytes}")
+            self.cache_bytes = cache_bytes
         self.materialise_max = materialise_max
         self.dedup_chunk = dedup_chunk
         self._unique: dict[BucketKey, UniquePatches] = {}
@@ -46,12 +52,9 @@ class MemoryBank(Bank):
             raise ValueError(f"bucket {key} has no distinct-patch table (materialise_max={self.materialise_max}); "
                              "its patches are streamed from the images")
         if key not in self._unique:
-            self._unique[key] = self.build_unique(key)
+            self._unique[key] = self.hold(key, self.build_unique(key))
+        self.touch(key)
         return self._unique[key]
-
-    def forget(self, key: BucketKey) -> None:
-        """Drop a bucket's cached distinct-patch table (a bank build keeps memory bounded by one bucket)."""
-        self._unique.pop(key, None)
 
     def clustered(self, key: BucketKey, leaf_size: int = 1024) -> ClusteredPatches:
         """The bucket's distinct patches grouped into clusters with centres and radii (built once, cached)."""

@@ -149,3 +149,29 @@ def test_large_scales_can_stay_unmaterialised(mnist_tiny, tmp_path):
     assert torch.allclose(ScoreMachine(bank, "bbELS", scales=7)(x, 0.4), ref, atol=1e-12, rtol=0)
     assert torch.allclose(ScoreMachine(bank, "bbELS", scales=7, backend=backend)(x, 0.4), ref, atol=1e-12, rtol=0)
     assert backend.stats.fallback == backend.stats.queries == 2 * 28 * 28
+
+
+def test_tables_beyond_the_memory_budget_are_dropped_least_recent_first_and_answers_do_not_change(mnist_at):
+    from machines import ExactBackend, alpha_sigma2
+    from patchbank import BucketKey, MemoryBank, patches_at
+
+    data = mnist_at(40, 12)
+    keys = [BucketKey("bbELS", P, "zeros", (P // 2,) * 4) for P in (3, 5, 7)]
+    free, tight = MemoryBank(data, dedup=True, cache_bytes=None), MemoryBank(data, dedup=True, cache_bytes=1)
+    a, s2 = alpha_sigma2(0.3)
+    x = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for _ in range(2):  # a calibration's pattern: every scale in turn, again and again
+        for key in keys:
+            q = patches_at(x, key.locations(12, 12), key.scale, "zeros").flatten(0, 1)
+            assert torch.equal(ExactBackend().posterior(tight, key, q, a, s2), ExactBackend().posterior(free, key, q, a, s2))
+            assert list(tight._held) == [key]  # a budget smaller than one bucket keeps only the bucket in use
+    assert set(free._held) == set(keys) and free.cache_bytes is None
+    one = sum(free._held.values()) // 2
+    middle = MemoryBank(data, dedup=True, cache_bytes=one)
+    for key in keys:
+        middle.clustered(key, 16)
+    held = list(middle._held)
+    assert held[-1] == keys[-1] and keys[0] not in held and sum(middle._held.values()) <= max(one, middle._held[keys[-1]])
+    assert not any(k[0] == keys[0] for k in middle._clustered) and keys[0] not in middle._unique
+    with pytest.raises(ValueError, match="cache_bytes"):
+        MemoryBank(data, cache_bytes=-1)
