@@ -88,7 +88,16 @@ def image_statistics(x: torch.Tensor) -> ImageStatistics:
 
 
 def default_cache_bytes() -> int:
-    """Half of this machine's physical memory: what a bank keeps of its tables by default."""
+    """What a bank keeps of its tables by default: ``$PATCHBANK_CACHE_GB`` gigabytes where set, else half of
+    this machine's physical memory."""
+    if os.environ.get("PATCHBANK_CACHE_GB"):
+        try:
+            gigabytes = float(os.environ["PATCHBANK_CACHE_GB"])
+        except ValueError:
+            raise ValueError(f"PATCHBANK_CACHE_GB must be a number of gigabytes, got {os.environ['PATCHBANK_CACHE_GB']!r}") from None
+        if not gigabytes >= 0:
+            raise ValueError(f"PATCHBANK_CACHE_GB must be >= 0, got {gigabytes}")
+        return int(gigabytes * 1e9)
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     except (ValueError, OSError, AttributeError):  # no sysconf (e.g. Windows): 8 GB

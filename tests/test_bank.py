@@ -175,3 +175,13 @@ def test_tables_beyond_the_memory_budget_are_dropped_least_recent_first_and_answ
     assert not any(k[0] == keys[0] for k in middle._clustered) and keys[0] not in middle._unique
     with pytest.raises(ValueError, match="cache_bytes"):
         MemoryBank(data, cache_bytes=-1)
+
+
+def test_the_table_budget_can_be_set_for_a_whole_run(mnist_at, monkeypatch):
+    from patchbank import MemoryBank
+
+    monkeypatch.setenv("PATCHBANK_CACHE_GB", "1.5")
+    assert MemoryBank(mnist_at(4)).cache_bytes == 1_500_000_000
+    monkeypatch.setenv("PATCHBANK_CACHE_GB", "lots")
+    with pytest.raises(ValueError, match="PATCHBANK_CACHE_GB"):
+        MemoryBank(mnist_at(4))
