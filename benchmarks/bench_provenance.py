@@ -10,7 +10,8 @@ certified, per step and in all. The first provenance pass also builds each bucke
 for the rest), so every variant is timed after one untimed warm-up pass.
 
     python benchmarks/bench_provenance.py --n-train 1000
-    python benchmarks/bench_provenance.py --n-train 0 --no-exact --index topk:k=1024   # full MNIST
+    python benchmarks/bench_provenance.py --n-train 0 --no-exact --index --backend auto --once --threads 1 \
+        --materialise-max 5 --figure docs/figures/mnist60k_provenance.png        # full MNIST
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from machines import ScoreMachine, make_backend, noise_from_seeds, reference_schedule, sample
 from patchbank import MemoryBank, load_dataset
-from pipelines.provenance import provenance
+from pipelines.provenance import mosaic_statistics, provenance
 
 
 def main() -> None:
@@ -42,6 +43,10 @@ def main() -> None:
     ap.add_argument("--no-exact", action="store_true", help="skip the exact provenance with per-image shares")
     ap.add_argument("--index", nargs="*", default=["topk:k=256", "topk:k=1024"], help="top-k backend specs")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--once", action="store_true",
+                    help="one sample, timed with its table builds, and no provenance warm-up (each variant's time then "
+                         "includes what it builds first: source maps, cluster trees); for banks where a sample takes minutes")
+    ap.add_argument("--figure", default=None, help="also write the listed-images provenance figure of the last step here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = load_dataset(args.dataset, resize=args.resize or None, limit=args.n_train or None)
@@ -56,19 +61,23 @@ def main() -> None:
             states[step] = (t, current[0])
         current[0] = x_prev
 
-    sample(machine, noise, args.steps, callback=keep, progress=False)  # builds the tables the sample uses
     start = time.perf_counter()
-    sample(machine, noise, args.steps, progress=False)
+    final = sample(machine, noise, args.steps, callback=keep, progress=False)  # builds the tables the sample uses
     sample_s = time.perf_counter() - start
+    if not args.once:
+        start = time.perf_counter()
+        sample(machine, noise, args.steps, progress=False)
+        sample_s = time.perf_counter() - start
     print(f"# {len(data)} images {tuple(data.shape)}, bbELS {args.schedule}, seed {args.seed}, {args.steps} steps, "
           f"m = {args.m}, tol = {args.tol}, {torch.get_num_threads()} threads")
-    print(f"sample: {sample_s:.1f} s")
+    print(f"sample: {sample_s:.1f} s" + (" (with its table builds)" if args.once else ""))
     rows = []
-    start = time.perf_counter()
-    for step, (t, x) in sorted(states.items()):  # warm-up: the buckets' source maps and cluster trees
-        provenance(machine, x, t, m=args.m, image_shares=False)
-    print(f"warm-up (source maps, cluster trees, one listed-images pass): {time.perf_counter() - start:.1f} s")
-    variants = ([] if args.no_exact else [("exact", None, True)]) + [("exact, listed images", None, False)]
+    if not args.once:
+        start = time.perf_counter()
+        for step, (t, x) in sorted(states.items()):  # warm-up: the buckets' source maps and cluster trees
+            provenance(machine, x, t, m=args.m, image_shares=False)
+        print(f"warm-up (source maps, cluster trees, one listed-images pass): {time.perf_counter() - start:.1f} s")
+    variants = [("exact, listed images", None, False)] + ([] if args.no_exact else [("exact", None, True)])
     for name, spec, shares in variants + [(spec, spec, True) for spec in args.index]:
         index = None if spec is None else make_backend(spec)
         seconds, certified = 0.0, []
@@ -80,7 +89,13 @@ def main() -> None:
         row = {"provenance": name, "seconds": round(seconds, 2), "vs_sample": round(seconds / sample_s, 3),
                "certified_per_step": certified, "P": [machine.scales(states[s][0]) for s in sorted(states)]}
         rows.append(row)
-        print(json.dumps(row))
+        print(json.dumps(row), flush=True)
+        if args.figure and not shares and spec is None:
+            from pipelines.figures import provenance_figure
+
+            provenance_figure(final, p, data, args.figure)
+            stats = mosaic_statistics(p)[0]
+            print(json.dumps({k: v for k, v in stats.items() if k != "regions"} | {"largest_regions": stats["regions"][:3]}))
 
 
 if __name__ == "__main__":
