@@ -41,6 +41,25 @@ PRUNE_TOL = 1e-14
 LEAF_SIZE = 2048
 """Cluster size of the tree :func:`cluster_scan` prunes with (the exact backend's, so both share one tree)."""
 
+MERGE_EVERY = 1 << 22
+"""Candidates :func:`cluster_scan` collects before merging them down to each query's ``m`` best (memory)."""
+
+
+def _merge_top(found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], Q: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``m`` largest values per query from candidate triples (query ``[n]``, value ``[n]``, patch ``[n]``): values
+    ``[Q, m]`` (−inf where fewer) and their patches ``[Q, m]`` (−1 where fewer), by one sort by (query, value)."""
+    who, value, patch = (torch.cat([f[i] for f in found]) for i in range(3))
+    by = torch.argsort(value, descending=True, stable=True)
+    by = by[torch.argsort(who[by], stable=True)]
+    who, value, patch = who[by], value[by], patch[by]
+    rank = torch.arange(who.numel()) - torch.searchsorted(who, who)
+    keep = rank < m
+    top = torch.full((Q, m), -torch.inf, dtype=torch.float64)
+    best = torch.full((Q, m), -1, dtype=torch.long)
+    top[who[keep], rank[keep]] = value[keep]
+    best[who[keep], rank[keep]] = patch[keep]
+    return top, best
+
 
 class SourceMap(NamedTuple):
     """Where each of a bucket's ``U`` distinct patches occurs among its ``N`` entries (entry ``e`` is
@@ -231,6 +250,7 @@ def cluster_scan(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q:
     run_max = torch.full((Q,), -torch.inf, dtype=f64)
     Z, S = torch.zeros(Q, dtype=f64), torch.zeros(Q, dtype=f64)
     found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per visit: rows, their block's top m, its patches
+    held = [0]
 
     def visit(rows: torch.Tensor, k: int) -> None:
         ell, log_c, span = block(rows, k)
@@ -241,7 +261,14 @@ def cluster_scan(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q:
         w = (weighted - new[:, None]).exp()
         Z[rows], S[rows], run_max[rows] = Z[rows] * scale + w.sum(1), S[rows] * scale + (w * ell).sum(1), new
         block_top, block_pos = ell.topk(min(m, ell.shape[1]), 1)
-        found.append((rows[:, None].expand_as(block_top), block_top, tree.order[span][block_pos]))
+        found.append((rows[:, None].expand(-1, block_top.shape[1]).reshape(-1), block_top.reshape(-1),
+                      tree.order[span][block_pos].reshape(-1)))
+        held[0] += block_top.numel()
+        if held[0] > MERGE_EVERY:  # memory: keep each query's m best so far, not every visit's
+            merged = _merge_top(found, Q, m)
+            keep = torch.isfinite(merged[0])
+            found[:] = [(torch.nonzero(keep)[:, 0], merged[0][keep], merged[1][keep])]
+            held[0] = int(keep.sum())
 
     threshold = math.log(U / PRUNE_TOL)
     first = upper.argmax(1)  # each query's most promising cluster first: its running maximum is then near final
@@ -251,17 +278,7 @@ def cluster_scan(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q:
         rows = torch.nonzero((upper[:, k] >= run_max - threshold) & (first != k)).view(-1)
         if rows.numel():
             visit(rows, k)
-    # the m heaviest distinct patches per query, from every visit's own top m: one sort by (query, weight)
-    who, value, patch = (torch.cat([f[i].reshape(-1) for f in found]) for i in range(3))
-    by = torch.argsort(value, descending=True, stable=True)
-    by = by[torch.argsort(who[by], stable=True)]
-    who, value, patch = who[by], value[by], patch[by]
-    rank = torch.arange(who.numel()) - torch.searchsorted(who, who)
-    keep = rank < m
-    top = torch.full((Q, m), -torch.inf, dtype=f64)
-    best = torch.full((Q, m), -1, dtype=torch.long)  # distinct patches (table rows), heaviest copy first
-    top[who[keep], rank[keep]] = value[keep]
-    best[who[keep], rank[keep]] = patch[keep]
+    top, best = _merge_top(found, Q, m)
     log_z = run_max + Z.log()
     entropy = log_z - S / Z
     top_ind, entries = listed_copies(sources, best, top, m)
