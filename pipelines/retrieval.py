@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from machines.posterior import entry_bias, logits
+from machines.posterior.exact import cluster_upper
 from machines.posterior.topk import TopKBackend
 from patchbank.geometry import BucketKey, patches_at
 
@@ -238,9 +239,7 @@ def cluster_scan(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q:
     U, Q, K = tree.patches.shape[0], q.shape[0], tree.n_clusters
     q = q.to(f64)
     size = tree.offsets.diff()
-    # bound on every member's log weight (counts included), in the logits' units (without −‖q‖²/2s²)
-    gap = (torch.cdist(q, a * tree.centres) - a * tree.radii).clamp_(min=0)
-    upper = (q.pow(2).sum(1, keepdim=True) - gap.pow_(2)).div_(2 * s2).add_(tree.max_log_count)  # [Q, K]
+    upper = cluster_upper(q, tree, a, s2)  # bound on every member's log weight, counts included [Q, K]
 
     def block(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, slice]:  # each copy's log weight [r, n]
         s, e = int(tree.offsets[k]), int(tree.offsets[k + 1])

@@ -156,9 +156,7 @@ class ExactBackend(BackendBase):
         q = queries.to(dt)
         if q.shape[1] != clusters.patches.shape[1]:
             raise ValueError(f"queries have dimension {q.shape[1]} but the bucket's patches {clusters.patches.shape[1]}")
-        # Upper bound on every member's logit, in the running units (without the −‖q‖²/2s² term).
-        gap = (torch.cdist(q, a * clusters.centres.to(dev, dt)) - a * clusters.radii.to(dev, dt)).clamp_(min=0)
-        upper = gap.pow_(2).sub_(q.pow(2).sum(1, keepdim=True)).div_(-2 * s2).add_(clusters.max_log_count.to(dev, dt))
+        upper = cluster_upper(q, clusters, a, s2)
         state = self.running(q.shape[0], centre.numel(), dev)
         self.stats.total += q.shape[0] * clusters.patches.shape[0]
         threshold = math.log(clusters.patches.shape[0] / self.prune_tol)
@@ -179,6 +177,15 @@ class ExactBackend(BackendBase):
         keys = clusters.patches[s:e].to(q.device, self.dtype).div_(255.0)
         bias = entry_bias(clusters.sq_norms[s:e].to(q.device), clusters.log_counts[s:e].to(q.device), a, s2, self.dtype)
         self._accumulate(state, rows, q, keys, bias, keys[:, centre], a, s2)
+
+
+def cluster_upper(q: torch.Tensor, clusters: ClusteredPatches, a: float, s2: float) -> torch.Tensor:
+    """Upper bound on every member's logit (counts included), per query and cluster ``[Q, K]``, in the
+    running units (without the −‖q‖²/2s² term): ``(‖q‖² − max(0, ‖q − a·c‖ − a·R)²)/(2s²) + max c``, for
+    queries ``q [Q, D]`` in their own dtype and device."""
+    dev, dt = q.device, q.dtype
+    gap = (torch.cdist(q, a * clusters.centres.to(dev, dt)) - a * clusters.radii.to(dev, dt)).clamp_(min=0)
+    return gap.pow_(2).sub_(q.pow(2).sum(1, keepdim=True)).div_(-2 * s2).add_(clusters.max_log_count.to(dev, dt))
 
 
 @dataclass
