@@ -2,12 +2,15 @@
 
 For each seed, in one run: a bbELS sample with ``ExactBackend(dtype=float32)`` and one with
 ``AutoBackend()`` (no arguments), from the same noise, on the first ``--n-train`` images of a
-dataset with a reference schedule (used unconditionally); wall seconds of each, their ratio, the
+dataset with a reference schedule (used unconditionally, or with ``--conditional`` class-conditionally with
+seed s given label s mod 10, as the agreement rows do); wall seconds of each, their ratio, the
 Pearson r of the two final images and the policy's route fractions. Tables are built before the
 clocks start (as a bank build would), for both alike.
 
     PATCHBANK_DATASETS=../shared/datasets python benchmarks/bench_default_policy.py --dataset cifar10 --n-train 4000 \\
         --schedule CIFAR10_ResNet_zeros_conditional --seeds 0
+    PATCHBANK_DATASETS=../shared/datasets python benchmarks/bench_default_policy.py --dataset cifar10 --n-train 4000 \\
+        --schedule CIFAR10_ResNet_zeros_conditional --conditional --seeds 0-4
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ def main() -> None:
     ap.add_argument("--schedule", default="FashionMNIST_ResNet_zeros_conditional")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--conditional", action="store_true", help="class-conditional machines, seed s with label s mod 10")
     ap.add_argument("--materialise-max", type=int, default=3, help="distinct-patch tables (and pruning) up to this P; larger P stream")
     args = ap.parse_args()
     data = load_dataset(args.dataset, resize=args.resize or None, limit=args.n_train or None)
@@ -38,20 +42,25 @@ def main() -> None:
     schedule = reference_schedule(args.schedule)
     exact, policy = ExactBackend(dtype=torch.float32), AutoBackend()
     start = time.perf_counter()
+    cond = args.conditional
     for P in sorted(P for P in set(schedule.scales) if P <= args.materialise_max):  # one-off tables, for both machines
-        ScoreMachine(bank, "bbELS", P, backend=exact)(noise_from_seeds([0], data.shape), 0.05)
-    print(f"{args.dataset}: {len(data)} images {list(data.shape)}, {args.schedule}, {args.steps} steps, tables up to P={args.materialise_max}; "
+        for label in range(10) if cond else [None]:
+            ScoreMachine(bank, "bbELS", P, conditional=cond, backend=exact)(
+                noise_from_seeds([0], data.shape), 0.05, None if label is None else torch.tensor([label]))
+    print(f"{args.dataset}: {len(data)} images {list(data.shape)}, {args.schedule}, {args.steps} steps, "
+          f"{'conditional' if cond else 'unconditional'}, tables up to P={args.materialise_max}; "
           f"tables {time.perf_counter() - start:.0f} s; torch {torch.get_num_threads()} threads")
     print("| seed | exact float32 s | AutoBackend() s | speed-up | Pearson r | sampled | exact | stopped early |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     for seed in parse_seeds(args.seeds):
         noise = noise_from_seeds([seed], data.shape)
+        labels = torch.tensor([seed % 10]) if cond else None
         t0 = time.perf_counter()
-        ref = sample(ScoreMachine(bank, "bbELS", schedule, backend=exact), noise, args.steps)
+        ref = sample(ScoreMachine(bank, "bbELS", schedule, conditional=cond, backend=exact), noise, args.steps, labels)
         exact_s = time.perf_counter() - t0
-        machine = ScoreMachine(bank, "bbELS", schedule, backend=policy)
+        machine = ScoreMachine(bank, "bbELS", schedule, conditional=cond, backend=policy)
         recorder = StepRecorder(machine, policy)
         t0 = time.perf_counter()
-        got = sample(machine, noise, args.steps, callback=recorder)
+        got = sample(machine, noise, args.steps, labels, callback=recorder)
         auto_s = time.perf_counter() - t0
         q = sum(r["queries"] for r in recorder.records)
         frac = {k: sum(r[k] * r["queries"] for r in recorder.records) / q

@@ -52,3 +52,17 @@ def test_exact_references_shared_and_resumed(datasets_dir: Path, tmp_path: Path)
     # references made with other options are refused, naming the file
     other = run("bench_topk.py", *args, "--exact-from", str(refs), "--exact-dtype", "float32", datasets=datasets_dir)
     assert other.returncode != 0 and "exact-seed0.pt was written with other options" in other.stderr
+
+
+def test_one_step_agrees_with_the_papers_code(datasets_dir: Path) -> None:
+    """bench_peer.py: patchbank's exact bbELS step equals the paper's own module on the same inputs (float32 peer)."""
+    env = os.environ | {"PATCHBANK_DATASETS": str(datasets_dir), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_peer.py"), "--n-train", "30", "--scales", "3", "5",
+                          "--repeat", "1", "--threads", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] in (["3"], ["5"])]
+    exact = [r for r in rows if r[1] == "exact"]
+    assert len(exact) == 4 and len([r for r in rows if r[1] == "paper"]) == 2
+    for r in exact:  # P, "exact", dtype, seconds, × peer, r peer, r exact, max|Δ|, visited, GFLOP/s, of peak
+        assert float(r[5]) > 0.999999 and float(r[7]) < 1e-4
+        assert 0 < float(r[9]) and 0 < float(r[8]) <= 1
