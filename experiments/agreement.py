@@ -33,25 +33,33 @@ from pipelines.cli import main as patchbank, parse_seeds
 from pipelines.training import TrainConfig
 
 PAPER_R = {("mnist", "resnet"): 0.94, ("mnist", "unet"): 0.84, ("fashion_mnist", "resnet"): 0.90,
-           ("fashion_mnist", "unet"): 0.91, ("cifar10", "resnet"): 0.90, ("cifar10", "unet"): 0.82}
-"""The paper's median Pearson r, machine against network."""
+           ("fashion_mnist", "unet"): 0.91, ("cifar10", "resnet"): 0.90, ("cifar10", "unet"): 0.82,
+           ("cifar10", "unet+attention"): 0.75}
+"""The paper's median Pearson r, machine against network (the attention UNet's at the ResNet's scales; its IS
+baseline there: 0.47)."""
 
 
 def run_row(config: str, candidates: list[int], cal_seeds: str, eval_seeds: str, backend: str, batch: int,
-            theories: str | None = None, fitted: list[str] | None = None) -> None:
+            theories: str | None = None, fitted: list[str] | None = None, calibration_from: str | None = None) -> None:
     """``fitted``: comparators whose free parameter is calibrated first, as ``SPEC@v1,v2,…`` (e.g.
     ``smoothed:draws=8@0,0.05,0.1``), on the same calibration seeds; the evaluation then runs them with the
-    value found, beside ``theories``."""
+    value found, beside ``theories``. ``calibration_from``: another row's name whose calibrated schedule this
+    network is evaluated with (``--other-network``; the paper's attention UNet at the ResNet's scales):
+    no calibration stage."""
     cfg = TrainConfig.from_json(config)
     root = Path(cfg.out)
     if set(parse_seeds(cal_seeds)) & set(parse_seeds(eval_seeds)):
         raise SystemExit("calibration and evaluation seeds overlap: calibrate on seeds the evaluation never sees")
     model = str(root / "model.pt")
-    stages = [
-        ("train", ["train", "--config", config]),
-        ("calibrate", ["calibrate", "--model", model, "--candidates", *map(str, candidates), "--seeds", cal_seeds,
-                       "--backend", backend, "--batch", "1", "--out", str(root / "calibrate")]),
-    ]
+    stages = [("train", ["train", "--config", config])]
+    calibration = root / "calibrate" / "calibration.json"
+    if calibration_from is None:
+        stages.append(("calibrate", ["calibrate", "--model", model, "--candidates", *map(str, candidates), "--seeds", cal_seeds,
+                                     "--backend", backend, "--batch", "1", "--out", str(root / "calibrate")]))
+    else:
+        calibration = Path("outputs") / calibration_from / "calibrate" / "calibration.json"
+        if not calibration.exists():
+            raise SystemExit(f"{calibration} does not exist: run the row {calibration_from} first")
     fits = []
     for item in fitted or []:
         named, _, values = item.partition("@")
@@ -60,8 +68,10 @@ def run_row(config: str, candidates: list[int], cal_seeds: str, eval_seeds: str,
         fits.append((name, folder / "calibration.json"))
         stages.append((f"calibrate {name}", ["calibrate", "--model", model, "--machine", spec, "--candidates", *values.split(","),
                                              "--seeds", cal_seeds, "--batch", "1", "--out", str(folder)]))
-    evaluate = ["evaluate", "--model", model, "--calibration", str(root / "calibrate" / "calibration.json"), "--seeds", eval_seeds,
+    evaluate = ["evaluate", "--model", model, "--calibration", str(calibration), "--seeds", eval_seeds,
                 "--backend", backend, "--batch", str(batch), "--out", str(root / "evaluate")]
+    if calibration_from is not None:
+        evaluate.append("--other-network")
     for name, argv in stages + [("evaluate", evaluate)]:
         if name == "evaluate":
             found = [f"{name}={json.loads(f.read_text())['parameter']['spec']}" for name, f in fits]
@@ -85,7 +95,8 @@ def row_summary(name: str, figures: Path | None = None) -> dict:
     root = Path("outputs") / name
     train_cfg = json.loads((root / "config.json").read_text())
     report = json.loads((root / "evaluate" / "report.json").read_text())
-    cal = json.loads((root / "calibrate" / "calibration.json").read_text())
+    cal_path = Path(json.loads((root / "evaluate" / "config.json").read_text())["evaluate"]["calibration"])
+    cal = json.loads(cal_path.read_text())
     seconds: dict[str, float] = {}
     for line in (root / "stages.jsonl").read_text().splitlines() if (root / "stages.jsonl").exists() else []:
         r = json.loads(line)
@@ -99,7 +110,8 @@ def row_summary(name: str, figures: Path | None = None) -> dict:
             "conditional": train_cfg["conditional"], "train_images": train_cfg.get("train_images"),
             "machine": cal["network"]["machine"] if "network" in cal else cal["config"]["machine"],
             "schedule": [P for _, P in cal["schedule"]], "paper_schedule": [P for _, P in paper] if paper else None,
-            "paper_r": PAPER_R.get((train_cfg["dataset"], train_cfg["arch"])), "seconds": seconds,
+            "paper_r": PAPER_R.get((train_cfg["dataset"], train_cfg["arch"] + ("+attention" if train_cfg.get("attention") else ""))),
+            "seconds": seconds, "calibration": str(cal_path),
             "calibration_seeds": len(cal["seeds"]), "comparators": report.get("config", {}).get("comparators", []), **report}
 
 
@@ -109,7 +121,7 @@ def table(names: list[str], figures: Path | None) -> str:
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
-        net = f"{r['dataset']} {r['arch']} {r['padding']}{' cond.' if r['conditional'] else ''}"
+        net = f"{r['dataset']} {r['arch']}{'+attention' if 'attention' in r['name'] else ''} {r['padding']}{' cond.' if r['conditional'] else ''}"
         mins = " / ".join(f"{r['seconds'].get(s, float('nan')) / 60:.0f}" for s in ("train", "calibrate", "evaluate"))
         paper = f" ({r['paper_r']:.2f})" if r["paper_r"] is not None else ""
         lines.append(f"| {net} | {r['machine']} | {r['train_images']} | {r['seeds']} | {r['median_machine_r']:.3f}{paper} | "
@@ -126,7 +138,8 @@ def table(names: list[str], figures: Path | None) -> str:
             lines.append(f"| {r['name']} | {r['median_machine_r']:.3f} / {r['median_machine_r2']:.3f} | " + " | ".join(cells) + " |")
     lines.append("")
     for r in rows:
-        lines.append(f"* `{r['name']}` schedule (t = 0.05 … 1): {r['schedule']}; paper: {r['paper_schedule']}")
+        borrowed = "" if r["calibration"].startswith(f"outputs/{r['name']}/") else f" (from {r['calibration']})"
+        lines.append(f"* `{r['name']}` schedule (t = 0.05 … 1){borrowed}: {r['schedule']}; paper: {r['paper_schedule']}")
         if r["comparators"]:
             lines.append(f"* `{r['name']}` comparators: " + ", ".join(f"`{c}`" for c in r["comparators"]))
     return "\n".join(lines)
@@ -137,11 +150,13 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("row", help="train → calibrate → evaluate one config (resumable)")
     r.add_argument("config")
-    r.add_argument("--candidates", type=int, nargs="+", required=True)
+    r.add_argument("--candidates", type=int, nargs="+", default=None, help="P candidates (needed unless --calibration-from)")
     r.add_argument("--cal-seeds", default="1000-1003")
     r.add_argument("--eval-seeds", default="0-99")
     r.add_argument("--backend", default="exact:dtype=float32")
     r.add_argument("--batch", type=int, default=10)
+    r.add_argument("--calibration-from", default=None, metavar="ROW",
+                   help="evaluate at another row's calibrated scales (outputs/ROW/calibrate), with no calibration stage")
     r.add_argument("--theories", default=None, help="comparator theories evaluated beside the machine, e.g. wiener,nearest")
     r.add_argument("--fit", nargs="+", default=None, metavar="SPEC@VALUES",
                    help="comparators whose free parameter is calibrated first, [NAME=]SPEC@VALUES, e.g. smoothed@0,0.05,0.1 "
@@ -151,7 +166,10 @@ def main() -> None:
     t.add_argument("--figures", default="docs/figures", help="copy each row's figures here ('' for none)")
     args = parser.parse_args()
     if args.command == "row":
-        run_row(args.config, args.candidates, args.cal_seeds, args.eval_seeds, args.backend, args.batch, args.theories, args.fit)
+        if not args.candidates and not args.calibration_from:
+            parser.error("row needs --candidates (or --calibration-from another row)")
+        run_row(args.config, args.candidates, args.cal_seeds, args.eval_seeds, args.backend, args.batch, args.theories, args.fit,
+                args.calibration_from)
     else:
         print(table(args.names, Path(args.figures) if args.figures else None))
 

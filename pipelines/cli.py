@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--executor", type=executor_spec, default=de.executor, help=EXECUTOR_HELP)
     e.add_argument("--batch", type=int, default=de.batch, help="seeds per batch (each batch is kept when done)")
     e.add_argument("--out", default=de.out, help="output folder (resumable; refuses results of another run)")
+    e.add_argument("--other-network", action="store_true",
+                   help="the calibration was made against another network of the same data, padding and conditioning "
+                        "(e.g. an attention UNet at the ResNet's calibrated scales, as the paper does); only the weights may differ")
     ab = sub.add_parser("ablate", help="exact-vs-approximate ablation grid and the posterior-concentration study")
     da = AblationConfig()
     ab.add_argument("--config", default=None, help="a JSON of AblationConfig fields, e.g. a previous run's config.json (re-runs it)")

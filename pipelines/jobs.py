@@ -82,6 +82,7 @@ class EvaluateConfig:
     batch: int = 10
     comparators: list[str] = field(default_factory=list)  # more theories on the same seeds, as specs: wiener, smoothed:sigma=0.1
     out: str = "outputs/evaluate"
+    other_network: bool = False  # the calibration belongs to another network of the same data, padding and conditioning
 
     def __post_init__(self) -> None:
         _check_job(self.machine, self.seeds, self.steps, self.backend, self.executor, self.batch)
@@ -162,21 +163,24 @@ def _calibrate_comparator(cfg: CalibrateConfig) -> dict:
     return result
 
 
-def calibrated(model: str, calibration: str, machine: str | None = None, bank: str | None = None, backend: str = "exact"):
+def calibrated(model: str, calibration: str, machine: str | None = None, bank: str | None = None, backend: str = "exact",
+               other_network: bool = False):
     """A trained network and its calibrated machine: ``(network, machine, train_cfg)``, the calibration checked
-    to belong to this network (see :mod:`pipelines.pairing`); ``machine`` defaults to the calibration's."""
+    to belong to this network (see :mod:`pipelines.pairing`; ``other_network``: to a network of the same data,
+    padding and conditioning); ``machine`` defaults to the calibration's."""
     network, patches, train_cfg = _setup(model, bank)
     found = read_json(calibration, "calibration")
     made_for = found.get("network", {}).get("machine") or found.get("config", {}).get("machine")
     kind = machine or made_for or machine_for(train_cfg, None, model)
-    check_calibration(found, calibration, model, network.identity()["weights"], train_cfg, kind)
+    check_calibration(found, calibration, model, network.identity()["weights"], train_cfg, kind, other_network)
     machine_for(train_cfg, kind, model)
     cond = bool(train_cfg["conditional"])
     return network, ScoreMachine(patches, kind, scales=schedule_from(found), conditional=cond, backend=backend), train_cfg  # type: ignore[arg-type]
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
-    network, machine, train_cfg = calibrated(cfg.model, cfg.calibration, cfg.machine, cfg.bank, cfg.backend)
+    network, machine, train_cfg = calibrated(cfg.model, cfg.calibration, cfg.machine, cfg.bank, cfg.backend, cfg.other_network)
+    calibrated_on = read_json(cfg.calibration, "calibration").get("network", {}).get("model")
     bank, kind, schedule, cond = machine.bank, machine.kind, machine.scales, machine.conditional
     ideal = ScoreMachine(bank, "IS", conditional=cond)
     out = Path(cfg.out)
@@ -186,7 +190,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     others = {name: make_comparator(spec, bank, cond) for name, spec in map(named_spec, cfg.comparators)}
     report = evaluate(network, machine, ideal, cfg.seeds, bank.data.shape, out, cfg.steps, _labels_of(train_cfg, cfg.seeds, bank),
                       cfg.batch, executor=cfg.executor, others=others, config={**asdict(cfg), "machine": kind, "schedule": schedule.to_json(),
-                                                                "paper_schedule": paper})
+                                                                "paper_schedule": paper, "calibrated_on": calibrated_on})
     samples = torch.load(out / "samples.pt")
     image_pairs(samples, out / "pairs.png")
     agreement_scatter(read_rows(out / "per_seed.jsonl"), out / "scatter.png")

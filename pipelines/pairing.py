@@ -60,10 +60,13 @@ def calibration_record(model: str, weights: str, train_cfg: dict, machine: str) 
             "machine": machine}
 
 
-def check_calibration(calibration: dict, path: str, model: str, weights: str, train_cfg: dict, machine: str) -> None:
+def check_calibration(calibration: dict, path: str, model: str, weights: str, train_cfg: dict, machine: str,
+                      other_network: bool = False) -> None:
     """A calibration must have been made for this network and this machine kind; raises ``ValueError``
     naming the calibration's side and this run's. A calibration written before calibrations recorded
-    their network is checked by its machine only (with a warning)."""
+    their network is checked by its machine only (with a warning). ``other_network``: the calibration was
+    made against another network on purpose (the paper evaluates its attention UNet at the ResNet's
+    calibrated scales); data, padding, conditioning and machine must still match, the weights may differ."""
     made = calibration.get("network")
     if made is None:
         log.warning("%s does not record the network it was calibrated against; only its machine is checked", path)
@@ -79,9 +82,10 @@ def check_calibration(calibration: dict, path: str, model: str, weights: str, tr
         if key in made and made[key] != train_cfg.get(key, made[key]):
             raise ValueError(f"{path} was calibrated for a network with {key} = {made[key]}, but {model} has "
                              f"{key} = {train_cfg.get(key)}")
-    if "weights" in made and made["weights"] != weights:
+    if "weights" in made and made["weights"] != weights and not other_network:
         raise ValueError(f"{path} was calibrated against the network {made.get('model')} (weights {made['weights'][:12]}), "
-                         f"not {model} (weights {weights[:12]}); calibrate this network first")
+                         f"not {model} (weights {weights[:12]}); calibrate this network first, or pass --other-network to "
+                         "use another network's scales on purpose")
 
 
 _DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10", "celeba": "CelebA"}

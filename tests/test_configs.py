@@ -120,6 +120,16 @@ def test_a_calibration_of_another_network_is_refused(nets, tmp_path):
     retrained = str(train(_tiny(Path(__file__).parent.parent / "configs" / "mnist_resnet_cpu.json", Path(other), iters=3), progress=False))
     with pytest.raises(ValueError, match=r"was calibrated against the network .*zeros/model.pt \(weights [0-9a-f]{12}\), not "):
         run_evaluate(EvaluateConfig(model=retrained, calibration=zeros[1], seeds=[0], steps=2, out=str(tmp_path / "c")))
+    # another network's scales on purpose (the paper's attention UNet at the ResNet's): only the weights may differ
+    report = run_evaluate(EvaluateConfig(model=retrained, calibration=zeros[1], seeds=[0], steps=2, out=str(tmp_path / "c"),
+                                         other_network=True))
+    assert report["config"]["calibrated_on"] == zeros[0] and report["config"]["other_network"]
+    with pytest.raises(ValueError, match=r"calibrated for a network trained on other data"):
+        run_evaluate(EvaluateConfig(model=zeros[0], calibration=fashion[1], seeds=[0], steps=2, out=str(tmp_path / "d"),
+                                    other_network=True))
+    with pytest.raises(ValueError, match=r"padding = circular"):
+        run_evaluate(EvaluateConfig(model=zeros[0], calibration=circular[1], seeds=[0], steps=2, out=str(tmp_path / "e"),
+                                    other_network=True))
 
 
 def test_the_ablation_refuses_a_network_that_does_not_fit_its_machine(nets, tmp_path):
