@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--schedule", default="FashionMNIST_ResNet_zeros_conditional")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--per-step", action="store_true", help="also print each step's seconds and the policy's routes")
     ap.add_argument("--conditional", action="store_true", help="class-conditional machines, seed s with label s mod 10")
     ap.add_argument("--materialise-max", type=int, default=3, help="distinct-patch tables (and pruning) up to this P; larger P stream")
     args = ap.parse_args()
@@ -55,7 +56,9 @@ def main() -> None:
         noise = noise_from_seeds([seed], data.shape)
         labels = torch.tensor([seed % 10]) if cond else None
         t0 = time.perf_counter()
-        ref = sample(ScoreMachine(bank, "bbELS", schedule, conditional=cond, backend=exact), noise, args.steps, labels)
+        exact_machine = ScoreMachine(bank, "bbELS", schedule, conditional=cond, backend=exact)
+        exact_steps = StepRecorder(exact_machine)
+        ref = sample(exact_machine, noise, args.steps, labels, callback=exact_steps)
         exact_s = time.perf_counter() - t0
         machine = ScoreMachine(bank, "bbELS", schedule, conditional=cond, backend=policy)
         recorder = StepRecorder(machine, policy)
@@ -68,6 +71,11 @@ def main() -> None:
         r = float(pearson_r(got, ref)[0])
         print(f"| {seed} | {exact_s:.0f} | {auto_s:.0f} | {exact_s / auto_s:.2f}x | {r:.5f} | {frac['sampled_fraction']:.1%} | "
               f"{frac['exact_fraction']:.1%} | {frac['stopped_early_fraction']:.1%} |", flush=True)
+        if args.per_step:
+            print("|   | t | P | exact s | auto s | sampled | stopped early | draws/bucket | sample s | exact s (auto) |")
+            for e, r in zip(exact_steps.records, recorder.records):
+                print(f"|   | {r['t']:.2f} | {r['P']} | {e['seconds']:.2f} | {r['seconds']:.2f} | {r['sampled_fraction']:.1%} | "
+                      f"{r['stopped_early_fraction']:.1%} | {r['draws_per_bucket']:.0f} | {r['sample_s']:.2f} | {r['exact_s']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ FALLBACK_TOL = 1e-5  # float32 exact fallback against float64 (DESIGN: float32 l
 @pytest.mark.parametrize("t", [0.05, 0.3, 0.6, 1.0])
 def test_answers_are_exact_or_within_a_few_standard_errors(bank, mnist, t):
     q, bucket, a, s2 = _queries(mnist, t)
-    backend = AutoBackend(samples=1024, max_samples=4096, se_tol=0.05, min_ess=64, seed=2)
+    backend = AutoBackend(samples=1024, max_samples=4096, se_tol=0.05, min_ess=64, seed=2, probe=0)  # always draw first
     out = backend.posterior(bank, bucket, q, a, s2)
     exact = ExactBackend().posterior(bank, bucket, q, a, s2)
     means, se, ok = AutoBackend(samples=1024, max_samples=4096, se_tol=0.05, min_ess=64, seed=2).sampled(bank, bucket, q, a, s2)
@@ -184,7 +184,7 @@ def test_not_materialised_scales_stream_exactly(mnist):
     exact = ExactBackend().posterior(streamed, bucket, q, a, s2)
     means, se, ok = AutoBackend(samples=512, se_tol=0.05).sampled(streamed, bucket, q, a, s2)  # draws need no table either
     assert ok.any() and ((means - exact).abs().amax(1)[ok] <= 2 * 0.05).double().mean() >= 0.95  # within 2·se_tol
-    out = AutoBackend(samples=512, se_tol=0.05).posterior(streamed, bucket, q, a, s2)
+    out = AutoBackend(samples=512, se_tol=0.05, probe=0).posterior(streamed, bucket, q, a, s2)
     torch.testing.assert_close(out[~ok], exact[~ok], rtol=0, atol=FALLBACK_TOL)  # what the draws do not answer is exact
     torch.testing.assert_close(out[ok], means[ok], rtol=0, atol=0)
 
@@ -243,3 +243,49 @@ def test_streamed_patches_equal_by_strided_views_and_by_gathers(mnist, monkeypat
     direct = patches_at(x, bucket.locations(H, H), P, padding).flatten(0, 1)  # image-major, pixels row-major
     torch.testing.assert_close(views, gathers, rtol=0, atol=0)
     torch.testing.assert_close(views, direct, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("C,P,padding", [(1, 1, "zeros"), (3, 3, "circular"), (3, 7, "zeros"), (2, 5, "circular")])
+def test_gathered_patches_are_the_patches_at_their_pixels(C, P, padding):
+    """Draws gather patches from a padded table by a strided view: each equals the patch cut at its pixel."""
+    from patchbank.base import gather_patches
+    from patchbank.geometry import pad_images
+
+    g = torch.Generator().manual_seed(C * 10 + P)
+    x = torch.randint(-255, 256, (6, C, 9, 11), generator=g, dtype=torch.int16)
+    img, loc = torch.randint(6, (40,), generator=g), torch.stack([torch.randint(9, (40,), generator=g), torch.randint(11, (40,), generator=g)], 1)
+    got = gather_patches(pad_images(x, P // 2, padding).contiguous(), img, loc, P)
+    every = patches_at(x.double(), loc, P, padding)  # [N, M, C·P·P]: every image's patch at every drawn pixel
+    assert got.dtype == torch.int16 and torch.equal(got.double(), every[img, torch.arange(40)])
+
+
+@pytest.mark.parametrize("P,t,draws", [(3, 0.05, True), (3, 0.4, True), (3, 1.0, False), (5, 0.05, False), (5, 0.6, False)])
+def test_the_cost_model_draws_only_where_draws_pay(bank, mnist, P, t, draws):
+    """The probe's plan per (bucket, level): where forced draws answer a third or more of the queries it draws
+    (then every answer is the forced backend's, to the bit), where they answer (almost) none it sums every
+    query exactly without drawing. The plan depends on neither the queries nor the batch."""
+    q, bucket, a, s2 = _queries(mnist, t, P=P)
+    forced = AutoBackend(samples=256, probe=0)
+    want = forced.posterior(bank, bucket, q, a, s2)
+    planned = AutoBackend(samples=256)
+    got = planned.posterior(bank, bucket, q, a, s2)
+    answered = forced.stats.summary()["sampled_fraction"]
+    assert (answered >= 1 / 3) if draws else (answered < 0.1)  # the cases are what they claim
+    assert list(planned.plans.values()) == [draws]
+    if draws:
+        assert torch.equal(got, want) and planned.stats.summary()["planned_exact_fraction"] == 0
+    else:
+        assert planned.stats.draws == 0 and planned.stats.summary()["planned_exact_fraction"] == 1
+        assert torch.equal(got, ExactBackend(dtype=torch.float32).posterior(bank, bucket, q, a, s2))
+    probe_s = planned.stats.probe_s
+    alone = planned.posterior(bank, bucket, q[:37], a, s2)  # the plan is kept: no second probe
+    assert planned.stats.probe_s == probe_s
+    torch.testing.assert_close(alone, got[:37], rtol=0, atol=1e-6)  # the same routes alone as in the batch (float32 round-off)
+    torch.testing.assert_close(AutoBackend(samples=256).posterior(bank, bucket, q[:37], a, s2), got[:37], rtol=0, atol=1e-6)
+
+
+def test_the_cost_model_options_are_checked():
+    with pytest.raises(ValueError, match="probe >= 0 and draw_cost > 0"):
+        AutoBackend(probe=-1)
+    with pytest.raises(ValueError, match="probe >= 0 and draw_cost > 0"):
+        AutoBackend(draw_cost=0)

@@ -4,8 +4,23 @@ For one bucket call (all query pixels that share a dictionary) the policy
 
 1. goes **exact** at once when the bucket has no more entries ``N`` than a round has draws (``N``:
    its distinct patches where it has a table, else its patches). Both an exact sum and a round of
-   draws gather and convert their entries once and then take one product per query, so their
-   costs are in the ratio ``N : samples`` whatever the number of queries;
+   draws take one product per (query, entry), so their costs are in the ratio ``N : samples``
+   whatever the number of queries. With the cost model on (``probe > 0``, the default) it also goes
+   exact when ``N < SMALL_FACTOR × samples``: a first round that costs a quarter of the exact sum
+   or more seldom pays;
+1b. otherwise (cost model on) **plans** the route of the bucket at this noise level by a probe (the cost model):
+   ``probe`` queries ``a·p + s·ε`` made from training patches ``p`` of the bucket (fixed draws of
+   ``p`` and ``ε``, seeded by ``seed``, the bucket and the noise level) take one round of draws; each
+   passes, or is projected to pass within the limit of step 3 (ESS and SE² scale with the draws),
+   or not, giving the fraction ``f`` that the draws would answer and the mean draws ``d`` step 3
+   would spend (its need for a probe that passes, the whole limit for one that would escalate and
+   still fail, one round for one that would leave early). The draws
+   are kept only when ``draw_cost · d < f · N`` — what they save (the exact sums of the pixels they
+   answer) exceeds what they cost (``draw_cost``: one draw's cost in exact (query, entry) pairs;
+   gathering a patch and keeping two sums per draw make it above 1). Otherwise every query of the
+   bucket at this level goes to the exact route (step 4) without drawing. The plan is kept per
+   (bucket, noise level) and depends on neither the queries nor the batch, so answers stay
+   independent of the batch;
 2. otherwise draws ``samples`` training patches uniformly from the bucket (the count proposal:
    a distinct patch is drawn with probability proportional to its count) — **one set of draws
    shared by every query**, so the logits are one matrix product, and no distinct-patch table or
@@ -51,6 +66,8 @@ from .summary import SummaryBackend
 from .topk import TopKBackend
 
 EARLY_FACTOR = 8.0  # leave when the projected need exceeds this many times the limit (projections from few draws run high)
+SMALL_FACTOR = 4  # buckets with fewer than this many times ``samples`` entries are summed exactly at once
+PROBE_SEED = 0x9E3779B9  # offsets the probe's seed from the draws' (the probe draws its own patches and noise)
 
 
 @dataclass
@@ -62,6 +79,7 @@ class PolicyStats(BackendStats):
     topk: int = 0
     exact: int = 0
     summaries: int = 0  # queries answered by the cluster summaries
+    planned_exact: int = 0  # … of the exact ones, sent there by the probe's plan without drawing
     low_ess: int = 0  # queries that left the draws with ESS < min_ess
     high_se: int = 0  # … with enough ESS but SE > se_tol
     stopped_early: int = 0  # … of which left the draws before the limit: their projected need was beyond it
@@ -72,6 +90,7 @@ class PolicyStats(BackendStats):
     topk_s: float = 0.0
     exact_s: float = 0.0
     summary_s: float = 0.0
+    probe_s: float = 0.0  # the cost model's probes (once per bucket and noise level)
 
     @property
     def choice(self) -> str:
@@ -92,6 +111,7 @@ class PolicyStats(BackendStats):
             "topk_fraction": self.topk / q,
             "exact_fraction": self.exact / q,
             "summary_fraction": self.summaries / q,
+            "planned_exact_fraction": self.planned_exact / q,  # routed to exact by the cost model, no draws made
             "fallback_fraction": (self.topk + self.exact + self.summaries) / q,  # answered by other than the draws
             "low_ess_fraction": self.low_ess / q,
             "high_se_fraction": self.high_se / q,
@@ -103,6 +123,7 @@ class PolicyStats(BackendStats):
             "topk_s": round(self.topk_s, 4),
             "exact_s": round(self.exact_s, 4),
             "summary_s": round(self.summary_s, 4),
+            "probe_s": round(self.probe_s, 4),
             "error_bound": None,
         }
 
@@ -123,7 +144,9 @@ class AutoBackend(BackendBase):
     of the draws' logits (float32, the default, roughly halves the product's cost and changes the
     estimates by ~1e-6 — far below ``se_tol`` —; the running sums are float64 across blocks);
     ``kernel``: ``"auto"`` folds the draws' moments with the fused C kernel where it is available
-    (CPU), ``"fused"`` requires it, ``"torch"`` uses torch operations.
+    (CPU), ``"fused"`` requires it, ``"torch"`` uses torch operations. ``probe``: probe queries per
+    (bucket, noise level) for the route plan (0: always draw first); ``draw_cost``: one draw's cost in
+    exact (query, entry) pairs, for the plan (see the module docstring).
     """
 
     samples: int = 4096
@@ -138,8 +161,12 @@ class AutoBackend(BackendBase):
     chunk: int = 8192
     draw_dtype: torch.dtype = torch.float32
     kernel: Literal["auto", "fused", "torch"] = "auto"
+    probe: int = 32
+    draw_cost: float = 1.5
     stats: PolicyStats = field(default_factory=PolicyStats, repr=False)
+    plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # (bucket, a, s²) → draw first?
     left_early: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    need: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     guarantee: ClassVar[Guarantee] = "statistical"
 
     def __post_init__(self) -> None:
@@ -150,6 +177,8 @@ class AutoBackend(BackendBase):
             raise ValueError(f"need se_tol > 0 and min_ess >= 1, got {self.se_tol}, {self.min_ess}")
         if self.chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {self.chunk}")
+        if self.probe < 0 or not self.draw_cost > 0:
+            raise ValueError(f"need probe >= 0 and draw_cost > 0, got probe={self.probe}, draw_cost={self.draw_cost}")
         if self.draw_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"draw_dtype must be torch.float32 or torch.float64, got {self.draw_dtype}")
         kernels.check_option(self.kernel)
@@ -168,6 +197,9 @@ class AutoBackend(BackendBase):
             return self._exact(bank, bucket, queries, a, s2)
         N = bank.stream_size(bucket)
         if N <= self.samples:
+            return self._exact(bank, bucket, queries, a, s2)
+        if self.probe and (N < SMALL_FACTOR * self.samples or not self.worth_drawing(bank, bucket, a, s2)):
+            self.stats.planned_exact += Q
             return self._exact(bank, bucket, queries, a, s2)
         with self.stats.timer("sample_s"):
             means, se, ok = self.sampled(bank, bucket, queries, a, s2, limit=self._limit(N))
@@ -188,12 +220,41 @@ class AutoBackend(BackendBase):
                 means[rest] = self._exact(bank, bucket, q, a, s2).cpu().to(means.dtype)
         return means.to(queries.device)
 
+    def worth_drawing(self, bank: Bank, bucket: BucketKey, a: float, s2: float) -> bool:
+        """The cost model's plan for a patch bucket at noise level ``(a, s²)``: whether drawing first is
+        expected to cost less than summing every query exactly (kept per bucket and level; see the
+        module docstring)."""
+        plan = (bucket, a, s2)
+        if plan not in self.plans:
+            with self.stats.timer("probe_s"):
+                gen = torch.Generator().manual_seed(draw_seed(self.seed + PROBE_SEED, bucket, a))
+                p = bank.sample_patches(bucket, self.probe, gen, torch.float64).keys
+                q = a * p + s2**0.5 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
+                N = bank.stream_size(bucket)
+                limit = self._limit(N)
+                keep = self.stats
+                self.stats = PolicyStats()  # the probe's draws are not the call's
+                try:  # one round of draws; a probe that fails it is projected (ESS and SE² grow with the draws)
+                    _, _, ok = self.sampled(bank, bucket, q, a, s2, limit=self.samples)
+                    need = self.need.cpu()
+                finally:
+                    self.stats = keep
+                # draws per probe as step 3 would spend them: up to its need where it passes, the whole limit
+                # where it would escalate and still fail, one round where it would leave early
+                passes = ok | (need <= limit)
+                draws = torch.where(passes, need.clamp(min=self.samples),
+                                    torch.where(need > EARLY_FACTOR * limit, float(self.samples), float(limit)))
+                saves = float(passes.double().mean()) * N
+                costs = self.draw_cost * float(draws.double().mean())
+                self.plans[plan] = costs < saves
+        return self.plans[plan]
+
     def sampled(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float,
                 limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Shared-draw estimates: means ``[Q, C]``, standard errors ``[Q]``, accepted mask ``[Q]`` (on the CPU;
-        ``self.left_early [Q]`` marks the queries of this call that left before the limit);
-        ``limit``: most draws for queries that fail (default ``max_samples``, at most a quarter of the
-        bucket's entries)."""
+        ``self.left_early [Q]`` marks the queries of this call that left before the limit and
+        ``self.need [Q]`` the draws each is projected to need from its last round); ``limit``: most draws for queries
+        that fail (default ``max_samples``, at most a quarter of the bucket's entries)."""
         if limit is None:
             limit = self._limit(bank.stream_size(bucket))
         gen = torch.Generator().manual_seed(draw_seed(self.seed, bucket, a))
@@ -214,6 +275,7 @@ class AutoBackend(BackendBase):
             # ESS grows and SE² shrinks in proportion to the draws: a query whose projected need exceeds
             # 8× the limit would fail at the limit too, so it leaves now rather than after the rounds.
             need = drawn * torch.maximum(self.min_ess / ess.clamp(min=1e-300), (se / self.se_tol) ** 2)
+            self.need = need
             hopeless = ~ok & ~stopped & (need > EARLY_FACTOR * limit) & (target < limit)
             self.stats.stopped_early += int(hopeless.sum())
             stopped |= hopeless
