@@ -115,6 +115,25 @@ def row_summary(name: str, figures: Path | None = None) -> dict:
             "calibration_seeds": len(cal["seeds"]), "comparators": report.get("config", {}).get("comparators", []), **report}
 
 
+def agree_and_part(name: str, figures: Path, n: int = 4) -> str:
+    """The ``n`` seeds where a row's machine agrees best with its network and the ``n`` where they part most,
+    as one figure (network / machine / IS / …, each column captioned with seed and r); returns its path."""
+    import torch
+
+    from pipelines.evaluation import read_rows
+    from pipelines.figures import image_pairs
+
+    root = Path("outputs") / name / "evaluate"
+    rows = sorted(read_rows(root / "per_seed.jsonl"), key=lambda r: -r["machine_r"])
+    chosen = rows[:n] + rows[-n:]
+    samples = torch.load(root / "samples.pt")
+    figures.mkdir(parents=True, exist_ok=True)
+    path = figures / f"{name}_agree_part.png"
+    image_pairs(samples, path, seeds=[r["seed"] for r in chosen],
+                captions=[f"{r['seed']}: r {r['machine_r']:.2f}" for r in chosen])
+    return str(path)
+
+
 def table(names: list[str], figures: Path | None) -> str:
     rows = [row_summary(n, figures) for n in names]
     head = ("| network | machine | images | seeds | r (paper) | R² | MSE | IS r | beats IS | train / cal / eval min |\n"
@@ -161,6 +180,10 @@ def main() -> None:
     r.add_argument("--fit", nargs="+", default=None, metavar="SPEC@VALUES",
                    help="comparators whose free parameter is calibrated first, [NAME=]SPEC@VALUES, e.g. smoothed@0,0.05,0.1 "
                         "pca_locality@0.5,1,2 pca_sym=pca_locality:normalise=symmetric@0.5,1,2")
+    x = sub.add_parser("extremes", help="a row's seeds where machine and network agree best and part most, as a figure")
+    x.add_argument("name", help="config name (folder under outputs/)")
+    x.add_argument("--n", type=int, default=4)
+    x.add_argument("--figures", default="docs/figures")
     t = sub.add_parser("table", help="the markdown table of finished rows")
     t.add_argument("names", nargs="+", help="config names (folders under outputs/)")
     t.add_argument("--figures", default="docs/figures", help="copy each row's figures here ('' for none)")
@@ -170,6 +193,8 @@ def main() -> None:
             parser.error("row needs --candidates (or --calibration-from another row)")
         run_row(args.config, args.candidates, args.cal_seeds, args.eval_seeds, args.backend, args.batch, args.theories, args.fit,
                 args.calibration_from)
+    elif args.command == "extremes":
+        print(agree_and_part(args.name, Path(args.figures), args.n))
     else:
         print(table(args.names, Path(args.figures) if args.figures else None))
 

@@ -19,9 +19,13 @@ def _save(fig, path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-def image_pairs(samples: dict[int, dict[str, torch.Tensor]], path: str | os.PathLike, n: int = 8) -> None:
-    """One row per theory — network / machine / IS, then any other theory evaluated — for the first ``n`` seeds."""
-    seeds = sorted(samples)[:n]
+def image_pairs(samples: dict[int, dict[str, torch.Tensor]], path: str | os.PathLike, n: int = 8,
+                seeds: list[int] | None = None, captions: list[str] | None = None) -> None:
+    """One row per theory — network / machine / IS, then any other theory evaluated — for the first ``n`` seeds
+    (or the given ``seeds``, in order, each column captioned by ``captions`` when given)."""
+    seeds = sorted(samples)[:n] if seeds is None else list(seeds)
+    if captions is not None and len(captions) != len(seeds):
+        raise ValueError(f"{len(captions)} captions for {len(seeds)} seeds")
     names = ["network", "machine", "is"] + [k for k in samples[seeds[0]] if k not in ("network", "machine", "is")]
     rows = [torch.stack([samples[s][name] for s in seeds]) for name in names]
     grid = make_grid((torch.cat(rows) + 1) / 2, nrow=len(seeds), padding=2, pad_value=1.0).clamp(0, 1)
@@ -29,7 +33,10 @@ def image_pairs(samples: dict[int, dict[str, torch.Tensor]], path: str | os.Path
     ax.imshow(grid.permute(1, 2, 0).numpy(), cmap="gray" if grid.shape[0] == 1 else None)
     ax.set_yticks([grid.shape[1] * (i + 0.5) / len(names) for i in range(len(names))],
                   [{"is": "IS"}.get(name, name) for name in names])
-    ax.set_xticks([])
+    if captions is None:
+        ax.set_xticks([])
+    else:
+        ax.set_xticks([grid.shape[2] * (i + 0.5) / len(seeds) for i in range(len(seeds))], captions, fontsize=7)
     _save(fig, path)
 
 

@@ -180,3 +180,24 @@ def test_colour_figures_show_colour(tmp_path):
     png = torch.from_numpy(mpimg.imread(tmp_path / "sources.png"))[..., :3]
     colour = torch.tensor([1.0, 0, 0]) if rows[0]["image"] == 0 else torch.tensor([0, 0, 1.0])
     assert ((png - colour).abs().amax(-1) < 0.05).sum() > 100  # the sample and its source, in the source's colour
+
+
+def test_pairs_of_chosen_seeds_in_the_order_given(tmp_path):
+    """The agree/part figure: chosen seeds, in the order given, each column its caption; red seed first."""
+    import matplotlib.image as mpimg
+
+    from pipelines.figures import image_pairs
+
+    def flat(channel: int) -> dict[str, torch.Tensor]:
+        x = -torch.ones(3, 8, 8)
+        x[channel] = 1.0
+        return {"network": x, "machine": x, "is": x}
+
+    samples = {0: flat(2), 1: flat(1), 2: flat(0)}
+    image_pairs(samples, tmp_path / "p.png", seeds=[2, 0], captions=["2: r 0.99", "0: r 0.10"])
+    png = torch.from_numpy(mpimg.imread(tmp_path / "p.png"))[..., :3]
+    red = ((png - torch.tensor([1.0, 0, 0])).abs().amax(-1) < 0.05).nonzero()[:, 1].double().mean()
+    blue = ((png - torch.tensor([0, 0, 1.0])).abs().amax(-1) < 0.05).nonzero()[:, 1].double().mean()
+    assert red < blue and not ((png - torch.tensor([0, 1.0, 0])).abs().amax(-1) < 0.05).any()  # seed 1 left out
+    with pytest.raises(ValueError, match="1 captions for 2 seeds"):
+        image_pairs(samples, tmp_path / "q.png", seeds=[2, 0], captions=["x"])
