@@ -31,14 +31,9 @@ import torch
 
 from machines import AutoBackend, ExactBackend, ScoreMachine, alpha_sigma2
 from patchbank import MemoryBank, load_dataset, to_model_range
+from pipelines.metrics import pearson_r
 
 PEER = Path(__file__).resolve().parents[2] / "shared" / "peers" / "kamb_convolutional_diffusion"
-
-
-def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x.double().flatten(), y.double().flatten()
-    x, y = x - x.mean(), y - y.mean()
-    return float((x @ y) / (x.norm() * y.norm()))
 
 
 class _Images(torch.utils.data.Dataset):
@@ -119,8 +114,8 @@ def main() -> None:
                 visited = backend.stats.visited / args.repeat
                 gflops = visited * (2 * C * P * P + 2 * (C + 1)) / secs / 1e9
                 cols = f"{backend.stats.visited_fraction:8.3f} {gflops:8.1f} {gflops / peak:7.1%}"
-            print(f"{P:3d} {name:16} {secs:8.3f} {peer_s / secs:7.1f} {pearson(out, ref_peer):9.6f} "
-                  f"{pearson(out, ref_exact):9.6f} {float((out - ref_peer).abs().max()):8.1e} {cols}", flush=True)
+            print(f"{P:3d} {name:16} {secs:8.3f} {peer_s / secs:7.1f} {float(pearson_r(out, ref_peer)[0]):9.6f} "
+                  f"{float(pearson_r(out, ref_exact)[0]):9.6f} {float((out - ref_peer).abs().max()):8.1e} {cols}", flush=True)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,7 @@ def row_summary(name: str, figures: Path | None = None) -> dict:
             "conditional": train_cfg["conditional"], "train_images": train_cfg.get("train_images"),
             "machine": cal["network"]["machine"] if "network" in cal else cal["config"]["machine"],
             "schedule": [P for _, P in cal["schedule"]], "paper_schedule": [P for _, P in paper] if paper else None,
+            "attention": bool(train_cfg.get("attention")),
             "paper_r": PAPER_R.get((train_cfg["dataset"], train_cfg["arch"] + ("+attention" if train_cfg.get("attention") else ""))),
             "seconds": seconds, "calibration": str(cal_path),
             "calibration_seeds": len(cal["seeds"]), "comparators": report.get("config", {}).get("comparators", []), **report}
@@ -140,7 +141,7 @@ def table(names: list[str], figures: Path | None) -> str:
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
-        net = f"{r['dataset']} {r['arch']}{'+attention' if 'attention' in r['name'] else ''} {r['padding']}{' cond.' if r['conditional'] else ''}"
+        net = f"{r['dataset']} {r['arch']}{'+attention' if r['attention'] else ''} {r['padding']}{' cond.' if r['conditional'] else ''}"
         mins = " / ".join(f"{r['seconds'].get(s, float('nan')) / 60:.0f}" for s in ("train", "calibrate", "evaluate"))
         paper = f" ({r['paper_r']:.2f})" if r["paper_r"] is not None else ""
         lines.append(f"| {net} | {r['machine']} | {r['train_images']} | {r['seeds']} | {r['median_machine_r']:.3f}{paper} | "

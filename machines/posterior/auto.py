@@ -198,7 +198,7 @@ class AutoBackend(BackendBase):
         N = bank.stream_size(bucket)
         if N <= self.samples:
             return self._exact(bank, bucket, queries, a, s2)
-        if self.probe and (N < SMALL_FACTOR * self.samples or not self.worth_drawing(bank, bucket, a, s2)):
+        if self.probe and (N < SMALL_FACTOR * self.samples or not self.worth_drawing(bank, bucket, N, a, s2)):
             self.stats.planned_exact += Q
             return self._exact(bank, bucket, queries, a, s2)
         with self.stats.timer("sample_s"):
@@ -220,8 +220,8 @@ class AutoBackend(BackendBase):
                 means[rest] = self._exact(bank, bucket, q, a, s2).cpu().to(means.dtype)
         return means.to(queries.device)
 
-    def worth_drawing(self, bank: Bank, bucket: BucketKey, a: float, s2: float) -> bool:
-        """The cost model's plan for a patch bucket at noise level ``(a, s²)``: whether drawing first is
+    def worth_drawing(self, bank: Bank, bucket: BucketKey, N: int, a: float, s2: float) -> bool:
+        """The cost model's plan for a patch bucket of ``N`` entries at noise level ``(a, s²)``: whether drawing first is
         expected to cost less than summing every query exactly (kept per bucket and level; see the
         module docstring)."""
         plan = (bucket, a, s2)
@@ -230,7 +230,6 @@ class AutoBackend(BackendBase):
                 gen = torch.Generator().manual_seed(draw_seed(self.seed + PROBE_SEED, bucket, a))
                 p = bank.sample_patches(bucket, self.probe, gen, torch.float64).keys
                 q = a * p + s2**0.5 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
-                N = bank.stream_size(bucket)
                 limit = self._limit(N)
                 keep = self.stats
                 self.stats = PolicyStats()  # the probe's draws are not the call's
