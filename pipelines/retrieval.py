@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from machines.posterior import entry_bias, logits
+from machines.posterior import entry_bias, kernels, logits
 from machines.posterior.exact import cluster_upper
 from machines.posterior.topk import TopKBackend
 from patchbank.geometry import BucketKey, patches_at
@@ -41,6 +41,10 @@ PRUNE_TOL = 1e-14
 
 LEAF_SIZE = 2048
 """Cluster size of the tree :func:`cluster_scan` prunes with (the exact backend's, so both share one tree)."""
+
+USE_KERNEL: bool | None = None
+"""Whether :func:`cluster_scan` folds its blocks with the C kernel (:func:`machines.posterior.kernels.scan`);
+None: where it compiles, else torch operations (the same sums, a merge of per-block top lists)."""
 
 MERGE_EVERY = 1 << 22
 """Candidates :func:`cluster_scan` collects before merging them down to each query's ``m`` best (memory)."""
@@ -238,7 +242,6 @@ def cluster_scan(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q:
     sources = source_map(bank, key, locs, ids)
     U, Q, K = tree.patches.shape[0], q.shape[0], tree.n_clusters
     q = q.to(f64)
-    size = tree.offsets.diff()
     upper = cluster_upper(q, tree, a, s2)  # bound on every member's log weight, counts included [Q, K]
 
     def block(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, slice]:  # each copy's log weight [r, n]
@@ -246,12 +249,23 @@ def cluster_scan(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q:
         keys = tree.patches[s:e].to(f64) / 255.0
         return logits(q[rows], keys, entry_bias(tree.sq_norms[s:e], None, a, s2, f64), a, s2), tree.log_counts[s:e], slice(s, e)
 
-    run_max = torch.full((Q,), -torch.inf, dtype=f64)
+    fused = kernels.available() if USE_KERNEL is None else USE_KERNEL
+    run_max = torch.full((Q,), -1e300 if fused else -torch.inf, dtype=f64)
     Z, S = torch.zeros(Q, dtype=f64), torch.zeros(Q, dtype=f64)
     found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per visit: rows, their block's top m, its patches
     held = [0]
+    top = torch.full((Q, m), -1e300, dtype=f64)  # the fused kernel's running top m (finite start) and their patches
+    best = torch.full((Q, m), -1, dtype=torch.long)
+    skip = math.log(1e10 / PRUNE_TOL)  # fused: up to 1e10 terms each < PRUNE_TOL·1e-10 of the maximum left out
 
-    def visit(rows: torch.Tensor, k: int) -> None:
+    def visit_fused(rows: torch.Tensor, k: int) -> None:  # one C pass: sums and the running top m together
+        ell, log_c, span = block(rows, k)
+        state = [v[rows] for v in (run_max, Z, S, top, best)]
+        kernels.scan(ell, log_c.to(f64), tree.order[span], *state, skip)
+        for v, new in zip((run_max, Z, S, top, best), state):
+            v[rows] = new
+
+    def visit_torch(rows: torch.Tensor, k: int) -> None:
         ell, log_c, span = block(rows, k)
         weighted = ell + log_c
         old = run_max[rows]
@@ -269,6 +283,7 @@ def cluster_scan(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q:
             found[:] = [(torch.nonzero(keep)[:, 0], merged[0][keep], merged[1][keep])]
             held[0] = int(keep.sum())
 
+    visit = visit_fused if fused else visit_torch
     threshold = math.log(U / PRUNE_TOL)
     first = upper.argmax(1)  # each query's most promising cluster first: its running maximum is then near final
     for k in torch.unique(first).tolist():
@@ -277,7 +292,10 @@ def cluster_scan(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q:
         rows = torch.nonzero((upper[:, k] >= run_max - threshold) & (first != k)).view(-1)
         if rows.numel():
             visit(rows, k)
-    top, best = _merge_top(found, Q, m)
+    if fused:
+        top = torch.where(top > -1e299, top, -torch.inf)
+    else:
+        top, best = _merge_top(found, Q, m)
     log_z = run_max + Z.log()
     entropy = log_z - S / Z
     top_ind, entries = listed_copies(sources, best, top, m)

@@ -114,6 +114,50 @@ def test_fold_rejects_bad_input():
         kernels.fold(torch.zeros(2, 4), torch.zeros(1, 4), m.float(), acc, 60.0)
 
 
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 3])
+def test_scan_matches_brute_force_sums_and_top_list_over_blocks(threads):
+    """Provenance sums (log Z, Σw·ℓ) and the K largest entries, folded block by block, equal one float64 pass;
+    ties (repeated values) keep the earlier entry first."""
+    g = torch.Generator().manual_seed(threads)
+    R, blocks, M, K = 150, 4, 257, 6  # ≥ 64 rows per thread, so 3 threads split the rows
+    spread = torch.tensor([1.0, 40.0, 3000.0])[torch.arange(R) % 3][:, None]
+    ell = (torch.randn(R, blocks * M, generator=g, dtype=torch.float64) * spread).round()  # rounded: many exact ties
+    log_c = torch.rand(blocks * M, generator=g, dtype=torch.float64) * 5
+    ids = torch.randperm(blocks * M, generator=g)
+    skip = 60.0
+    m, Z, S = torch.full((R,), -1e300, dtype=torch.float64), torch.zeros(R, dtype=torch.float64), torch.zeros(R, dtype=torch.float64)
+    top, top_id = torch.full((R, K), -1e300, dtype=torch.float64), torch.full((R, K), -1, dtype=torch.long)
+    for b in range(blocks):
+        span = slice(b * M, (b + 1) * M)
+        kernels.scan(ell[:, span].contiguous(), log_c[span].contiguous(), ids[span].contiguous(), m, Z, S, top, top_id, skip,
+                     threads=threads)
+    weighted = ell + log_c
+    peak = weighted.amax(1)
+    d = weighted - peak[:, None]
+    w = d.exp() * (d > -skip)
+    torch.testing.assert_close(m, peak, rtol=0, atol=0)
+    torch.testing.assert_close(m + Z.log(), peak + w.sum(1).log(), rtol=1e-13, atol=1e-10)
+    torch.testing.assert_close(S / Z, (w * ell).sum(1) / w.sum(1), rtol=1e-12, atol=1e-9)
+    want, where = ell.sort(dim=1, descending=True, stable=True)  # stable: among equal values the earlier entry first
+    assert torch.equal(top, want[:, :K]) and torch.equal(top_id, ids[where[:, :K]])
+
+
+@needs_kernel
+def test_scan_lists_fewer_than_k_and_rejects_bad_input():
+    m, Z, S = torch.full((1,), -1e300, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    top, top_id = torch.full((1, 4), -1e300, dtype=torch.float64), torch.full((1, 4), -1, dtype=torch.long)
+    ell = torch.tensor([[2.0, 5.0]], dtype=torch.float64)
+    kernels.scan(ell, torch.zeros(2, dtype=torch.float64), torch.tensor([7, 9]), m, Z, S, top, top_id, 60.0)
+    assert top[0, :2].tolist() == [5.0, 2.0] and top_id[0].tolist() == [9, 7, -1, -1] and (top[0, 2:] == -1e300).all()
+    with pytest.raises(ValueError, match="float64"):
+        kernels.scan(ell.float(), torch.zeros(2, dtype=torch.float64), torch.tensor([7, 9]), m, Z, S, top, top_id, 60.0)
+    with pytest.raises(ValueError, match="ids must be"):
+        kernels.scan(ell, torch.zeros(2, dtype=torch.float64), torch.tensor([7, 9, 1]), m, Z, S, top, top_id, 60.0)
+    with pytest.raises(ValueError, match="top_id must be"):
+        kernels.scan(ell, torch.zeros(2, dtype=torch.float64), torch.tensor([7, 9]), m, Z, S, top, top_id.int(), 60.0)
+
+
 @pytest.fixture(scope="module")
 def mnist(mnist_at):
     return mnist_at(60, resize=16)

@@ -234,14 +234,15 @@ def test_provenance_through_distinct_patches_equals_the_scan_of_every_patch(kind
             assert abs(ratio - want) <= 1e-9
 
 
-@pytest.mark.parametrize("t", [0.05, 0.3])
-def test_provenance_without_image_shares_prunes_clusters_and_keeps_every_patch_exact(mnist_at, monkeypatch, t):
+@pytest.mark.parametrize("t,kernel", [(0.05, None), (0.3, None), (0.05, False), (0.3, False)])
+def test_provenance_without_image_shares_prunes_clusters_and_keeps_every_patch_exact(mnist_at, monkeypatch, t, kernel):
     import pipelines.retrieval as retrieval
 
     data = mnist_at(30, 12)
     monkeypatch.setattr(retrieval, "LEAF_SIZE", 8)  # many clusters on a small bank, so some can be skipped
+    monkeypatch.setattr(retrieval, "USE_KERNEL", kernel)  # None: the C scan where it compiles; False: torch operations
     if t == 0.3:
-        monkeypatch.setattr(retrieval, "MERGE_EVERY", 64)  # the running top-m merged down many times on the way
+        monkeypatch.setattr(retrieval, "MERGE_EVERY", 64)  # torch: the running top-m merged down many times on the way
     pairs = []
     real = retrieval.logits
     monkeypatch.setattr(retrieval, "logits", lambda q, keys, *rest: pairs.append(q.shape[0] * keys.shape[0]) or real(q, keys, *rest))

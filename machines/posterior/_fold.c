@@ -144,3 +144,61 @@ FOLD(fold_f64, double, exp_f64)
 
 MOMENTS(moments_f32, float, exp_f32, -80.0f)
 MOMENTS(moments_f64, double, exp_f64, -700.0)
+
+/* Provenance scan (pipelines/retrieval.py's cluster scan): for each row r of a block of each
+ * copy's own log weights ell [R, M] (row stride ld; entry j stands for log_c[j] identical copies,
+ * distinct patch ids[j]), with running maximum m[r] (−1e300 at the start) of ell + log_c:
+ *   Z[r] = Σ e^(ell + log_c − m),  S[r] = Σ e^(ell + log_c − m)·ell   (log Z and the entropy),
+ * rescaled when the maximum rises; terms more than `skip` below the maximum add 0. And the K
+ * largest ell per row, top[r, 0..K-1] descending with their ids in top_id (an equal value goes
+ * after those already listed, so earlier entries win ties); −inf / −1 where fewer. One pass.
+ */
+void scan_f64(int64_t R, int64_t M, int64_t K, const double *ell, int64_t ld, const double *log_c, const int64_t *ids,
+              double *m, double *Z, double *S, double *top, int64_t *top_id, double skip)
+{
+    for (int64_t r = 0; r < R; r++) {
+        const double *row = ell + r * ld;
+        double *t = top + r * K;
+        int64_t *ti = top_id + r * K;
+        double hi = row[0] + log_c[0];
+        for (int64_t j = 1; j < M; j++) {
+            double w = row[j] + log_c[j];
+            hi = w > hi ? w : hi;
+        }
+        if (hi > m[r]) {
+            double d = m[r] - hi;
+            double scale = d < -skip ? 0.0 : exp(d);
+            Z[r] *= scale;
+            S[r] *= scale;
+            m[r] = hi;
+        }
+        if (hi >= m[r] - skip) {
+            const double shift = m[r], floor = -skip;
+            double z = 0, s = 0;
+            for (int64_t j = 0; j < M; j++) {
+                double d = row[j] + log_c[j] - shift;
+                int below = d <= floor;
+                double w = exp_f64(below ? floor : d);
+                w = below ? 0.0 : w;
+                z += w;
+                s += w * row[j];
+            }
+            Z[r] += z;
+            S[r] += s;
+        }
+        double least = t[K - 1];
+        for (int64_t j = 0; j < M; j++) {
+            double v = row[j];
+            if (!(v > least)) continue;
+            int64_t i = K - 1;
+            while (i > 0 && v > t[i - 1]) {
+                t[i] = t[i - 1];
+                ti[i] = ti[i - 1];
+                i--;
+            }
+            t[i] = v;
+            ti[i] = ids[j];
+            least = t[K - 1];
+        }
+    }
+}

@@ -7,7 +7,8 @@ product at P ≤ 9. :func:`fold` does it in one C pass per row (``machines/_fold
 maximum, rescaling, a vectorised exponential, ``Σw`` and ``Σw·v``; rows whose block maximum lies
 more than ``skip`` below the running maximum are skipped without an exponential. :func:`moments`
 does the same for the automatic policy's importance draws, adding the second moments its
-standard errors need (``Σw²``, ``Σw²·v``, ``Σw²·v²``).
+standard errors need (``Σw²``, ``Σw²·v``, ``Σw²·v²``). :func:`scan` does it for provenance: ``Σw``,
+``Σw·ℓ`` (the entropy) and a running list of each row's heaviest entries.
 
 The C source is compiled on first use with the system C compiler (``$CC``, else ``cc``) for this
 CPU (``-O3 -ffast-math -march=native``) into ``$PATCHBANK_KERNEL_CACHE`` (default
@@ -96,6 +97,39 @@ def moments(logits: torch.Tensor, values_t: torch.Tensor, m: torch.Tensor, s1: t
     def part(start: int, stop: int) -> int:
         fn(stop - start, M, C, logits.data_ptr() + start * ld * size, ld, values_t.data_ptr(), m.data_ptr() + 8 * start,
            s1.data_ptr() + 8 * start * (C + 1), s2.data_ptr() + 8 * start * (2 * C + 1))
+        return 0
+
+    _by_rows(part, R, M, threads)
+
+
+def scan(ell: torch.Tensor, log_c: torch.Tensor, ids: torch.Tensor, m: torch.Tensor, Z: torch.Tensor, S: torch.Tensor,
+         top: torch.Tensor, top_id: torch.Tensor, skip: float, threads: int | None = None) -> None:
+    """Fold a block of each copy's own log weights into provenance sums and a running top list, in place.
+
+    ell: float64 ``[R, M]`` CPU, unit column stride; log_c: float64 ``[M]`` (log copies per entry); ids:
+    int64 ``[M]`` (each entry's distinct patch); m, Z, S: float64 ``[R]`` (running maximum of ``ell + log_c``,
+    finite: start at ``-1e300``; ``Σw`` and ``Σw·ell`` with ``w = e^(ell + log_c − m)``); top: float64 ``[R, K]``
+    (the ``K`` largest ``ell`` so far, descending; start at ``-1e300``), top_id: int64 ``[R, K]`` (their ids;
+    start at −1). Terms more than ``skip`` below the maximum add nothing. Rows split over threads as in
+    :func:`fold`."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the fused kernel is unavailable: {unavailable_reason()}")
+    R, M = ell.shape
+    K = top.shape[1]
+    if ell.dtype != torch.float64 or ell.device.type != "cpu" or (M > 1 and ell.stride(1) != 1):
+        raise ValueError("scan needs a float64 CPU block with contiguous rows")
+    for key, t, shape, dtype in (("log_c", log_c, (M,), torch.float64), ("ids", ids, (M,), torch.int64),
+                                 ("m", m, (R,), torch.float64), ("Z", Z, (R,), torch.float64), ("S", S, (R,), torch.float64),
+                                 ("top", top, (R, K), torch.float64), ("top_id", top_id, (R, K), torch.int64)):
+        if t.dtype != dtype or t.shape != shape or not t.is_contiguous():
+            raise ValueError(f"{key} must be contiguous {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
+    ld = ell.stride(0)
+
+    def part(start: int, stop: int) -> int:
+        lib.scan_f64(stop - start, M, K, ell.data_ptr() + 8 * start * ld, ld, log_c.data_ptr(), ids.data_ptr(),
+                     m.data_ptr() + 8 * start, Z.data_ptr() + 8 * start, S.data_ptr() + 8 * start,
+                     top.data_ptr() + 8 * start * K, top_id.data_ptr() + 8 * start * K, skip)
         return 0
 
     _by_rows(part, R, M, threads)
@@ -199,6 +233,8 @@ def _load(path: Path) -> ctypes.CDLL:
         fn.restype, fn.argtypes = ctypes.c_int64, args
     for fn in (lib.moments_f32, lib.moments_f64):
         fn.restype, fn.argtypes = None, args[:-1] + [ctypes.c_void_p]
+    lib.scan_f64.restype = None
+    lib.scan_f64.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 7 + [ctypes.c_double]
     return lib
 
 
