@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import matplotlib
@@ -106,29 +107,38 @@ def concentration_heatmap(cells: list[dict], path: str | os.PathLike) -> None:
     _save(fig, path)
 
 
-def provenance_figure(samples: torch.Tensor, prov, data, path: str | os.PathLike, n: int = 8) -> None:
-    """Rows per sample: the sample, its attribution map (each pixel coloured by its top source image) and the
-    reassembled mosaic (each pixel replaced by the centre of its top source patch), for the first ``n``.
-    ``samples [B, C, H, W]`` in [-1, 1]; ``prov``: a :class:`~pipelines.provenance.Provenance`; ``data``: the
-    training :class:`~patchbank.ImageData`. Colour images are shown as RGB, grey ones in grey."""
+def provenance_figure(samples: torch.Tensor, prov, data, path: str | os.PathLike, n: int = 8, min_share: float = 0.01) -> None:
+    """Rows per sample: the sample, its attribution map (each pixel coloured by its top source image; grey where
+    that image holds less than ``min_share`` of the pixel's posterior, so no one image stands out), the
+    reassembled mosaic (each pixel replaced by the centre of its top source patch) and the effective number of
+    sources per pixel (log10 of ``exp(entropy)``), for the first ``n``. ``samples [B, C, H, W]`` in [-1, 1];
+    ``prov``: a :class:`~pipelines.provenance.Provenance`; ``data``: the training :class:`~patchbank.ImageData`.
+    Colour images are shown as RGB, grey ones in grey."""
+    import numpy as np
+
     from .provenance import reassembled_mosaic
 
     B = min(n, samples.shape[0])
     mosaic = (reassembled_mosaic(prov, data) + 1) / 2  # [B, C, H, W] in [0, 1]
-    fig, axes = plt.subplots(B, 3, figsize=(6, 2 * B), squeeze=False)
+    fig, axes = plt.subplots(B, 4, figsize=(8, 2 * B), squeeze=False)
+    sources = plt.get_cmap("tab20").copy()
+    sources.set_bad("lightgrey")
+    spread = prov.entropy.div(math.log(10)).clamp(min=0)  # log10 of the effective number of sources
     for b in range(B):
-        for ax, (title, picture) in zip(axes[b], (("sample", (samples[b].double() + 1) / 2), ("top source image", None),
-                                                   ("reassembled mosaic", mosaic[b]))):
-            if picture is None:
-                ax.imshow(prov.images[b, :, :, 0].numpy() % 20, cmap="tab20", vmin=0, vmax=19, interpolation="nearest")
-            else:
-                shown = picture.clamp(0, 1).permute(1, 2, 0).numpy()
-                ax.imshow(shown[..., 0] if shown.shape[-1] == 1 else shown, cmap="gray" if shown.shape[-1] == 1 else None,
-                          vmin=0, vmax=1, interpolation="nearest")
+        _show(axes[b, 0], (samples[b].double() + 1) / 2)
+        top = np.ma.masked_where((prov.image_share[b, :, :, 0] < min_share).numpy(), prov.images[b, :, :, 0].numpy() % 20)
+        axes[b, 1].imshow(top, cmap=sources, vmin=0, vmax=19, interpolation="nearest")
+        _show(axes[b, 2], mosaic[b])
+        shown = axes[b, 3].imshow(spread[b].numpy(), cmap="viridis", vmin=0, vmax=max(1.0, float(spread.max())),
+                                  interpolation="nearest")
+        for ax in axes[b, 1], axes[b, 3]:
             ax.set_xticks([])
             ax.set_yticks([])
-            if b == 0:
+        if b == 0:
+            for ax, title in zip(axes[b], ("sample", f"top source image\n(grey: < {min_share:.0%})", "reassembled mosaic",
+                                           "log10 effective sources")):
                 ax.set_title(title, fontsize=8)
+    fig.colorbar(shown, ax=axes[:, 3].tolist(), fraction=0.05)
     _save(fig, path)
 
 

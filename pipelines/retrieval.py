@@ -106,10 +106,10 @@ def source_map(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, bloc
     cache = _MAPS.setdefault(bank, {})
     if key in cache:
         return cache[key]
-    rows = bank.unique_patches(key).patches.numpy().astype(np.int64)  # int16 units 2·u8 − 255
+    rows = bank.unique_patches(key).patches.numpy()  # int16 units 2·u8 − 255
     U, L = rows.shape[0], locs.shape[0]
     mix = np.random.default_rng(0).integers(1, 2**62, size=(rows.shape[1],), dtype=np.int64) | 1
-    hashes = rows @ mix  # wraps modulo 2^64: fine for a hash
+    hashes = rows.astype(np.int64) @ mix  # wraps modulo 2^64: fine for a hash
     by_hash = np.argsort(hashes, kind="stable")
     sorted_hashes = hashes[by_hash]
     if np.any(sorted_hashes[1:] == sorted_hashes[:-1]):
@@ -119,9 +119,11 @@ def source_map(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, bloc
     for s in tqdm(range(0, ids.numel(), step), desc=f"sources P={key.scale} {key.dictionary}", leave=False,
                   disable=ids.numel() <= 4 * step):
         x = bank.data.images[ids[s : s + step]].to(torch.int16).mul_(2).sub_(255)
-        patches = patches_at(x, locs, key.scale, key.padding).flatten(0, 1).numpy().astype(np.int64)  # [b·L, D]
-        h = patches @ mix
-        at = np.searchsorted(sorted_hashes, h).clip(max=U - 1)
+        patches = patches_at(x, locs, key.scale, key.padding).flatten(0, 1).numpy()  # int16 [b·L, D]
+        h = patches.astype(np.int64) @ mix
+        by = np.argsort(h)  # looked up in ascending order: the binary searches stay in cache (3-4× faster)
+        at = np.empty_like(by)
+        at[by] = np.searchsorted(sorted_hashes, h[by]).clip(max=U - 1)
         which = by_hash[at]
         if not ((sorted_hashes[at] == h).all() and (patches == rows[which]).all()):
             raise ValueError(f"bucket {key}: the bank's distinct-patch table does not hold every patch of its images "
