@@ -40,12 +40,14 @@ baseline there: 0.47)."""
 
 
 def run_row(config: str, candidates: list[int], cal_seeds: str, eval_seeds: str, backend: str, batch: int,
-            theories: str | None = None, fitted: list[str] | None = None, calibration_from: str | None = None) -> None:
+            theories: str | None = None, fitted: list[str] | None = None, calibration_from: str | None = None,
+            executor: str | None = None) -> None:
     """``fitted``: comparators whose free parameter is calibrated first, as ``SPEC@v1,v2,…`` (e.g.
     ``smoothed:draws=8@0,0.05,0.1``), on the same calibration seeds; the evaluation then runs them with the
     value found, beside ``theories``. ``calibration_from``: another row's name whose calibrated schedule this
     network is evaluated with (``--other-network``; the paper's attention UNet at the ResNet's scales):
-    no calibration stage."""
+    no calibration stage. ``executor``: where the calibration's and evaluation's seeds run (e.g. ``processes:2``,
+    one seed per task; see :mod:`pipelines.executors`); None: here, serially."""
     cfg = TrainConfig.from_json(config)
     root = Path(cfg.out)
     if set(parse_seeds(cal_seeds)) & set(parse_seeds(eval_seeds)):
@@ -77,6 +79,8 @@ def run_row(config: str, candidates: list[int], cal_seeds: str, eval_seeds: str,
             found = [f"{name}={json.loads(f.read_text())['parameter']['spec']}" for name, f in fits]
             names = ",".join([t for t in (theories or "").split(",") if t] + found)
             argv = argv + (["--machines", names] if names else [])
+        if executor is not None and name != "train":
+            argv = argv + ["--executor", executor]
         start = time.perf_counter()
         try:
             patchbank(argv)
@@ -178,6 +182,7 @@ def main() -> None:
     r.add_argument("--calibration-from", default=None, metavar="ROW",
                    help="evaluate at another row's calibrated scales (outputs/ROW/calibrate), with no calibration stage")
     r.add_argument("--theories", default=None, help="comparator theories evaluated beside the machine, e.g. wiener,nearest")
+    r.add_argument("--executor", default=None, help="where calibration and evaluation seeds run, e.g. processes:2 (default: serially)")
     r.add_argument("--fit", nargs="+", default=None, metavar="SPEC@VALUES",
                    help="comparators whose free parameter is calibrated first, [NAME=]SPEC@VALUES, e.g. smoothed@0,0.05,0.1 "
                         "pca_locality@0.5,1,2 pca_sym=pca_locality:normalise=symmetric@0.5,1,2")
@@ -193,7 +198,7 @@ def main() -> None:
         if not args.candidates and not args.calibration_from:
             parser.error("row needs --candidates (or --calibration-from another row)")
         run_row(args.config, args.candidates, args.cal_seeds, args.eval_seeds, args.backend, args.batch, args.theories, args.fit,
-                args.calibration_from)
+                args.calibration_from, args.executor)
     elif args.command == "extremes":
         print(agree_and_part(args.name, Path(args.figures), args.n))
     else:
