@@ -31,7 +31,7 @@ from tqdm import tqdm
 from machines.posterior import entry_bias, kernels, logits
 from machines.posterior.exact import cluster_upper
 from machines.posterior.topk import TopKBackend
-from patchbank.geometry import BucketKey, patches_at
+from patchbank.geometry import BucketKey, pad_images, patches_at
 
 NEGLIGIBLE = 1e-18
 """Share below which a distinct patch (all its copies) is left out of a query's per-image shares."""
@@ -101,48 +101,68 @@ _MAPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def source_map(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, block: int = 1 << 20) -> SourceMap:
     """The bucket's :class:`SourceMap` (built once per bank and bucket, then kept while the bank lives): one
     pass over the patches of images ``ids`` at pixels ``locs [L, 2]``, each matched to its row of the
-    distinct-patch table as integers (a hash, then every hash match checked value by value). Memory
-    ``~3·N`` integers. A table that does not match the images is an error naming the bucket."""
+    distinct-patch table as integers (a hash, then every hash match checked value by value: through the C
+    hash table of :class:`~machines.posterior.kernels.RowTable`, else sorted hashes). Memory ``~3·N``
+    integers. A table that does not match the images is an error naming the bucket."""
     cache = _MAPS.setdefault(bank, {})
     if key in cache:
         return cache[key]
-    rows = bank.unique_patches(key).patches.numpy()  # int16 units 2·u8 − 255
-    U, L = rows.shape[0], locs.shape[0]
-    mix = np.random.default_rng(0).integers(1, 2**62, size=(rows.shape[1],), dtype=np.int64) | 1
-    hashes = rows.astype(np.int64) @ mix  # wraps modulo 2^64: fine for a hash
-    by_hash = np.argsort(hashes, kind="stable")
-    sorted_hashes = hashes[by_hash]
-    if np.any(sorted_hashes[1:] == sorted_hashes[:-1]):
-        raise RuntimeError(f"two distinct patches of bucket {key} share a hash")  # 2^-64 per pair: never seen
-    inverse = np.empty(ids.numel() * L, dtype=np.int64)
+    table = bank.unique_patches(key)  # int16 units 2·u8 − 255
+    U, L = table.patches.shape[0], locs.shape[0]
+    fused = kernels.available() if USE_KERNEL is None else USE_KERNEL
+    rows = kernels.RowTable(table.patches) if fused else None
+    find = _SortedHashes(table.patches.numpy()).find if rows is None else None
+    inverse = torch.empty(ids.numel() * L, dtype=torch.int64)
     step = max(1, block // L)
     for s in tqdm(range(0, ids.numel(), step), desc=f"sources P={key.scale} {key.dictionary}", leave=False,
                   disable=ids.numel() <= 4 * step):
         x = bank.data.images[ids[s : s + step]].to(torch.int16).mul_(2).sub_(255)
-        patches = patches_at(x, locs, key.scale, key.padding).flatten(0, 1).numpy()  # int16 [b·L, D]
-        h = patches.astype(np.int64) @ mix
-        by = np.argsort(h)  # looked up in ascending order: the binary searches stay in cache (3-4× faster)
-        at = np.empty_like(by)
-        at[by] = np.searchsorted(sorted_hashes, h[by]).clip(max=U - 1)
-        which = by_hash[at]
-        if not ((sorted_hashes[at] == h).all() and (patches == rows[which]).all()):
+        if rows is not None:  # the windows are read in place from the padded images
+            which, missing = rows.find_windows(pad_images(x, key.scale // 2, key.padding), locs, key.scale)
+        else:
+            which, missing = find(patches_at(x, locs, key.scale, key.padding).flatten(0, 1))  # int16 [b·L, D]
+        if missing:
             raise ValueError(f"bucket {key}: the bank's distinct-patch table does not hold every patch of its images "
                              "(a table built for other data?)")
-        inverse[s * L : s * L + patches.shape[0]] = which
-    counts = np.bincount(inverse, minlength=U)
-    if not np.array_equal(counts, bank.unique_patches(key).counts.numpy()):
+        inverse[s * L : s * L + which.numel()] = which
+    counts = torch.bincount(inverse, minlength=U)
+    if not torch.equal(counts, table.counts):
         raise ValueError(f"bucket {key}: the distinct-patch table's counts do not match its images (a table built for other data?)")
-    order = np.argsort(inverse, kind="stable")
-    offsets = np.concatenate([[0], np.cumsum(counts)])
+    order = kernels.counting_order(inverse, counts) if fused else torch.argsort(inverse, stable=True)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     # per patch, its images: runs of equal (patch, image) along ``order`` (images ascend within a patch)
-    code = inverse[order] * ids.numel() + order // L
-    start = np.flatnonzero(np.concatenate([[True], code[1:] != code[:-1]]))
-    run = np.diff(np.concatenate([start, [code.size]]))
+    code = inverse[order].mul_(ids.numel()).add_(order // L)
+    start = torch.nonzero(torch.cat([torch.ones(1, dtype=torch.bool), code[1:] != code[:-1]])).view(-1)
+    run = torch.diff(torch.cat([start, torch.tensor([code.numel()])]))
     patch_of_run = code[start] // ids.numel()
-    image_offsets = np.concatenate([[0], np.cumsum(np.bincount(patch_of_run, minlength=U))])
-    found = SourceMap(*(torch.from_numpy(v) for v in (order, offsets, image_offsets, code[start] % ids.numel(), run)))
+    image_offsets = torch.cat([counts.new_zeros(1), torch.bincount(patch_of_run, minlength=U).cumsum(0)])
+    found = SourceMap(order, offsets, image_offsets, code[start] % ids.numel(), run)
     cache[key] = found
     return found
+
+
+class _SortedHashes:
+    """The table lookup of :func:`source_map` without the C kernels: rows' 64-bit hashes, sorted, searched in
+    ascending order of the queries' hashes (the binary searches stay in cache), every hit checked."""
+
+    def __init__(self, rows: np.ndarray) -> None:
+        self.rows = rows
+        self.mix = np.random.default_rng(0).integers(1, 2**62, size=(rows.shape[1],), dtype=np.int64) | 1
+        hashes = rows.astype(np.int64) @ self.mix  # wraps modulo 2^64: fine for a hash
+        self.by_hash = np.argsort(hashes, kind="stable")
+        self.sorted = hashes[self.by_hash]
+        if np.any(self.sorted[1:] == self.sorted[:-1]):
+            raise RuntimeError("two distinct patches share a hash")  # 2^-64 per pair: never seen
+
+    def find(self, queries: torch.Tensor) -> tuple[torch.Tensor, int]:
+        q = queries.numpy()
+        h = q.astype(np.int64) @ self.mix
+        by = np.argsort(h)
+        at = np.empty_like(by)
+        at[by] = np.searchsorted(self.sorted, h[by]).clip(max=self.rows.shape[0] - 1)
+        which = self.by_hash[at]
+        ok = (self.sorted[at] == h) & (q == self.rows[which]).all(1)
+        return torch.from_numpy(np.where(ok, which, -1)), int((~ok).sum())
 
 
 def forget_sources(bank) -> None:

@@ -212,3 +212,49 @@ def test_kernel_compiles_into_a_fresh_cache(monkeypatch, tmp_path):
 def test_kernel_option_is_checked():
     with pytest.raises(ValueError, match="kernel"):
         ExactBackend(kernel="cuda")
+
+
+@needs_kernel
+def test_row_table_finds_each_row_and_only_equal_rows():
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randint(-3, 4, (3000, 4), generator=gen, dtype=torch.int16).unique(dim=0)  # dense: many near-collisions
+    table = kernels.RowTable(rows)
+    pick = torch.randint(0, rows.shape[0], (20000,), generator=gen)
+    queries = rows[pick].clone()
+    queries[::5, 2] = 9  # outside the table's values: no row equals these
+    found, missing = table.find(queries)
+    want = torch.where(torch.arange(pick.numel()) % 5 == 0, -1, pick)
+    assert torch.equal(found, want) and missing == int((want < 0).sum())
+    with pytest.raises(ValueError, match="two equal rows"):
+        kernels.RowTable(torch.cat([rows, rows[:1]]))
+    with pytest.raises(ValueError, match="int16"):
+        table.find(queries.float())
+
+
+@needs_kernel
+@pytest.mark.parametrize("padding,C,P", [("zeros", 1, 5), ("circular", 3, 3)])
+def test_row_table_reads_windows_in_place_as_patches_at_makes_them(padding, C, P):
+    from patchbank.geometry import all_locations, pad_images, patches_at
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 3, (4, C, 6, 7), generator=gen, dtype=torch.int16) * 100
+    locs = all_locations(6, 7)[torch.randperm(42, generator=gen)[:30]]
+    entries = patches_at(x, locs, P, padding).flatten(0, 1)
+    rows = entries[: entries.shape[0] // 2].unique(dim=0)  # some windows are missing from the table
+    table = kernels.RowTable(rows)
+    found, missing = table.find_windows(pad_images(x, P // 2, padding), locs, P)
+    want, want_missing = table.find(entries)
+    assert torch.equal(found, want) and missing == want_missing and 0 < missing < entries.shape[0]
+    hit = found >= 0
+    assert torch.equal(rows[found[hit]], entries[hit])
+    with pytest.raises(ValueError, match="inside the padded images"):
+        table.find_windows(x, locs, P)
+
+
+def test_counting_order_is_the_stable_sort():
+    keys = torch.randint(0, 40, (5000,), generator=torch.Generator().manual_seed(2))
+    order = kernels.counting_order(keys, torch.bincount(keys, minlength=50))
+    assert torch.equal(order, torch.argsort(keys, stable=True))
+    if kernels.available():
+        with pytest.raises(ValueError, match="sum to the number of keys"):
+            kernels.counting_order(keys, torch.bincount(keys, minlength=50)[:-11])

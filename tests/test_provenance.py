@@ -273,10 +273,13 @@ def test_provenance_without_image_shares_prunes_clusters_and_keeps_every_patch_e
         assert sum(pairs) < 0.5 * total
 
 
-def test_a_table_built_for_other_data_is_refused_by_the_source_map(tiny, monkeypatch):
+@pytest.mark.parametrize("kernel", [None, False])
+def test_a_table_built_for_other_data_is_refused_by_the_source_map(tiny, monkeypatch, kernel):
+    import pipelines.retrieval as retrieval
     from pipelines.retrieval import source_map
     from patchbank.tables import UniquePatches
 
+    monkeypatch.setattr(retrieval, "USE_KERNEL", kernel)  # None: the C hash table where it compiles; False: sorted hashes
     data = tiny(1)
     bank = MemoryBank(data, dedup=True)
     key, locs = next(iter(dictionary_groups(7, 9, 3, "bbELS")))
@@ -291,3 +294,34 @@ def test_a_table_built_for_other_data_is_refused_by_the_source_map(tiny, monkeyp
     if not torch.equal(recount.counts, table.counts):
         with pytest.raises(ValueError, match="counts do not match"):
             source_map(bank, key, locs, bank.image_ids(None))
+
+
+@pytest.mark.parametrize("rule,P,colour", [("bbELS", 5, False), ("ELS", 3, True)])
+def test_source_map_places_every_entry_and_both_lookups_agree(tiny, mnist_at, monkeypatch, rule, P, colour):
+    """Each entry listed under its distinct patch is that patch (brute force), counts and per-image runs
+    agree with the entries, and the C hash table and the sorted-hash lookup build the same map."""
+    import pipelines.retrieval as retrieval
+    from patchbank.geometry import patches_at
+
+    data = tiny(3) if colour else mnist_at(20, 10)
+    bank = MemoryBank(data, dedup=True)
+    maps = []
+    for kernel in (None, False):
+        monkeypatch.setattr(retrieval, "USE_KERNEL", kernel)
+        retrieval.forget_sources(bank)
+        padding = "circular" if rule == "ELS" else "zeros"
+        dkey, locs = next(iter(dictionary_groups(data.shape[-2], data.shape[-1], P, rule)))
+        key = BucketKey(rule, P, padding, dkey, None)
+        ids = bank.image_ids(None)
+        maps.append(retrieval.source_map(bank, key, locs, ids))
+    for a, b in zip(*maps):
+        assert torch.equal(a, b)
+    sources, table = maps[0], bank.unique_patches(key)
+    x = data.images[ids].to(torch.int16).mul(2).sub(255)
+    entries = patches_at(x, locs, P, padding).flatten(0, 1)  # [N·L, D], image-major
+    for u in range(table.patches.shape[0]):
+        mine = sources.order[sources.offsets[u] : sources.offsets[u + 1]]
+        assert torch.equal(mine, torch.nonzero((entries == table.patches[u]).all(1)).view(-1))
+        lo, hi = sources.image_offsets[u], sources.image_offsets[u + 1]
+        images, count = (mine // locs.shape[0]).unique(return_counts=True)
+        assert torch.equal(sources.image_pos[lo:hi], images) and torch.equal(sources.image_count[lo:hi], count)
