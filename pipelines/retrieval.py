@@ -109,18 +109,18 @@ def source_map(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, bloc
         return cache[key]
     table = bank.unique_patches(key)  # int16 units 2·u8 − 255
     U, L = table.patches.shape[0], locs.shape[0]
-    fused = kernels.available() if USE_KERNEL is None else USE_KERNEL
-    rows = kernels.RowTable(table.patches) if fused else None
-    find = _SortedHashes(table.patches.numpy()).find if rows is None else None
+    if kernels.available() if USE_KERNEL is None else USE_KERNEL:  # the windows are read in place from the padded images
+        rows = kernels.RowTable(table.patches)
+        lookup = lambda x: rows.find_windows(pad_images(x, key.scale // 2, key.padding), locs, key.scale)  # noqa: E731
+    else:
+        hashes = _SortedHashes(table.patches.numpy(), f"bucket {key}")
+        lookup = lambda x: hashes.find(patches_at(x, locs, key.scale, key.padding).flatten(0, 1))  # noqa: E731
     inverse = torch.empty(ids.numel() * L, dtype=torch.int64)
     step = max(1, block // L)
     for s in tqdm(range(0, ids.numel(), step), desc=f"sources P={key.scale} {key.dictionary}", leave=False,
                   disable=ids.numel() <= 4 * step):
         x = bank.data.images[ids[s : s + step]].to(torch.int16).mul_(2).sub_(255)
-        if rows is not None:  # the windows are read in place from the padded images
-            which, missing = rows.find_windows(pad_images(x, key.scale // 2, key.padding), locs, key.scale)
-        else:
-            which, missing = find(patches_at(x, locs, key.scale, key.padding).flatten(0, 1))  # int16 [b·L, D]
+        which, missing = lookup(x)
         if missing:
             raise ValueError(f"bucket {key}: the bank's distinct-patch table does not hold every patch of its images "
                              "(a table built for other data?)")
@@ -128,7 +128,7 @@ def source_map(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, bloc
     counts = torch.bincount(inverse, minlength=U)
     if not torch.equal(counts, table.counts):
         raise ValueError(f"bucket {key}: the distinct-patch table's counts do not match its images (a table built for other data?)")
-    order = kernels.counting_order(inverse, counts) if fused else torch.argsort(inverse, stable=True)
+    order = kernels.counting_order(inverse, counts)  # the stable sort (torch's without the C kernels)
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     # per patch, its images: runs of equal (patch, image) along ``order`` (images ascend within a patch)
     code = inverse[order].mul_(ids.numel()).add_(order // L)
@@ -145,14 +145,14 @@ class _SortedHashes:
     """The table lookup of :func:`source_map` without the C kernels: rows' 64-bit hashes, sorted, searched in
     ascending order of the queries' hashes (the binary searches stay in cache), every hit checked."""
 
-    def __init__(self, rows: np.ndarray) -> None:
+    def __init__(self, rows: np.ndarray, name: str) -> None:
         self.rows = rows
         self.mix = np.random.default_rng(0).integers(1, 2**62, size=(rows.shape[1],), dtype=np.int64) | 1
         hashes = rows.astype(np.int64) @ self.mix  # wraps modulo 2^64: fine for a hash
         self.by_hash = np.argsort(hashes, kind="stable")
         self.sorted = hashes[self.by_hash]
         if np.any(self.sorted[1:] == self.sorted[:-1]):
-            raise RuntimeError("two distinct patches share a hash")  # 2^-64 per pair: never seen
+            raise RuntimeError(f"two distinct patches of {name} share a hash")  # 2^-64 per pair: never seen
 
     def find(self, queries: torch.Tensor) -> tuple[torch.Tensor, int]:
         q = queries.numpy()
