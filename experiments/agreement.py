@@ -41,23 +41,26 @@ baseline there: 0.47)."""
 
 def run_row(config: str, candidates: list[int], cal_seeds: str, eval_seeds: str, backend: str, batch: int,
             theories: str | None = None, fitted: list[str] | None = None, calibration_from: str | None = None,
-            executor: str | None = None) -> None:
+            executor: str | None = None, dictionary: int | None = None) -> None:
     """``fitted``: comparators whose free parameter is calibrated first, as ``SPEC@v1,v2,…`` (e.g.
     ``smoothed:draws=8@0,0.05,0.1``), on the same calibration seeds; the evaluation then runs them with the
     value found, beside ``theories``. ``calibration_from``: another row's name whose calibrated schedule this
     network is evaluated with (``--other-network``; the paper's attention UNet at the ResNet's scales):
     no calibration stage. ``executor``: where the calibration's and evaluation's seeds run (e.g. ``processes:2``,
-    one seed per task; see :mod:`pipelines.executors`); None: here, serially."""
+    one seed per task; see :mod:`pipelines.executors`); None: here, serially. ``dictionary``: the machines hold
+    only the network's first N training images, calibrated and evaluated into ``calibrate_dictionaryN/`` and
+    ``evaluate_dictionaryN/`` beside the full dictionary's (the table's row ``NAME@N``)."""
     cfg = TrainConfig.from_json(config)
     root = Path(cfg.out)
     if set(parse_seeds(cal_seeds)) & set(parse_seeds(eval_seeds)):
         raise SystemExit("calibration and evaluation seeds overlap: calibrate on seeds the evaluation never sees")
     model = str(root / "model.pt")
     stages = [("train", ["train", "--config", config])]
-    calibration = root / "calibrate" / "calibration.json"
+    suffix, restrict = (f"_dictionary{dictionary}", ["--dictionary", str(dictionary)]) if dictionary else ("", [])
+    calibration = root / f"calibrate{suffix}" / "calibration.json"
     if calibration_from is None:
-        stages.append(("calibrate", ["calibrate", "--model", model, "--candidates", *map(str, candidates), "--seeds", cal_seeds,
-                                     "--backend", backend, "--batch", "1", "--out", str(root / "calibrate")]))
+        stages.append((f"calibrate{suffix}", ["calibrate", "--model", model, "--candidates", *map(str, candidates), "--seeds", cal_seeds,
+                                              "--backend", backend, "--batch", "1", "--out", str(calibration.parent), *restrict]))
     else:
         calibration = Path("outputs") / calibration_from / "calibrate" / "calibration.json"
         if not calibration.exists():
@@ -71,11 +74,11 @@ def run_row(config: str, candidates: list[int], cal_seeds: str, eval_seeds: str,
         stages.append((f"calibrate {name}", ["calibrate", "--model", model, "--machine", spec, "--candidates", *values.split(","),
                                              "--seeds", cal_seeds, "--batch", "1", "--out", str(folder)]))
     evaluate = ["evaluate", "--model", model, "--calibration", str(calibration), "--seeds", eval_seeds,
-                "--backend", backend, "--batch", str(batch), "--out", str(root / "evaluate")]
+                "--backend", backend, "--batch", str(batch), "--out", str(root / f"evaluate{suffix}"), *restrict]
     if calibration_from is not None:
         evaluate.append("--other-network")
-    for name, argv in stages + [("evaluate", evaluate)]:
-        if name == "evaluate":
+    for name, argv in stages + [(f"evaluate{suffix}", evaluate)]:
+        if name.startswith("evaluate"):
             found = [f"{name}={json.loads(f.read_text())['parameter']['spec']}" for name, f in fits]
             names = ",".join([t for t in (theories or "").split(",") if t] + found)
             argv = argv + (["--machines", names] if names else [])
@@ -95,23 +98,30 @@ def run_row(config: str, candidates: list[int], cal_seeds: str, eval_seeds: str,
 
 
 def row_summary(name: str, figures: Path | None = None) -> dict:
-    """One finished row: its config, stage times (summed over invocations), schedules and medians."""
-    root = Path("outputs") / name
+    """One finished row: its config, stage times (summed over invocations), schedules and medians. ``NAME@N``: the
+    row's network against a dictionary of its first N training images (``row --dictionary N``)."""
+    config, _, dictionary = name.partition("@")
+    suffix = f"_dictionary{dictionary}" if dictionary else ""
+    root = Path("outputs") / config
     train_cfg = json.loads((root / "config.json").read_text())
-    report = json.loads((root / "evaluate" / "report.json").read_text())
-    cal_path = Path(json.loads((root / "evaluate" / "config.json").read_text())["evaluate"]["calibration"])
+    evaluated = root / f"evaluate{suffix}"
+    report = json.loads((evaluated / "report.json").read_text())
+    cal_path = Path(json.loads((evaluated / "config.json").read_text())["evaluate"]["calibration"])
     cal = json.loads(cal_path.read_text())
     seconds: dict[str, float] = {}
     for line in (root / "stages.jsonl").read_text().splitlines() if (root / "stages.jsonl").exists() else []:
         r = json.loads(line)
-        seconds[r["stage"]] = seconds.get(r["stage"], 0.0) + r["seconds"]
+        stage = r["stage"] if r["stage"] == "train" else r["stage"].removesuffix(suffix) if r["stage"].endswith(suffix) else None
+        if stage in ("train", "calibrate", "evaluate"):  # the network's training and this dictionary's stages
+            seconds[stage] = seconds.get(stage, 0.0) + r["seconds"]
     if figures is not None:
         figures.mkdir(parents=True, exist_ok=True)
         for fig in ("pairs", "scatter", "scale_curve"):
-            shutil.copyfile(root / "evaluate" / f"{fig}.png", figures / f"{name}_{fig}.png")
+            shutil.copyfile(evaluated / f"{fig}.png", figures / f"{config}{suffix}_{fig}.png")
     paper = (cal.get("paper_schedule") or {}).get("schedule")
     return {"name": name, "dataset": train_cfg["dataset"], "arch": train_cfg["arch"], "padding": train_cfg["padding"],
             "conditional": train_cfg["conditional"], "train_images": train_cfg.get("train_images"),
+            "dictionary": report.get("config", {}).get("dictionary") or train_cfg.get("train_images"),
             "machine": cal["network"]["machine"] if "network" in cal else cal["config"]["machine"],
             "schedule": [P for _, P in cal["schedule"]], "paper_schedule": [P for _, P in paper] if paper else None,
             "attention": bool(train_cfg.get("attention")),
@@ -148,7 +158,8 @@ def table(names: list[str], figures: Path | None) -> str:
         net = f"{r['dataset']} {r['arch']}{'+attention' if r['attention'] else ''} {r['padding']}{' cond.' if r['conditional'] else ''}"
         mins = " / ".join(f"{r['seconds'].get(s, float('nan')) / 60:.0f}" for s in ("train", "calibrate", "evaluate"))
         paper = f" ({r['paper_r']:.2f})" if r["paper_r"] is not None else ""
-        lines.append(f"| {net} | {r['machine']} | {r['train_images']} | {r['seeds']} | {r['median_machine_r']:.3f}{paper} | "
+        images = r["train_images"] if r["dictionary"] == r["train_images"] else f"{r['train_images']} (dictionary {r['dictionary']})"
+        lines.append(f"| {net} | {r['machine']} | {images} | {r['seeds']} | {r['median_machine_r']:.3f}{paper} | "
                      f"{r['median_machine_r2']:.3f} | {r['median_machine_mse']:.4f} | {r['median_is_r']:.3f} | "
                      f"{r['machine_beats_is']:.0%} | {mins} |")
     theories = sorted({k[len("median_"):-len("_r")] for r in rows for k in r
@@ -183,6 +194,8 @@ def main() -> None:
                    help="evaluate at another row's calibrated scales (outputs/ROW/calibrate), with no calibration stage")
     r.add_argument("--theories", default=None, help="comparator theories evaluated beside the machine, e.g. wiener,nearest")
     r.add_argument("--executor", default=None, help="where calibration and evaluation seeds run, e.g. processes:2 (default: serially)")
+    r.add_argument("--dictionary", type=int, default=None, metavar="N",
+                   help="the machines hold only the network's first N training images (table row NAME@N)")
     r.add_argument("--fit", nargs="+", default=None, metavar="SPEC@VALUES",
                    help="comparators whose free parameter is calibrated first, [NAME=]SPEC@VALUES, e.g. smoothed@0,0.05,0.1 "
                         "pca_locality@0.5,1,2 pca_sym=pca_locality:normalise=symmetric@0.5,1,2")
@@ -191,14 +204,14 @@ def main() -> None:
     x.add_argument("--n", type=int, default=4)
     x.add_argument("--figures", default="docs/figures")
     t = sub.add_parser("table", help="the markdown table of finished rows")
-    t.add_argument("names", nargs="+", help="config names (folders under outputs/)")
+    t.add_argument("names", nargs="+", help="config names (folders under outputs/); NAME@N: against a dictionary of N images")
     t.add_argument("--figures", default="docs/figures", help="copy each row's figures here ('' for none)")
     args = parser.parse_args()
     if args.command == "row":
         if not args.candidates and not args.calibration_from:
             parser.error("row needs --candidates (or --calibration-from another row)")
         run_row(args.config, args.candidates, args.cal_seeds, args.eval_seeds, args.backend, args.batch, args.theories, args.fit,
-                args.calibration_from, args.executor)
+                args.calibration_from, args.executor, args.dictionary)
     elif args.command == "extremes":
         print(agree_and_part(args.name, Path(args.figures), args.n))
     else:

@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--executor", type=executor_spec, default=dc.executor, help=EXECUTOR_HELP)
     c.add_argument("--batch", type=int, default=None, help="seeds per batch (default: all at once; one per task on a parallel executor)")
     c.add_argument("--out", default=dc.out, help="output folder: calibration.json, scale_curve.png")
+    c.add_argument("--dictionary", type=int, default=None,
+                   help="the machine's dictionary: the first N of the network's training images (default: all of them; "
+                        "with --bank, a bank of exactly those N)")
 
     e = sub.add_parser("evaluate", help="theory vs network agreement of a calibrated machine (with the IS baseline)")
     de = EvaluateConfig()
@@ -200,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--executor", type=executor_spec, default=de.executor, help=EXECUTOR_HELP)
     e.add_argument("--batch", type=int, default=de.batch, help="seeds per batch (each batch is kept when done)")
     e.add_argument("--out", default=de.out, help="output folder (resumable; refuses results of another run)")
+    e.add_argument("--dictionary", type=int, default=None,
+                   help="the machine's dictionary: the first N of the network's training images (default: all of them; "
+                        "with --bank, a bank of exactly those N)")
     e.add_argument("--other-network", action="store_true",
                    help="the calibration was made against another network of the same data, padding and conditioning "
                         "(e.g. an attention UNet at the ResNet's calibrated scales, as the paper does); only the weights may differ")

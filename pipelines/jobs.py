@@ -1,7 +1,9 @@
 """Calibration and evaluation jobs: typed configs → files, the same functions the CLI calls.
 
 The machine's dictionary is the network's own training set (read from the model's
-``config.json``: dataset, resize, n_train), or a built bank given with ``bank``. The machine
+``config.json``: dataset, resize, n_train), or a built bank given with ``bank``. ``dictionary = N``
+gives the machine only the first N of those images (how much of the network's data the theory needs
+to predict it); a bank must then hold exactly those N. The machine
 follows the network (see :mod:`pipelines.pairing`): by default bbELS for a zero-padded network and
 circular ELS for a circularly padded one, conditional when the network is; a calibration records
 the network it was calibrated against, and evaluating another network with it is refused.
@@ -16,7 +18,7 @@ import torch
 
 from machines import ScoreMachine, noise_from_seeds, reference_schedule
 from machines.comparators import COMPARATORS, comparator_kind, make_comparator, named_spec, parse_comparator
-from patchbank import Bank, MemoryBank, PatchBank, load_dataset
+from patchbank import Bank, ImageData, MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import write_json
 
 from .calibration import best_constant, calibrate, schedule_from, write_calibration
@@ -48,6 +50,7 @@ class CalibrateConfig:
     executor: str = "serial"  # serial, processes:N or ray[:ADDRESS] (see pipelines.executors)
     batch: int | None = None  # seeds per batch (None: all at once, or one per task on a parallel executor)
     out: str = "outputs/calibrate"
+    dictionary: int | None = None  # the machine's dictionary: the first N of the network's training images (None: all)
 
     def __post_init__(self) -> None:
         comparator = self.machine is not None and comparator_kind(self.machine) is not None
@@ -64,7 +67,8 @@ class CalibrateConfig:
                                  "candidates are patch sizes)")
         elif self.parameter is not None:
             raise ValueError("--parameter is for comparators; a patch machine's calibration fits its patch size P(t)")
-        _check_job(None if comparator else self.machine, self.seeds, self.steps, self.backend, self.executor, self.batch)
+        _check_job(None if comparator else self.machine, self.seeds, self.steps, self.backend, self.executor, self.batch,
+                   self.dictionary)
         if not self.candidates:
             raise ValueError("give at least one candidate patch size (or parameter value)")
 
@@ -83,19 +87,23 @@ class EvaluateConfig:
     comparators: list[str] = field(default_factory=list)  # more theories on the same seeds, as specs: wiener, smoothed:sigma=0.1
     out: str = "outputs/evaluate"
     other_network: bool = False  # the calibration belongs to another network of the same data, padding and conditioning
+    dictionary: int | None = None  # the machine's dictionary: the first N of the network's training images (None: all)
 
     def __post_init__(self) -> None:
-        _check_job(self.machine, self.seeds, self.steps, self.backend, self.executor, self.batch)
+        _check_job(self.machine, self.seeds, self.steps, self.backend, self.executor, self.batch, self.dictionary)
         names = [named_spec(spec)[0] for spec in self.comparators]  # unknown names and options are errors
         if len(set(names)) != len(names):
             raise ValueError("a comparator is listed twice (each theory is one column of the table; name variants, "
                              "e.g. pca_sym=pca_locality:normalise=symmetric)")
 
 
-def _check_job(machine: str | None, seeds: list[int], steps: int, backend: str, executor: str, batch: int | None) -> None:
+def _check_job(machine: str | None, seeds: list[int], steps: int, backend: str, executor: str, batch: int | None,
+               dictionary: int | None = None) -> None:
     """The options every calibration or evaluation needs right, checked before anything is written."""
     if machine is not None and machine not in RULE_PADDING:
         raise ValueError(f"machine must be a patch machine (LS, ELS, bbELS), got {machine!r}")
+    if dictionary is not None and (isinstance(dictionary, bool) or not isinstance(dictionary, int) or dictionary < 1):
+        raise ValueError(f"dictionary must be a number of images ≥ 1 (None: all the network's training images), got {dictionary!r}")
     check_run_options(seeds, steps, backend, executor, batch)
 
 
@@ -107,21 +115,47 @@ on conditional CIFAR10 (4,000 images, one thread): the first call at P = 17 / 9 
 3.5 s with its table built against 2.6 / 1.6 / 1.1 s streamed. Answers are the same either way."""
 
 
-def _setup(model: str, bank_path: str | None, tables_up_to: int | None = None):
-    """The network, the bank of its training set, and its training config. ``tables_up_to``: largest P
-    with distinct-patch tables in a bank built here (None: every P; provenance needs them)."""
+def _setup(model: str, bank_path: str | None, tables_up_to: int | None = None, dictionary: int | None = None):
+    """The network, the bank of its training set (``dictionary``: of its first N images only), and its
+    training config. ``tables_up_to``: largest P with distinct-patch tables in a bank built here (None:
+    every P; provenance needs them)."""
     network = load_network(model)
     train_cfg = read_json(Path(model).parent / "config.json", "the model's training config")
+    data = None
+    if bank_path is None or dictionary is not None:
+        data = _dictionary(train_cfg, model, dictionary)
     if bank_path:
         bank = PatchBank.open(bank_path)
-        if bank.data.fingerprint() != train_cfg["fingerprint"]:
+        want, what = (data.fingerprint(), f"the first {len(data)} of the images") if data is not None else \
+            (train_cfg["fingerprint"], "the images")
+        if bank.data.fingerprint() != want:
             raise ValueError(f"bank {bank_path} holds other data ({bank.data.name}, {len(bank)} images, fingerprint "
-                             f"{bank.data.fingerprint()[:12]}) than the network {model} was trained on ({train_cfg['dataset']}, "
-                             f"{train_cfg.get('train_images', '?')} images, fingerprint {train_cfg['fingerprint'][:12]})")
+                             f"{bank.data.fingerprint()[:12]}) than {what} the network {model} was trained on ({train_cfg['dataset']}, "
+                             f"{train_cfg.get('train_images', '?')} images, fingerprint {want[:12]})")
     else:
-        bank = MemoryBank(load_dataset(train_cfg["dataset"], resize=train_cfg["resize"], limit=train_cfg["n_train"]),
-                          materialise_max=tables_up_to)
+        bank = MemoryBank(data, materialise_max=tables_up_to)
     return network, bank, train_cfg
+
+
+def _dictionary(train_cfg: dict, model: str, dictionary: int | None) -> ImageData:
+    """The network's training images (``dictionary``: the first N of them), checked to be the data it was
+    trained on; with a conditional network, every label it was trained on must keep images."""
+    data = load_dataset(train_cfg["dataset"], resize=train_cfg["resize"], limit=train_cfg["n_train"])
+    if dictionary is None:
+        return data
+    if data.fingerprint() != train_cfg["fingerprint"]:
+        raise ValueError(f"{train_cfg['dataset']} as loaded here (fingerprint {data.fingerprint()[:12]}) is not the data the "
+                         f"network {model} was trained on (fingerprint {str(train_cfg['fingerprint'])[:12]}); a dictionary "
+                         "of its first images cannot be taken")
+    if dictionary > len(data):
+        raise ValueError(f"dictionary of {dictionary} images asked, but the network {model} was trained on {len(data)}")
+    part = data.subset(dictionary)
+    if train_cfg.get("conditional"):
+        missing = sorted(set(data.labels.unique().tolist()) - set(part.labels.unique().tolist()))
+        if missing:
+            raise ValueError(f"the first {dictionary} training images hold no image of label(s) {missing}, which the "
+                             f"conditional network {model} was trained on; take a larger dictionary")
+    return part
 
 
 def _labels_of(train_cfg: dict, seeds: list[int], bank: Bank) -> dict[int, int] | None:
@@ -134,7 +168,7 @@ def _labels_of(train_cfg: dict, seeds: list[int], bank: Bank) -> dict[int, int] 
 def run_calibrate(cfg: CalibrateConfig) -> dict:
     if cfg.machine is not None and comparator_kind(cfg.machine) is not None:
         return _calibrate_comparator(cfg)
-    network, bank, train_cfg = _setup(cfg.model, cfg.bank, TABLES_UP_TO)
+    network, bank, train_cfg = _setup(cfg.model, cfg.bank, TABLES_UP_TO, cfg.dictionary)
     kind = machine_for(train_cfg, cfg.machine, cfg.model)
     labels_of = _labels_of(train_cfg, cfg.seeds, bank)
     labels = seed_labels(labels_of, cfg.seeds)
@@ -143,7 +177,7 @@ def run_calibrate(cfg: CalibrateConfig) -> dict:
                        cfg.candidates, cfg.seeds, bank.data.shape, cfg.steps, labels, batch=batch_for(cfg.batch, cfg.executor),
                        executor=cfg.executor, resume=Path(cfg.out) / "seeds")
     result["config"] = {**asdict(cfg), "machine": kind}
-    result["network"] = calibration_record(cfg.model, network.identity()["weights"], train_cfg, kind)
+    result["network"] = calibration_record(cfg.model, network.identity()["weights"], train_cfg, kind, len(bank))
     out = Path(cfg.out)
     paper = paper_schedule(train_cfg)
     if paper is not None:
@@ -156,7 +190,7 @@ def run_calibrate(cfg: CalibrateConfig) -> dict:
 def _calibrate_comparator(cfg: CalibrateConfig) -> dict:
     """Fit a comparator's free parameter to the network: the candidate values' ε̂ similarity along the network's
     trajectories (per time, as for P), and the one value the comparator keeps (:func:`best_constant`)."""
-    network, bank, train_cfg = _setup(cfg.model, cfg.bank, TABLES_UP_TO)
+    network, bank, train_cfg = _setup(cfg.model, cfg.bank, TABLES_UP_TO, cfg.dictionary)
     name, options = parse_comparator(cfg.machine)  # type: ignore[arg-type]
     parameter = cfg.parameter or COMPARATORS[name].CALIBRATED
     labels_of = _labels_of(train_cfg, cfg.seeds, bank)
@@ -168,28 +202,30 @@ def _calibrate_comparator(cfg: CalibrateConfig) -> dict:
     chosen = make_comparator(name, bank, cond, cfg.backend, **{**options, parameter: best})  # type: ignore[misc]
     result["parameter"] = {"name": parameter, "value": best, "spec": chosen.spec(), "median_mean_similarity": scores}
     result["config"] = asdict(cfg)
-    result["network"] = calibration_record(cfg.model, network.identity()["weights"], train_cfg, name)
+    result["network"] = calibration_record(cfg.model, network.identity()["weights"], train_cfg, name, len(bank))
     write_calibration(result, Path(cfg.out) / "calibration.json")
     return result
 
 
 def calibrated(model: str, calibration: str, machine: str | None = None, bank: str | None = None, backend: str = "exact",
-               other_network: bool = False, tables_up_to: int | None = TABLES_UP_TO):
+               other_network: bool = False, tables_up_to: int | None = TABLES_UP_TO, dictionary: int | None = None):
     """A trained network and its calibrated machine: ``(network, machine, train_cfg)``, the calibration checked
     to belong to this network (see :mod:`pipelines.pairing`; ``other_network``: to a network of the same data,
-    padding and conditioning); ``machine`` defaults to the calibration's."""
-    network, patches, train_cfg = _setup(model, bank, tables_up_to)
+    padding and conditioning); ``machine`` defaults to the calibration's. ``dictionary``: the machine holds the
+    first N training images only (a calibration made with another dictionary size is used with a warning)."""
+    network, patches, train_cfg = _setup(model, bank, tables_up_to, dictionary)
     found = read_json(calibration, "calibration")
     made_for = found.get("network", {}).get("machine") or found.get("config", {}).get("machine")
     kind = machine or made_for or machine_for(train_cfg, None, model)
-    check_calibration(found, calibration, model, network.identity()["weights"], train_cfg, kind, other_network)
+    check_calibration(found, calibration, model, network.identity()["weights"], train_cfg, kind, other_network, len(patches))
     machine_for(train_cfg, kind, model)
     cond = bool(train_cfg["conditional"])
     return network, ScoreMachine(patches, kind, scales=schedule_from(found), conditional=cond, backend=backend), train_cfg  # type: ignore[arg-type]
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
-    network, machine, train_cfg = calibrated(cfg.model, cfg.calibration, cfg.machine, cfg.bank, cfg.backend, cfg.other_network)
+    network, machine, train_cfg = calibrated(cfg.model, cfg.calibration, cfg.machine, cfg.bank, cfg.backend, cfg.other_network,
+                                             dictionary=cfg.dictionary)
     calibrated_on = read_json(cfg.calibration, "calibration").get("network", {}).get("model")
     bank, kind, schedule, cond = machine.bank, machine.kind, machine.scales, machine.conditional
     ideal = ScoreMachine(bank, "IS", conditional=cond)

@@ -53,20 +53,23 @@ def check_machine_options(train_cfg: dict, model: str, *, machine: str, conditio
                          f"{'pass --conditional' if net_conditional else 'drop --conditional'}")
 
 
-def calibration_record(model: str, weights: str, train_cfg: dict, machine: str) -> dict:
-    """What a calibration is bound to: the network (path and weights hash), its data and the machine."""
+def calibration_record(model: str, weights: str, train_cfg: dict, machine: str, dictionary: int | None = None) -> dict:
+    """What a calibration is bound to: the network (path and weights hash), its data, the machine and the
+    number of training images in the machine's dictionary (None: all of the network's)."""
     return {"model": model, "weights": weights, "dataset": train_cfg.get("dataset"), "data": train_cfg.get("fingerprint"),
             "padding": train_cfg.get("padding", "zeros"), "conditional": bool(train_cfg.get("conditional", False)),
-            "machine": machine}
+            "machine": machine, "dictionary": dictionary if dictionary is not None else train_cfg.get("train_images")}
 
 
 def check_calibration(calibration: dict, path: str, model: str, weights: str, train_cfg: dict, machine: str,
-                      other_network: bool = False) -> None:
+                      other_network: bool = False, dictionary: int | None = None) -> None:
     """A calibration must have been made for this network and this machine kind; raises ``ValueError``
     naming the calibration's side and this run's. A calibration written before calibrations recorded
     their network is checked by its machine only (with a warning). ``other_network``: the calibration was
     made against another network on purpose (the paper evaluates its attention UNet at the ResNet's
-    calibrated scales); data, padding, conditioning and machine must still match, the weights may differ."""
+    calibrated scales); data, padding, conditioning and machine must still match, the weights may differ.
+    ``dictionary``: this run's dictionary size; a calibration made with another is used, with a warning (the
+    scales describe the network, but were chosen against that dictionary)."""
     made = calibration.get("network")
     if made is None:
         log.warning("%s does not record the network it was calibrated against; only its machine is checked", path)
@@ -86,6 +89,9 @@ def check_calibration(calibration: dict, path: str, model: str, weights: str, tr
         raise ValueError(f"{path} was calibrated against the network {made.get('model')} (weights {made['weights'][:12]}), "
                          f"not {model} (weights {weights[:12]}); calibrate this network first, or pass --other-network to "
                          "use another network's scales on purpose")
+    made_with = made.get("dictionary", train_cfg.get("train_images"))
+    if dictionary is not None and made_with is not None and made_with != dictionary:
+        log.warning("%s was calibrated with a dictionary of %s training images; this machine holds %s", path, made_with, dictionary)
 
 
 _DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10", "celeba": "CelebA"}

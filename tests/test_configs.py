@@ -18,7 +18,7 @@ import torch
 
 from machines import noise_from_seeds, sample
 from machines.comparators import make_comparator
-from patchbank import load_dataset, to_model_range
+from patchbank import BankSpec, PatchBank, load_dataset, to_model_range
 from pipelines.ablation import AblationConfig, run_ablation
 from pipelines.cli import main
 from pipelines.jobs import CalibrateConfig, EvaluateConfig, run_calibrate, run_evaluate
@@ -130,6 +130,45 @@ def test_a_calibration_of_another_network_is_refused(nets, tmp_path):
     with pytest.raises(ValueError, match=r"padding = circular"):
         run_evaluate(EvaluateConfig(model=zeros[0], calibration=circular[1], seeds=[0], steps=2, out=str(tmp_path / "e"),
                                     other_network=True))
+
+
+def test_a_dictionary_of_the_networks_first_images(nets, tmp_path, caplog, capsys):
+    """``dictionary = N``: the machine holds the first N of the network's training images and nothing else,
+    recorded in the calibration; sizes the network's data cannot give are refused, naming both sides."""
+    model, calibration = nets["fashion"]
+    data = load_dataset("fashion_mnist", resize=12, limit=60)
+    first = data.subset(30)
+    main(["calibrate", "--model", model, "--candidates", "3", "--seeds", "0", "--steps", "2", "--dictionary", "30",
+          "--out", str(tmp_path / "c")])
+    made = json.loads((tmp_path / "c" / "calibration.json").read_text())["network"]
+    assert made["dictionary"] == 30 and made["data"] == json.loads((Path(model).parent / "config.json").read_text())["fingerprint"]
+    assert json.loads(Path(calibration).read_text())["network"]["dictionary"] == 60  # the default: all the network's images
+    report = run_evaluate(EvaluateConfig(model=model, calibration=str(tmp_path / "c" / "calibration.json"), seeds=[0, 1], steps=3,
+                                         batch=2, dictionary=30, comparators=["nearest"], out=str(tmp_path / "e")))
+    assert report["seeds"] == 2
+    run = json.loads((tmp_path / "e" / "run.json").read_text())
+    assert run["machine"]["data"] == run["ideal"]["data"] == first.fingerprint() != data.fingerprint()
+    samples = torch.load(tmp_path / "e" / "samples.pt")
+    train_x = to_model_range(data.images, torch.float64).flatten(1)
+    for s in (0, 1):  # the nearest image comes from the dictionary, never from the images left out of it
+        assert int((train_x - samples[s]["nearest"].double().flatten()).norm(dim=1).argmin()) < 30
+    with caplog.at_level("WARNING", logger="pipelines.pairing"):  # the full dictionary's calibration: used, with a warning
+        run_evaluate(EvaluateConfig(model=model, calibration=calibration, seeds=[0], steps=2, dictionary=30, out=str(tmp_path / "w")))
+    assert "calibrated with a dictionary of 60 training images; this machine holds 30" in caplog.text
+    with pytest.raises(ValueError, match=r"dictionary of 61 images asked, but the network .* was trained on 60"):
+        run_evaluate(EvaluateConfig(model=model, calibration=calibration, seeds=[0], steps=2, dictionary=61, out=str(tmp_path / "x")))
+    few = next(n for n in range(1, 60) if len(data.labels[:n].unique()) < len(data.labels.unique()) <= len(data.labels[:n + 1].unique()))
+    with pytest.raises(ValueError, match=rf"the first {few} training images hold no image of label\(s\) \[\d+\]"):
+        run_calibrate(CalibrateConfig(model=model, candidates=[3], seeds=[0], steps=2, dictionary=few, out=str(tmp_path / "x")))
+    with pytest.raises(ValueError, match=r"dictionary must be a number of images ≥ 1"):
+        EvaluateConfig(model=model, calibration=calibration, dictionary=0)
+    bank = PatchBank.build(data, tmp_path / "bank", BankSpec(scales=[3], labels=True, index=None, leaf_size=64), progress=False)
+    with pytest.raises(ValueError, match=r"holds other data .* than the first 30 of the images the network"):
+        run_evaluate(EvaluateConfig(model=model, calibration=calibration, seeds=[0], steps=2, dictionary=30, bank=str(tmp_path / "bank"),
+                                    out=str(tmp_path / "x")))
+    PatchBank.build(first, tmp_path / "bank30", BankSpec(scales=[3], labels=True, index=None, leaf_size=64), progress=False)
+    run_evaluate(EvaluateConfig(model=model, calibration=str(tmp_path / "c" / "calibration.json"), seeds=[0], steps=2, dictionary=30,
+                                bank=str(tmp_path / "bank30"), out=str(tmp_path / "b")))
 
 
 def test_the_ablation_refuses_a_network_that_does_not_fit_its_machine(nets, tmp_path):
