@@ -13,6 +13,8 @@ paper's), copying each row's figures into ``docs/figures/``.
     python experiments/agreement.py row configs/mnist_resnet_cpu.json --candidates 3 5 7 9 11 13 15 \\
         --cal-seeds 1000-1004 --eval-seeds 0-29 --theories wiener,nearest --fit smoothed@0,0.1,0.2 pca_locality@0.5,1,2
     python experiments/agreement.py table mnist_resnet_cpu mnist_unet_cpu fashion_resnet_cpu
+    python experiments/agreement.py row configs/fashion_resnet_60k_cpu.json --dictionary 1000 --candidates 3 5 7 9 11 13
+    python experiments/agreement.py between fashion_resnet_60k_cpu fashion_resnet_60k_cpu@1000
 
 ``--fit`` calibrates a comparator's free parameter on the calibration seeds (its own stage, timed) and
 evaluates the comparator with the value found.
@@ -119,7 +121,7 @@ def row_summary(name: str, figures: Path | None = None) -> dict:
         for fig in ("pairs", "scatter", "scale_curve"):
             shutil.copyfile(evaluated / f"{fig}.png", figures / f"{config}{suffix}_{fig}.png")
     paper = (cal.get("paper_schedule") or {}).get("schedule")
-    return {"name": name, "dataset": train_cfg["dataset"], "arch": train_cfg["arch"], "padding": train_cfg["padding"],
+    return {"name": name, "config": config, "dataset": train_cfg["dataset"], "arch": train_cfg["arch"], "padding": train_cfg["padding"],
             "conditional": train_cfg["conditional"], "train_images": train_cfg.get("train_images"),
             "dictionary": report.get("config", {}).get("dictionary") or train_cfg.get("train_images"),
             "machine": cal["network"]["machine"] if "network" in cal else cal["config"]["machine"],
@@ -149,6 +151,29 @@ def agree_and_part(name: str, figures: Path, n: int = 4) -> str:
     return str(path)
 
 
+def between(first: str, second: str) -> str:
+    """How much two rows' outputs differ, theory by theory, on their common seeds (e.g. one network against its full
+    dictionary and against its first N images, ``ROW`` and ``ROW@N``): the median and smallest Pearson r between
+    the two rows' final images, as a markdown table."""
+    import torch
+
+    from pipelines.metrics import pearson_r
+
+    def folder(name: str) -> Path:
+        config, _, dictionary = name.partition("@")
+        return Path("outputs") / config / f"evaluate{f'_dictionary{dictionary}' if dictionary else ''}"
+
+    a, b = (torch.load(folder(n) / "samples.pt") for n in (first, second))
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        raise SystemExit(f"{first} and {second} share no evaluated seed")
+    lines = [f"| theory | r between {first} and {second}: median | smallest |", "|---|---:|---:|"]
+    for theory in [k for k in a[seeds[0]] if k in b[seeds[0]]]:
+        rs = sorted(float(pearson_r(a[s][theory][None], b[s][theory][None])[0]) for s in seeds)
+        lines.append(f"| {theory} | {statistics.median(rs):.4f} | {rs[0]:.4f} |")
+    return "\n".join(lines + ["", f"({len(seeds)} seeds)"])
+
+
 def table(names: list[str], figures: Path | None) -> str:
     rows = [row_summary(n, figures) for n in names]
     head = ("| network | machine | images | seeds | r (paper) | R² | MSE | IS r | beats IS | train / cal / eval min |\n"
@@ -173,7 +198,7 @@ def table(names: list[str], figures: Path | None) -> str:
             lines.append(f"| {r['name']} | {r['median_machine_r']:.3f} / {r['median_machine_r2']:.3f} | " + " | ".join(cells) + " |")
     lines.append("")
     for r in rows:
-        borrowed = "" if r["calibration"].startswith(f"outputs/{r['name']}/") else f" (from {r['calibration']})"
+        borrowed = "" if r["calibration"].startswith(f"outputs/{r['config']}/") else f" (from {r['calibration']})"
         lines.append(f"* `{r['name']}` schedule (t = 0.05 … 1){borrowed}: {r['schedule']}; paper: {r['paper_schedule']}")
         if r["comparators"]:
             lines.append(f"* `{r['name']}` comparators: " + ", ".join(f"`{c}`" for c in r["comparators"]))
@@ -206,12 +231,17 @@ def main() -> None:
     t = sub.add_parser("table", help="the markdown table of finished rows")
     t.add_argument("names", nargs="+", help="config names (folders under outputs/); NAME@N: against a dictionary of N images")
     t.add_argument("--figures", default="docs/figures", help="copy each row's figures here ('' for none)")
+    w = sub.add_parser("between", help="how far two rows' outputs differ per theory, e.g. ROW against ROW@N")
+    w.add_argument("first")
+    w.add_argument("second")
     args = parser.parse_args()
     if args.command == "row":
         if not args.candidates and not args.calibration_from:
             parser.error("row needs --candidates (or --calibration-from another row)")
         run_row(args.config, args.candidates, args.cal_seeds, args.eval_seeds, args.backend, args.batch, args.theories, args.fit,
                 args.calibration_from, args.executor, args.dictionary)
+    elif args.command == "between":
+        print(between(args.first, args.second))
     elif args.command == "extremes":
         print(agree_and_part(args.name, Path(args.figures), args.n))
     else:
