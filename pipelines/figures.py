@@ -61,6 +61,14 @@ def scale_curve(schedule: list[list[float]], path: str | os.PathLike, reference:
     _save(fig, path)
 
 
+def loss_curve(points: list[list[float]], path: str | os.PathLike, title: str = "") -> None:
+    """A training run's mean loss per checkpoint interval, ``points`` ``[[iteration, loss], …]`` (log scale)."""
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot([i for i, _ in points], [v for _, v in points], lw=1)
+    ax.set(xlabel="iteration", ylabel="mean ε loss", yscale="log", title=title)
+    _save(fig, path)
+
+
 def pareto_plot(rows: list[dict], path: str | os.PathLike) -> None:
     """Error vs time: seconds per sample against 1 − min Pearson r with exact (log), one point per config."""
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -4,7 +4,9 @@ Loss: MSE between ε and ε̂(√ᾱ·x0 + √(1−ᾱ)·ε, t) with t ~ U[0, 1)
 the learning rate decays by ``gamma`` per iteration (the paper's code: 0.999965). Batches,
 times and noise come from one seeded generator whose state is checkpointed with the model,
 optimiser and scheduler, so a run resumed from its checkpoint ends in the same weights as an
-uninterrupted one.
+uninterrupted one. The loss curve (mean loss per checkpoint interval) is checkpointed too and written
+as ``losses.json`` and ``loss.png`` beside the model: how far training got is evidence when a network
+and its machine disagree.
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.gamma)
     gen = torch.Generator().manual_seed(cfg.seed)
     ema = _ema_copy(net) if cfg.ema > 0 else None
-    start = _resume(out / "checkpoint.pt", cfg, net, opt, sched, gen, ema)
+    curve = LossCurve()
+    start = _resume(out / "checkpoint.pt", cfg, net, opt, sched, gen, ema, curve)
     write_json(out / "config.json", {**asdict(cfg), "train_images": len(data), "image_shape": list(data.shape),
                                       "num_classes": num_classes, "fingerprint": data.fingerprint()})
     bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc="train", disable=not progress)
@@ -115,12 +118,22 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
         if ema is not None:
             _ema_update(ema, net, cfg.ema)
         done += 1
-        if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iters or (stop_after is not None and done >= stop_after):
-            _save_checkpoint(out / "checkpoint.pt", cfg, net, opt, sched, gen, it + 1, ema)
+        curve.add(loss)
+        boundary = (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iters
+        if boundary:
+            curve.close(it + 1)
+        if boundary or (stop_after is not None and done >= stop_after):
+            _save_checkpoint(out / "checkpoint.pt", cfg, net, opt, sched, gen, it + 1, ema, curve)
             bar.set_postfix(loss=f"{loss:.4f}")
+        if boundary:
+            write_json(out / "losses.json", curve.points)
         if stop_after is not None and done >= stop_after:
             return out / "checkpoint.pt"
     final = ema if ema is not None else net
+    if curve.points:
+        from .figures import loss_curve
+
+        loss_curve(curve.points, out / "loss.png", cfg.out)
     atomic_write(out / "model.pt", lambda p: torch.save({"state_dict": final.state_dict(), "config": asdict(cfg), "num_classes": num_classes,
                   "channels": data.shape[0]}, p))
     return out / "model.pt"
@@ -150,7 +163,31 @@ def _ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
         e.lerp_(p, 1.0 - decay)
 
 
-def _resume(path: Path, cfg: TrainConfig, net, opt, sched, gen: torch.Generator, ema: nn.Module | None = None) -> int:
+@dataclass
+class LossCurve:
+    """Mean training loss per checkpoint interval: ``points`` ``[[iteration, mean loss], …]``, and the running sum
+    and count of the interval in progress (checkpointed, so an interrupted run's curve is the uninterrupted one's).
+    A run resumed from a checkpoint written before curves were kept starts its curve there."""
+
+    points: list = None  # type: ignore[assignment]
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.points = [] if self.points is None else self.points
+
+    def add(self, loss: float) -> None:
+        self.total += loss
+        self.count += 1
+
+    def close(self, iteration: int) -> None:
+        if self.count:
+            self.points.append([iteration, self.total / self.count])
+        self.total, self.count = 0.0, 0
+
+
+def _resume(path: Path, cfg: TrainConfig, net, opt, sched, gen: torch.Generator, ema: nn.Module | None = None,
+            curve: LossCurve | None = None) -> int:
     if not path.exists():
         return 0
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -166,14 +203,18 @@ def _resume(path: Path, cfg: TrainConfig, net, opt, sched, gen: torch.Generator,
     gen.set_state(ckpt["gen"])
     if ema is not None:
         ema.load_state_dict(ckpt["ema"])
+    if curve is not None and "losses" in ckpt:
+        curve.points, curve.total, curve.count = ckpt["losses"]["points"], ckpt["losses"]["total"], ckpt["losses"]["count"]
     log.info("resuming %s at iteration %d", path, ckpt["iteration"])
     return int(ckpt["iteration"])
 
 
 def _save_checkpoint(path: Path, cfg: TrainConfig, net, opt, sched, gen: torch.Generator, iteration: int,
-                     ema: nn.Module | None = None) -> None:
+                     ema: nn.Module | None = None, curve: LossCurve | None = None) -> None:
     state = {"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
              "gen": gen.get_state(), "iteration": iteration, "config": asdict(cfg)}
+    if curve is not None:
+        state["losses"] = asdict(curve)
     if ema is not None:
         state["ema"] = ema.state_dict()
     atomic_write(path, lambda p: torch.save(state, p))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,10 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, ema):
     resumed = load_network(train(cfg, progress=False))
     for (name, a), (_, b) in zip(whole.net.state_dict().items(), resumed.net.state_dict().items()):
         assert torch.equal(a, b), name
+    curve = json.loads((tmp_path / "whole" / "losses.json").read_text())  # one mean per checkpoint interval
+    assert [i for i, _ in curve] == [2, 4, 6] and all(math.isfinite(v) and v > 0 for _, v in curve)
+    assert json.loads((tmp_path / "resumed" / "losses.json").read_text()) == curve  # the interruption split an interval
+    assert (tmp_path / "whole" / "loss.png").is_file()
     with pytest.raises(ValueError, match=r"different run configuration \(differs in: lr\)"):
         train(_tiny_config(tmp_path / "resumed", lr=5e-3, ema=ema), progress=False)
     with pytest.raises(ValueError, match=r"differs in: blocks, width"):
