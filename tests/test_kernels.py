@@ -114,48 +114,87 @@ def test_fold_rejects_bad_input():
         kernels.fold(torch.zeros(2, 4), torch.zeros(1, 4), m.float(), acc, 60.0)
 
 
-@needs_kernel
-@pytest.mark.parametrize("threads", [1, 3])
-def test_scan_matches_brute_force_sums_and_top_list_over_blocks(threads):
-    """Provenance sums (log Z, Σw·ℓ) and the K largest entries, folded block by block, equal one float64 pass;
-    ties (repeated values) keep the earlier entry first."""
-    g = torch.Generator().manual_seed(threads)
-    R, blocks, M, K = 150, 4, 257, 6  # ≥ 64 rows per thread, so 3 threads split the rows
-    spread = torch.tensor([1.0, 40.0, 3000.0])[torch.arange(R) % 3][:, None]
-    ell = (torch.randn(R, blocks * M, generator=g, dtype=torch.float64) * spread).round()  # rounded: many exact ties
-    log_c = torch.rand(blocks * M, generator=g, dtype=torch.float64) * 5
-    ids = torch.randperm(blocks * M, generator=g)
-    skip = 60.0
+def _tree(U: int, D: int, leaf: int, seed: int):
+    """A cluster tree of U distinct random int16 patches (few values, so many ties) with random counts."""
+    from patchbank.clusters import cluster_patches
+    from patchbank.tables import UniquePatches
+
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.unique(torch.randint(0, 6, (3 * U, D), generator=g, dtype=torch.int16) * 51, dim=0)[:U]
+    counts = torch.randint(1, 40, (rows.shape[0],), generator=g)
+    return cluster_patches(UniquePatches(rows[torch.randperm(rows.shape[0], generator=g)], counts), leaf_size=leaf)
+
+
+def _sweep(tree, q, a, s2, K, threshold, threads=None):
+    from machines.posterior.exact import cluster_upper
+
+    R = q.shape[0]
     m, Z, S = torch.full((R,), -1e300, dtype=torch.float64), torch.zeros(R, dtype=torch.float64), torch.zeros(R, dtype=torch.float64)
     top, top_id = torch.full((R, K), -1e300, dtype=torch.float64), torch.full((R, K), -1, dtype=torch.long)
-    for b in range(blocks):
-        span = slice(b * M, (b + 1) * M)
-        kernels.scan(ell[:, span].contiguous(), log_c[span].contiguous(), ids[span].contiguous(), m, Z, S, top, top_id, skip,
-                     threads=threads)
-    weighted = ell + log_c
-    peak = weighted.amax(1)
-    d = weighted - peak[:, None]
-    w = d.exp() * (d > -skip)
-    torch.testing.assert_close(m, peak, rtol=0, atol=0)
-    torch.testing.assert_close(m + Z.log(), peak + w.sum(1).log(), rtol=1e-13, atol=1e-10)
-    torch.testing.assert_close(S / Z, (w * ell).sum(1) / w.sum(1), rtol=1e-12, atol=1e-9)
-    want, where = ell.sort(dim=1, descending=True, stable=True)  # stable: among equal values the earlier entry first
-    assert torch.equal(top, want[:, :K]) and torch.equal(top_id, ids[where[:, :K]])
+    upper = cluster_upper(q, tree, a, s2)
+    pairs = kernels.scan_tree((q * (a / s2 / 255)).contiguous(), tree, -(a * a) / (2 * s2), upper.T.contiguous(),
+                              upper.argmax(1).contiguous(), threshold, m, Z, S, top, top_id, 60.0, threads=threads)
+    return m, Z, S, top, top_id, pairs
 
 
 @needs_kernel
-def test_scan_lists_fewer_than_k_and_rejects_bad_input():
-    m, Z, S = torch.full((1,), -1e300, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
-    top, top_id = torch.full((1, 4), -1e300, dtype=torch.float64), torch.full((1, 4), -1, dtype=torch.long)
-    ell = torch.tensor([[2.0, 5.0]], dtype=torch.float64)
-    kernels.scan(ell, torch.zeros(2, dtype=torch.float64), torch.tensor([7, 9]), m, Z, S, top, top_id, 60.0)
-    assert top[0, :2].tolist() == [5.0, 2.0] and top_id[0].tolist() == [9, 7, -1, -1] and (top[0, 2:] == -1e300).all()
-    with pytest.raises(ValueError, match="float64"):
-        kernels.scan(ell.float(), torch.zeros(2, dtype=torch.float64), torch.tensor([7, 9]), m, Z, S, top, top_id, 60.0)
-    with pytest.raises(ValueError, match="ids must be"):
-        kernels.scan(ell, torch.zeros(2, dtype=torch.float64), torch.tensor([7, 9, 1]), m, Z, S, top, top_id, 60.0)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_scan_tree_matches_brute_force_sums_and_top_list(threads):
+    """The C sweep over a cluster tree, with no pruning margin reached: log Z, Σw·ℓ and the K largest ℓ equal one
+    float64 pass over every patch; among equal values the listed ids are ones of that value."""
+    tree = _tree(700, 9, 64, threads)
+    g = torch.Generator().manual_seed(threads)
+    R, K, a, s2 = 150, 6, 0.8, 0.05  # ≥ 64 rows per thread, so 3 threads split the rows
+    q = a * tree.patches[torch.randint(0, tree.patches.shape[0], (R,), generator=g)].double() / 255 \
+        + 0.2 * torch.randn(R, 9, generator=g, dtype=torch.float64)
+    m, Z, S, top, top_id, pairs = _sweep(tree, q, a, s2, K, threshold=1e9, threads=threads)
+    assert pairs == R * tree.patches.shape[0]  # nothing pruned: every (query, patch) pair once
+    keys = tree.patches.double() / 255
+    ell = (2 * a * q @ keys.T - a * a * keys.pow(2).sum(1)) / (2 * s2)  # each copy's log weight, without −‖q‖²/2s²
+    weighted = ell + tree.log_counts
+    peak = weighted.amax(1)
+    torch.testing.assert_close(m, peak, rtol=0, atol=1e-9)
+    w = (weighted - peak[:, None]).exp()
+    torch.testing.assert_close(m + Z.log(), peak + w.sum(1).log(), rtol=1e-13, atol=1e-9)
+    torch.testing.assert_close(S / Z, (w * ell).sum(1) / w.sum(1), rtol=1e-12, atol=1e-9)
+    want = ell.sort(dim=1, descending=True).values[:, :K]
+    torch.testing.assert_close(top, want, rtol=0, atol=1e-9)
+    listed = ell.gather(1, torch.argsort(tree.order)[top_id])  # the listed ids' own ℓ are the listed values
+    torch.testing.assert_close(listed, top, rtol=0, atol=1e-9)
+    assert all(len(set(r.tolist())) == K for r in top_id)
+
+
+@needs_kernel
+def test_scan_tree_prunes_only_clusters_whose_bound_allows_it():
+    """With the pruning margin, clusters far from a query are skipped (fewer pairs) and the log Z left is
+    within the margin's bound of the full sum."""
+    tree = _tree(2000, 4, 32, 5)
+    g = torch.Generator().manual_seed(5)
+    R, K, a, s2 = 40, 3, 0.99, 0.002
+    q = a * tree.patches[torch.randint(0, tree.patches.shape[0], (R,), generator=g)].double() / 255
+    full = _sweep(tree, q, a, s2, K, threshold=1e9)
+    tol = 1e-12
+    pruned = _sweep(tree, q, a, s2, K, threshold=math.log(tree.patches.shape[0] / tol))
+    assert pruned[5] < 0.5 * full[5]
+    torch.testing.assert_close(pruned[0] + pruned[1].log(), full[0] + full[1].log(), rtol=0, atol=2 * tol)
+    assert torch.equal(pruned[3], full[3]) and torch.equal(pruned[4], full[4])
+
+
+@needs_kernel
+def test_scan_tree_lists_fewer_than_k_and_rejects_bad_input():
+    tree = _tree(3, 2, 8, 0)
+    q = torch.zeros(1, 2, dtype=torch.float64)
+    m, Z, S, top, top_id, _ = _sweep(tree, q, 0.5, 0.1, 5, threshold=1e9)
+    assert (top_id[0, :3] >= 0).all() and top_id[0, 3:].tolist() == [-1, -1] and (top[0, 3:] == -1e300).all()
+    state = [torch.full((1,), -1e300, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
+             torch.full((1, 5), -1e300, dtype=torch.float64), torch.full((1, 5), -1, dtype=torch.long)]
+    upper, first = torch.zeros(tree.n_clusters, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match="qs must be contiguous"):
+        kernels.scan_tree(q.float(), tree, -1.0, upper, first, 1e9, *state, 60.0)
+    with pytest.raises(ValueError, match=r"upper_t must be contiguous CPU torch.float64 \[1, 1\]"):
+        kernels.scan_tree(q, tree, -1.0, upper.T.contiguous().expand(2, 1), first, 1e9, *state, 60.0)
     with pytest.raises(ValueError, match="top_id must be"):
-        kernels.scan(ell, torch.zeros(2, dtype=torch.float64), torch.tensor([7, 9]), m, Z, S, top, top_id.int(), 60.0)
+        kernels.scan_tree(q, tree, -1.0, upper, first, 1e9, *state[:4], state[4].int(), 60.0)
 
 
 @pytest.fixture(scope="module")

@@ -243,9 +243,10 @@ def test_provenance_without_image_shares_prunes_clusters_and_keeps_every_patch_e
     monkeypatch.setattr(retrieval, "USE_KERNEL", kernel)  # None: the C scan where it compiles; False: torch operations
     if t == 0.3:
         monkeypatch.setattr(retrieval, "MERGE_EVERY", 64)  # torch: the running top-m merged down many times on the way
-    pairs = []
-    real = retrieval.logits
+    pairs = []  # (query, patch) pairs computed: by the torch visits' logits blocks, or as the C sweep counts them
+    real, sweep = retrieval.logits, retrieval.kernels.scan_tree
     monkeypatch.setattr(retrieval, "logits", lambda q, keys, *rest: pairs.append(q.shape[0] * keys.shape[0]) or real(q, keys, *rest))
+    monkeypatch.setattr(retrieval.kernels, "scan_tree", lambda *args, **kw: pairs.append(sweep(*args, **kw)))
     machine = ScoreMachine(MemoryBank(data, dedup=True), "bbELS", 3, conditional=True)
     labels = data.labels[:2]
     x = noised(data, t, 2, seed=7)
@@ -269,6 +270,7 @@ def test_provenance_without_image_shares_prunes_clusters_and_keeps_every_patch_e
                for b in range(2) for i in range(12) for j in range(12))
     total = sum(machine.bank.unique_patches(BucketKey("bbELS", 3, "zeros", key, int(label))).patches.shape[0] * locs.shape[0]
                 for key, locs in dictionary_groups(12, 12, 3, "bbELS") for label in labels)
+    assert 0 < sum(pairs) <= total
     if t == 0.05:  # late: most clusters are provably negligible
         assert sum(pairs) < 0.5 * total
 

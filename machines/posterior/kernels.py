@@ -7,8 +7,9 @@ product at P ≤ 9. :func:`fold` does it in one C pass per row (``machines/_fold
 maximum, rescaling, a vectorised exponential, ``Σw`` and ``Σw·v``; rows whose block maximum lies
 more than ``skip`` below the running maximum are skipped without an exponential. :func:`moments`
 does the same for the automatic policy's importance draws, adding the second moments its
-standard errors need (``Σw²``, ``Σw²·v``, ``Σw²·v²``). :func:`scan` does it for provenance: ``Σw``,
-``Σw·ℓ`` (the entropy) and a running list of each row's heaviest entries.
+standard errors need (``Σw²``, ``Σw²·v``, ``Σw²·v²``). :func:`scan_tree` does it for provenance, and
+runs the whole pruned sweep over a bucket's cluster tree, logits included: ``Σw``, ``Σw·ℓ`` (the
+entropy) and a running list of each query's heaviest patches.
 
 The C source is compiled on first use with the system C compiler (``$CC``, else ``cc``) for this
 CPU (``-O3 -ffast-math -march=native``) into ``$PATCHBANK_KERNEL_CACHE`` (default
@@ -102,37 +103,49 @@ def moments(logits: torch.Tensor, values_t: torch.Tensor, m: torch.Tensor, s1: t
     _by_rows(part, R, M, threads)
 
 
-def scan(ell: torch.Tensor, log_c: torch.Tensor, ids: torch.Tensor, m: torch.Tensor, Z: torch.Tensor, S: torch.Tensor,
-         top: torch.Tensor, top_id: torch.Tensor, skip: float, threads: int | None = None) -> None:
-    """Fold a block of each copy's own log weights into provenance sums and a running top list, in place.
+def scan_tree(qs: torch.Tensor, tree, coef: float, upper_t: torch.Tensor, first: torch.Tensor, threshold: float,
+              m: torch.Tensor, Z: torch.Tensor, S: torch.Tensor, top: torch.Tensor, top_id: torch.Tensor, skip: float,
+              threads: int | None = None) -> int:
+    """A whole provenance sweep over a bucket's cluster tree, in place; returns the (query, patch) pairs computed.
 
-    ell: float64 ``[R, M]`` CPU, unit column stride; log_c: float64 ``[M]`` (log copies per entry); ids:
-    int64 ``[M]`` (each entry's distinct patch); m, Z, S: float64 ``[R]`` (running maximum of ``ell + log_c``,
-    finite: start at ``-1e300``; ``Σw`` and ``Σw·ell`` with ``w = e^(ell + log_c − m)``); top: float64 ``[R, K]``
-    (the ``K`` largest ``ell`` so far, descending; start at ``-1e300``), top_id: int64 ``[R, K]`` (their ids;
-    start at −1). Terms more than ``skip`` below the maximum add nothing. Rows split over threads as in
-    :func:`fold`."""
+    qs: float64 ``[R, D]``, the queries scaled by ``a/(s²·255)``; tree: a
+    :class:`~patchbank.clusters.ClusteredPatches` (its int16 patches, squared norms, log counts, order and
+    offsets); each member's log weight is ``ℓ = coef·‖p‖² + ⟨qs, p⟩`` (``coef = −a²/(2s²)``). upper_t: float64
+    ``[K, R]``, a bound on every member's ``ℓ + log count`` per cluster and query; first: int64 ``[R]``, the
+    cluster each query visits first. Then every cluster is visited by the queries whose bound is at least
+    their running maximum less ``threshold``. State, in place: m, Z, S float64 ``[R]`` (running maximum of
+    ``ℓ + log count``, finite: start at ``-1e300``; ``Σw`` and ``Σw·ℓ`` with ``w = e^(ℓ + log count − m)``), top
+    float64 ``[R, K]`` (the ``K`` largest ``ℓ`` so far, descending; start at ``-1e300``) and top_id int64
+    ``[R, K]`` (their distinct-patch ids, the tree's ``order``; start at −1); terms more than ``skip`` below the
+    maximum add nothing. Queries split over threads as in :func:`fold`, each thread sweeping the tree for its
+    own."""
     lib = _library()
     if lib is None:
         raise RuntimeError(f"the fused kernel is unavailable: {unavailable_reason()}")
-    R, M = ell.shape
-    K = top.shape[1]
-    if ell.dtype != torch.float64 or ell.device.type != "cpu" or (M > 1 and ell.stride(1) != 1):
-        raise ValueError("scan needs a float64 CPU block with contiguous rows")
-    for key, t, shape, dtype in (("log_c", log_c, (M,), torch.float64), ("ids", ids, (M,), torch.int64),
-                                 ("m", m, (R,), torch.float64), ("Z", Z, (R,), torch.float64), ("S", S, (R,), torch.float64),
-                                 ("top", top, (R, K), torch.float64), ("top_id", top_id, (R, K), torch.int64)):
-        if t.dtype != dtype or t.shape != shape or not t.is_contiguous():
-            raise ValueError(f"{key} must be contiguous {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
-    ld = ell.stride(0)
+    R, D = qs.shape
+    NC, K = tree.n_clusters, top.shape[1]
+    checks = (("qs", qs, (R, D), torch.float64), ("patches", tree.patches, (tree.patches.shape[0], D), torch.int16),
+              ("sq_norms", tree.sq_norms, (tree.patches.shape[0],), torch.float64),
+              ("log_counts", tree.log_counts, (tree.patches.shape[0],), torch.float64),
+              ("order", tree.order, (tree.patches.shape[0],), torch.int64), ("offsets", tree.offsets, (NC + 1,), torch.int64),
+              ("upper_t", upper_t, (NC, R), torch.float64), ("first", first, (R,), torch.int64),
+              ("m", m, (R,), torch.float64), ("Z", Z, (R,), torch.float64), ("S", S, (R,), torch.float64),
+              ("top", top, (R, K), torch.float64), ("top_id", top_id, (R, K), torch.int64))
+    for key, t, shape, dtype in checks:
+        if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"{key} must be contiguous CPU {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
 
     def part(start: int, stop: int) -> int:
-        lib.scan_f64(stop - start, M, K, ell.data_ptr() + 8 * start * ld, ld, log_c.data_ptr(), ids.data_ptr(),
-                     m.data_ptr() + 8 * start, Z.data_ptr() + 8 * start, S.data_ptr() + 8 * start,
-                     top.data_ptr() + 8 * start * K, top_id.data_ptr() + 8 * start * K, skip)
-        return 0
+        done = lib.scan_tree(stop - start, D, NC, qs.data_ptr() + 8 * start * D, tree.patches.data_ptr(), tree.sq_norms.data_ptr(),
+                             coef, tree.log_counts.data_ptr(), tree.order.data_ptr(), tree.offsets.data_ptr(),
+                             upper_t.data_ptr() + 8 * start, R, first.data_ptr() + 8 * start, threshold, K,
+                             m.data_ptr() + 8 * start, Z.data_ptr() + 8 * start, S.data_ptr() + 8 * start,
+                             top.data_ptr() + 8 * start * K, top_id.data_ptr() + 8 * start * K, skip)
+        if done < 0:
+            raise MemoryError("scan_tree could not allocate its work buffers")
+        return done
 
-    _by_rows(part, R, M, threads)
+    return sum(_by_rows(part, R, tree.patches.shape[0], threads))
 
 
 class RowTable:
@@ -298,8 +311,9 @@ def _load(path: Path) -> ctypes.CDLL:
         fn.restype, fn.argtypes = ctypes.c_int64, args
     for fn in (lib.moments_f32, lib.moments_f64):
         fn.restype, fn.argtypes = None, args[:-1] + [ctypes.c_void_p]
-    lib.scan_f64.restype = None
-    lib.scan_f64.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 7 + [ctypes.c_double]
+    lib.scan_tree.restype = ctypes.c_int64
+    lib.scan_tree.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_double] + [ctypes.c_void_p] * 4 + \
+        [ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_double]
     lib.match_build.restype = lib.match_find.restype = ctypes.c_int64
     lib.match_build.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     lib.match_find.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
