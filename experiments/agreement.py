@@ -121,7 +121,7 @@ def row_summary(name: str, figures: Path | None = None) -> dict:
         for fig in ("pairs", "scatter", "scale_curve"):
             shutil.copyfile(evaluated / f"{fig}.png", figures / f"{config}{suffix}_{fig}.png")
     paper = (cal.get("paper_schedule") or {}).get("schedule")
-    return {"name": name, "config": config, "dataset": train_cfg["dataset"], "arch": train_cfg["arch"], "padding": train_cfg["padding"],
+    return {"name": name, "folder": config, "dataset": train_cfg["dataset"], "arch": train_cfg["arch"], "padding": train_cfg["padding"],
             "conditional": train_cfg["conditional"], "train_images": train_cfg.get("train_images"),
             "dictionary": report.get("config", {}).get("dictionary") or train_cfg.get("train_images"),
             "machine": cal["network"]["machine"] if "network" in cal else cal["config"]["machine"],
@@ -198,7 +198,7 @@ def table(names: list[str], figures: Path | None) -> str:
             lines.append(f"| {r['name']} | {r['median_machine_r']:.3f} / {r['median_machine_r2']:.3f} | " + " | ".join(cells) + " |")
     lines.append("")
     for r in rows:
-        borrowed = "" if r["calibration"].startswith(f"outputs/{r['config']}/") else f" (from {r['calibration']})"
+        borrowed = "" if r["calibration"].startswith(f"outputs/{r['folder']}/") else f" (from {r['calibration']})"
         lines.append(f"* `{r['name']}` schedule (t = 0.05 … 1){borrowed}: {r['schedule']}; paper: {r['paper_schedule']}")
         if r["comparators"]:
             lines.append(f"* `{r['name']}` comparators: " + ", ".join(f"`{c}`" for c in r["comparators"]))
