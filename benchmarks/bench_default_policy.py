@@ -11,6 +11,8 @@ clocks start (as a bank build would), for both alike.
         --schedule CIFAR10_ResNet_zeros_conditional --seeds 0
     PATCHBANK_DATASETS=../shared/datasets python benchmarks/bench_default_policy.py --dataset cifar10 --n-train 4000 \\
         --schedule CIFAR10_ResNet_zeros_conditional --conditional --seeds 0-4
+    PATCHBANK_DATASETS=../shared/datasets python benchmarks/bench_default_policy.py --dataset fashion_mnist --n-train 0 \
+        --calibration outputs/fashion_resnet_60k_cpu/calibrate/calibration.json --conditional --seeds 0-1
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import torch
 
 from machines import AutoBackend, ExactBackend, ScoreMachine, StepRecorder, noise_from_seeds, reference_schedule, sample
 from patchbank import MemoryBank, load_dataset
+from pipelines.calibration import schedule_from
 from pipelines.cli import parse_seeds
+from pipelines.runs import read_json
 from pipelines.metrics import pearson_r
 
 
@@ -32,6 +36,7 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=10000)
     ap.add_argument("--resize", type=int, default=32)
     ap.add_argument("--schedule", default="FashionMNIST_ResNet_zeros_conditional")
+    ap.add_argument("--calibration", default=None, help="a calibration.json whose schedule is used instead of --schedule")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--per-step", action="store_true", help="also print each step's seconds and the policy's routes")
@@ -40,7 +45,10 @@ def main() -> None:
     args = ap.parse_args()
     data = load_dataset(args.dataset, resize=args.resize or None, limit=args.n_train or None)
     bank = MemoryBank(data, dedup=True, materialise_max=args.materialise_max)
-    schedule = reference_schedule(args.schedule)
+    if args.calibration:
+        schedule, args.schedule = schedule_from(read_json(args.calibration, "calibration")), args.calibration
+    else:
+        schedule = reference_schedule(args.schedule)
     exact, policy = ExactBackend(dtype=torch.float32), AutoBackend()
     start = time.perf_counter()
     cond = args.conditional
