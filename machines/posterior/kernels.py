@@ -36,6 +36,9 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("_fold.c")
+_SOURCE_TEXT = SOURCE.read_text()
+"""The C source as it was when this module was imported: the library compiled later (on first use) is
+always the one these bindings were written for, even if the file changes under a running job."""
 FLAGS = ["-O3", "-ffast-math", "-march=native", "-fPIC", "-shared"]
 _MIN_ROWS_PER_THREAD = 64  # smaller blocks stay on one thread (threads cost more than they save there)
 
@@ -284,7 +287,7 @@ def _compile() -> Path:
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler ({cc!r} is not on PATH; set $CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout.split("\n")[0]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, cc, version, platform.machine(), _cpu()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([_SOURCE_TEXT, *FLAGS, cc, version, platform.machine(), _cpu()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("PATCHBANK_KERNEL_CACHE", Path.home() / ".cache" / "patchbank" / "kernels"))
     target = cache / f"fold-{key}.so"
     if target.exists():
@@ -293,7 +296,8 @@ def _compile() -> Path:
     fd, tmp = tempfile.mkstemp(dir=cache, prefix=".fold-", suffix=".so")
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([cc, *FLAGS, "-x", "c", "-", "-o", tmp, "-lm"], input=_SOURCE_TEXT, capture_output=True, text=True,
+                              timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
