@@ -41,6 +41,17 @@ PAPER_R = {("mnist", "resnet"): 0.94, ("mnist", "unet"): 0.84, ("fashion_mnist",
 baseline there: 0.47)."""
 
 
+def _suffix(dictionary: int | str | None) -> str:
+    """The stage folders' suffix of a row run against a dictionary of N images (``calibrate_dictionaryN``)."""
+    return f"_dictionary{dictionary}" if dictionary else ""
+
+
+def _evaluated(name: str) -> tuple[str, str, Path]:
+    """A table row's name, ``CONFIG`` or ``CONFIG@N``: its config name, stage-folder suffix and evaluation folder."""
+    config, _, dictionary = name.partition("@")
+    return config, _suffix(dictionary), Path("outputs") / config / f"evaluate{_suffix(dictionary)}"
+
+
 def run_row(config: str, candidates: list[int], cal_seeds: str, eval_seeds: str, backend: str, batch: int,
             theories: str | None = None, fitted: list[str] | None = None, calibration_from: str | None = None,
             executor: str | None = None, dictionary: int | None = None) -> None:
@@ -58,7 +69,7 @@ def run_row(config: str, candidates: list[int], cal_seeds: str, eval_seeds: str,
         raise SystemExit("calibration and evaluation seeds overlap: calibrate on seeds the evaluation never sees")
     model = str(root / "model.pt")
     stages = [("train", ["train", "--config", config])]
-    suffix, restrict = (f"_dictionary{dictionary}", ["--dictionary", str(dictionary)]) if dictionary else ("", [])
+    suffix, restrict = _suffix(dictionary), (["--dictionary", str(dictionary)] if dictionary else [])
     calibration = root / f"calibrate{suffix}" / "calibration.json"
     if calibration_from is None:
         stages.append((f"calibrate{suffix}", ["calibrate", "--model", model, "--candidates", *map(str, candidates), "--seeds", cal_seeds,
@@ -102,11 +113,9 @@ def run_row(config: str, candidates: list[int], cal_seeds: str, eval_seeds: str,
 def row_summary(name: str, figures: Path | None = None) -> dict:
     """One finished row: its config, stage times (summed over invocations), schedules and medians. ``NAME@N``: the
     row's network against a dictionary of its first N training images (``row --dictionary N``)."""
-    config, _, dictionary = name.partition("@")
-    suffix = f"_dictionary{dictionary}" if dictionary else ""
-    root = Path("outputs") / config
+    config, suffix, evaluated = _evaluated(name)
+    root = evaluated.parent
     train_cfg = json.loads((root / "config.json").read_text())
-    evaluated = root / f"evaluate{suffix}"
     report = json.loads((evaluated / "report.json").read_text())
     cal_path = Path(json.loads((evaluated / "config.json").read_text())["evaluate"]["calibration"])
     cal = json.loads(cal_path.read_text())
@@ -159,11 +168,7 @@ def between(first: str, second: str) -> str:
 
     from pipelines.metrics import pearson_r
 
-    def folder(name: str) -> Path:
-        config, _, dictionary = name.partition("@")
-        return Path("outputs") / config / f"evaluate{f'_dictionary{dictionary}' if dictionary else ''}"
-
-    a, b = (torch.load(folder(n) / "samples.pt") for n in (first, second))
+    a, b = (torch.load(_evaluated(n)[2] / "samples.pt") for n in (first, second))
     seeds = sorted(set(a) & set(b))
     if not seeds:
         raise SystemExit(f"{first} and {second} share no evaluated seed")

@@ -304,6 +304,7 @@ def cluster_scan(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q:
     if fused:  # the same sweep in one C call, logits included
         kernels.scan_tree((q * (a / s2 / 255.0)).contiguous(), tree, -(a * a) / (2 * s2), upper.T.contiguous(), first.contiguous(),
                           threshold, run_max, Z, S, top, best, skip)
+        top = torch.where(top > -1e299, top, -torch.inf)
     else:
         for k in torch.unique(first).tolist():
             visit_torch(torch.nonzero(first == k).view(-1), k)
@@ -311,9 +312,6 @@ def cluster_scan(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q:
             rows = torch.nonzero((upper[:, k] >= run_max - threshold) & (first != k)).view(-1)
             if rows.numel():
                 visit_torch(rows, k)
-    if fused:
-        top = torch.where(top > -1e299, top, -torch.inf)
-    else:
         top, best = _merge_top(found, Q, m)
     log_z = run_max + Z.log()
     entropy = log_z - S / Z

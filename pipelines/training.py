@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -122,11 +122,10 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
         boundary = (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iters
         if boundary:
             curve.close(it + 1)
+            write_json(out / "losses.json", curve.points)
         if boundary or (stop_after is not None and done >= stop_after):
             _save_checkpoint(out / "checkpoint.pt", cfg, net, opt, sched, gen, it + 1, ema, curve)
             bar.set_postfix(loss=f"{loss:.4f}")
-        if boundary:
-            write_json(out / "losses.json", curve.points)
         if stop_after is not None and done >= stop_after:
             return out / "checkpoint.pt"
     final = ema if ema is not None else net
@@ -169,12 +168,9 @@ class LossCurve:
     and count of the interval in progress (checkpointed, so an interrupted run's curve is the uninterrupted one's).
     A run resumed from a checkpoint written before curves were kept starts its curve there."""
 
-    points: list = None  # type: ignore[assignment]
+    points: list = field(default_factory=list)
     total: float = 0.0
     count: int = 0
-
-    def __post_init__(self) -> None:
-        self.points = [] if self.points is None else self.points
 
     def add(self, loss: float) -> None:
         self.total += loss
@@ -204,7 +200,7 @@ def _resume(path: Path, cfg: TrainConfig, net, opt, sched, gen: torch.Generator,
     if ema is not None:
         ema.load_state_dict(ckpt["ema"])
     if curve is not None and "losses" in ckpt:
-        curve.points, curve.total, curve.count = ckpt["losses"]["points"], ckpt["losses"]["total"], ckpt["losses"]["count"]
+        vars(curve).update(ckpt["losses"])
     log.info("resuming %s at iteration %d", path, ckpt["iteration"])
     return int(ckpt["iteration"])
 
