@@ -11,9 +11,10 @@ float32 peak.
 Arithmetic: the exact backends compute logits ``−‖q − a·p‖²/2s²`` as one inner product per (query
 pixel, distinct patch) pair they visit, ``2·D`` flops with ``D = C·P²``, then fold one exponential
 and ``C + 1`` multiply-adds. ``GFLOP/s`` counts ``(2·D + 2·(C + 1))`` flops per visited pair;
-``peak`` is ``--peak-gflops`` per thread (default 95: 2 FMA units × 8 float32 lanes × 2 flops ×
-~3 GHz on this machine's cores), so ``of peak`` is the achieved fraction of the float32 floor for
-the pairs the backend chose to visit (pruning skips the rest).
+``peak`` is ``--peak-gflops`` per thread (default: measured here, by
+:func:`machines.posterior.kernels.peak_gflops`, a C loop of independent float32 multiply-adds; about
+116 on this project's AVX-512 CPU, where the nominal figure is 95), so ``of peak`` is the achieved
+fraction of the float32 floor for the pairs the backend chose to visit (pruning skips the rest).
 
     PATCHBANK_DATASETS=../shared/datasets python benchmarks/bench_peer.py --n-train 1000 --scales 3 7 11
     python benchmarks/bench_peer.py --n-train 200 --scales 3 --repeat 1 --peer-repeat 1   # quick
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from machines import AutoBackend, ExactBackend, ScoreMachine, alpha_sigma2
+from machines import AutoBackend, ExactBackend, ScoreMachine, alpha_sigma2, kernels
 from patchbank import MemoryBank, load_dataset, to_model_range
 from pipelines.metrics import pearson_r
 
@@ -68,7 +69,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3, help="runs per patchbank backend (median)")
     ap.add_argument("--peer-repeat", type=int, default=1, help="runs of the peer's step (median)")
-    ap.add_argument("--peak-gflops", type=float, default=95.0, help="float32 peak per thread, GFLOP/s")
+    ap.add_argument("--peak-gflops", type=float, default=None, help="float32 peak per thread, GFLOP/s (default: measured)")
     ap.add_argument("--peer", default=str(PEER), help="folder holding the paper's idealscore.py")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -86,7 +87,7 @@ def main() -> None:
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x = (a * x0 + s2**0.5 * noise).float().double()  # representable in float32: both sides see the same query
     peer_data = _Images(to_model_range(data.images, torch.float32), data.labels)
-    peak = args.peak_gflops * torch.get_num_threads()
+    peak = (args.peak_gflops or kernels.peak_gflops()) * torch.get_num_threads()
     print(f"# {len(data)} training images {tuple(data.shape)}, 1 query at t = {args.t}, "
           f"{torch.get_num_threads()} threads, peak {peak:.0f} GFLOP/s")
     print(f"{'P':>3} {'method':16} {'step_s':>8} {'× peer':>7} {'r peer':>9} {'r exact':>9} {'max|Δ|':>8} "

