@@ -263,11 +263,12 @@ def test_gathered_patches_are_the_patches_at_their_pixels(C, P, padding):
 def test_the_cost_model_draws_only_where_draws_pay(bank, mnist, P, t, draws):
     """The probe's plan per (bucket, level): where forced draws answer a third or more of the queries it draws
     (then every answer is the forced backend's, to the bit), where they answer (almost) none it sums every
-    query exactly without drawing. The plan depends on neither the queries nor the batch."""
+    query exactly without drawing. The plan depends on neither the queries nor the batch. (A draw priced at 1.5
+    exact pairs, as against the per-block exact route, so the cases keep their thresholds.)"""
     q, bucket, a, s2 = _queries(mnist, t, P=P)
     forced = AutoBackend(samples=256, probe=0)
     want = forced.posterior(bank, bucket, q, a, s2)
-    planned = AutoBackend(samples=256)
+    planned = AutoBackend(samples=256, draw_cost=1.5)
     got = planned.posterior(bank, bucket, q, a, s2)
     answered = forced.stats.summary()["sampled_fraction"]
     assert (answered >= 1 / 3) if draws else (answered < 0.1)  # the cases are what they claim
@@ -281,7 +282,21 @@ def test_the_cost_model_draws_only_where_draws_pay(bank, mnist, P, t, draws):
     alone = planned.posterior(bank, bucket, q[:37], a, s2)  # the plan is kept: no second probe
     assert planned.stats.probe_s == probe_s
     torch.testing.assert_close(alone, got[:37], rtol=0, atol=1e-6)  # the same routes alone as in the batch (float32 round-off)
-    torch.testing.assert_close(AutoBackend(samples=256).posterior(bank, bucket, q[:37], a, s2), got[:37], rtol=0, atol=1e-6)
+    torch.testing.assert_close(AutoBackend(samples=256, draw_cost=1.5).posterior(bank, bucket, q[:37], a, s2), got[:37],
+                               rtol=0, atol=1e-6)
+
+
+def test_a_draw_is_priced_against_the_exact_route_it_replaces(monkeypatch):
+    """By default a draw costs what was measured against the exact route: 2.5 pairs of the one-call C sweep, 1.5 of
+    the per-block product and fold (no sweep, or no fused kernel); a given ``draw_cost`` wins."""
+    from machines.posterior import exact
+
+    assert AutoBackend(draw_cost=3.0).cost_of_a_draw() == 3.0
+    assert AutoBackend(exact=ExactBackend(kernel="torch")).cost_of_a_draw() == 1.5
+    monkeypatch.setattr(exact, "SWEEP", False)
+    assert AutoBackend().cost_of_a_draw() == 1.5
+    monkeypatch.setattr(exact, "SWEEP", True)
+    assert AutoBackend().cost_of_a_draw() == (2.5 if ExactBackend().uses_fused("cpu") else 1.5)
 
 
 def test_the_cost_model_options_are_checked():
