@@ -7,6 +7,10 @@ then the median step time over ``--repeat`` runs.
     python benchmarks/bench_exact.py --n-train 1000 --scales 3 7 11
     python benchmarks/bench_exact.py --n-train 0 --scales 3 7 --times 0.05 0.35   # full 60k
     python benchmarks/bench_exact.py --kernel torch fused --dedup off --prune off   # fused kernel vs torch ops
+    python benchmarks/bench_exact.py --resize 32 --machines bbELS --prune on --kernel blocks fused   # C sweep vs blocks
+
+``--kernel blocks`` is the fused kernel with the pruned pass visiting one cluster at a time (a matrix product
+per block, then the C fold) instead of the one-call C sweep over the cluster tree (``fused``, ``auto``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import time
 import torch
 
 from machines import ExactBackend, ScoreMachine, alpha_sigma2
+from machines.posterior import exact
 from patchbank import MemoryBank, load_dataset, to_model_range
 
 
@@ -36,7 +41,7 @@ def main() -> None:
     ap.add_argument("--leaf-size", type=int, default=2048)
     ap.add_argument("--chunk-size", type=int, default=ExactBackend.chunk_size)
     ap.add_argument("--query-chunk", type=int, default=ExactBackend.query_chunk)
-    ap.add_argument("--kernel", nargs="+", choices=["auto", "fused", "torch"], default=["auto"])
+    ap.add_argument("--kernel", nargs="+", choices=["auto", "fused", "torch", "blocks"], default=["auto"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
@@ -50,8 +55,10 @@ def main() -> None:
     choice = {"on": [True], "off": [False], "both": [False, True]}
     configs = [(d, p) for p in choice[args.prune] for d in choice[args.dedup] if not (p and not d)]  # pruning implies dedup
     for (dedup, prune), kernel in itertools.product(configs, args.kernel):
+        exact.SWEEP = kernel != "blocks"
         backend = ExactBackend(chunk_size=args.chunk_size, dtype=getattr(torch, args.dtype), prune=prune,
-                               leaf_size=args.leaf_size, kernel=kernel, query_chunk=args.query_chunk)
+                               leaf_size=args.leaf_size, kernel="fused" if kernel == "blocks" else kernel,
+                               query_chunk=args.query_chunk)
         for kind in args.machines:
             for P in args.scales:
                 bank = MemoryBank(data, dedup=dedup)
