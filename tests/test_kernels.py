@@ -404,6 +404,57 @@ def test_counting_order_is_the_stable_sort():
 
 
 @needs_kernel
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("C", [1, 3, 4])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_register_tile_blocks_match_brute_force_and_the_block_kernels(threads, C, dtype, tol):
+    """fold_keys and moments_keys (logits made in registers from prepared keys; 333 keys, padded to the tile width)
+    against a float64 softmax over every key and against fold / moments on the same logits block, over two blocks
+    (the running maximum rescales the first)."""
+    g = torch.Generator().manual_seed(threads + 10 * C)
+    R, M, D = 200, 333, 27  # 200 rows: 3 threads split them; 200 % 6 leaves a partial tile of queries
+    q = torch.randn(R, D, generator=g, dtype=torch.float64)
+    parts = [(torch.rand(M, D, generator=g, dtype=torch.float64) + shift, -3 * torch.rand(M, generator=g, dtype=torch.float64),
+              torch.rand(M, C, generator=g, dtype=torch.float64)) for shift in (0.0, 0.3)]
+    ell = torch.cat([q @ k.T + b for k, b, _ in parts], 1)
+    vals = torch.cat([v for _, _, v in parts])
+    want = torch.softmax(ell, 1) @ vals
+    m, acc = torch.full((R,), -1e300, dtype=torch.float64), torch.zeros(R, C + 1, dtype=torch.float64)
+    m2, s1, s2 = torch.full((R,), -1e300, dtype=torch.float64), torch.zeros(R, C + 1, dtype=torch.float64), torch.zeros(R, 2 * C + 1, dtype=torch.float64)
+    m3, t1, t2 = m2.clone(), s1.clone(), s2.clone()
+    qs = q.to(dtype).contiguous()
+    for keys, bias, values in parts:
+        block = kernels.prepare_keys(keys, bias, values, dtype)
+        assert block.bias.shape[0] % kernels.TILE_WIDTH == 0 and block.n == M
+        kernels.fold_keys(qs, block, m, acc, 60.0, threads=threads)
+        kernels.moments_keys(qs, block, m2, s1, s2, threads=threads)
+        kernels.moments((qs.double() @ keys.to(dtype).double().T + bias.to(dtype).double()).to(dtype).contiguous(),
+                        values.to(dtype).T.contiguous(), m3, t1, t2)
+    torch.testing.assert_close(acc[:, :C] / acc[:, C:], want, rtol=0, atol=tol)
+    torch.testing.assert_close(m, ell.amax(1), rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-12)
+    torch.testing.assert_close(m2, m3, rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-12)
+    rel = 1e-4 if dtype == torch.float32 else 1e-11
+    torch.testing.assert_close(s1, t1, rtol=rel, atol=rel)
+    torch.testing.assert_close(s2, t2, rtol=rel, atol=rel)
+
+
+@needs_kernel
+def test_register_tile_blocks_reject_bad_input():
+    keys = kernels.prepare_keys(torch.rand(5, 4, dtype=torch.float64), torch.zeros(5, dtype=torch.float64),
+                                torch.rand(5, 4, dtype=torch.float64), torch.float64)
+    q = torch.zeros(2, 4, dtype=torch.float64)
+    m, acc = torch.full((2,), -1e300, dtype=torch.float64), torch.zeros(2, 5, dtype=torch.float64)
+    with pytest.raises(TypeError, match="share a float32 or float64 dtype"):
+        kernels.fold_keys(q.float(), keys, m, acc, 60.0)
+    with pytest.raises(ValueError, match="laid out by prepare_keys for dimension 3"):
+        kernels.fold_keys(q[:, :3].contiguous(), keys, m, acc, 60.0)
+    with pytest.raises(ValueError, match=r"acc must be contiguous CPU torch.float64 \[2, 5\]"):
+        kernels.fold_keys(q, keys, m, acc[:, :4].contiguous(), 60.0)
+    with pytest.raises(ValueError, match=r"s2 must be contiguous CPU torch.float64 \[2, 9\]"):
+        kernels.moments_keys(q, keys, m, acc, torch.zeros(2, 8, dtype=torch.float64))
+
+
+@needs_kernel
 def test_peak_is_measured_in_a_plausible_range():
     """The float32 multiply-add peak benchmarks divide by: a CPU core does between 1 and 10,000 GFLOP/s."""
     assert 1.0 < kernels.peak_gflops(0.05) < 1e4

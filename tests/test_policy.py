@@ -287,7 +287,7 @@ def test_the_cost_model_draws_only_where_draws_pay(bank, mnist, P, t, draws):
 
 
 def test_a_draw_is_priced_against_the_exact_route_it_replaces(monkeypatch):
-    """By default a draw costs what was measured against the exact route: 2.5 pairs of the one-call C sweep, 1.5 of
+    """By default a draw costs what was measured against the exact route: 2.0 pairs of the register-tile kernels, 1.5 of
     the per-block product and fold (no sweep, or no fused kernel); a given ``draw_cost`` wins."""
     from machines.posterior import exact
 
@@ -296,7 +296,7 @@ def test_a_draw_is_priced_against_the_exact_route_it_replaces(monkeypatch):
     monkeypatch.setattr(exact, "SWEEP", False)
     assert AutoBackend().cost_of_a_draw() == 1.5
     monkeypatch.setattr(exact, "SWEEP", True)
-    assert AutoBackend().cost_of_a_draw() == (2.5 if ExactBackend().uses_fused("cpu") else 1.5)
+    assert AutoBackend().cost_of_a_draw() == (2.0 if ExactBackend().uses_fused("cpu") else 1.5)
 
 
 def test_the_cost_model_options_are_checked():

@@ -5,7 +5,7 @@
  *   block maximum; if it lies more than `skip` below m[r] the whole row is skipped (each of
  *   its weights is < e^-skip of the running maximum weight); else rescale the sums to the new
  *   maximum, w = e^(ℓ − m) with entries below −skip set to 0 without an exponential's worth of
- *   precision mattering, Σ w and Σ w·v.  The logits block is overwritten with the weights.
+ *   precision mattering, Σ w and Σ w·v.  The logits block may be overwritten with the weights.
  * The exponential is a Cody–Waite range reduction (x = n·ln2 + u, |u| ≤ ln2/2) and a Taylor
  * polynomial of e^u (degree 7 in float: error < 5e-9; degree 13 in double: error < 2e-16),
  * written so the compiler vectorises the row loop. Sums are kept in double across blocks.
@@ -43,51 +43,126 @@ static inline double exp_f64(double x)
     return p * scale;
 }
 
-#define FOLD(NAME, T, EXP)                                                                         \
-    int64_t NAME(int64_t R, int64_t M, int64_t V, T *logits, int64_t ld, const T *values_t,       \
-                 double *m, double *acc, double skip)                                              \
-    {                                                                                              \
-        int64_t skipped = 0;                                                                       \
-        for (int64_t r = 0; r < R; r++) {                                                          \
-            T *row = logits + r * ld;                                                              \
-            T top = row[0];                                                                        \
-            for (int64_t j = 1; j < M; j++) top = row[j] > top ? row[j] : top;                     \
-            double m_old = m[r], *sums = acc + r * (V + 1);                                        \
-            if ((double)top < m_old - skip) {                                                      \
-                skipped += M;                                                                      \
-                continue;                                                                          \
-            }                                                                                      \
-            if ((double)top > m_old) {                                                             \
-                double scale = m_old - (double)top < -skip ? 0.0 : exp(m_old - (double)top);       \
-                for (int64_t v = 0; v <= V; v++) sums[v] *= scale;                                 \
-                m[r] = (double)top;                                                                \
-            }                                                                                      \
-            const T shift = (T)m[r], floor = (T)(-skip);                                           \
-            T z = 0;                                                                               \
-            int64_t low = 0;                                                                       \
-            for (int64_t j = 0; j < M; j++) {                                                      \
-                T d = row[j] - shift;                                                              \
-                int below = d <= floor;                                                            \
-                T w = EXP(below ? floor : d);                                                      \
-                w = below ? (T)0 : w;                                                              \
-                low += below;                                                                      \
-                row[j] = w;                                                                        \
-                z += w;                                                                            \
-            }                                                                                      \
-            skipped += low;                                                                        \
-            sums[V] += z;                                                                          \
-            for (int64_t v = 0; v < V; v++) {                                                      \
-                const T *val = values_t + v * M;                                                   \
-                T s = 0;                                                                           \
-                for (int64_t j = 0; j < M; j++) s += row[j] * val[j];                              \
-                sums[v] += s;                                                                      \
-            }                                                                                      \
-        }                                                                                          \
-        return skipped;                                                                            \
+/* One row of logits row[0..width-1] (its maximum top given; vals: C rows of stride vld), folded into one
+ * query's running maximum m and sums: row_T as FOLD describes (the first n entries count, the rest are
+ * padding that weighs 0; may overwrite the row with the weights), mrow_T as MOMENTS describes. Shared by the
+ * block kernels and the register-tile kernels; not inlined, so the compiler vectorises their loops. */
+#define ROWS(T, EXP)                                                                                           \
+    static inline T weight_##T(T d, T floor) /* e^d, or 0 at or below floor */                                 \
+    {                                                                                                          \
+        const int below = d <= floor;                                                                          \
+        const T w = EXP(below ? floor : d);                                                                    \
+        return below ? (T)0 : w;                                                                               \
+    }                                                                                                          \
+    __attribute__((noinline)) static int64_t row_##T(int64_t n, int64_t width, int64_t vld, int64_t C, T top, T *row, const T *vals,  \
+                                                        double *m, double *sums, double skip)                  \
+    {                                                                                                          \
+        if ((double)top < *m - skip) return n;                                                                 \
+        if ((double)top > *m) {                                                                                \
+            double scale = *m - (double)top < -skip ? 0.0 : exp(*m - (double)top);                             \
+            for (int64_t v = 0; v <= C; v++) sums[v] *= scale;                                                 \
+            *m = (double)top;                                                                                  \
+        }                                                                                                      \
+        const T shift = (T)*m, floor = (T)(-skip);                                                             \
+        T z = 0;                                                                                               \
+        int64_t low = 0;                                                                                       \
+        if (C == 1) {                                                                                          \
+            T s = 0;                                                                                           \
+            for (int64_t j = 0; j < width; j++) {                                                              \
+                const T d = row[j] - shift, w = weight_##T(d, floor);                                          \
+                low += d <= floor;                                                                             \
+                z += w;                                                                                        \
+                s += w * vals[j];                                                                              \
+            }                                                                                                  \
+            sums[0] += s;                                                                                      \
+        } else {                                                                                               \
+            for (int64_t j = 0; j < width; j++) {                                                              \
+                const T d = row[j] - shift, w = weight_##T(d, floor);                                          \
+                low += d <= floor;                                                                             \
+                row[j] = w;                                                                                    \
+                z += w;                                                                                        \
+            }                                                                                                  \
+            for (int64_t v = 0; v < C; v++) {                                                                  \
+                const T *val = vals + v * vld;                                                                 \
+                T s = 0;                                                                                       \
+                for (int64_t j = 0; j < width; j++) s += row[j] * val[j];                                      \
+                sums[v] += s;                                                                                  \
+            }                                                                                                  \
+        }                                                                                                      \
+        sums[C] += z;                                                                                          \
+        return low - (width - n);                                                                              \
+    }                                                                                                          \
+    /* The draws' moments of one row into a1, a2 (see MOMENTS); entries below floor (padding) weigh 0. */                 \
+    __attribute__((noinline)) static void mrow_##T(int64_t width, int64_t vld, int64_t C, T top, T *row, const T *vals,  \
+                                                      double *m, double *a1, double *a2, T floor)              \
+    {                                                                                                          \
+        if ((double)top > *m) {                                                                                \
+            double d = *m - (double)top;                                                                       \
+            double scale = d < -700.0 ? 0.0 : exp(d);                                                          \
+            for (int64_t c = 0; c <= C; c++) a1[c] *= scale;                                                   \
+            for (int64_t c = 0; c <= 2 * C; c++) a2[c] *= scale * scale;                                       \
+            *m = (double)top;                                                                                  \
+        }                                                                                                      \
+        const T shift = (T)*m;                                                                                 \
+        T z = 0, z2 = 0;                                                                                       \
+        if (C == 1) {                                                                                          \
+            T wv = 0, w2v = 0, w2vv = 0;                                                                       \
+            for (int64_t j = 0; j < width; j++) {                                                              \
+                const T w = weight_##T(row[j] - shift, floor);                                                 \
+                z += w;                                                                                        \
+                z2 += w * w;                                                                                   \
+                T x = w * vals[j];                                                                             \
+                wv += x;                                                                                       \
+                w2v += x * w;                                                                                  \
+                w2vv += x * x;                                                                                 \
+            }                                                                                                  \
+            a1[0] += wv;                                                                                       \
+            a2[0] += w2v;                                                                                      \
+            a2[1] += w2vv;                                                                                     \
+        } else {                                                                                               \
+            for (int64_t j = 0; j < width; j++) {                                                              \
+                const T w = weight_##T(row[j] - shift, floor);                                                 \
+                row[j] = w;                                                                                    \
+                z += w;                                                                                        \
+                z2 += w * w;                                                                                   \
+            }                                                                                                  \
+            for (int64_t c = 0; c < C; c++) {                                                                  \
+                const T *val = vals + c * vld;                                                                 \
+                T wv = 0, w2v = 0, w2vv = 0;                                                                   \
+                for (int64_t j = 0; j < width; j++) {                                                          \
+                    T x = row[j] * val[j];                                                                     \
+                    wv += x;                                                                                   \
+                    w2v += x * row[j];                                                                         \
+                    w2vv += x * x;                                                                             \
+                }                                                                                              \
+                a1[c] += wv;                                                                                   \
+                a2[c] += w2v;                                                                                  \
+                a2[C + c] += w2vv;                                                                             \
+            }                                                                                                  \
+        }                                                                                                      \
+        a1[C] += z;                                                                                            \
+        a2[2 * C] += z2;                                                                                       \
     }
 
-FOLD(fold_f32, float, exp_f32)
-FOLD(fold_f64, double, exp_f64)
+ROWS(float, exp_f32)
+ROWS(double, exp_f64)
+
+#define FOLD(NAME, T)                                                                                          \
+    int64_t NAME(int64_t R, int64_t M, int64_t V, T *logits, int64_t ld, const T *values_t,                    \
+                 double *m, double *acc, double skip)                                                          \
+    {                                                                                                          \
+        int64_t skipped = 0;                                                                                   \
+        for (int64_t r = 0; r < R; r++) {                                                                      \
+            T *row = logits + r * ld;                                                                          \
+            T top = row[0];                                                                                    \
+            for (int64_t j = 1; j < M; j++) top = row[j] > top ? row[j] : top;                                 \
+            skipped += row_##T(M, M, M, V, top, row, values_t, m + r, acc + r * (V + 1), skip);                \
+        }                                                                                                      \
+        return skipped;                                                                                        \
+    }
+
+FOLD(fold_f32, float)
+FOLD(fold_f64, double)
 
 /* Importance-draw moments (the automatic policy's shared draws, machines/policy.py).
  *
@@ -96,55 +171,22 @@ FOLD(fold_f64, double, exp_f64)
  * w = e^(ℓ − m[r]): raise the maximum to the block's (rescaling s1 by e^(m_old − m) and s2 by its
  * square), then add the block's terms, all in one pass over the row for the weights and one per
  * channel for the values (values_t [C, M]). Weights below e^floor (floor = −80 in float, −700 in
- * double: no exponent underflow) are 0. The logits block is overwritten with the weights.
+ * double: no exponent underflow) are 0. The logits block may be overwritten with the weights.
  */
-#define MOMENTS(NAME, T, EXP, FLOOR)                                                               \
-    void NAME(int64_t R, int64_t M, int64_t C, T *logits, int64_t ld, const T *values_t,          \
-              double *m, double *s1, double *s2)                                                   \
-    {                                                                                              \
-        for (int64_t r = 0; r < R; r++) {                                                          \
-            T *row = logits + r * ld;                                                              \
-            double *a1 = s1 + r * (C + 1), *a2 = s2 + r * (2 * C + 1);                             \
-            T top = row[0];                                                                        \
-            for (int64_t j = 1; j < M; j++) top = row[j] > top ? row[j] : top;                     \
-            if ((double)top > m[r]) {                                                              \
-                double d = m[r] - (double)top;                                                     \
-                double scale = d < -700.0 ? 0.0 : exp(d);                                          \
-                for (int64_t c = 0; c <= C; c++) a1[c] *= scale;                                   \
-                for (int64_t c = 0; c <= 2 * C; c++) a2[c] *= scale * scale;                       \
-                m[r] = (double)top;                                                                \
-            }                                                                                      \
-            const T shift = (T)m[r], floor = (T)(FLOOR);                                           \
-            T z = 0, z2 = 0;                                                                       \
-            for (int64_t j = 0; j < M; j++) {                                                      \
-                T d = row[j] - shift;                                                              \
-                int below = d <= floor;                                                            \
-                T w = EXP(below ? floor : d);                                                      \
-                w = below ? (T)0 : w;                                                              \
-                row[j] = w;                                                                        \
-                z += w;                                                                            \
-                z2 += w * w;                                                                       \
-            }                                                                                      \
-            a1[C] += z;                                                                            \
-            a2[2 * C] += z2;                                                                       \
-            for (int64_t c = 0; c < C; c++) {                                                      \
-                const T *val = values_t + c * M;                                                   \
-                T wv = 0, w2v = 0, w2vv = 0;                                                       \
-                for (int64_t j = 0; j < M; j++) {                                                  \
-                    T x = row[j] * val[j];                                                         \
-                    wv += x;                                                                       \
-                    w2v += x * row[j];                                                             \
-                    w2vv += x * x;                                                                 \
-                }                                                                                  \
-                a1[c] += wv;                                                                       \
-                a2[c] += w2v;                                                                      \
-                a2[C + c] += w2vv;                                                                 \
-            }                                                                                      \
-        }                                                                                          \
+#define MOMENTS(NAME, T, FLOOR)                                                                                \
+    void NAME(int64_t R, int64_t M, int64_t C, T *logits, int64_t ld, const T *values_t,                       \
+              double *m, double *s1, double *s2)                                                               \
+    {                                                                                                          \
+        for (int64_t r = 0; r < R; r++) {                                                                      \
+            T *row = logits + r * ld;                                                                          \
+            T top = row[0];                                                                                    \
+            for (int64_t j = 1; j < M; j++) top = row[j] > top ? row[j] : top;                                 \
+            mrow_##T(M, M, C, top, row, values_t, m + r, s1 + r * (C + 1), s2 + r * (2 * C + 1), FLOOR);       \
+        }                                                                                                      \
     }
 
-MOMENTS(moments_f32, float, exp_f32, -80.0f)
-MOMENTS(moments_f64, double, exp_f64, -700.0)
+MOMENTS(moments_f32, float, -80.0f)
+MOMENTS(moments_f64, double, -700.0)
 
 /* Provenance scan (pipelines/retrieval.py's cluster scan), one query: fold a row of each copy's own log
  * weights row[0..M-1] (entry j stands for log_c[j] identical copies, distinct patch ids[j]) into the
@@ -295,130 +337,149 @@ int64_t scan_tree(int64_t R, int64_t D, int64_t NC, const double *qs, const int1
  * *skipped the pairs whose exponential was skipped. */
 #define SWEEP_TILE 6
 #define SWEEP_NV 4
-#define SWEEP(NAME, T, EXP, VL)                                                                            \
-    typedef T NAME##_vec __attribute__((vector_size(VL * sizeof(T))));                                     \
-    __attribute__((noinline)) static int64_t NAME##_row(int64_t n, int64_t width, int64_t C, T top, T *row, const T *vals, \
-                                                        double *m, double *sums, double skip)                       \
-    {                                                                                                      \
-        if ((double)top < *m - skip) return n;                                                             \
-        if ((double)top > *m) {                                                                            \
-            double scale = *m - (double)top < -skip ? 0.0 : exp(*m - (double)top);                        \
-            for (int64_t v = 0; v <= C; v++) sums[v] *= scale;                                             \
-            *m = (double)top;                                                                              \
-        }                                                                                                  \
-        const T shift = (T)*m, floor = (T)(-skip);                                                         \
-        T z = 0;                                                                                           \
-        int64_t low = 0;                                                                                   \
-        if (C == 1) {                                                                                      \
-            T s = 0;                                                                                       \
-            for (int64_t j = 0; j < width; j++) {                                                          \
-                T d = row[j] - shift;                                                                      \
-                int below = d <= floor;                                                                    \
-                T w = EXP(below ? floor : d);                                                              \
-                w = below ? (T)0 : w;                                                                      \
-                low += below;                                                                              \
-                z += w;                                                                                    \
-                s += w * vals[j];                                                                          \
-            }                                                                                              \
-            sums[0] += s;                                                                                  \
-        } else {                                                                                           \
-            for (int64_t j = 0; j < width; j++) {                                                          \
-                T d = row[j] - shift;                                                                      \
-                int below = d <= floor;                                                                    \
-                T w = EXP(below ? floor : d);                                                              \
-                w = below ? (T)0 : w;                                                                      \
-                low += below;                                                                              \
-                row[j] = w;                                                                                \
-                z += w;                                                                                    \
-            }                                                                                              \
-            for (int64_t v = 0; v < C; v++) {                                                              \
-                const T *val = vals + v * width;                                                           \
-                T s = 0;                                                                                   \
-                for (int64_t j = 0; j < width; j++) s += row[j] * val[j];                                  \
-                sums[v] += s;                                                                              \
-            }                                                                                              \
-        }                                                                                                  \
-        sums[C] += z;                                                                                      \
-        return low - (width - n);                                                                          \
-    }                                                                                                      \
-    int64_t NAME(int64_t R, int64_t D, int64_t NC, const T *qs, const int16_t *patches, const double *sq_norms, \
-                 double coef, const double *log_c, const int64_t *centre, int64_t C, const int64_t *offsets,    \
-                 const double *upper, int64_t ldu, const int64_t *first, double threshold, double *m,            \
+#ifndef SWEEP_CACHE
+#define SWEEP_CACHE (256 * 1024)
+#endif
+#define SWEEP(NAME, T, EXP, VL)                                                                                \
+    typedef T NAME##_vec __attribute__((vector_size(VL * sizeof(T))));                                         \
+    /* Keys per sub-block: a multiple of the tile width whose D rows fit in SWEEP_CACHE bytes (kept in L2 while  \
+     * every query tile passes over them), at most width. */                                                   \
+    static int64_t NAME##_sub(int64_t D, int64_t width)                                                        \
+    {                                                                                                          \
+        const int64_t step = SWEEP_NV * VL;                                                                    \
+        int64_t sub = SWEEP_CACHE / ((int64_t)sizeof(T) * (D > 0 ? D : 1)) / step * step;                      \
+        sub = sub < step ? step : sub;                                                                         \
+        return sub < width ? sub : width;                                                                      \
+    }                                                                                                          \
+    /* Logits of SWEEP_TILE queries qt[i] [D] against width keys (keys [D, ld], bias [width]) into ell         \
+     * [SWEEP_TILE, width], each row's maximum into top[i]. */                                                 \
+    static void NAME##_tile(int64_t D, int64_t ld, int64_t width, const T *const *qt, const T *keys, const T *bias, T *ell,  \
+                            T *top)                                                                            \
+    {                                                                                                          \
+        NAME##_vec hs[SWEEP_TILE];                                                                             \
+        for (int64_t i = 0; i < SWEEP_TILE; i++)                                                               \
+            for (int64_t l = 0; l < VL; l++) hs[i][l] = (T)-1e30;                                              \
+        for (int64_t j0 = 0; j0 < width; j0 += SWEEP_NV * VL) {                                                \
+            NAME##_vec acc_[SWEEP_TILE][SWEEP_NV], k_[SWEEP_NV];                                               \
+            _Pragma("GCC unroll 8") for (int64_t u = 0; u < SWEEP_NV; u++) {                                   \
+                memcpy(&k_[u], bias + j0 + u * VL, sizeof k_[u]);                                              \
+                _Pragma("GCC unroll 8") for (int64_t i = 0; i < SWEEP_TILE; i++) acc_[i][u] = k_[u];           \
+            }                                                                                                  \
+            for (int64_t d = 0; d < D; d++) {                                                                  \
+                _Pragma("GCC unroll 8") for (int64_t u = 0; u < SWEEP_NV; u++)                                 \
+                    memcpy(&k_[u], keys + d * ld + j0 + u * VL, sizeof k_[u]);                                 \
+                _Pragma("GCC unroll 8") for (int64_t i = 0; i < SWEEP_TILE; i++) {                             \
+                    const T qd = qt[i][d];                                                                     \
+                    _Pragma("GCC unroll 8") for (int64_t u = 0; u < SWEEP_NV; u++) acc_[i][u] += qd * k_[u];   \
+                }                                                                                              \
+            }                                                                                                  \
+            _Pragma("GCC unroll 8") for (int64_t i = 0; i < SWEEP_TILE; i++)                                   \
+                _Pragma("GCC unroll 8") for (int64_t u = 0; u < SWEEP_NV; u++) {                               \
+                    for (int64_t l = 0; l < VL; l++) hs[i][l] = acc_[i][u][l] > hs[i][l] ? acc_[i][u][l] : hs[i][l];  \
+                    memcpy(ell + i * width + j0 + u * VL, &acc_[i][u], sizeof acc_[i][u]);                     \
+                }                                                                                              \
+        }                                                                                                      \
+        for (int64_t i = 0; i < SWEEP_TILE; i++) {                                                             \
+            top[i] = hs[i][0];                                                                                 \
+            for (int64_t l = 1; l < VL; l++) top[i] = hs[i][l] > top[i] ? hs[i][l] : top[i];                   \
+        }                                                                                                      \
+    }                                                                                                          \
+    /* A block of n keys (row-major keys [n, D], bias [width] with −1e30 on padding, vals [C, width]; width a  \
+     * multiple of SWEEP_NV·VL) against R queries qs [R, D]: each sub-block of keys is transposed into a buffer of  \
+     * this call's own, then mode 0 folds each row into m, sums [R, C+1] as fold does (returns the pairs whose  \
+     * exponential was skipped); mode 1 folds the draws' moments into m, sums [R, C+1] and sums2 [R, 2C+1] as  \
+     * moments does. */                                                                                       \
+    int64_t NAME##_block(int64_t R, int64_t D, int64_t n, int64_t width, int64_t C, const T *qs, const T *keys,  \
+                         const T *bias, const T *vals, double *m, double *sums, double *sums2, double skip, int mode)  \
+    {                                                                                                          \
+        const int64_t sub = NAME##_sub(D, width);                                                              \
+        T *keys_t = aligned_alloc(64, sizeof(T) * (size_t)(sub * (D + SWEEP_TILE)));                           \
+        if (!keys_t) return -1;                                                                                \
+        T *ell = keys_t + sub * D;                                                                             \
+        int64_t low = 0;                                                                                       \
+        for (int64_t b0 = 0; b0 < width && b0 < n; b0 += sub) {                                                \
+            const int64_t len = width - b0 < sub ? width - b0 : sub, valid = n - b0 < len ? n - b0 : len;      \
+            for (int64_t j = 0; j < len; j++)                                                                  \
+                for (int64_t d = 0; d < D; d++) keys_t[d * len + j] = j < valid ? keys[(b0 + j) * D + d] : (T)0;  \
+            for (int64_t g = 0; g < R; g += SWEEP_TILE) {                                                      \
+                const int64_t nt = R - g < SWEEP_TILE ? R - g : SWEEP_TILE;                                    \
+                const T *qt[SWEEP_TILE];                                                                       \
+                T top[SWEEP_TILE];                                                                             \
+                for (int64_t i = 0; i < SWEEP_TILE; i++) qt[i] = qs + (g + (i < nt ? i : nt - 1)) * D;         \
+                NAME##_tile(D, len, len, qt, keys_t, bias + b0, ell, top);                                     \
+                for (int64_t i = 0; i < nt; i++) {                                                             \
+                    const int64_t r = g + i;                                                                   \
+                    if (mode == 0)                                                                             \
+                        low += row_##T(valid, len, width, C, top[i], ell + i * len, vals + b0, m + r,       \
+                                          sums + r * (C + 1), skip);                                           \
+                    else                                                                                       \
+                        mrow_##T(len, width, C, top[i], ell + i * len, vals + b0, m + r, sums + r * (C + 1),  \
+                                    sums2 + r * (2 * C + 1), (T)(-skip));                                      \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+        free(keys_t);                                                                                          \
+        return low;                                                                                            \
+    }                                                                                                          \
+    int64_t NAME(int64_t R, int64_t D, int64_t NC, const T *qs, const int16_t *patches, const double *sq_norms,  \
+                 double coef, const double *log_c, const int64_t *centre, int64_t C, const int64_t *offsets,   \
+                 const double *upper, int64_t ldu, const int64_t *first, double threshold, double *m,          \
                  double *acc, double skip, int64_t *skipped)                                                   \
-    {                                                                                                      \
-        int64_t leaf = 0;                                                                                  \
-        for (int64_t c = 0; c < NC; c++) {                                                                 \
-            int64_t n = offsets[c + 1] - offsets[c];                                                       \
-            leaf = n > leaf ? n : leaf;                                                                    \
-        }                                                                                                  \
-        const int64_t step = SWEEP_NV * VL, width = (leaf + step - 1) / step * step;                              \
-        T *keys = aligned_alloc(64, sizeof(T) * (size_t)(width * (D + 1 + C + SWEEP_TILE)));               \
-        int64_t *open = malloc(sizeof(int64_t) * (size_t)(R > 0 ? R : 1));                                 \
-        if (!keys || !open) {                                                                              \
-            free(keys);                                                                                    \
-            free(open);                                                                                    \
-            return -1;                                                                                     \
-        }                                                                                                  \
-        T *bias = keys + width * D, *vals = bias + width, *ell = vals + width * C;                         \
-        int64_t pairs = 0, low = 0;                                                                        \
-        for (int pass = 0; pass < 2; pass++) {                                                             \
-            for (int64_t c = 0; c < NC; c++) {                                                             \
-                int64_t n_open = 0;                                                                        \
-                const double *bound = upper + c * ldu;                                                     \
-                for (int64_t r = 0; r < R; r++)                                                            \
-                    if (pass == 0 ? first[r] == c : first[r] != c && bound[r] >= m[r] - threshold)         \
-                        open[n_open++] = r;                                                                \
-                if (!n_open) continue;                                                                     \
-                const int64_t s = offsets[c], n = offsets[c + 1] - s;                                      \
-                for (int64_t j = 0; j < width; j++) {                                                      \
-                    const int in = j < n;                                                                  \
+    {                                                                                                          \
+        int64_t leaf = 0;                                                                                      \
+        for (int64_t c = 0; c < NC; c++) {                                                                     \
+            int64_t n = offsets[c + 1] - offsets[c];                                                           \
+            leaf = n > leaf ? n : leaf;                                                                        \
+        }                                                                                                      \
+        const int64_t step = SWEEP_NV * VL, width = (leaf + step - 1) / step * step, sub = NAME##_sub(D, width);  \
+        T *keys = aligned_alloc(64, sizeof(T) * (size_t)(width * (D + 1 + C) + sub * SWEEP_TILE));             \
+        int64_t *open = malloc(sizeof(int64_t) * (size_t)(R > 0 ? R : 1));                                     \
+        if (!keys || !open) {                                                                                  \
+            free(keys);                                                                                        \
+            free(open);                                                                                        \
+            return -1;                                                                                         \
+        }                                                                                                      \
+        T *bias = keys + width * D, *vals = bias + width, *ell = vals + width * C;                             \
+        int64_t pairs = 0, low = 0;                                                                            \
+        for (int pass = 0; pass < 2; pass++) {                                                                 \
+            for (int64_t c = 0; c < NC; c++) {                                                                 \
+                int64_t n_open = 0;                                                                            \
+                const double *bound = upper + c * ldu;                                                         \
+                for (int64_t r = 0; r < R; r++)                                                                \
+                    if (pass == 0 ? first[r] == c : first[r] != c && bound[r] >= m[r] - threshold)             \
+                        open[n_open++] = r;                                                                    \
+                if (!n_open) continue;                                                                         \
+                const int64_t s = offsets[c], n = offsets[c + 1] - s;                                          \
+                for (int64_t j = 0; j < width; j++) {                                                          \
+                    const int in = j < n;                                                                      \
                     bias[j] = in ? (T)(coef * sq_norms[s + j] + log_c[s + j]) : (T)-1e30;                      \
-                    for (int64_t d = 0; d < D; d++)                                                        \
-                        keys[d * width + j] = in ? (T)patches[(s + j) * D + d] : (T)0;                     \
-                    for (int64_t v = 0; v < C; v++)                                                        \
-                        vals[v * width + j] = in ? (T)patches[(s + j) * D + centre[v]] / (T)255 : (T)0;    \
-                }                                                                                          \
-                pairs += n_open * n;                                                                       \
-                for (int64_t g = 0; g < n_open; g += SWEEP_TILE) {                                         \
-                    const int64_t nt = n_open - g < SWEEP_TILE ? n_open - g : SWEEP_TILE;                  \
-                    const T *qt[SWEEP_TILE];                                                               \
-                    for (int64_t i = 0; i < SWEEP_TILE; i++) qt[i] = qs + open[g + (i < nt ? i : nt - 1)] * D; \
-                    NAME##_vec hs[SWEEP_TILE];                                                             \
-                    for (int64_t i = 0; i < SWEEP_TILE; i++)                                               \
-                        for (int64_t l = 0; l < VL; l++) hs[i][l] = (T)-1e30;                              \
-                    for (int64_t j0 = 0; j0 < width; j0 += step) {                                         \
-                        NAME##_vec acc_[SWEEP_TILE][SWEEP_NV], k_[SWEEP_NV];                               \
-                        _Pragma("GCC unroll 8") for (int64_t u = 0; u < SWEEP_NV; u++) {                   \
-                            memcpy(&k_[u], bias + j0 + u * VL, sizeof k_[u]);                              \
-                            _Pragma("GCC unroll 8") for (int64_t i = 0; i < SWEEP_TILE; i++) acc_[i][u] = k_[u]; \
-                        }                                                                                  \
-                        for (int64_t d = 0; d < D; d++) {                                                  \
-                            _Pragma("GCC unroll 8") for (int64_t u = 0; u < SWEEP_NV; u++)                 \
-                                memcpy(&k_[u], keys + d * width + j0 + u * VL, sizeof k_[u]);              \
-                            _Pragma("GCC unroll 8") for (int64_t i = 0; i < SWEEP_TILE; i++) {             \
-                                const T qd = qt[i][d];                                                     \
-                                _Pragma("GCC unroll 8") for (int64_t u = 0; u < SWEEP_NV; u++) acc_[i][u] += qd * k_[u]; \
-                            }                                                                              \
-                        }                                                                                  \
-                        _Pragma("GCC unroll 8") for (int64_t i = 0; i < SWEEP_TILE; i++)                   \
-                            _Pragma("GCC unroll 8") for (int64_t u = 0; u < SWEEP_NV; u++) {               \
-                                for (int64_t l = 0; l < VL; l++) hs[i][l] = acc_[i][u][l] > hs[i][l] ? acc_[i][u][l] : hs[i][l]; \
-                                memcpy(ell + i * width + j0 + u * VL, &acc_[i][u], sizeof acc_[i][u]);     \
-                            }                                                                              \
-                    }                                                                                      \
-                    for (int64_t i = 0; i < nt; i++) {                                                     \
-                        const int64_t r = open[g + i];                                                     \
-                        T top = hs[i][0];                                                                  \
-                        for (int64_t l = 1; l < VL; l++) top = hs[i][l] > top ? hs[i][l] : top;            \
-                        low += NAME##_row(n, width, C, top, ell + i * width, vals, m + r, acc + r * (C + 1), skip); \
-                    }                                                                                      \
-                }                                                                                          \
-            }                                                                                              \
-        }                                                                                                  \
-        free(keys);                                                                                        \
-        free(open);                                                                                        \
-        *skipped += low;                                                                                   \
-        return pairs;                                                                                      \
+                    for (int64_t d = 0; d < D; d++)                                                            \
+                        keys[d * width + j] = in ? (T)patches[(s + j) * D + d] : (T)0;                         \
+                    for (int64_t v = 0; v < C; v++)                                                            \
+                        vals[v * width + j] = in ? (T)patches[(s + j) * D + centre[v]] / (T)255 : (T)0;        \
+                }                                                                                              \
+                pairs += n_open * n;                                                                           \
+                for (int64_t b0 = 0; b0 < n; b0 += sub) {                                                      \
+                    const int64_t len = width - b0 < sub ? width - b0 : sub, valid = n - b0 < len ? n - b0 : len;  \
+                    for (int64_t g = 0; g < n_open; g += SWEEP_TILE) {                                         \
+                        const int64_t nt = n_open - g < SWEEP_TILE ? n_open - g : SWEEP_TILE;                  \
+                        const T *qt[SWEEP_TILE];                                                               \
+                        T top[SWEEP_TILE];                                                                     \
+                        for (int64_t i = 0; i < SWEEP_TILE; i++) qt[i] = qs + open[g + (i < nt ? i : nt - 1)] * D;  \
+                        NAME##_tile(D, width, len, qt, keys + b0, bias + b0, ell, top);                        \
+                        for (int64_t i = 0; i < nt; i++) {                                                     \
+                            const int64_t r = open[g + i];                                                     \
+                            low += row_##T(valid, len, width, C, top[i], ell + i * len, vals + b0, m + r,   \
+                                              acc + r * (C + 1), skip);                                        \
+                        }                                                                                      \
+                    }                                                                                          \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+        free(keys);                                                                                            \
+        free(open);                                                                                            \
+        *skipped += low;                                                                                       \
+        return pairs;                                                                                          \
     }
 
 SWEEP(sweep_f32, float, exp_f32, 16)
@@ -552,3 +613,57 @@ float peak_f32(int64_t n)
     for (int i = 0; i < 12; i++) z += acc[i][0];
     return z;
 }
+
+/* Threads for the register-tile kernels: each of `threads` threads takes a contiguous range of the queries
+ * (rows) and runs the serial kernel on it with buffers of its own. The threads are OpenMP's: loaded into a
+ * process where torch has loaded its libgomp.so.1, this library uses that same runtime and thread pool, whose
+ * workers are then already awake after torch's own parallel operations, where threads of another pool would
+ * compete with them for the cores. Compiled without OpenMP, the ranges run one after another (the caller splits
+ * the rows over threads itself; see kernels_openmp). */
+int kernels_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#define PARALLEL(NAME, T)                                                                                  \
+    int64_t NAME##_par(int threads, int64_t R, int64_t D, int64_t n, int64_t width, int64_t C, const T *qs,    \
+                       const T *keys, const T *bias, const T *vals, double *m, double *sums, double *sums2,   \
+                       double skip, int mode)                                                              \
+    {                                                                                                      \
+        int64_t total = 0, failed = 0;                                                                     \
+        _Pragma("omp parallel for num_threads(threads) schedule(static, 1) reduction(+ : total, failed)")   \
+        for (int t = 0; t < threads; t++) {                                                                \
+            const int64_t s = R * t / threads, e = R * (t + 1) / threads;                                  \
+            const int64_t done = NAME##_block(e - s, D, n, width, C, qs + s * D, keys, bias, vals, m + s,  \
+                                              sums + s * (C + 1), sums2 ? sums2 + s * (2 * C + 1) : sums2, skip, mode); \
+            failed += done < 0;                                                                            \
+            total += done < 0 ? 0 : done;                                                                  \
+        }                                                                                                  \
+        return failed ? -1 : total;                                                                        \
+    }                                                                                                      \
+    int64_t NAME##_tree(int threads, int64_t R, int64_t D, int64_t NC, const T *qs, const int16_t *patches,   \
+                        const double *sq_norms, double coef, const double *log_c, const int64_t *centre, int64_t C, \
+                        const int64_t *offsets, const double *upper, const int64_t *first, double threshold,     \
+                        double *m, double *acc, double skip, int64_t *skipped)                             \
+    {                                                                                                      \
+        int64_t total = 0, failed = 0, low = 0;                                                            \
+        _Pragma("omp parallel for num_threads(threads) schedule(static, 1) reduction(+ : total, failed, low)") \
+        for (int t = 0; t < threads; t++) {                                                                \
+            const int64_t s = R * t / threads, e = R * (t + 1) / threads;                                  \
+            int64_t mine = 0;                                                                              \
+            const int64_t done = NAME(e - s, D, NC, qs + s * D, patches, sq_norms, coef, log_c, centre, C,  \
+                                      offsets, upper + s, R, first + s, threshold, m + s, acc + s * (C + 1), skip, &mine); \
+            failed += done < 0;                                                                            \
+            total += done < 0 ? 0 : done;                                                                  \
+            low += mine;                                                                                   \
+        }                                                                                                  \
+        *skipped += low;                                                                                   \
+        return failed ? -1 : total;                                                                        \
+    }
+
+PARALLEL(sweep_f32, float)
+PARALLEL(sweep_f64, double)

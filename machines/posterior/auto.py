@@ -17,8 +17,8 @@ For one bucket call (all query pixels that share a dictionary) the policy
    still fail, one round for one that would leave early). The draws
    are kept only when ``draw_cost · d < f · N`` — what they save (the exact sums of the pixels they
    answer) exceeds what they cost (``draw_cost``: one draw's cost in exact (query, entry) pairs;
-   gathering a patch and keeping two sums per draw make it above 1: measured 1.8–3.4, median 2.5,
-   against the exact backend's one-call C sweep, and about 1.5 against its per-block product and fold).
+   gathering a patch and keeping two sums per draw make it above 1: measured 1.6–2.3, median 1.9,
+   against the exact backend's register-tile kernels, and about 1.5 against its per-block product and fold).
    Otherwise every query of the
    bucket at this level goes to the exact route (step 4) without drawing. The plan is kept per
    (bucket, noise level) and depends on neither the queries nor the batch, so answers stay
@@ -149,8 +149,8 @@ class AutoBackend(BackendBase):
     ``kernel``: ``"auto"`` folds the draws' moments with the fused C kernel where it is available
     (CPU), ``"fused"`` requires it, ``"torch"`` uses torch operations. ``probe``: probe queries per
     (bucket, noise level) for the route plan (0: always draw first); ``draw_cost``: one draw's cost in
-    exact (query, entry) pairs, for the plan (see the module docstring; None: 2.5 where the exact backend
-    sweeps clusters in C on the CPU, 1.5 where it folds blocks; a constant, so plans and answers never depend on
+    exact (query, entry) pairs, for the plan (see the module docstring; None: 2.0 where the exact backend
+    makes its logits in registers on the CPU, 1.5 where it folds blocks; a constant, so plans and answers never depend on
     timings).
     """
 
@@ -255,10 +255,10 @@ class AutoBackend(BackendBase):
 
     def cost_of_a_draw(self) -> float:
         """One draw's cost in exact (query, entry) pairs for the plan: ``draw_cost``, or by default what was measured
-        against the exact route this backend falls back to (2.5 against the one-call C sweep, 1.5 against blocks)."""
+        against the exact route this backend falls back to (2.0 against the register-tile kernels, 1.5 against blocks)."""
         if self.draw_cost is not None:
             return self.draw_cost
-        return 2.5 if exact_module.SWEEP and self.exact.uses_fused("cpu") else 1.5
+        return 2.0 if exact_module.SWEEP and self.exact.uses_fused("cpu") else 1.5
 
     def sampled(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float,
                 limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -314,8 +314,9 @@ class AutoBackend(BackendBase):
 class _Sums:
     """Running sums over draws per query, relative to a running maximum logit ``m [Q]`` (float64,
     ``-1e300`` before the first draw): ``s1 [Q, C+1]`` = Σ w·(v, 1) and ``s2 [Q, 2C+1]`` = Σ w²·(v, v², 1).
-    ``fused``: fold each block with :func:`machines.posterior.kernels.moments` (one C pass) instead of torch
-    operations (maximum, exponential, two products)."""
+    ``fused``: fold each block in C instead of torch operations (maximum, exponential, two products):
+    :func:`machines.posterior.kernels.moments_keys`, logits made in registers, or with ``exact.SWEEP`` off a matrix
+    product then :func:`~machines.posterior.kernels.moments`."""
 
     m: torch.Tensor
     s1: torch.Tensor
@@ -332,15 +333,16 @@ class _Sums:
         """Add draws ``keys [M, D]`` with centre values ``values [M, C]`` to the sums of queries ``q [R, D]``
         (rows ``rows`` of the state); the logits are taken in the keys' dtype."""
         # ℓ = −‖q − a·p‖²/(2s²) up to a per-query constant (−‖q‖²/2s², which cancels).
-        block = logits(q.to(keys.dtype), keys, entry_bias(keys.pow(2).sum(1), None, a, s2, keys.dtype), a, s2)  # [R, M]
+        bias = entry_bias(keys.pow(2).sum(1), None, a, s2, keys.dtype)
+        if self.fused and exact_module.SWEEP and q.shape[0] >= kernels.MIN_TILE_ROWS:  # logits in registers
+            block = kernels.prepare_keys(keys, bias, values, keys.dtype)
+            qs = (q.to(keys.dtype) * (a / s2)).contiguous()
+            self._in_place(rows, lambda m, t1, t2: kernels.moments_keys(qs, block, m, t1, t2))
+            return
+        block = logits(q.to(keys.dtype), keys, bias, a, s2)  # [R, M]
         if self.fused:
             values_t = values.to(keys.dtype).T.contiguous()
-            if rows.numel() == self.m.shape[0]:  # every query: the state itself, in place
-                kernels.moments(block, values_t, self.m, self.s1, self.s2)
-                return
-            m, t1, t2 = self.m[rows], self.s1[rows], self.s2[rows]
-            kernels.moments(block, values_t, m, t1, t2)
-            self.m[rows], self.s1[rows], self.s2[rows] = m, t1, t2
+            self._in_place(rows, lambda m, t1, t2: kernels.moments(block, values_t, m, t1, t2))
             return
         values = values.to(torch.float64)
         block = block.to(torch.float64)
@@ -353,6 +355,16 @@ class _Sums:
         self.s1[rows] = self.s1[rows] * scale[:, None] + w @ v1
         self.s2[rows] = self.s2[rows] * (scale * scale)[:, None] + (w * w) @ v2
         self.m[rows] = m_new
+
+    def _in_place(self, rows: torch.Tensor, fold) -> None:
+        """``fold(m, s1, s2)`` on the state's ``rows``: the state itself when they are every query, else gathered
+        copies written back."""
+        if rows.numel() == self.m.shape[0]:
+            fold(self.m, self.s1, self.s2)
+            return
+        m, t1, t2 = self.m[rows], self.s1[rows], self.s2[rows]
+        fold(m, t1, t2)
+        self.m[rows], self.s1[rows], self.s2[rows] = m, t1, t2
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Means ``[Q, C]``, standard errors ``[Q]`` and effective sample sizes ``[Q]``."""

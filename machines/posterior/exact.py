@@ -22,7 +22,8 @@ exponentials when its maximum lies more than ``ln(1e10/prune_tol)`` below the ru
 result by < ``prune_tol``). Sums are kept in float64 whatever ``dtype``. A pruned pass runs as one C
 sweep over the cluster tree (:func:`~machines.posterior.kernels.sweep_tree`): the logits are made in
 registers from the int16 patches and folded at once, so no logits block is written and no Python runs per
-cluster (1.5–3× the per-block product and fold, 60–80% of the float32 peak at P ≥ 7). On CUDA, or without
+cluster (1.5–3× the per-block product and fold, 60–80% of the float32 peak at P ≥ 7); a streamed block's
+logits are made in registers the same way (:func:`~machines.posterior.kernels.fold_keys`). On CUDA, or without
 a C compiler under ``"auto"``, the same blocks go through torch operations.
 
 **Every patch** (``dedup=False``): the bucket is streamed with every repetition of each patch
@@ -47,10 +48,10 @@ from .base import BackendBase, BackendStats, entry_bias, logits, serving, with_o
 
 
 SWEEP = True
-"""Whether the fused kernel's pruned pass runs as one C sweep over the cluster tree
-(:func:`machines.posterior.kernels.sweep_tree`: logits made in registers and folded at once) rather than
-one visit per cluster (a matrix product per block, then :func:`~machines.posterior.kernels.fold`); the same
-sums either way. False is kept for comparison."""
+"""Whether the fused kernel makes the logits in registers and folds them at once: a pruned pass as one C sweep
+over the cluster tree (:func:`machines.posterior.kernels.sweep_tree`), a streamed block through
+:func:`~machines.posterior.kernels.fold_keys`. False: a matrix product per block (per cluster), then
+:func:`~machines.posterior.kernels.fold`. The same sums either way; False is kept for comparison."""
 
 
 @dataclass
@@ -143,9 +144,19 @@ class ExactBackend(BackendBase):
                     bias: torch.Tensor, values: torch.Tensor, a: float, s2: float) -> None:
         """Fold one chunk (keys ``[M, D]``, bias ``[1, M]``, values ``[M, V]``) into the running sums of the
         query ``rows`` (in blocks of ``query_chunk``)."""
-        values = state.prepare(values, self.dtype)
         self.stats.visited += rows.numel() * keys.shape[0]
         contiguous = rows.numel() > 0 and int(rows[-1] - rows[0]) == rows.numel() - 1
+        if SWEEP and isinstance(state, _FusedRunning) and rows.numel() >= kernels.MIN_TILE_ROWS:  # logits in registers
+            block = kernels.prepare_keys(keys, bias, values, self.dtype)
+            qs = (q[rows] * (a / s2)).contiguous()
+            if contiguous and rows.numel() == state.m.shape[0]:
+                self.stats.skipped += kernels.fold_keys(qs, block, state.m, state.acc, state.skip)
+                return
+            m, acc = state.m[rows], state.acc[rows]
+            self.stats.skipped += kernels.fold_keys(qs, block, m, acc, state.skip)
+            state.m[rows], state.acc[rows] = m, acc
+            return
+        values = state.prepare(values, self.dtype)
         for s in range(0, rows.numel(), self.query_chunk):
             block = rows[s : s + self.query_chunk]
             if contiguous:  # a slice: no gathered copy of the queries

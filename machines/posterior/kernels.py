@@ -7,13 +7,22 @@ product at P ≤ 9. :func:`fold` does it in one C pass per row (``machines/_fold
 maximum, rescaling, a vectorised exponential, ``Σw`` and ``Σw·v``; rows whose block maximum lies
 more than ``skip`` below the running maximum are skipped without an exponential. :func:`moments`
 does the same for the automatic policy's importance draws, adding the second moments its
-standard errors need (``Σw²``, ``Σw²·v``, ``Σw²·v²``). :func:`sweep_tree` runs the exact backend's whole pruned
-pass over a bucket's cluster tree, making the logits itself in registers. :func:`scan_tree` does it for provenance, and
+standard errors need (``Σw²``, ``Σw²·v``, ``Σw²·v²``). :func:`fold_keys` and :func:`moments_keys` do the same
+from a block of keys laid out once (:func:`prepare_keys`), making the logits themselves in registers (a tile of
+6 queries × 64 keys), so no logits block is written to memory; :func:`sweep_tree` runs the exact backend's whole
+pruned pass over a bucket's cluster tree that way. :func:`scan_tree` does it for provenance, and
 runs the whole pruned sweep over a bucket's cluster tree, logits included: ``Σw``, ``Σw·ℓ`` (the
 entropy) and a running list of each query's heaviest patches.
 
+Threads: the block kernels split a block's rows over Python threads. The register-tile kernels (:func:`sweep_tree`,
+:func:`fold_keys`, :func:`moments_keys`) split them over OpenMP threads inside one C call where the compiler
+supports OpenMP: the library then uses torch's own OpenMP runtime and pool (torch loaded ``libgomp.so.1`` first),
+whose workers are still awake after torch's parallel operations. Threads of a second pool would compete with them
+for the cores: on 2 cores, in a streamed bbELS step at P = 15, each call took 1.6× as long on two Python threads as
+on one. Without OpenMP they use Python threads too.
+
 The C source is compiled on first use with the system C compiler (``$CC``, else ``cc``) for this
-CPU (``-O3 -ffast-math -march=native``) into ``$PATCHBANK_KERNEL_CACHE`` (default
+CPU (``-O3 -ffast-math -march=native``, and ``-fopenmp`` where it compiles) into ``$PATCHBANK_KERNEL_CACHE`` (default
 ``~/.cache/patchbank/kernels``), keyed by the source, the flags, the compiler and the CPU, and
 written under a temporary name then renamed, so concurrent first uses are safe. No compiler means
 no fused kernel: :func:`available` says so and :class:`~machines.posterior.exact.ExactBackend` uses torch
@@ -34,6 +43,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -197,8 +207,113 @@ def sweep_tree(qs: torch.Tensor, tree, coef: float, upper_t: torch.Tensor, first
             raise MemoryError("sweep_tree could not allocate its work buffers")
         return done, skipped.value
 
+    n = _threads(R, threads)
+    if lib.kernels_openmp() and n > 1:  # one call: the rows split over torch's OpenMP threads
+        skipped = ctypes.c_int64(0)
+        fn_par = lib.sweep_f32_tree if qs.dtype == torch.float32 else lib.sweep_f64_tree
+        done = fn_par(n, R, D, NC, qs.data_ptr(), tree.patches.data_ptr(), tree.sq_norms.data_ptr(), coef, tree.log_counts.data_ptr(),
+                      centre.data_ptr(), C, tree.offsets.data_ptr(), upper_t.data_ptr(), first.data_ptr(), threshold, m.data_ptr(),
+                      acc.data_ptr(), skip, ctypes.byref(skipped))
+        if done < 0:
+            raise MemoryError("sweep_tree could not allocate its work buffers")
+        return done, skipped.value
     parts = _by_rows(part, R, U, threads)
     return sum(p[0] for p in parts if p), sum(p[1] for p in parts if p)
+
+
+class Keys(NamedTuple):
+    """A block of ``n`` dictionary entries for the register-tile kernels (:func:`fold_keys`, :func:`moments_keys`):
+    keys ``[n, D]`` contiguous, logit biases ``bias [W]`` and values ``vals [C, W]``, padded to ``W``, a multiple of the
+    tile width, with bias −1e30 and zeros (padding weighs nothing). The kernels transpose the keys themselves, a
+    sub-block at a time, so laying a block out runs no large parallel torch operation, whose idle OpenMP workers
+    would spin against the kernel's threads."""
+
+    keys: torch.Tensor
+    bias: torch.Tensor
+    vals: torch.Tensor
+    n: int
+
+
+TILE_WIDTH = 64  # entries per step of the register tile (4 vectors of 16 float32 or 2 × 4 vectors of 8 float64)
+MIN_TILE_ROWS = 32
+"""Fewest queries for which the register tile pays for transposing a block's keys: with fewer, a matrix product
+then :func:`fold` / :func:`moments` is cheaper (bbELS border buckets hold a few pixels each)."""
+
+
+def prepare_keys(keys: torch.Tensor, bias: torch.Tensor, values: torch.Tensor, dtype: torch.dtype) -> Keys:
+    """Lay out ``keys [M, D]``, ``bias [M]`` and ``values [M, C]`` for :func:`fold_keys` / :func:`moments_keys` in
+    ``dtype`` (float32 or float64): once per block, shared by every query."""
+    M = keys.shape[0]
+    W = -(-max(M, 1) // TILE_WIDTH) * TILE_WIDTH
+    padded = torch.full((W,), -1e30, dtype=dtype)
+    padded[:M] = bias.reshape(-1)
+    vals = torch.zeros(values.shape[1], W, dtype=dtype)
+    vals[:, :M] = values.T
+    return Keys(keys.to(dtype).contiguous(), padded, vals, M)
+
+
+def fold_keys(qs: torch.Tensor, keys: Keys, m: torch.Tensor, acc: torch.Tensor, skip: float, threads: int | None = None) -> int:
+    """:func:`fold` with the logits made in registers: ``ℓ = bias + ⟨qs, key⟩`` for queries ``qs [R, D]`` (scaled by
+    ``a/s²``, in the keys' dtype) against prepared keys, folded at once into ``m [R]`` and ``acc [R, C+1]`` (float64,
+    in place) as :func:`fold` does; no logits block is written to memory. Returns the pairs whose exponential was
+    skipped."""
+    lib = _keys_block(qs, keys, m, acc=acc)
+    return _run_keys(lib, qs, keys, m, acc, None, skip, 0, threads)
+
+
+def moments_keys(qs: torch.Tensor, keys: Keys, m: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor,
+                 threads: int | None = None) -> None:
+    """:func:`moments` with the logits made in registers (as :func:`fold_keys`): first and second moments of the
+    draws ``keys`` for queries ``qs [R, D]``, into ``m [R]``, ``s1 [R, C+1]`` and ``s2 [R, 2C+1]`` (float64, in
+    place)."""
+    lib = _keys_block(qs, keys, m, s1=s1, s2=s2)
+    floor = 80.0 if qs.dtype == torch.float32 else 700.0
+    _run_keys(lib, qs, keys, m, s1, s2, floor, 1, threads)
+
+
+def _keys_block(qs: torch.Tensor, keys: Keys, m: torch.Tensor, **sums: torch.Tensor) -> ctypes.CDLL:
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"the fused kernel is unavailable: {unavailable_reason()}")
+    R, D = qs.shape
+    C, W = keys.vals.shape
+    if qs.dtype not in (torch.float32, torch.float64) or keys.keys.dtype != qs.dtype:
+        raise TypeError(f"the queries and keys must share a float32 or float64 dtype, got {qs.dtype}, {keys.keys.dtype}")
+    if keys.keys.shape != (keys.n, D) or not keys.keys.is_contiguous() or W % TILE_WIDTH or keys.bias.shape != (W,) \
+            or not 0 <= keys.n <= W:
+        raise ValueError(f"keys must be laid out by prepare_keys for dimension {D}, got keys {list(keys.keys.shape)}")
+    width = {"acc": C + 1, "s1": C + 1, "s2": 2 * C + 1}
+    for key, t, shape in (("qs", qs, (R, D)), ("m", m, (R,)), *((k, t, (R, width[k])) for k, t in sums.items())):
+        dtype = qs.dtype if key == "qs" else torch.float64
+        if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"{key} must be contiguous CPU {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
+    return lib
+
+
+def _run_keys(lib, qs, keys: Keys, m, sums, sums2, skip: float, mode: int, threads: int | None) -> int:
+    """Run a register-tile block kernel over the queries' rows: one call whose rows split over torch's OpenMP threads
+    where the library has OpenMP, else row ranges on Python threads (:func:`_by_rows`)."""
+    C, W = keys.vals.shape
+    R, D = qs.shape
+    size = qs.element_size()
+    f32 = qs.dtype == torch.float32
+    pointers = lambda start: (qs.data_ptr() + size * start * D, keys.keys.data_ptr(), keys.bias.data_ptr(), keys.vals.data_ptr(),  # noqa: E731
+                              m.data_ptr() + 8 * start, sums.data_ptr() + 8 * start * (C + 1),
+                              sums2.data_ptr() + 8 * start * (2 * C + 1) if sums2 is not None else None)
+    n = _threads(R, threads)
+    if lib.kernels_openmp() and n > 1:
+        done = (lib.sweep_f32_par if f32 else lib.sweep_f64_par)(n, R, D, keys.n, W, C, *pointers(0), skip, mode)
+        if done < 0:
+            raise MemoryError("the register-tile kernel could not allocate its work buffer")
+        return done
+
+    def part(start: int, stop: int) -> int:
+        done = (lib.sweep_f32_block if f32 else lib.sweep_f64_block)(stop - start, D, keys.n, W, C, *pointers(start), skip, mode)
+        if done < 0:
+            raise MemoryError("the register-tile kernel could not allocate its work buffer")
+        return done
+
+    return sum(_by_rows(part, R, keys.n, threads))
 
 
 def peak_gflops(seconds: float = 0.3) -> float:
@@ -324,11 +439,16 @@ def _block(name: str, logits: torch.Tensor, values_t: torch.Tensor, m: torch.Ten
     return lib
 
 
+def _threads(R: int, threads: int | None) -> int:
+    """Threads for ``R`` rows: ``threads``, or by default ``torch.get_num_threads()`` with at least 64 rows each."""
+    return max(1, min(threads, R) if threads else min(torch.get_num_threads(), R // _MIN_ROWS_PER_THREAD))
+
+
 def _by_rows(part, R: int, M: int, threads: int | None) -> list[int]:
     """``part(start, stop)`` over row ranges: one call, or split over threads (at least 64 rows each by default)."""
     if R == 0 or M == 0:
         return [0]
-    threads = min(threads, R) if threads else max(1, min(torch.get_num_threads(), R // _MIN_ROWS_PER_THREAD))
+    threads = _threads(R, threads)
     if threads == 1:
         return [part(0, R)]
     step = -(-R // threads)
@@ -356,11 +476,21 @@ def _library() -> ctypes.CDLL | None:
 
 
 def _compile() -> Path:
+    """The compiled library: with OpenMP (the register-tile kernels' threads share torch's pool) where the compiler
+    supports it, else without (their threads are then Python's)."""
+    try:
+        return _compile_with(FLAGS + ["-fopenmp"])
+    except RuntimeError as err:
+        log.info("compiling the kernels with OpenMP failed, compiling without: %s", err)
+        return _compile_with(FLAGS)
+
+
+def _compile_with(flags: list[str]) -> Path:
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler ({cc!r} is not on PATH; set $CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout.split("\n")[0]
-    key = hashlib.sha256("\0".join([_SOURCE_TEXT, *FLAGS, cc, version, platform.machine(), _cpu()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([_SOURCE_TEXT, *flags, cc, version, platform.machine(), _cpu()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("PATCHBANK_KERNEL_CACHE", Path.home() / ".cache" / "patchbank" / "kernels"))
     target = cache / f"fold-{key}.so"
     if target.exists():
@@ -369,7 +499,7 @@ def _compile() -> Path:
     fd, tmp = tempfile.mkstemp(dir=cache, prefix=".fold-", suffix=".so")
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, "-x", "c", "-", "-o", tmp, "-lm"], input=_SOURCE_TEXT, capture_output=True, text=True,
+        done = subprocess.run([cc, *flags, "-x", "c", "-", "-o", tmp, "-lm"], input=_SOURCE_TEXT, capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[-2000:]}")
@@ -396,6 +526,18 @@ def _load(path: Path) -> ctypes.CDLL:
         fn.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_double] + [ctypes.c_void_p] * 2 + \
             [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_double] + \
             [ctypes.c_void_p] * 2 + [ctypes.c_double, ctypes.c_void_p]
+    for fn in (lib.sweep_f32_block, lib.sweep_f64_block):
+        fn.restype = ctypes.c_int64
+        fn.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 7 + [ctypes.c_double, ctypes.c_int]
+    for fn in (lib.sweep_f32_par, lib.sweep_f64_par):
+        fn.restype = ctypes.c_int64
+        fn.argtypes = [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 7 + [ctypes.c_double, ctypes.c_int]
+    for fn in (lib.sweep_f32_tree, lib.sweep_f64_tree):
+        fn.restype = ctypes.c_int64
+        fn.argtypes = [ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_double] + \
+            [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_double] + [ctypes.c_void_p] * 2 + \
+            [ctypes.c_double, ctypes.c_void_p]
+    lib.kernels_openmp.restype, lib.kernels_openmp.argtypes = ctypes.c_int, []
     lib.peak_f32.restype, lib.peak_f32.argtypes = ctypes.c_float, [ctypes.c_int64]
     lib.match_build.restype = lib.match_find.restype = ctypes.c_int64
     lib.match_build.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
