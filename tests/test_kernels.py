@@ -425,7 +425,7 @@ def test_register_tile_blocks_match_brute_force_and_the_block_kernels(threads, C
     qs = q.to(dtype).contiguous()
     for keys, bias, values in parts:
         block = kernels.prepare_keys(keys, bias, values, dtype)
-        assert block.bias.shape[0] % kernels.TILE_WIDTH == 0 and block.n == M
+        assert block.keys_t.shape[1] % kernels.TILE_WIDTH == 0 and block.n == M
         kernels.fold_keys(qs, block, m, acc, 60.0, threads=threads)
         kernels.moments_keys(qs, block, m2, s1, s2, threads=threads)
         kernels.moments((qs.double() @ keys.to(dtype).double().T + bias.to(dtype).double()).to(dtype).contiguous(),

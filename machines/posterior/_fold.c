@@ -384,29 +384,26 @@ int64_t scan_tree(int64_t R, int64_t D, int64_t NC, const double *qs, const int1
             for (int64_t l = 1; l < VL; l++) top[i] = hs[i][l] > top[i] ? hs[i][l] : top[i];                   \
         }                                                                                                      \
     }                                                                                                          \
-    /* A block of n keys (row-major keys [n, D], bias [width] with −1e30 on padding, vals [C, width]; width a  \
-     * multiple of SWEEP_NV·VL) against R queries qs [R, D]: each sub-block of keys is transposed into a buffer of  \
-     * this call's own, then mode 0 folds each row into m, sums [R, C+1] as fold does (returns the pairs whose  \
+    /* A block of n keys (keys_t [D, width], transposed, zero beyond n; bias [width] with −1e30 on padding; vals \
+     * [C, width]; width a multiple of SWEEP_NV·VL) against R queries qs [R, D], one sub-block of keys that stays \
+     * in L2 at a time: mode 0 folds each row into m, sums [R, C+1] as fold does (returns the pairs whose      \
      * exponential was skipped); mode 1 folds the draws' moments into m, sums [R, C+1] and sums2 [R, 2C+1] as  \
-     * moments does. */                                                                                       \
-    int64_t NAME##_block(int64_t R, int64_t D, int64_t n, int64_t width, int64_t C, const T *qs, const T *keys,  \
-                         const T *bias, const T *vals, double *m, double *sums, double *sums2, double skip, int mode)  \
+     * moments does. */                                                                                        \
+    int64_t NAME##_block(int64_t R, int64_t D, int64_t n, int64_t width, int64_t C, const T *qs, const T *keys_t, \
+                         const T *bias, const T *vals, double *m, double *sums, double *sums2, double skip, int mode) \
     {                                                                                                          \
         const int64_t sub = NAME##_sub(D, width);                                                              \
-        T *keys_t = aligned_alloc(64, sizeof(T) * (size_t)(sub * (D + SWEEP_TILE)));                           \
-        if (!keys_t) return -1;                                                                                \
-        T *ell = keys_t + sub * D;                                                                             \
+        T *ell = aligned_alloc(64, sizeof(T) * (size_t)(sub * SWEEP_TILE));                                    \
+        if (!ell) return -1;                                                                                   \
         int64_t low = 0;                                                                                       \
         for (int64_t b0 = 0; b0 < width && b0 < n; b0 += sub) {                                                \
             const int64_t len = width - b0 < sub ? width - b0 : sub, valid = n - b0 < len ? n - b0 : len;      \
-            for (int64_t j = 0; j < len; j++)                                                                  \
-                for (int64_t d = 0; d < D; d++) keys_t[d * len + j] = j < valid ? keys[(b0 + j) * D + d] : (T)0;  \
             for (int64_t g = 0; g < R; g += SWEEP_TILE) {                                                      \
                 const int64_t nt = R - g < SWEEP_TILE ? R - g : SWEEP_TILE;                                    \
                 const T *qt[SWEEP_TILE];                                                                       \
                 T top[SWEEP_TILE];                                                                             \
                 for (int64_t i = 0; i < SWEEP_TILE; i++) qt[i] = qs + (g + (i < nt ? i : nt - 1)) * D;         \
-                NAME##_tile(D, len, len, qt, keys_t, bias + b0, ell, top);                                     \
+                NAME##_tile(D, width, len, qt, keys_t + b0, bias + b0, ell, top);                                     \
                 for (int64_t i = 0; i < nt; i++) {                                                             \
                     const int64_t r = g + i;                                                                   \
                     if (mode == 0)                                                                             \
@@ -418,7 +415,7 @@ int64_t scan_tree(int64_t R, int64_t D, int64_t NC, const double *qs, const int1
                 }                                                                                              \
             }                                                                                                  \
         }                                                                                                      \
-        free(keys_t);                                                                                          \
+        free(ell);                                                                                             \
         return low;                                                                                            \
     }                                                                                                          \
     int64_t NAME(int64_t R, int64_t D, int64_t NC, const T *qs, const int16_t *patches, const double *sq_norms,  \
