@@ -22,7 +22,7 @@ exponentials when its maximum lies more than ``ln(1e10/prune_tol)`` below the ru
 result by < ``prune_tol``). Sums are kept in float64 whatever ``dtype``. A pruned pass runs as one C
 sweep over the cluster tree (:func:`~machines.posterior.kernels.sweep_tree`): the logits are made in
 registers from the int16 patches and folded at once, so no logits block is written and no Python runs per
-cluster (1.5–3× the per-block product and fold, 60–80% of the float32 peak at P ≥ 7); a streamed block's
+cluster (1.5–3× the per-block product and fold, 61–67% of the measured float32 peak at P ≥ 7); a streamed block's
 logits are made in registers the same way (:func:`~machines.posterior.kernels.fold_keys`). On CUDA, or without
 a C compiler under ``"auto"``, the same blocks go through torch operations.
 
