@@ -115,6 +115,10 @@ def row_summary(name: str, figures: Path | None = None) -> dict:
     row's network against a dictionary of its first N training images (``row --dictionary N``)."""
     config, suffix, evaluated = _evaluated(name)
     root = evaluated.parent
+    missing = [f for f in (root / "config.json", evaluated / "config.json", evaluated / "report.json") if not f.exists()]
+    if missing:  # a row whose outputs were removed, or that never finished: say which and how to make it
+        raise SystemExit(f"row {name}: {missing[0]} is missing; make it with `python experiments/agreement.py row "
+                         f"configs/{config}.json …`{' --dictionary ' + name.partition('@')[2] if suffix else ''}")
     train_cfg = json.loads((root / "config.json").read_text())
     report = json.loads((evaluated / "report.json").read_text())
     cal_path = Path(json.loads((evaluated / "config.json").read_text())["evaluate"]["calibration"])

@@ -287,3 +287,19 @@ def test_comparator_parameters_are_calibrated_and_evaluated_by_spec(nets, tmp_pa
     main(["calibrate", "--model", model, "--machine", "pca_locality", "--parameter", "temperature", "--candidates", "0.5", "2",
           "--seeds", "1000", "--steps", "2", "--out", str(tmp_path / "t")])
     assert json.loads(capsys.readouterr().out)["name"] == "temperature"
+
+
+def test_agreement_table_names_a_row_whose_outputs_are_missing(tmp_path, monkeypatch):
+    """The agreement table refuses a row whose outputs are gone or unfinished, naming the row and the missing file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("agreement", Path(__file__).resolve().parents[1] / "experiments" / "agreement.py")
+    agreement = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agreement)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"row gone_row: outputs/gone_row/config.json is missing"):
+        agreement.table(["gone_row"], None)
+    (tmp_path / "outputs" / "half_row" / "evaluate_dictionary100").mkdir(parents=True)
+    (tmp_path / "outputs" / "half_row" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"row half_row@100: outputs/half_row/evaluate_dictionary100/config.json is missing.*--dictionary 100"):
+        agreement.table(["half_row@100"], None)
