@@ -458,3 +458,27 @@ def test_register_tile_blocks_reject_bad_input():
 def test_peak_is_measured_in_a_plausible_range():
     """The float32 multiply-add peak benchmarks divide by: a CPU core does between 1 and 10,000 GFLOP/s."""
     assert 1.0 < kernels.peak_gflops(0.05) < 1e4
+
+
+@needs_kernel
+def test_register_tile_kernels_give_the_same_sums_on_python_threads(monkeypatch):
+    """Without OpenMP the register-tile kernels split the rows over Python threads instead; each row's sums do not
+    depend on which thread or range computes them, so both ways agree to the bit (3 threads)."""
+    tree = _tree(2000, 4, 32, 5)  # with the pruning margin, so each query's bounds decide which clusters it visits
+    g = torch.Generator().manual_seed(3)
+    q = 0.99 * tree.patches[torch.randint(0, tree.patches.shape[0], (150,), generator=g)].double() / 255 \
+        + 0.01 * torch.randn(150, 4, generator=g, dtype=torch.float64)
+    keys = kernels.prepare_keys(torch.rand(333, 4, generator=g, dtype=torch.float64), torch.zeros(333, dtype=torch.float64),
+                                torch.rand(333, 1, generator=g, dtype=torch.float64), torch.float64)
+
+    def both():
+        mean = _exact_sweep(tree, q, 0.99, 0.002, torch.tensor([1]), math.log(2000 / 1e-12), torch.float64, threads=3)
+        m, s1, s2 = torch.full((150,), -1e300, dtype=torch.float64), torch.zeros(150, 2, dtype=torch.float64), torch.zeros(150, 3, dtype=torch.float64)
+        kernels.moments_keys(q.contiguous(), keys, m, s1, s2, threads=3)
+        return mean, (m, s1, s2)
+
+    with_omp = both()
+    monkeypatch.setattr(kernels._library(), "kernels_openmp", lambda: 0)
+    without = both()
+    for a, b in zip([*with_omp[0], *with_omp[1]], [*without[0], *without[1]]):
+        assert a == b if isinstance(a, int) else torch.equal(a, b)

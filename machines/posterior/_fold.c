@@ -389,7 +389,7 @@ int64_t scan_tree(int64_t R, int64_t D, int64_t NC, const double *qs, const int1
      * in L2 at a time: mode 0 folds each row into m, sums [R, C+1] as fold does (returns the pairs whose      \
      * exponential was skipped); mode 1 folds the draws' moments into m, sums [R, C+1] and sums2 [R, 2C+1] as  \
      * moments does. */                                                                                        \
-    int64_t NAME##_block(int64_t R, int64_t D, int64_t n, int64_t width, int64_t C, const T *qs, const T *keys_t, \
+    static int64_t NAME##_block(int64_t R, int64_t D, int64_t n, int64_t width, int64_t C, const T *qs, const T *keys_t, \
                          const T *bias, const T *vals, double *m, double *sums, double *sums2, double skip, int mode) \
     {                                                                                                          \
         const int64_t sub = NAME##_sub(D, width);                                                              \
@@ -418,7 +418,7 @@ int64_t scan_tree(int64_t R, int64_t D, int64_t NC, const double *qs, const int1
         free(ell);                                                                                             \
         return low;                                                                                            \
     }                                                                                                          \
-    int64_t NAME(int64_t R, int64_t D, int64_t NC, const T *qs, const int16_t *patches, const double *sq_norms,  \
+    static int64_t NAME(int64_t R, int64_t D, int64_t NC, const T *qs, const int16_t *patches, const double *sq_norms, \
                  double coef, const double *log_c, const int64_t *centre, int64_t C, const int64_t *offsets,   \
                  const double *upper, int64_t ldu, const int64_t *first, double threshold, double *m,          \
                  double *acc, double skip, int64_t *skipped)                                                   \
@@ -615,8 +615,9 @@ float peak_f32(int64_t n)
  * (rows) and runs the serial kernel on it with buffers of its own. The threads are OpenMP's: loaded into a
  * process where torch has loaded its libgomp.so.1, this library uses that same runtime and thread pool, whose
  * workers are then already awake after torch's own parallel operations, where threads of another pool would
- * compete with them for the cores. Compiled without OpenMP, the ranges run one after another (the caller splits
- * the rows over threads itself; see kernels_openmp). */
+ * compete with them for the cores. Compiled without OpenMP, the ranges run one after another, so the caller
+ * splits the rows over threads itself and calls these with threads = 1 per range (see kernels_openmp). These two
+ * wrappers are the library's entry points to the register-tile kernels. */
 int kernels_openmp(void)
 {
 #ifdef _OPENMP
@@ -644,7 +645,7 @@ int kernels_openmp(void)
     }                                                                                                      \
     int64_t NAME##_tree(int threads, int64_t R, int64_t D, int64_t NC, const T *qs, const int16_t *patches,   \
                         const double *sq_norms, double coef, const double *log_c, const int64_t *centre, int64_t C, \
-                        const int64_t *offsets, const double *upper, const int64_t *first, double threshold,     \
+                        const int64_t *offsets, const double *upper, int64_t ldu, const int64_t *first, double threshold, \
                         double *m, double *acc, double skip, int64_t *skipped)                             \
     {                                                                                                      \
         int64_t total = 0, failed = 0, low = 0;                                                            \
@@ -653,7 +654,7 @@ int kernels_openmp(void)
             const int64_t s = R * t / threads, e = R * (t + 1) / threads;                                  \
             int64_t mine = 0;                                                                              \
             const int64_t done = NAME(e - s, D, NC, qs + s * D, patches, sq_norms, coef, log_c, centre, C,  \
-                                      offsets, upper + s, R, first + s, threshold, m + s, acc + s * (C + 1), skip, &mine); \
+                                      offsets, upper + s, ldu, first + s, threshold, m + s, acc + s * (C + 1), skip, &mine); \
             failed += done < 0;                                                                            \
             total += done < 0 ? 0 : done;                                                                  \
             low += mine;                                                                                   \

@@ -146,9 +146,7 @@ def scan_tree(qs: torch.Tensor, tree, coef: float, upper_t: torch.Tensor, first:
               ("upper_t", upper_t, (NC, R), torch.float64), ("first", first, (R,), torch.int64),
               ("m", m, (R,), torch.float64), ("Z", Z, (R,), torch.float64), ("S", S, (R,), torch.float64),
               ("top", top, (R, K), torch.float64), ("top_id", top_id, (R, K), torch.int64))
-    for key, t, shape, dtype in checks:
-        if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.device.type != "cpu":
-            raise ValueError(f"{key} must be contiguous CPU {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
+    _check_arrays(*checks)
 
     def part(start: int, stop: int) -> int:
         done = lib.scan_tree(stop - start, D, NC, qs.data_ptr() + 8 * start * D, tree.patches.data_ptr(), tree.sq_norms.data_ptr(),
@@ -176,8 +174,8 @@ def sweep_tree(qs: torch.Tensor, tree, coef: float, upper_t: torch.Tensor, first
     coordinates whose values (``/255``) are averaged. State, in place: m float64 ``[R]`` (running maximum, finite:
     start at ``-1e300``) and acc float64 ``[R, C+1]`` (``Σw·v``, ``Σw`` relative to it); a row of a visit whose
     maximum lies more than ``skip`` below the running maximum adds nothing. The logits are made in registers and
-    folded at once: no block is written to memory and no Python runs per cluster. Queries split over threads as
-    in :func:`fold`, each thread sweeping the tree for its own."""
+    folded at once: no block is written to memory and no Python runs per cluster. Queries split over threads
+    (:func:`_over_rows`), each thread sweeping the tree for its own."""
     lib = _library()
     if lib is None:
         raise RuntimeError(f"the fused kernel is unavailable: {unavailable_reason()}")
@@ -185,21 +183,18 @@ def sweep_tree(qs: torch.Tensor, tree, coef: float, upper_t: torch.Tensor, first
         raise TypeError(f"sweep_tree needs float32 or float64 queries, got {qs.dtype}")
     R, D = qs.shape
     NC, C, U = tree.n_clusters, centre.numel(), tree.patches.shape[0]
-    checks = (("qs", qs, (R, D), qs.dtype), ("patches", tree.patches, (U, D), torch.int16),
-              ("sq_norms", tree.sq_norms, (U,), torch.float64), ("log_counts", tree.log_counts, (U,), torch.float64),
-              ("offsets", tree.offsets, (NC + 1,), torch.int64), ("upper_t", upper_t, (NC, R), torch.float64),
-              ("first", first, (R,), torch.int64), ("centre", centre, (C,), torch.int64), ("m", m, (R,), torch.float64),
-              ("acc", acc, (R, C + 1), torch.float64))
-    for key, t, shape, dtype in checks:
-        if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.device.type != "cpu":
-            raise ValueError(f"{key} must be contiguous CPU {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
+    _check_arrays(("qs", qs, (R, D), qs.dtype), ("patches", tree.patches, (U, D), torch.int16),
+                  ("sq_norms", tree.sq_norms, (U,), torch.float64), ("log_counts", tree.log_counts, (U,), torch.float64),
+                  ("offsets", tree.offsets, (NC + 1,), torch.int64), ("upper_t", upper_t, (NC, R), torch.float64),
+                  ("first", first, (R,), torch.int64), ("centre", centre, (C,), torch.int64), ("m", m, (R,), torch.float64),
+                  ("acc", acc, (R, C + 1), torch.float64))
     if C and (int(centre.min()) < 0 or int(centre.max()) >= D):
         raise ValueError(f"centre coordinates must lie in [0, {D})")
-    fn, size = (lib.sweep_f32, 4) if qs.dtype == torch.float32 else (lib.sweep_f64, 8)
+    fn, size = (lib.sweep_f32_tree, 4) if qs.dtype == torch.float32 else (lib.sweep_f64_tree, 8)
 
-    def part(start: int, stop: int) -> tuple[int, int]:
+    def call(n: int, start: int, stop: int) -> tuple[int, int]:
         skipped = ctypes.c_int64(0)
-        done = fn(stop - start, D, NC, qs.data_ptr() + size * start * D, tree.patches.data_ptr(), tree.sq_norms.data_ptr(), coef,
+        done = fn(n, stop - start, D, NC, qs.data_ptr() + size * start * D, tree.patches.data_ptr(), tree.sq_norms.data_ptr(), coef,
                   tree.log_counts.data_ptr(), centre.data_ptr(), C, tree.offsets.data_ptr(), upper_t.data_ptr() + 8 * start, R,
                   first.data_ptr() + 8 * start, threshold, m.data_ptr() + 8 * start, acc.data_ptr() + 8 * start * (C + 1), skip,
                   ctypes.byref(skipped))
@@ -207,18 +202,8 @@ def sweep_tree(qs: torch.Tensor, tree, coef: float, upper_t: torch.Tensor, first
             raise MemoryError("sweep_tree could not allocate its work buffers")
         return done, skipped.value
 
-    n = _threads(R, threads)
-    if lib.kernels_openmp() and n > 1:  # one call: the rows split over torch's OpenMP threads
-        skipped = ctypes.c_int64(0)
-        fn_par = lib.sweep_f32_tree if qs.dtype == torch.float32 else lib.sweep_f64_tree
-        done = fn_par(n, R, D, NC, qs.data_ptr(), tree.patches.data_ptr(), tree.sq_norms.data_ptr(), coef, tree.log_counts.data_ptr(),
-                      centre.data_ptr(), C, tree.offsets.data_ptr(), upper_t.data_ptr(), first.data_ptr(), threshold, m.data_ptr(),
-                      acc.data_ptr(), skip, ctypes.byref(skipped))
-        if done < 0:
-            raise MemoryError("sweep_tree could not allocate its work buffers")
-        return done, skipped.value
-    parts = _by_rows(part, R, U, threads)
-    return sum(p[0] for p in parts if p), sum(p[1] for p in parts if p)
+    parts = _over_rows(lib, call, R, U, threads)
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
 
 class Keys(NamedTuple):
@@ -286,37 +271,27 @@ def _keys_block(qs: torch.Tensor, keys: Keys, m: torch.Tensor, **sums: torch.Ten
             or not 0 <= keys.n <= W:
         raise ValueError(f"keys must be laid out by prepare_keys for dimension {D}, got keys_t {list(keys.keys_t.shape)}")
     width = {"acc": C + 1, "s1": C + 1, "s2": 2 * C + 1}
-    for key, t, shape in (("qs", qs, (R, D)), ("m", m, (R,)), *((k, t, (R, width[k])) for k, t in sums.items())):
-        dtype = qs.dtype if key == "qs" else torch.float64
-        if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.device.type != "cpu":
-            raise ValueError(f"{key} must be contiguous CPU {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
+    _check_arrays(("qs", qs, (R, D), qs.dtype), ("m", m, (R,), torch.float64),
+                  *((k, t, (R, width[k]), torch.float64) for k, t in sums.items()))
     return lib
 
 
 def _run_keys(lib, qs, keys: Keys, m, sums, sums2, skip: float, mode: int, threads: int | None) -> int:
-    """Run a register-tile block kernel over the queries' rows: one call whose rows split over torch's OpenMP threads
-    where the library has OpenMP, else row ranges on Python threads (:func:`_by_rows`)."""
+    """Run a register-tile block kernel (mode 0: fold, 1: moments) over the queries' rows (see :func:`_over_rows`)."""
     C, W = keys.vals.shape
     R, D = qs.shape
     size = qs.element_size()
-    f32 = qs.dtype == torch.float32
-    pointers = lambda start: (qs.data_ptr() + size * start * D, keys.keys_t.data_ptr(), keys.bias.data_ptr(), keys.vals.data_ptr(),  # noqa: E731
-                              m.data_ptr() + 8 * start, sums.data_ptr() + 8 * start * (C + 1),
-                              sums2.data_ptr() + 8 * start * (2 * C + 1) if sums2 is not None else None)
-    n = _threads(R, threads)
-    if lib.kernels_openmp() and n > 1:
-        done = (lib.sweep_f32_par if f32 else lib.sweep_f64_par)(n, R, D, keys.n, W, C, *pointers(0), skip, mode)
+    fn = lib.sweep_f32_par if qs.dtype == torch.float32 else lib.sweep_f64_par
+
+    def call(n: int, start: int, stop: int) -> int:
+        done = fn(n, stop - start, D, keys.n, W, C, qs.data_ptr() + size * start * D, keys.keys_t.data_ptr(), keys.bias.data_ptr(),
+                  keys.vals.data_ptr(), m.data_ptr() + 8 * start, sums.data_ptr() + 8 * start * (C + 1),
+                  sums2.data_ptr() + 8 * start * (2 * C + 1) if sums2 is not None else None, skip, mode)
         if done < 0:
             raise MemoryError("the register-tile kernel could not allocate its work buffer")
         return done
 
-    def part(start: int, stop: int) -> int:
-        done = (lib.sweep_f32_block if f32 else lib.sweep_f64_block)(stop - start, D, keys.n, W, C, *pointers(start), skip, mode)
-        if done < 0:
-            raise MemoryError("the register-tile kernel could not allocate its work buffer")
-        return done
-
-    return sum(_by_rows(part, R, keys.n, threads))
+    return sum(_over_rows(lib, call, R, keys.n, threads))
 
 
 def peak_gflops(seconds: float = 0.3) -> float:
@@ -447,6 +422,24 @@ def _threads(R: int, threads: int | None) -> int:
     return max(1, min(threads, R) if threads else min(torch.get_num_threads(), R // _MIN_ROWS_PER_THREAD))
 
 
+def _over_rows(lib: ctypes.CDLL, call, R: int, M: int, threads: int | None) -> list:
+    """``call(n, start, stop)`` of a register-tile kernel over ``R`` rows: one call whose rows split over ``n`` OpenMP
+    threads (torch's pool) where the library has OpenMP, else row ranges on Python threads, one thread each."""
+    if R == 0 or M == 0:
+        return []
+    n = _threads(R, threads)
+    if n > 1 and lib.kernels_openmp():
+        return [call(n, 0, R)]
+    return _by_rows(lambda start, stop: call(1, start, stop), R, M, threads)
+
+
+def _check_arrays(*checks: tuple[str, torch.Tensor, tuple, torch.dtype]) -> None:
+    """Each ``(name, tensor, shape, dtype)`` must be a contiguous CPU tensor of that shape and dtype (else ValueError)."""
+    for key, t, shape, dtype in checks:
+        if t.dtype != dtype or tuple(t.shape) != tuple(shape) or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"{key} must be contiguous CPU {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
+
+
 def _by_rows(part, R: int, M: int, threads: int | None) -> list[int]:
     """``part(start, stop)`` over row ranges: one call, or split over threads (at least 64 rows each by default)."""
     if R == 0 or M == 0:
@@ -524,22 +517,14 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.scan_tree.restype = ctypes.c_int64
     lib.scan_tree.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_double] + [ctypes.c_void_p] * 4 + \
         [ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_double]
-    for fn in (lib.sweep_f32, lib.sweep_f64):
-        fn.restype = ctypes.c_int64
-        fn.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_double] + [ctypes.c_void_p] * 2 + \
-            [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_double] + \
-            [ctypes.c_void_p] * 2 + [ctypes.c_double, ctypes.c_void_p]
-    for fn in (lib.sweep_f32_block, lib.sweep_f64_block):
-        fn.restype = ctypes.c_int64
-        fn.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 7 + [ctypes.c_double, ctypes.c_int]
     for fn in (lib.sweep_f32_par, lib.sweep_f64_par):
         fn.restype = ctypes.c_int64
         fn.argtypes = [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 7 + [ctypes.c_double, ctypes.c_int]
     for fn in (lib.sweep_f32_tree, lib.sweep_f64_tree):
         fn.restype = ctypes.c_int64
         fn.argtypes = [ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_double] + \
-            [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_double] + [ctypes.c_void_p] * 2 + \
-            [ctypes.c_double, ctypes.c_void_p]
+            [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_double] + \
+            [ctypes.c_void_p] * 2 + [ctypes.c_double, ctypes.c_void_p]
     lib.kernels_openmp.restype, lib.kernels_openmp.argtypes = ctypes.c_int, []
     lib.peak_f32.restype, lib.peak_f32.argtypes = ctypes.c_float, [ctypes.c_int64]
     lib.match_build.restype = lib.match_find.restype = ctypes.c_int64
