@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from machines import Denoiser, ScaleSchedule, eps_from_x0, identity_of, noise_from_seeds, sample
+from machines import Denoiser, ScaleSchedule, ScoreMachine, eps_from_x0, identity_of, noise_from_seeds, sample
 from patchbank.atomic import atomic_write, write_json
 
 from .executors import Executor, make_executor, pending
@@ -49,6 +49,7 @@ def calibrate(
     batch: int | None = None,
     executor: str | Executor | None = None,
     resume: str | os.PathLike | None = None,
+    scales_at_once: bool = True,
 ) -> dict:
     """Returns ``{"schedule": [[t, P], …], "per_seed": {t: [P per seed]}, "similarity": {t: {P: [per seed]}}}``.
 
@@ -56,12 +57,15 @@ def calibrate(
     :mod:`pipelines.executors`; a parallel one receives the network and the candidate machines once per
     worker, so ``machine_at`` is called here, and needs ``batch`` to split the seeds). With ``resume``, a
     folder, each finished batch is kept there (``similarity.pt``) and a re-run computes only the seeds
-    not yet kept; a folder of another run (network, machines, grid or labels differ) is refused."""
+    not yet kept; a folder of another run (network, machines, grid or labels differ) is refused. Where the
+    candidates are one patch machine at its candidate scales with an exact backend, every candidate at a visited
+    time comes from one box-sum pass (:meth:`~machines.ScoreMachine.at_scales`; :func:`scale_family`), unless
+    ``scales_at_once`` is False; the answers agree to float64 rounding either way."""
     seeds = list(seeds)
     if labels is not None and len(labels) != len(seeds):
         raise ValueError(f"give one label per seed: {len(labels)} labels for {len(seeds)} seeds")
     label_of = dict(zip(seeds, labels.tolist())) if labels is not None else None
-    shared = Candidates(network, {P: machine_at(P) for P in candidates}, steps, tuple(shape), label_of)
+    shared = Candidates(network, {P: machine_at(P) for P in candidates}, steps, tuple(shape), label_of, scales_at_once)
     found: dict[int, tuple[list[float], torch.Tensor]] = {}
     kept = Path(resume) / "similarity.pt" if resume is not None else None
     if kept is not None:
@@ -98,6 +102,7 @@ class Candidates:
     steps: int
     shape: tuple[int, ...]
     label_of: dict[int, int] | None
+    scales_at_once: bool = True  # every candidate P from one box-sum pass, where the candidates allow it
 
 
 def similarities(job: Candidates, seeds: list[int]) -> tuple[list[float], torch.Tensor]:
@@ -113,11 +118,33 @@ def similarities(job: Candidates, seeds: list[int]) -> tuple[list[float], torch.
         state["x"] = x_prev
 
     sample(job.network, noise, job.steps, labels, callback=remember)
+    family = scale_family(job.machines) if job.scales_at_once else None
     rows = []
     for t, x, net_x0 in visited:
         net_eps = eps_from_x0(x, net_x0, t)
-        rows.append(torch.stack([cosine(eps_from_x0(x, m(x, t, labels), t), net_eps) for m in job.machines.values()]))
+        if family is not None:  # every candidate P from one box-sum pass
+            outs = list(family.at_scales(x, t, list(job.machines), labels))
+        else:
+            outs = [m(x, t, labels) for m in job.machines.values()]
+        rows.append(torch.stack([cosine(eps_from_x0(x, out, t), net_eps) for out in outs]))
     return [t for t, _, _ in visited], torch.stack(rows)
+
+
+def scale_family(machines: dict[int | float, Denoiser]) -> ScoreMachine | None:
+    """One of the candidates, when they are the same patch machine at the constant scales they are keyed by and
+    :meth:`~machines.ScoreMachine.at_scales` gives all of them in one box-sum pass (an exact backend, the
+    compiled kernels); else None, and each candidate runs on its own. The answers agree either way (to float64
+    rounding), so a calibration's result does not depend on which route it took."""
+    first = next(iter(machines.values()), None)
+    if not isinstance(first, ScoreMachine) or first.box_reason() is not None:
+        return None
+    same = {k: v for k, v in first.identity().items() if k != "scales"}
+    for P, m in machines.items():
+        if not isinstance(m, ScoreMachine) or m.scales is None or m.scales.points != ((0.0, P),):
+            return None
+        if {k: v for k, v in m.identity().items() if k != "scales"} != same:
+            return None
+    return first
 
 
 def best_constant(result: dict) -> tuple[float, dict[str, float]]:

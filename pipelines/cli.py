@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dictionary", type=int, default=None,
                    help="the machine's dictionary: the first N of the network's training images (default: all of them; "
                         "with --bank, a bank of exactly those N)")
+    c.add_argument("--per-scale", action="store_true",
+                   help="one exact pass per candidate P (default: every candidate from one box-sum pass where the backend is "
+                        "exact; the same answers to float64 rounding)")
 
     e = sub.add_parser("evaluate", help="theory vs network agreement of a calibrated machine (with the IS baseline)")
     de = EvaluateConfig()

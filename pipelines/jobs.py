@@ -51,6 +51,7 @@ class CalibrateConfig:
     batch: int | None = None  # seeds per batch (None: all at once, or one per task on a parallel executor)
     out: str = "outputs/calibrate"
     dictionary: int | None = None  # the machine's dictionary: the first N of the network's training images (None: all)
+    per_scale: bool = False  # one pass per candidate P, not every P from one box-sum pass
 
     def __post_init__(self) -> None:
         comparator = self.machine is not None and comparator_kind(self.machine) is not None
@@ -175,7 +176,7 @@ def run_calibrate(cfg: CalibrateConfig) -> dict:
     cond = bool(train_cfg["conditional"])
     result = calibrate(network, lambda P: ScoreMachine(bank, kind, scales=P, conditional=cond, backend=cfg.backend),  # type: ignore[arg-type]
                        cfg.candidates, cfg.seeds, bank.data.shape, cfg.steps, labels, batch=batch_for(cfg.batch, cfg.executor),
-                       executor=cfg.executor, resume=Path(cfg.out) / "seeds")
+                       executor=cfg.executor, resume=Path(cfg.out) / "seeds", scales_at_once=not cfg.per_scale)
     result["config"] = {**asdict(cfg), "machine": kind}
     result["network"] = calibration_record(cfg.model, network.identity()["weights"], train_cfg, kind, len(bank))
     out = Path(cfg.out)
