@@ -205,3 +205,20 @@ def test_sums_over_shards_merge_into_the_whole_posterior(tiny, kind, P, conditio
             parts = [shard_sums(backend, bank, bucket, q, a, s2, i, shards, whole.shape[1]) for i in range(shards)]
             torch.testing.assert_close(merge_all(parts).mean(), whole, rtol=0, atol=1e-12)
             torch.testing.assert_close(merge_all(parts[::-1]).mean(), whole, rtol=0, atol=1e-12)
+
+
+def test_on_rows_folds_views_the_state_itself_or_copies_written_back():
+    from machines.posterior.base import on_rows
+
+    def add_row_ids(m, acc):  # a fold that depends on which row it sees: row k's parts gain 10·(its position)
+        m += 10 * torch.arange(m.shape[0], dtype=m.dtype)
+        acc += 1
+        return m.shape[0]
+
+    m, acc = torch.zeros(5, dtype=torch.float64), torch.zeros(5, 2, dtype=torch.float64)
+    assert on_rows(slice(1, 3), add_row_ids, m, acc) == 2
+    assert m.tolist() == [0, 0, 10, 0, 0] and acc[:, 0].tolist() == [0, 1, 1, 0, 0]
+    on_rows(torch.arange(5), add_row_ids, m, acc)  # every row, in order: the tensors themselves
+    assert m.tolist() == [0, 10, 30, 30, 40]
+    on_rows(torch.tensor([4, 0, 1, 2, 3]), add_row_ids, m, acc)  # every row, permuted: copies, written back by row
+    assert m.tolist() == [10, 30, 60, 70, 40] and acc[:, 0].tolist() == [2, 3, 3, 2, 2]

@@ -62,7 +62,7 @@ from patchbank.base import Bank
 from patchbank.geometry import BucketKey
 
 from . import kernels
-from .base import BackendBase, BackendStats, Guarantee, draw_seed, entry_bias, logits, serving, with_ones
+from .base import BackendBase, BackendStats, Guarantee, draw_seed, entry_bias, logits, on_rows, serving, with_ones
 from . import exact as exact_module
 from .exact import ExactBackend
 from .summary import SummaryBackend
@@ -337,12 +337,12 @@ class _Sums:
         if self.fused and exact_module.SWEEP and q.shape[0] >= kernels.MIN_TILE_ROWS:  # logits in registers
             block = kernels.prepare_keys(keys, bias, values, keys.dtype)
             qs = (q.to(keys.dtype) * (a / s2)).contiguous()
-            self._in_place(rows, lambda m, t1, t2: kernels.moments_keys(qs, block, m, t1, t2))
+            on_rows(rows, lambda m, t1, t2: kernels.moments_keys(qs, block, m, t1, t2), self.m, self.s1, self.s2)
             return
         block = logits(q.to(keys.dtype), keys, bias, a, s2)  # [R, M]
         if self.fused:
             values_t = values.to(keys.dtype).T.contiguous()
-            self._in_place(rows, lambda m, t1, t2: kernels.moments(block, values_t, m, t1, t2))
+            on_rows(rows, lambda m, t1, t2: kernels.moments(block, values_t, m, t1, t2), self.m, self.s1, self.s2)
             return
         values = values.to(torch.float64)
         block = block.to(torch.float64)
@@ -355,16 +355,6 @@ class _Sums:
         self.s1[rows] = self.s1[rows] * scale[:, None] + w @ v1
         self.s2[rows] = self.s2[rows] * (scale * scale)[:, None] + (w * w) @ v2
         self.m[rows] = m_new
-
-    def _in_place(self, rows: torch.Tensor, fold) -> None:
-        """``fold(m, s1, s2)`` on the state's ``rows``: the state itself when they are every query, else gathered
-        copies written back."""
-        if rows.numel() == self.m.shape[0]:
-            fold(self.m, self.s1, self.s2)
-            return
-        m, t1, t2 = self.m[rows], self.s1[rows], self.s2[rows]
-        fold(m, t1, t2)
-        self.m[rows], self.s1[rows], self.s2[rows] = m, t1, t2
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Means ``[Q, C]``, standard errors ``[Q]`` and effective sample sizes ``[Q]``."""

@@ -120,6 +120,21 @@ def with_ones(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([values, torch.ones(values.shape[0], 1, dtype=dtype, device=values.device)], 1)
 
 
+def on_rows(rows: torch.Tensor | slice, fold, *state: torch.Tensor):
+    """``fold(*parts)`` on the ``rows`` of running-state tensors (each ``[Q, …]``), in place; returns what ``fold``
+    returns. A slice folds into views; index rows ``0, 1, …, Q−1`` fold into the tensors themselves; other rows
+    fold into gathered copies, written back after."""
+    if isinstance(rows, slice):
+        return fold(*(t[rows] for t in state))
+    if rows.numel() == state[0].shape[0] and torch.equal(rows, torch.arange(rows.numel(), device=rows.device)):
+        return fold(*state)
+    parts = [t[rows] for t in state]
+    out = fold(*parts)
+    for t, part in zip(state, parts):
+        t[rows] = part
+    return out
+
+
 def draw_seed(seed: int, bucket: BucketKey, a: float) -> int:
     """A generator seed from the user's seed, the bucket and the noise level (stable across runs)."""
     text = f"{seed}|{bucket.rule}|{bucket.scale}|{bucket.padding}|{bucket.dictionary}|{bucket.label}|{a!r}"

@@ -44,7 +44,7 @@ from patchbank.geometry import BucketKey, centre_index
 from patchbank.tables import Chunk
 
 from . import kernels
-from .base import BackendBase, BackendStats, entry_bias, logits, serving, with_ones
+from .base import BackendBase, BackendStats, entry_bias, logits, on_rows, serving, with_ones
 
 
 SWEEP = True
@@ -149,12 +149,7 @@ class ExactBackend(BackendBase):
         if SWEEP and isinstance(state, _FusedRunning) and rows.numel() >= kernels.MIN_TILE_ROWS:  # logits in registers
             block = kernels.prepare_keys(keys, bias, values, self.dtype)
             qs = (q[rows] * (a / s2)).contiguous()
-            if contiguous and rows.numel() == state.m.shape[0]:
-                self.stats.skipped += kernels.fold_keys(qs, block, state.m, state.acc, state.skip)
-                return
-            m, acc = state.m[rows], state.acc[rows]
-            self.stats.skipped += kernels.fold_keys(qs, block, m, acc, state.skip)
-            state.m[rows], state.acc[rows] = m, acc
+            self.stats.skipped += on_rows(rows, lambda m, acc: kernels.fold_keys(qs, block, m, acc, state.skip), state.m, state.acc)
             return
         values = state.prepare(values, self.dtype)
         for s in range(0, rows.numel(), self.query_chunk):
@@ -269,12 +264,7 @@ class _FusedRunning:
         return values.to(dtype).T.contiguous()
 
     def update(self, rows: torch.Tensor | slice, logits: torch.Tensor, values_t: torch.Tensor) -> int:
-        if isinstance(rows, slice):
-            return kernels.fold(logits, values_t, self.m[rows], self.acc[rows], self.skip)
-        m, acc = self.m[rows], self.acc[rows]
-        skipped = kernels.fold(logits, values_t, m, acc, self.skip)
-        self.m[rows], self.acc[rows] = m, acc
-        return skipped
+        return on_rows(rows, lambda m, acc: kernels.fold(logits, values_t, m, acc, self.skip), self.m, self.acc)
 
     def mean(self) -> torch.Tensor:
         return self.acc[:, :-1] / self.acc[:, -1:]
