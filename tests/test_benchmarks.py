@@ -66,3 +66,35 @@ def test_one_step_agrees_with_the_papers_code(datasets_dir: Path) -> None:
     for r in exact:  # P, "exact", dtype, seconds, × peer, r peer, r exact, max|Δ|, visited, GFLOP/s, of peak
         assert float(r[5]) > 0.999999 and float(r[7]) < 1e-4
         assert 0 < float(r[9]) and 0 < float(r[8]) <= 1
+
+
+def test_proposal_efficiencies_match_a_direct_computation() -> None:
+    """bench_proposals.py's ε = 1/Σπ²/q: for the shared draws (q ∝ counts) against π from a plain softmax over
+    every patch with repetitions, and every proposal's ε within (0, 1]."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_proposals import PROPOSALS, efficiencies
+
+    from machines import alpha_sigma2
+    from patchbank import MemoryBank
+    from patchbank.datasets import random_images, to_model_range
+    from patchbank.geometry import BucketKey, patches_at
+
+    data = random_images(40, (1, 8, 8), seed=5)
+    data.images.copy_(data.images // 128 * 255)  # black and white: many repeated patches, so counts matter
+    bank = MemoryBank(data)
+    key = BucketKey("bbELS", 3, "zeros", (1, 1, 1, 1))
+    clusters = bank.clustered(key, 16)
+    a, s2 = alpha_sigma2(0.5)
+    locs = key.locations(8, 8)[:5]
+    x = to_model_range(data.images[:2], torch.float64) * a + torch.randn(2, 1, 8, 8, dtype=torch.float64) * s2**0.5
+    q = patches_at(x, locs, 3, "zeros").reshape(-1, 9)
+    eff = efficiencies(q, clusters, a, s2)
+    every = patches_at(to_model_range(data.images, torch.float64), key.locations(8, 8), 3, "zeros").reshape(-1, 9)
+    pi = torch.softmax(-torch.cdist(q, a * every) ** 2 / (2 * s2), 1)  # [Q, N·L], every repetition its own entry
+    uniques, inverse = torch.unique(every, dim=0, return_inverse=True)
+    pi_u = torch.zeros(q.shape[0], uniques.shape[0], dtype=torch.float64).index_add_(1, inverse, pi)
+    counts = torch.bincount(inverse).double()
+    direct = 1 / (pi_u**2 / (counts / counts.sum())).sum(1)
+    torch.testing.assert_close(eff["counts"], direct, atol=1e-10, rtol=1e-8)
+    for p in PROPOSALS:
+        assert ((eff[p] > 0) & (eff[p] <= 1 + 1e-9)).all(), p
