@@ -1,6 +1,7 @@
-"""The benchmark scripts that share per-seed results: bench_policy.py and bench_topk.py, end to end on
-100 MNIST images and 3 DDIM steps (their numbers are reported in the README; here only their plumbing:
-resume, refusal of foreign folders, and one folder of exact references serving both)."""
+"""The benchmark scripts, where their plumbing or arithmetic can break unseen: bench_policy.py and bench_topk.py
+end to end on 100 MNIST images and 3 DDIM steps (resume, refusal of foreign folders, one folder of exact
+references serving both), bench_peer.py against the paper's module, and bench_proposals.py's efficiencies
+against a direct computation. Their numbers are reported in the README and docs/."""
 
 from __future__ import annotations
 
