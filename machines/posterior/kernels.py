@@ -12,7 +12,8 @@ from a block of keys laid out once (:func:`prepare_keys`), making the logits the
 6 queries × 64 keys), so no logits block is written to memory; :func:`sweep_tree` runs the exact backend's whole
 pruned pass over a bucket's cluster tree that way. :func:`scan_tree` does it for provenance, and
 runs the whole pruned sweep over a bucket's cluster tree, logits included: ``Σw``, ``Σw·ℓ`` (the
-entropy) and a running list of each query's heaviest patches.
+entropy) and a running list of each query's heaviest patches. :func:`box_scales` computes a patch machine's
+posterior means at several patch sizes at once from box sums over product maps (what calibration compares).
 
 Threads: the block kernels split a block's rows over Python threads. The register-tile kernels (:func:`sweep_tree`,
 :func:`fold_keys`, :func:`moments_keys`) split them over OpenMP threads inside one C call where the compiler
