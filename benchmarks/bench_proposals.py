@@ -57,7 +57,7 @@ def _efficiencies(q: torch.Tensor, clusters, a: float, s2: float, chunk: int = 1
     sizes = offsets[1:] - offsets[:-1]
     cluster_of = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)  # [U]
     log_c = clusters.log_counts
-    log_n = _segment_logsumexp(log_c[None, :], offsets)[0]  # log n_c: the cluster's count
+    log_n = _segment_logsumexp(log_c[None, :], cluster_of, sizes.numel())[0]  # log n_c: the cluster's count
     log_within = log_c - log_n[cluster_of]  # log (c_i / n_c)
     log_total = torch.logsumexp(log_c, 0)
 
@@ -77,18 +77,15 @@ def _efficiencies(q: torch.Tensor, clusters, a: float, s2: float, chunk: int = 1
         "centre": eps(log_centre),
         "bound": eps(by_clusters(upper + log_n)),
         "mixed": eps(torch.logaddexp(log_centre + math.log(0.8), log_counts_q + math.log(0.2))),
-        "oracle": eps(by_clusters(_segment_logsumexp(log_pi, offsets))),
+        "oracle": eps(by_clusters(_segment_logsumexp(log_pi, cluster_of, sizes.numel()))),
     }
     return out
 
 
-def _segment_logsumexp(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """``[R, U]`` → ``[R, K]``: log-sum-exp over each cluster's columns ``offsets[k]:offsets[k+1]``."""
+def _segment_logsumexp(x: torch.Tensor, cluster_of: torch.Tensor, K: int) -> torch.Tensor:
+    """``[R, U]`` → ``[R, K]``: log-sum-exp over each cluster's columns (``cluster_of [U]``: a column's cluster)."""
     top = x.max(1, keepdim=True).values
-    sums = torch.zeros(x.shape[0], offsets.numel() - 1, dtype=x.dtype)
-    sizes = offsets[1:] - offsets[:-1]
-    cluster_of = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
-    sums.index_add_(1, cluster_of, torch.exp(x - top))
+    sums = torch.zeros(x.shape[0], K, dtype=x.dtype).index_add_(1, cluster_of, torch.exp(x - top))
     return torch.log(sums) + top
 
 

@@ -32,8 +32,8 @@ ScalesMethod = Literal["auto", "box", "per_scale"]
 BOX_MIN_SCALE = 5
 """The smallest P that :meth:`ScoreMachine.at_scales` sends to the box pass by default. Below it a pair's exact inner
 product (C·P² multiply-adds, over distinct patches with pruning where tables exist) costs less than the box pass's
-work per pair: on 1,000 MNIST images the exact backend takes 0.0 and 0.2–0.8 s at P = 1 and 3 where the box pass
-takes 7.6 and 6.1 s for the same pairs (docs/performance.md, "Many scales at once")."""
+work per pair: on 1,000 MNIST images (2 queries, 2 threads) the exact backend takes 0.0 and 0.1–0.4 s at P = 1 and
+3 where the box pass alone takes 3.5–4.0 and 2.8–3.4 s (docs/performance.md, "Many scales at once")."""
 MACHINES: tuple[str, ...] = ("IS", "ES", "LS", "ELS", "bbELS")
 
 

@@ -48,6 +48,8 @@ from typing import NamedTuple
 
 import torch
 
+from patchbank.geometry import check_scale
+
 SOURCE = Path(__file__).with_name("_fold.c")
 _SOURCE_TEXT = SOURCE.read_text()
 """The C source as it was when this module was imported: the library compiled later (on first use) is
@@ -323,9 +325,9 @@ def box_scales(queries: torch.Tensor, images: torch.Tensor, scales: list[int] | 
     if not 1 <= C <= 4 or images.shape[0] == 0 or B == 0:
         raise ValueError(f"need 1 to 4 channels, at least one query and one image: got C={C}, B={B}, N={images.shape[0]}")
     _check_arrays(("queries", queries, queries.shape, torch.float64), ("images", images, images.shape, torch.float64))
-    if not scales or any(int(P) < 1 or int(P) % 2 == 0 for P in scales):
-        raise ValueError(f"scales must be odd patch sizes >= 1, got {list(scales)}")
-    radii = torch.tensor([int(P) // 2 for P in scales], dtype=torch.int64)
+    if not scales:
+        raise ValueError("give at least one patch scale")
+    radii = torch.tensor([check_scale(int(P)) for P in scales], dtype=torch.int64)
     out = torch.empty(len(scales), B, C, H, W, dtype=torch.float64)
     n = max(1, threads or torch.get_num_threads())
     pairs = lib.box_scales(n, B, images.shape[0], C, H, W, queries.data_ptr(), images.data_ptr(), len(scales),
