@@ -281,9 +281,9 @@ class PatchBank(Bank):
         index = self.index(key)
         on_gpu = queries.is_cuda and faiss_gpu_available()
         k_eff = min(k, 2048) if on_gpu else k  # FAISS GPU answers k ≤ 2048; the certificate covers the rest
-        nb, probed = index.search(queries, k_eff, nprobe, use_gpu=on_gpu)
+        nb, probed, scanned = index.search(queries, k_eff, nprobe, use_gpu=on_gpu)
         nb = Neighbours(nb.distances.to(queries.device), nb.ids.to(queries.device))
-        return SearchResult(nb, index.kind, probed, index.ivf)
+        return SearchResult(nb, index.kind, probed, index.ivf, scanned)
 
     def index(self, key: BucketKey) -> PatchIndex:
         """The bucket's FAISS index (loaded once)."""

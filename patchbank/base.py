@@ -347,7 +347,8 @@ class Bank(ABC):
         if cache not in self._search_tables:
             self._search_tables[cache] = self.hold(key, self.unique_patches(key).patches.to(queries.device, torch.float32) / 255.0)
         self.touch(key)
-        return SearchResult(torch_search(queries, self._search_tables[cache], k), "flat")
+        table = self._search_tables[cache]
+        return SearchResult(torch_search(queries, table, k), "flat", scanned=queries.shape[0] * table.shape[0])
 
     def _unique_stream(self, key: BucketKey, chunk_size: int, dtype: torch.dtype, device: torch.device | str) -> Iterator[Chunk]:
         table = self.unique_patches(key)

@@ -34,12 +34,14 @@ class Neighbours(NamedTuple):
 
 class SearchResult(NamedTuple):
     """Neighbours plus what the certificate needs: the index ``kind`` (flat: exact top-k; ivf:
-    exact within the ``probed`` lists ``[Q, nprobe]`` described by ``ivf``; hnsw: heuristic)."""
+    exact within the ``probed`` lists ``[Q, nprobe]`` described by ``ivf``; hnsw: heuristic), and
+    ``scanned``, the (query, patch) distances the search computed (what a cost model charges it)."""
 
     neighbours: Neighbours
     kind: IndexKind
     probed: torch.Tensor | None = None
     ivf: IVFLists | None = None
+    scanned: int = 0
 
 
 def merge_neighbours(parts: list[Neighbours], k: int) -> Neighbours:
@@ -152,12 +154,17 @@ class PatchIndex:
         faiss = require_faiss()
         return cls(faiss.read_index(str(path)), spec, ivf)
 
-    def search(self, queries: torch.Tensor, k: int, nprobe: int = 8, use_gpu: bool = False) -> tuple[Neighbours, torch.Tensor | None]:
-        """k-NN of ``queries [Q, D]``; for IVF also the probed lists ``[Q, nprobe]`` (else None)."""
+    def search(self, queries: torch.Tensor, k: int, nprobe: int = 8, use_gpu: bool = False
+               ) -> tuple[Neighbours, torch.Tensor | None, int]:
+        """k-NN of ``queries [Q, D]``; for IVF also the probed lists ``[Q, nprobe]`` (else None); and the
+        (query, patch) distances computed: FAISS's own count for IVF and HNSW on the CPU (list members scanned,
+        graph nodes visited), every pair for Flat, the probed lists' members on a GPU."""
         faiss = require_faiss()
         xq = np.ascontiguousarray(queries.detach().to("cpu", torch.float32).numpy())
         index = self._device_index(use_gpu)
         probed = None
+        counter = {"ivf": faiss.cvar.indexIVF_stats, "hnsw": faiss.cvar.hnsw_stats}.get(self.kind)
+        before = counter.ndis if counter is not None else 0
         if self.kind == "ivf":
             nprobe = min(nprobe, self.index.nlist)
             params = faiss.SearchParametersIVF(nprobe=nprobe)
@@ -166,7 +173,14 @@ class PatchIndex:
             D, I = index.search(xq, k, params=params)
         else:
             D, I = index.search(xq, k)
-        return Neighbours(torch.from_numpy(D), torch.from_numpy(I).to(torch.long)), probed
+        if counter is not None and index is self.index:
+            scanned = int(counter.ndis - before)
+        elif self.kind == "ivf":  # a GPU copy keeps no counts: the probed lists' members
+            sizes = torch.tensor([self.index.invlists.list_size(j) for j in range(self.index.nlist)])
+            scanned = int(sizes[probed].sum())
+        else:
+            scanned = xq.shape[0] * self.index.ntotal
+        return Neighbours(torch.from_numpy(D), torch.from_numpy(I).to(torch.long)), probed, scanned
 
     def _device_index(self, use_gpu: bool):
         if not use_gpu or self.kind == "hnsw" or not faiss_gpu_available():

@@ -77,6 +77,12 @@ def test_certified_rows_stay_within_their_bounds(small_run):
     truncated = next(r for r in report["rows"] if r["config"] == "topk:k=8:tol=none")
     assert truncated["step_error_max"] > 1e-6  # the measurement is not vacuous: truncation does change x̂0
     assert truncated["fallback_fraction"] == 0
+    per_step = [s["certified_fraction"] for s in report["steps"]["topk:k=8:tol=none"]]
+    assert truncated["certified_fraction"] == pytest.approx(sum(per_step) / len(per_step)) and 0 <= min(per_step)
+    assert all(r["certified_fraction"] is None for r in report["rows"] if r["kind"] != "topk")
+    summary = (Path(cfg.out) / "summary.md").read_text()
+    table = summary[summary.index("Pixels certified by top-k per step"):]
+    assert "| `topk:k=8:tol=none` | " + " | ".join(f"{f:.3f}" for f in per_step) + " |" in table
 
 
 def test_rerun_resumes_from_finished_configurations(small_run, monkeypatch):

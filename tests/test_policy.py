@@ -149,9 +149,13 @@ def test_small_buckets_go_exact_and_everything_can_go_exact(bank, mnist):
 
 
 def test_rest_goes_to_certified_topk(bank, mnist):
+    """What the draws do not answer goes to top-k where its plan says top-k pays (a free search here), else to exact."""
     q, bucket, a, s2 = _queries(mnist, 0.1)
+    costly = AutoBackend(samples=256, max_samples=512, se_tol=0.02, topk=TopKBackend(k=64, tol=1e-6), search_cost=1e6)
+    costly.posterior(bank, bucket, q, a, s2)
+    assert costly.stats.topk == 0 and costly.stats.exact > 0 and list(costly.topk_plans.values()) == [False]
     topk = TopKBackend(k=64, tol=1e-6)
-    backend = AutoBackend(samples=256, max_samples=512, se_tol=0.02, topk=topk)
+    backend = AutoBackend(samples=256, max_samples=512, se_tol=0.02, topk=topk, search_cost=0)
     out = backend.posterior(bank, bucket, q, a, s2)
     exact = ExactBackend().posterior(bank, bucket, q, a, s2)
     rest = backend.stats.topk
@@ -304,3 +308,61 @@ def test_the_cost_model_options_are_checked():
         AutoBackend(probe=-1)
     with pytest.raises(ValueError, match="probe >= 0 and draw_cost > 0"):
         AutoBackend(draw_cost=0)
+
+
+@pytest.mark.parametrize("search_cost,first", [(0.0, True), (1e6, False)])
+def test_top_k_goes_first_where_its_cost_model_says_it_pays(bank, mnist, search_cost, first):
+    """Where draws do not pay (P = 5, late), the plan sends the bucket to certified top-k first when search plus
+    certificate plus the exact fallback for the pixels it cannot certify cost less than exact — with a free search
+    here — and to exact when the search costs too much. Top-k answers are its own (within 2·tol of exact, so
+    the route changes an answer by at most that); the plan is kept per (bucket, level) and depends on no batch."""
+    q, bucket, a, s2 = _queries(mnist, 0.05, P=5)
+    topk = TopKBackend(k=64, tol=1e-4)
+    policy = AutoBackend(samples=256, draw_cost=1.5, topk=topk, search_cost=search_cost)
+    got = policy.posterior(bank, bucket, q, a, s2)
+    assert list(policy.plans.values()) == [False] and list(policy.topk_plans.values()) == [first]
+    summary = policy.stats.summary()
+    assert policy.stats.draws == 0 and summary["planned_topk_fraction"] == (1.0 if first else 0.0)
+    assert summary["planned_exact_fraction"] == (0.0 if first else 1.0)
+    exact = ExactBackend().posterior(bank, bucket, q, a, s2)
+    if first:
+        assert torch.equal(got, TopKBackend(k=64, tol=1e-4).posterior(bank, bucket, q, a, s2))
+        assert 0 < topk.stats.fallback < q.shape[0]  # some pixels certified, the rest summed exactly by top-k's fallback
+        assert (got - exact).abs().max() <= 2 * topk.tol
+    else:
+        assert topk.stats.queries == 0
+        torch.testing.assert_close(got, exact, rtol=0, atol=FALLBACK_TOL)
+    fresh = AutoBackend(samples=256, draw_cost=1.5, topk=TopKBackend(k=64, tol=1e-4), search_cost=search_cost)
+    torch.testing.assert_close(fresh.posterior(bank, bucket, q[:7], a, s2), got[:7], rtol=0, atol=1e-6)
+    assert fresh.topk_plans == policy.topk_plans
+
+
+def test_a_top_k_route_from_a_spec():
+    """``auto:topk_k=K`` gives the policy a certified top-k route whose fallback is the policy's own exact backend."""
+    from machines.posterior.registry import make_backend
+
+    policy = make_backend("auto:topk_k=256:search_cost=2")
+    assert policy.topk is not None and policy.topk.k == 256 and policy.topk.exact is policy.exact and policy.search_cost == 2
+    assert make_backend("auto").topk is None
+    with pytest.raises(ValueError, match="search_cost >= 0 and topk_k >= 1"):
+        AutoBackend(topk_k=0)
+
+
+def test_draws_are_priced_against_the_pruned_exact_route(bank, mnist):
+    """The draws' plan weighs what they save by the pairs the exact route really computes per query (``V``, measured on
+    the probe queries, cluster pruning included; every entry where the bucket is streamed), not by the bucket's size."""
+    q, bucket, a, s2 = _queries(mnist, 0.05)
+    policy = AutoBackend(samples=256, draw_cost=1.5)
+    policy.posterior(bank, bucket, q, a, s2)
+    plan = (bucket, a, s2)
+    exact = ExactBackend(dtype=torch.float32)
+    exact.posterior(bank, bucket, policy._probe_queries(bank, bucket, a, s2), a, s2)
+    assert policy.pairs[plan] == exact.stats.visited / policy.probe <= bank.stream_size(bucket)
+    for V, draws in ((1.0, False), (1e12, True)):  # the same probe, priced against a cheap or a costly exact route
+        priced = AutoBackend(samples=256, draw_cost=1.5)
+        priced.pairs[plan] = V
+        priced.posterior(bank, bucket, q, a, s2)
+        assert priced.plans[plan] == draws and (priced.stats.draws > 0) == draws
+    streamed = MemoryBank(mnist, dedup=True, materialise_max=1)  # no tables at P = 3: every entry, every query
+    policy = AutoBackend(samples=256)
+    assert policy.exact_pairs(streamed, bucket, a, s2) == streamed.stream_size(bucket)

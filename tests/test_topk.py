@@ -134,3 +134,74 @@ def test_failing_ivf_queries_are_searched_again_with_more_lists(bank, mnist):
     assert runs["again"][0] >= runs["once"][0] and runs["again"][0] >= 0.98 * runs["flat"][0] > 0.3
     with pytest.raises(ValueError, match="max_nprobe"):
         TopKBackend(nprobe=8, max_nprobe=4)
+
+
+@pytest.mark.parametrize("max_nprobe", [1, None])
+def test_certificates_for_several_k_equal_one_search_per_k(bank, mnist, max_nprobe):
+    """``certificates`` reads every k's ε from one search at the largest k; each equals what a search at that k gives,
+    IVF lists probed again included, and a call records no statistics."""
+    q = _queries(mnist, INTERIOR, 0.1)
+    a, s2 = alpha_sigma2(0.1)
+    ks = [4, 16, 64]
+    topk = TopKBackend(tol=None, nprobe=1, max_nprobe=max_nprobe)
+    many = topk.certificates(bank, INTERIOR, q, a, s2, ks)
+    assert topk.stats.queries == 0 and sorted(many) == ks
+    for k in ks:
+        one = TopKBackend(k=k, tol=None, nprobe=1, max_nprobe=max_nprobe)
+        one.posterior(bank, INTERIOR, q, a, s2)
+        same = (many[k] - one.stats.eps[0]).abs() <= 1e-9 * one.stats.eps[0].abs() + 1e-12
+        assert same.float().mean() > 0.99, k  # up to float32 distance ties at the k-th place
+    assert (many[4] >= many[64] - 1e-12).float().mean() > 0.99  # more retrieved, less left out
+    with pytest.raises(ValueError, match="k >= 1"):
+        topk.certificates(bank, INTERIOR, q, a, s2, [0, 4])
+
+
+def _violations(bank, q, a, s2, exact, **options) -> float:
+    """Fraction of pixels whose measured error exceeds twice the certificate."""
+    topk = TopKBackend(k=8, tol=None, nprobe=1, max_nprobe=1, **options)
+    err = (topk.posterior(bank, INTERIOR, q, a, s2) - exact).abs().amax(1)
+    return float((err > 2 * topk.stats.eps[0] + 1e-9).double().mean())
+
+
+@pytest.mark.parametrize("t", [0.1, 0.2])
+def test_the_rigour_check_catches_a_planted_wrong_bound(bank, mnist, monkeypatch, t):
+    """The per-pixel check ``error ≤ 2ε`` has teeth: the true bounds pass it, and bounds with a planted mistake fail it —
+    a cluster bound that forgets the radius (centre distance alone), an IVF bound that forgets the unprobed lists, a
+    flat bound that forgets the patches not retrieved. A loose flat bound (every patch not retrieved at distance
+    0) passes it, and the tightness check catches it. (Where
+    the posterior is broad, as at t = 0.5, even a wrong bound exceeds 1 and no error can exceed it: the check bites where
+    a bound claims to be tight.)"""
+    from machines.posterior import topk as module
+
+    q = _queries(mnist, INTERIOR, t)
+    a, s2 = alpha_sigma2(t)
+    exact = ExactBackend().posterior(bank, INTERIOR, q, a, s2)
+    assert _violations(bank, q, a, s2, exact) == 0 and _violations(bank, q, a, s2, exact, bound="index") == 0
+
+    true_cluster, true_neglected = module._cluster_bound, TopKBackend._neglected
+    no_radius = lambda tree, *rest: true_cluster((*tree[:2], torch.zeros_like(tree[2]), tree[3]), *rest)  # noqa: E731
+    monkeypatch.setattr(module, "_cluster_bound", no_radius)
+    assert _violations(bank, q, a, s2, exact, bound="best") > 0
+    monkeypatch.setattr(module, "_cluster_bound", true_cluster)
+
+    def forgetful(self, found, rows, qa, d2, valid, counts, total, a, s2, m):
+        if found.kind == "ivf":  # the probed lists only
+            return true_neglected(self, found._replace(kind="flat"), rows, qa, d2, valid, counts,
+                                  float(found.ivf.counts[found.probed[rows]].sum(1).max()), a, s2, m)
+        return true_neglected(self, found, rows, qa, d2, valid, counts, float(counts.sum(1).max()), a, s2, m)
+
+    monkeypatch.setattr(TopKBackend, "_neglected", forgetful)
+    assert _violations(bank, q, a, s2, exact, bound="index") > 0
+    monkeypatch.setattr(TopKBackend, "_neglected", true_neglected)
+
+    def certified_at_late_time() -> float:  # the tightness check of the test above, on the Flat formula
+        late = _queries(mnist, INTERIOR, 0.05)
+        topk = TopKBackend(k=64, tol=None, engine="torch", bound="index")
+        topk.posterior(bank, INTERIOR, late, *alpha_sigma2(0.05))
+        return float((topk.stats.eps[0] < 1e-3).double().mean())
+
+    assert certified_at_late_time() > 0.5
+    true_beyond = module.beyond_kth  # loose: every patch not retrieved weighed as if at distance 0
+    monkeypatch.setattr(module, "beyond_kth", lambda qa, dk2, a, s2, m: true_beyond(qa, torch.zeros_like(dk2), a, s2, m))
+    assert _violations(bank, q, a, s2, exact, bound="index") == 0  # loose is still rigorous …
+    assert certified_at_late_time() < 0.5  # … and the tightness check catches it

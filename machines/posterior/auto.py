@@ -14,8 +14,10 @@ For one bucket call (all query pixels that share a dictionary) the policy
    passes, or is projected to pass within the limit of step 3 (ESS and SE² scale with the draws),
    or not, giving the fraction ``f`` that the draws would answer and the mean draws ``d`` step 3
    would spend (its need for a probe that passes, the whole limit for one that would escalate and
-   still fail, one round for one that would leave early). The draws
-   are kept only when ``draw_cost · d < f · N`` — what they save (the exact sums of the pixels they
+   still fail, one round for one that would leave early). The probe queries are also summed exactly,
+   giving ``V``, the (query, entry) pairs per query of the exact route (``N`` where the bucket is streamed;
+   fewer where a distinct-patch table lets cluster pruning skip work, as at late times). The draws
+   are kept only when ``draw_cost · d < f · V`` — what they save (the exact sums of the pixels they
    answer) exceeds what they cost (``draw_cost``: one draw's cost in exact (query, entry) pairs;
    gathering a patch and keeping two sums per draw make it above 1: measured 1.6–2.3, median 1.9,
    against the exact backend's register-tile kernels, and about 1.5 against its per-block product and fold).
@@ -36,10 +38,18 @@ For one bucket call (all query pixels that share a dictionary) the policy
    a query whose ESS and SE, projected in proportion to the draws, would need more than 8× that
    limit leaves at once (it would fail at the limit too; each query's projection depends on its own
    draws only, so this keeps answers independent of the batch);
-4. sends what remains to the certified **top-k** backend when one is given and the bucket has a
-   distinct-patch table (it falls back to exact itself), else to the certified **cluster summaries**
-   (:class:`~machines.posterior.summary.SummaryBackend`) when given and the bucket has clusters, else to the
-   **exact** backend (the fused kernel on the CPU).
+1c. where the plan of 1b is exact and a certified **top-k** backend is given, it plans by the same probe whether
+   top-k should answer the bucket at this level first (its own exact fallback taking the pixels it cannot certify):
+   the probe queries are searched and certified as top-k would answer them, and summed exactly, giving the
+   fraction ``f`` top-k certifies, the distances its search computed per query ``S`` (the index's own count:
+   every pair for Flat, the scanned lists for IVF, the visited nodes for HNSW) and the exact route's pairs per
+   query ``V`` (pruning included). Top-k goes first when ``search_cost · S + k + clusters + (1 − f) · V < V``
+   (``search_cost``: one searched pair's cost in exact pairs; ``k + clusters``: the certificate's distances and
+   its cluster bound). Kept per (bucket, noise level), like the draws' plan;
+4. sends what remains to the certified **top-k** backend when one is given, the bucket has a distinct-patch
+   table and (cost model on) the top-k plan of step 1c says it pays (it falls back to exact itself), else to
+   the certified **cluster summaries** (:class:`~machines.posterior.summary.SummaryBackend`) when given and the
+   bucket has clusters, else to the **exact** backend (the fused kernel on the CPU).
 
 Broad posteriors (early and middle times: thousands of patches carry weight) pass at step 2 for
 a few hundred milliseconds per bucket; concentrated posteriors (late times, stroke pixels)
@@ -53,7 +63,7 @@ Draws are deterministic given ``seed``, the bucket and the noise level.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal
 
 import torch
@@ -64,13 +74,17 @@ from patchbank.geometry import BucketKey
 from . import kernels
 from .base import BackendBase, BackendStats, Guarantee, draw_seed, entry_bias, logits, on_rows, serving, with_ones
 from . import exact as exact_module
-from .exact import ExactBackend
+from .exact import ExactBackend, PairStats
 from .summary import SummaryBackend
-from .topk import TopKBackend
+from .topk import TopKBackend, TopKStats
 
 EARLY_FACTOR = 8.0  # leave when the projected need exceeds this many times the limit (projections from few draws run high)
 SMALL_FACTOR = 4  # buckets with fewer than this many times ``samples`` entries are summed exactly at once
 PROBE_SEED = 0x9E3779B9  # offsets the probe's seed from the draws' (the probe draws its own patches and noise)
+SEARCH_COST = 9.0
+"""One (query, patch) distance of the top-k search in exact (query, entry) pairs, for the top-k plan: FAISS Flat on
+this project's 2-core CPU computes 2,048 queries × 900,000 27-dimensional patches in 6.3 s at k = 64 (3.4 ns per
+pair), where the exact backend's register-tile sweep takes 0.39 ns per visited pair (docs/performance.md)."""
 
 
 @dataclass
@@ -83,6 +97,7 @@ class PolicyStats(BackendStats):
     exact: int = 0
     summaries: int = 0  # queries answered by the cluster summaries
     planned_exact: int = 0  # … of the exact ones, sent there by the probe's plan without drawing
+    planned_topk: int = 0  # … of the top-k ones, sent there first by the probe's plan (no draws)
     low_ess: int = 0  # queries that left the draws with ESS < min_ess
     high_se: int = 0  # … with enough ESS but SE > se_tol
     stopped_early: int = 0  # … of which left the draws before the limit: their projected need was beyond it
@@ -115,6 +130,7 @@ class PolicyStats(BackendStats):
             "exact_fraction": self.exact / q,
             "summary_fraction": self.summaries / q,
             "planned_exact_fraction": self.planned_exact / q,  # routed to exact by the cost model, no draws made
+            "planned_topk_fraction": self.planned_topk / q,  # routed to top-k first by the cost model, no draws made
             "fallback_fraction": (self.topk + self.exact + self.summaries) / q,  # answered by other than the draws
             "low_ess_fraction": self.low_ess / q,
             "high_se_fraction": self.high_se / q,
@@ -151,7 +167,8 @@ class AutoBackend(BackendBase):
     (bucket, noise level) for the route plan (0: always draw first); ``draw_cost``: one draw's cost in
     exact (query, entry) pairs, for the plan (see the module docstring; None: 2.0 where the exact backend
     makes its logits in registers on the CPU, 1.5 where it folds blocks; a constant, so plans and answers never depend on
-    timings).
+    timings). ``topk_k``: with no ``topk`` given, a certified top-k route of this k whose fallback is ``exact``
+    (None: none); ``search_cost``: one searched (query, patch) distance in exact pairs, for the top-k plan.
     """
 
     samples: int = 4096
@@ -168,8 +185,12 @@ class AutoBackend(BackendBase):
     kernel: Literal["auto", "fused", "torch"] = "auto"
     probe: int = 32
     draw_cost: float | None = None
+    topk_k: int | None = None
+    search_cost: float = SEARCH_COST
     stats: PolicyStats = field(default_factory=PolicyStats, repr=False)
     plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # (bucket, a, s²) → draw first?
+    topk_plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # (bucket, a, s²) → top-k first?
+    pairs: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # (bucket, a, s²) → exact pairs per query
     left_early: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     need: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     guarantee: ClassVar[Guarantee] = "statistical"
@@ -186,7 +207,11 @@ class AutoBackend(BackendBase):
             raise ValueError(f"need probe >= 0 and draw_cost > 0, got probe={self.probe}, draw_cost={self.draw_cost}")
         if self.draw_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"draw_dtype must be torch.float32 or torch.float64, got {self.draw_dtype}")
+        if not self.search_cost >= 0 or (self.topk_k is not None and self.topk_k < 1):
+            raise ValueError(f"need search_cost >= 0 and topk_k >= 1, got {self.search_cost}, {self.topk_k}")
         kernels.check_option(self.kernel)
+        if self.topk is None and self.topk_k is not None:
+            self.topk = TopKBackend(k=self.topk_k, exact=self.exact)
 
     def uses_fused(self, device: torch.device | str) -> bool:
         """Whether the draws' moments on ``device`` are folded by the fused kernel."""
@@ -204,6 +229,12 @@ class AutoBackend(BackendBase):
         if N <= self.samples:
             return self._exact(bank, bucket, queries, a, s2)
         if self.probe and (N < SMALL_FACTOR * self.samples or not self.worth_drawing(bank, bucket, N, a, s2)):
+            if self.topk is not None and route == "table" and self.topk_pays(bank, bucket, a, s2):
+                with self.stats.timer("topk_s"):
+                    means = self.topk.posterior(bank, bucket, queries, a, s2)
+                self.stats.topk += Q
+                self.stats.planned_topk += Q
+                return means
             self.stats.planned_exact += Q
             return self._exact(bank, bucket, queries, a, s2)
         with self.stats.timer("sample_s"):
@@ -213,7 +244,7 @@ class AutoBackend(BackendBase):
         rest = torch.nonzero(~ok).view(-1)
         if rest.numel():
             q = queries[rest.to(queries.device)]
-            if self.topk is not None and route == "table":
+            if self.topk is not None and route == "table" and (not self.probe or self.topk_pays(bank, bucket, a, s2)):
                 with self.stats.timer("topk_s"):
                     means[rest] = self.topk.posterior(bank, bucket, q, a, s2).cpu().to(means.dtype)
                 self.stats.topk += rest.numel()
@@ -232,9 +263,7 @@ class AutoBackend(BackendBase):
         plan = (bucket, a, s2)
         if plan not in self.plans:
             with self.stats.timer("probe_s"):
-                gen = torch.Generator().manual_seed(draw_seed(self.seed + PROBE_SEED, bucket, a))
-                p = bank.sample_patches(bucket, self.probe, gen, torch.float64).keys
-                q = a * p + s2**0.5 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
+                q = self._probe_queries(bank, bucket, a, s2)
                 limit = self._limit(N)
                 keep = self.stats
                 self.stats = PolicyStats()  # the probe's draws are not the call's
@@ -248,10 +277,51 @@ class AutoBackend(BackendBase):
                 passes = ok | (need <= limit)
                 draws = torch.where(passes, need.clamp(min=self.samples),
                                     torch.where(need > EARLY_FACTOR * limit, float(self.samples), float(limit)))
-                saves = float(passes.double().mean()) * N
+                saves = float(passes.double().mean()) * self.exact_pairs(bank, bucket, a, s2)
                 costs = self.cost_of_a_draw() * float(draws.double().mean())
                 self.plans[plan] = costs < saves
         return self.plans[plan]
+
+    def topk_pays(self, bank: Bank, bucket: BucketKey, a: float, s2: float) -> bool:
+        """The cost model's top-k plan for a bucket with a distinct-patch table at noise level ``(a, s²)``: whether
+        certified top-k (with its exact fallback) is expected to cost less than the exact route (kept per bucket
+        and level; see the module docstring, step 1c). Depends on neither the queries nor the batch."""
+        plan = (bucket, a, s2)
+        if plan not in self.topk_plans:
+            assert self.topk is not None
+            with self.stats.timer("probe_s"):
+                q = self._probe_queries(bank, bucket, a, s2)
+                trial = replace(self.topk, stats=TopKStats(), exact=replace(self.topk.exact, stats=PairStats()),
+                                _clusters=self.topk._clusters)
+                trial.posterior(bank, bucket, q, a, s2)
+                n = q.shape[0]
+                V = self.exact_pairs(bank, bucket, a, s2)
+                certified = 1 - trial.stats.fallback / n
+                U = bank.unique_patches(bucket).patches.shape[0]
+                overhead = min(trial.k, U) + (U / (trial.bound_leaf or bank.leaf_size) if trial.bound == "best" else 0)
+                cost = self.search_cost * trial.stats.scanned / n + overhead + (1 - certified) * V
+                self.topk_plans[plan] = cost < V
+        return self.topk_plans[plan]
+
+    def exact_pairs(self, bank: Bank, bucket: BucketKey, a: float, s2: float) -> float:
+        """``V``, the (query, entry) pairs per query the exact route computes at this bucket and noise level: the
+        bucket's entries where it is streamed, else measured on the probe queries (pruning included). Kept per plan."""
+        plan = (bucket, a, s2)
+        if plan not in self.pairs:
+            if serving(bank, bucket) != "table" or not (self.exact.prune and self.exact.dedup):
+                self.pairs[plan] = float(bank.stream_size(bucket))
+            else:
+                exact = replace(self.exact, stats=PairStats())
+                exact.posterior(bank, bucket, self._probe_queries(bank, bucket, a, s2), a, s2)
+                self.pairs[plan] = exact.stats.visited / self.probe
+        return self.pairs[plan]
+
+    def _probe_queries(self, bank: Bank, bucket: BucketKey, a: float, s2: float) -> torch.Tensor:
+        """The cost model's ``probe`` queries ``a·p + s·ε`` ``[probe, D]``: training patches ``p`` of the bucket and noise
+        ``ε``, both drawn from a generator seeded by ``seed``, the bucket and the noise level."""
+        gen = torch.Generator().manual_seed(draw_seed(self.seed + PROBE_SEED, bucket, a))
+        p = bank.sample_patches(bucket, self.probe, gen, torch.float64).keys
+        return a * p + s2**0.5 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
 
     def cost_of_a_draw(self) -> float:
         """One draw's cost in exact (query, entry) pairs for the plan: ``draw_cost``, or by default what was measured

@@ -35,7 +35,7 @@ import torch
 
 from patchbank.base import Bank
 from patchbank.geometry import BucketKey, centre_index
-from patchbank.index import SearchResult
+from patchbank.index import Neighbours, SearchResult
 
 from .base import BackendBase, BackendStats, Guarantee, NeighbourSearch, serving
 from .exact import ExactBackend
@@ -58,6 +58,7 @@ class TopKStats(BackendStats):
     exact_s: float = 0.0
     within_tol: int = 0  # queries whose ε ≤ the backend's tol (1e-4 when it keeps every answer)
     reprobed: int = 0  # query searches repeated with more IVF lists (a query may count once per round)
+    scanned: int = 0  # (query, patch) distances the searches computed (SearchResult.scanned)
 
     def summary(self) -> dict:
         eps = torch.cat(self.eps) if self.eps else torch.zeros(0)
@@ -70,6 +71,7 @@ class TopKStats(BackendStats):
             "certified_fraction": self.within_tol / self.queries if self.queries and self.certified else 0.0,
             "certified": self.certified,
             "reprobed_fraction": self.reprobed / self.queries if self.queries else 0.0,
+            "scanned_per_query": self.scanned / self.queries if self.queries else 0.0,
             "search_s": round(self.search_s, 4),
             "topk_s": round(self.topk_s, 4),
             "bound_s": round(self.bound_s, 4),
@@ -182,14 +184,46 @@ class TopKBackend(NeighbourSearch, BackendBase):
         *kept, _ = self._search(bank, bucket, q, a, s2, k, truncated)
         return tuple(kept)  # type: ignore[return-value]
 
-    def _search(self, bank: Bank, bucket: BucketKey, q: torch.Tensor, a: float, s2: float, k: int, truncated
-                ) -> tuple:
-        """Search the ``k`` nearest distinct patches of ``q [Q, D]`` and take ``truncated(found, q)`` — tensors with
-        a first dimension ``Q``, the last the certificate ε —; through an IVF index, queries whose ε exceeds
-        the tolerance are searched again with 4× the lists (up to ``max_nprobe``) and keep the better answer.
-        Returns ``truncated``'s tensors and the index kind."""
-        with self.stats.timer("search_s"):
-            found = self.nearest(bank, bucket, (q / a).to(torch.float32), k)
+    def certificates(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float,
+                     ks: list[int]) -> dict[int, torch.Tensor]:
+        """The certificate ``ε [Q]`` each ``k`` of ``ks`` would give queries ``[Q, D]`` against a bucket with a
+        distinct-patch table, from one search at the largest ``k``: the ``k`` nearest are the first ``k`` of the
+        largest search's (exactly for Flat, and for IVF within the same probed lists), so each ``k`` costs its
+        bound but no search of its own. Through an IVF index, queries above the tolerance are still searched again
+        with more lists at their own ``k``, as :meth:`posterior` does. Statistics are not recorded."""
+        if serving(bank, bucket) != "table":
+            raise ValueError(f"bucket {bucket} has no distinct-patch table: it has no top-k certificate")
+        if not ks or min(ks) < 1:
+            raise ValueError(f"need k >= 1, got {ks}")
+        q = queries.to(torch.float64)
+        U = bank.unique_patches(bucket).patches.shape[0]
+        top = min(max(ks), U)
+        keep = self.stats
+        self.stats = TopKStats()
+        try:
+            with self.stats.timer("search_s"):
+                found = self.nearest(bank, bucket, (q / a).to(torch.float32), top)
+            out = {}
+            for k in ks:
+                kk = min(k, U)
+                first = found._replace(neighbours=Neighbours(*(x[:, :kk] for x in found.neighbours)))
+                *_, eps, _ = self._search(bank, bucket, q, a, s2, kk,
+                                          lambda f, rows: self._truncated(bank, bucket, rows, f, a, s2), found=first)
+                out[k] = eps.cpu()
+        finally:
+            self.stats = keep
+        return out
+
+    def _search(self, bank: Bank, bucket: BucketKey, q: torch.Tensor, a: float, s2: float, k: int, truncated,
+                found: SearchResult | None = None) -> tuple:
+        """Search the ``k`` nearest distinct patches of ``q [Q, D]`` (or take ``found``, a search already made) and
+        take ``truncated(found, q)`` — tensors with a first dimension ``Q``, the last the certificate ε —; through
+        an IVF index, queries whose ε exceeds the tolerance are searched again with 4× the lists (up to
+        ``max_nprobe``) and keep the better answer. Returns ``truncated``'s tensors and the index kind."""
+        if found is None:
+            with self.stats.timer("search_s"):
+                found = self.nearest(bank, bucket, (q / a).to(torch.float32), k)
+            self.stats.scanned += found.scanned
         with self.stats.timer("topk_s"):
             out = list(truncated(found, q))
         if found.kind != "ivf":
@@ -205,6 +239,7 @@ class TopKBackend(NeighbourSearch, BackendBase):
             self.stats.reprobed += rows.numel()
             with self.stats.timer("search_s"):
                 again = bank.search(bucket, (q[rows] / a).to(torch.float32), k, nprobe, self.engine)
+            self.stats.scanned += again.scanned
             with self.stats.timer("topk_s"):
                 new = truncated(again, q[rows])
             better = new[-1] < out[-1][rows]

@@ -40,6 +40,7 @@ def make_row(v: Variant, backend, final: torch.Tensor, seconds: float, seeds: in
         "max_abs_diff": float((final - reference_final).abs().max()),
         "fallback_fraction": _mean([s.get("fallback_fraction") for s in steps]),
         "eps_median": _median([s.get("eps_median") for s in steps]),
+        "certified_fraction": _mean([s.get("certified_fraction") for s in steps]),  # top-k: pixels with ε ≤ 1e-4 (or tol)
         "eps_max": _max([s.get("eps_max") for s in steps]),
         "se_median": _median([s.get("se_median") for s in steps]),
         "search_s": sum(s.get("search_s", 0.0) for s in steps),
@@ -129,12 +130,13 @@ def summary_markdown(report: dict) -> str:
     lines = [f"Ablation: {cfg['machine']} on {cfg['dataset']} ({cfg['n_train'] or 'all'} images, resize {cfg['resize']}), "
              f"schedule {cfg['calibration'] or cfg['schedule']}, {len(cfg['seeds'])} seeds × {cfg['steps']} steps; "
              f"exact reference {report['reference_seconds'] / len(cfg['seeds']):.1f} s/sample (cold: includes building tables); " + base, "",
-             "| config | s/sample | × exact | r min | max abs Δ | fallback | ε median | step err max | within bound | peak MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| config | s/sample | × exact | r min | max abs Δ | fallback | certified | ε median | step err max | within bound | peak MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         lines.append(
             f"| `{r['config']}` | {r['seconds_per_sample']:.2f} | {r['speedup_vs_exact'] or 0:.2f} | {r['pearson_r_min']:.6f} | "
-            f"{r['max_abs_diff']:.1e} | {_fmt(r['fallback_fraction'], '.3f')} | {_fmt(r['eps_median'], '.1e')} | "
+            f"{r['max_abs_diff']:.1e} | {_fmt(r['fallback_fraction'], '.3f')} | {_fmt(r.get('certified_fraction'), '.3f')} | "
+            f"{_fmt(r['eps_median'], '.1e')} | "
             f"{_fmt(r['step_error_max'], '.1e')} | {_bound_text(r)} | "
             f"{r['peak_rss_mb']:.0f} |")
     best = report.get("best")
@@ -144,6 +146,14 @@ def summary_markdown(report: dict) -> str:
     if "network_r_median" in report["rows"][0]:
         lines += ["", "Machine-vs-network median r per config: " + ", ".join(
             f"`{r['config']}` {r['network_r_median']:.4f}" for r in report["rows"])]
+    certified = {name: recs for name, recs in report.get("steps", {}).items()
+                 if recs and any(rec.get("certified_fraction") is not None for rec in recs)}
+    if certified:
+        lines += ["", "Pixels certified by top-k per step (ε ≤ tol, or 1e-4 without one; the rest go to the exact fallback):", "",
+                  "| config | " + " | ".join(f"t={rec['t']:.2f} P={rec.get('P', '–')}" for rec in next(iter(certified.values()))) + " |",
+                  "|---|" + "---:|" * len(next(iter(certified.values())))]
+        for name, recs in certified.items():
+            lines.append(f"| `{name}` | " + " | ".join(_fmt(rec.get("certified_fraction"), ".3f") for rec in recs) + " |")
     if report.get("concentration"):
         lines += ["", "Posterior concentration (median over pixels): distinct patches holding 1 − 10⁻³ of the mass / bucket distinct "
                       "entries; effective number exp(H).", "", "| t | P | k(0.999) | of | exp(H) distinct | exp(H) patches |",
