@@ -205,3 +205,24 @@ def test_the_rigour_check_catches_a_planted_wrong_bound(bank, mnist, monkeypatch
     monkeypatch.setattr(module, "beyond_kth", lambda qa, dk2, a, s2, m: true_beyond(qa, torch.zeros_like(dk2), a, s2, m))
     assert _violations(bank, q, a, s2, exact, bound="index") == 0  # loose is still rigorous …
     assert certified_at_late_time() < 0.5  # … and the tightness check catches it
+
+
+def test_a_search_counts_the_distances_it_computed(bank, mnist):
+    """``SearchResult.scanned``: every (query, patch) pair for Flat and for torch search; for IVF, FAISS's count, which is
+    the probed lists' members — all of them when every list is probed."""
+    q = _queries(mnist, INTERIOR, 0.1)[:40]
+    a, _ = alpha_sigma2(0.1)
+    qa = (q / a).float()
+    U = bank.unique_patches(INTERIOR).patches.shape[0]
+    assert bank.search(INTERIOR, qa, 8, engine="torch").scanned == 40 * U
+    if found_kind(bank) == "flat":
+        assert bank.search(INTERIOR, qa, 8).scanned == 40 * U
+        return
+    index = bank.index(INTERIOR).index
+    sizes = torch.tensor([index.invlists.list_size(j) for j in range(index.nlist)])
+    one = bank.search(INTERIOR, qa, 8, nprobe=1)
+    assert one.scanned == int(sizes[one.probed].sum()) < 40 * U
+    assert bank.search(INTERIOR, qa, 8, nprobe=index.nlist).scanned == 40 * U
+    topk = TopKBackend(k=8, tol=None, nprobe=1, max_nprobe=1)
+    topk.posterior(bank, INTERIOR, q, a, alpha_sigma2(0.1)[1])
+    assert topk.stats.summary()["scanned_per_query"] == one.scanned / 40
