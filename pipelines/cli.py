@@ -242,7 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--no-concentration", dest="concentration", action="store_false", default=None)
     ab.add_argument("--concentration-times", type=float, nargs="+", default=None)
     ab.add_argument("--concentration-scales", type=int, nargs="+", default=None)
-    ab.add_argument("--concentration-pixels", type=int, default=None)
+    ab.add_argument("--concentration-pixels", type=int, default=None, help="pixels per (t, P) of both studies")
+    ab.add_argument("--certificate-ks", type=int, nargs="+", default=None,
+                    help="the certificate study: pixels each top-k entry certifies at these k (default: no study)")
+    ab.add_argument("--certificate-times", type=float, nargs="+", default=None, help="its times (default: --concentration-times)")
     ab.add_argument("--out", default=None, help=f"default {da.out}")
     return parser
 

@@ -39,7 +39,8 @@ def small_run(tmp_path_factory, datasets_env):
     (root / "calibration.json").write_text(json.dumps({"schedule": [[0.25, 3], [0.5, 5], [1.0, 5]]}))
     cfg = AblationConfig(dataset="mnist", resize=12, n_train=40, seeds=[0, 1], steps=4, grid=GRID,
                          calibration=str(root / "calibration.json"), banks=str(root / "banks"), out=str(root / "out"),
-                         concentration_times=[0.1, 0.9], concentration_scales=[3], concentration_pixels=6)
+                         concentration_times=[0.1, 0.9], concentration_scales=[3], concentration_pixels=6,
+                         certificate_ks=[2, 100000], certificate_times=[0.1, 0.6])
     return cfg, run_ablation(cfg, progress=False)
 
 
@@ -53,6 +54,26 @@ def test_every_report_file_is_written(small_run):
     assert len(report["steps"]["exact"]) == cfg.steps
     env = json.loads((out / "config.json").read_text())["environment"]
     assert env["torch"] == torch.__version__ and env["torch_threads"] >= 1
+
+
+def test_the_certificate_study_counts_what_each_top_k_entry_certifies(small_run):
+    """One cell per top-k entry × t × k, P from the schedule, kept in certificate.json and tabulated in summary.md. With k
+    above every bucket's size every pixel is certified; fewer retrieved patches never certify more pixels."""
+    cfg, report = small_run
+    cells = report["certificate"]
+    entries = [g for g in GRID if g.startswith("topk")]
+    assert [(c["config"], c["t"], c["P"], c["k"]) for c in cells] == [(e, t, P, k) for t, P in ((0.1, 3), (0.6, 5))
+                                                                      for e in entries for k in (2, 100000)]
+    assert json.loads((Path(cfg.out) / "certificate.json").read_text())["cells"] == cells
+    by = {(c["config"], c["t"], c["k"]): c for c in cells}
+    for e in entries:
+        for t in (0.1, 0.6):
+            whole, two = by[e, t, 100000], by[e, t, 2]
+            assert whole["certified"] == 1.0 and whole["tabulated"] == two["tabulated"] == cfg.concentration_pixels
+            assert two["certified"] <= whole["certified"]
+    assert by["topk:k=8:tol=none", 0.6, 2]["certified"] < 1  # at t = 0.6 two patches never hold all but 1e-4
+    summary = (Path(cfg.out) / "summary.md").read_text()
+    assert "Certificate study" in summary and "| `topk:k=8:tol=none` | 0.60 | 5 | " in summary
 
 
 def test_exact_rows_and_whole_bucket_topk_have_zero_error(small_run):
@@ -341,3 +362,8 @@ def test_cli_overrides_a_saved_config(tmp_path):
                                       "--grid", "exact", "topk:k=16"])
     cfg = _ablation_config(args)
     assert (cfg.steps, cfg.n_train, cfg.seeds, cfg.grid, cfg.out) == (5, None, [3], ["exact", "topk:k=16"], str(tmp_path / "a"))
+    with_study = _ablation_config(build_parser().parse_args(["ablate", "--certificate-ks", "64", "2048", "--certificate-times", "0.05"]))
+    assert (with_study.certificate_ks, with_study.certificate_times) == ([64, 2048], [0.05])
+    assert AblationConfig().certificate_ks == []  # no study unless asked
+    with pytest.raises(ValueError, match="certificate_ks must be >= 1"):
+        run_ablation(AblationConfig(certificate_ks=[0], out=str(tmp_path / "b")), progress=False)

@@ -92,26 +92,38 @@ def concentration_study(bank: Bank, machine: str, times: list[float], scales: li
     """For every (t, P): medians over ``pixels`` random pixels of noised held-out images (each
     pixel against its own bucket under ``machine``'s rule) of :func:`posterior_concentration`."""
     gen = torch.Generator().manual_seed(seed)
-    H, W = bank.height, bank.width
-    x0 = to_model_range(held_out.images, torch.float64)
-    padding = RULE_PADDING[machine]
     cells = []
     for t in tqdm(times, desc="concentration", disable=not progress):
         a, s2 = alpha_sigma2(t)
-        img = torch.randint(len(x0), (pixels,), generator=gen)
-        pix = torch.stack([torch.randint(H, (pixels,), generator=gen), torch.randint(W, (pixels,), generator=gen)], 1)
-        xt = a * x0[img] + math.sqrt(s2) * torch.randn(x0[img].shape, generator=gen, dtype=torch.float64)
-        for P in scales:
+        for P, groups in noised_pixels(held_out, bank.height, bank.width, machine, t, scales, pixels, gen):
             results: dict[str, list] = {}
-            for key, locs in dictionary_groups(H, W, P, machine):  # type: ignore[arg-type]
-                member = (pix[:, None, :] == locs[None, :, :]).all(-1)  # [pixels, L]
-                rows = torch.nonzero(member.any(1)).view(-1)
-                if rows.numel() == 0:
-                    continue
-                queries = torch.stack([patches_at(xt[i : i + 1], pix[i : i + 1], P, padding)[0, 0] for i in rows.tolist()])
-                res = posterior_concentration(bank, BucketKey(machine, P, padding, key, None), queries.flatten(1), a, s2, mass)
+            for bucket, queries in groups:
+                res = posterior_concentration(bank, bucket, queries, a, s2, mass)
                 for name, v in res.items():
                     results.setdefault(name, []).extend(v.tolist())
             cells.append({"t": t, "P": P, "pixels": pixels, "mass": mass,
                           **{f"{name}_median": statistics.median(v) for name, v in results.items()}})
     return cells
+
+
+def noised_pixels(held_out: ImageData, H: int, W: int, machine: str, t: float, scales: list[int], pixels: int,
+                  gen: torch.Generator) -> list[tuple[int, list[tuple[BucketKey, torch.Tensor]]]]:
+    """``pixels`` random pixels of held-out images noised to level ``t`` (drawn from ``gen``), and for each P of
+    ``scales`` their queries grouped by bucket under ``machine``'s rule: ``[(P, [(bucket, queries [q, D]), …]), …]``."""
+    a, s2 = alpha_sigma2(t)
+    x0 = to_model_range(held_out.images, torch.float64)
+    padding = RULE_PADDING[machine]
+    img = torch.randint(len(x0), (pixels,), generator=gen)
+    pix = torch.stack([torch.randint(H, (pixels,), generator=gen), torch.randint(W, (pixels,), generator=gen)], 1)
+    xt = a * x0[img] + math.sqrt(s2) * torch.randn(x0[img].shape, generator=gen, dtype=torch.float64)
+    out = []
+    for P in scales:
+        groups = []
+        for key, locs in dictionary_groups(H, W, P, machine):  # type: ignore[arg-type]
+            member = (pix[:, None, :] == locs[None, :, :]).all(-1)  # [pixels, L]
+            rows = torch.nonzero(member.any(1)).view(-1)
+            if rows.numel():
+                queries = torch.stack([patches_at(xt[i : i + 1], pix[i : i + 1], P, padding)[0, 0] for i in rows.tolist()])
+                groups.append((BucketKey(machine, P, padding, key, None), queries.flatten(1)))
+        out.append((P, groups))
+    return out

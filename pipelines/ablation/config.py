@@ -60,6 +60,8 @@ class AblationConfig:
     concentration_scales: list[int] | None = None  # default: the schedule's scales
     concentration_pixels: int = 32
     concentration_mass: float = 1e-3
+    certificate_ks: list[int] = field(default_factory=list)  # the certificate study's k values (empty: no study)
+    certificate_times: list[float] | None = None  # its times, P from the schedule (default: concentration_times)
     out: str = "outputs/ablate"
 
     @classmethod

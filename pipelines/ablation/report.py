@@ -154,6 +154,16 @@ def summary_markdown(report: dict) -> str:
                   "|---|" + "---:|" * len(next(iter(certified.values())))]
         for name, recs in certified.items():
             lines.append(f"| `{name}` | " + " | ".join(_fmt(rec.get("certified_fraction"), ".3f") for rec in recs) + " |")
+    if report.get("certificate"):
+        ks = sorted({c["k"] for c in report["certificate"]})
+        lines += ["", "Certificate study: fraction of sampled pixels each top-k configuration certifies (ε ≤ its tol, or 1e-4), "
+                      "per k from one search; P from the schedule.", "",
+                  "| config | t | P | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|---:|---:|" + "---:|" * len(ks)]
+        cells: dict[tuple, dict] = {}
+        for c in report["certificate"]:
+            cells.setdefault((c["config"], c["t"], c["P"]), {})[c["k"]] = c["certified"]
+        for (name, t, P), by_k in cells.items():
+            lines.append(f"| `{name}` | {t:.2f} | {P} | " + " | ".join(_fmt(by_k.get(k), ".3f") for k in ks) + " |")
     if report.get("concentration"):
         lines += ["", "Posterior concentration (median over pixels): distinct patches holding 1 − 10⁻³ of the mass / bucket distinct "
                       "entries; effective number exp(H).", "", "| t | P | k(0.999) | of | exp(H) distinct | exp(H) patches |",

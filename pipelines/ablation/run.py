@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from machines import Backend, Denoiser, ScaleSchedule, ScoreMachine, StepRecorder, noise_from_seeds, sample
+from machines import Backend, Denoiser, ScaleSchedule, ScoreMachine, StepRecorder, TopKBackend, noise_from_seeds, sample
 from machines.comparators import make_comparator
 from patchbank import Bank, BankError, BankSpec, ImageData, MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import atomic_write, write_json
@@ -18,6 +18,7 @@ from ..executors import SerialExecutor, batch_for, check_executor, chunks, make_
 from ..pairing import check_machine_options
 from ..runs import read_json
 from ..sampling import cycled_labels
+from .certificate import certificate_study
 from .concentration import concentration_study
 from .config import (AblationConfig, Variant, comparator_of, concentration_key, held_out, part_key, reference_variant,
                      schedule_of, slack, slug, variant_key, without_seeds)
@@ -34,10 +35,12 @@ def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
     Files: ``config.json`` (resolved config + environment; ``patchbank ablate --config`` re-runs
     it), ``rows.csv``, ``results.json`` (rows + per-step records), ``summary.md``,
     ``pareto.png``, ``fallback.png`` and, with the concentration study, ``concentration.json``
-    and ``concentration.png``. Finished configurations are kept under ``variants/`` and skipped
+    and ``concentration.png``, and with the certificate study (``certificate_ks``), ``certificate.json``. Finished configurations are kept under ``variants/`` and skipped
     when the same run is repeated, so an interrupted ablation resumes.
     """
     check_executor(cfg.executor)
+    if any(k < 1 for k in cfg.certificate_ks):
+        raise ValueError(f"certificate_ks must be >= 1, got {cfg.certificate_ks}")
     variants = [Variant.parse(g) for g in cfg.grid]
     if len({v.name for v in variants}) != len(variants):
         raise ValueError("the grid lists a configuration twice")
@@ -85,6 +88,8 @@ def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
               "best": best_configuration(rows)}
     if cfg.concentration and theory is None:  # the study is of patch buckets: a comparator has none
         report["concentration"] = _concentration(cfg, memory_bank, schedule, key["fingerprint"], out, progress)
+    if cfg.certificate_ks and theory is None:
+        report["certificate"] = _certificates(cfg, variants, data, memory_bank, schedule, key["fingerprint"], out, progress)
     write_json(out / "results.json", report)
     write_csv(rows, out / "rows.csv")
     atomic_write(out / "summary.md", lambda p: Path(p).write_text(summary_markdown(report)))
@@ -105,6 +110,24 @@ def _concentration(cfg: AblationConfig, bank: Bank, schedule: ScaleSchedule, fin
     if kept.get("key") != ckey:
         kept = {"key": ckey, "cells": concentration_study(bank, cfg.machine, cfg.concentration_times, ckey["scales"], held_out(cfg),
                                                           cfg.concentration_pixels, cfg.concentration_mass, progress=progress)}
+        write_json(f, kept)
+    return kept["cells"]
+
+
+def _certificates(cfg: AblationConfig, variants: list[Variant], data: ImageData, memory_bank: MemoryBank, schedule: ScaleSchedule,
+                  fingerprint: str, out: Path, progress: bool) -> list:
+    """The certificate study's cells for the grid's top-k entries, kept in ``certificate.json`` across re-runs."""
+    entries = [(v.name, backend) for v in variants if isinstance(backend := v.backend(), TopKBackend)]
+    times = cfg.certificate_times or cfg.concentration_times
+    ckey = {"fingerprint": fingerprint, "entries": [name for name, _ in entries], "ks": cfg.certificate_ks, "times": times,
+            "schedule": schedule.to_json(), "pixels": cfg.concentration_pixels, "machine": cfg.machine,
+            "materialise_max": cfg.materialise_max}
+    f = out / "certificate.json"
+    kept = json.loads(f.read_text()) if f.exists() else {}
+    if kept.get("key") != ckey:
+        banks = [(name, backend, _bank_for(cfg, backend, data, memory_bank, schedule, progress)) for name, backend in entries]
+        kept = {"key": ckey, "cells": certificate_study(banks, cfg.machine, times, schedule, held_out(cfg), cfg.certificate_ks,
+                                                        cfg.concentration_pixels, progress=progress)}
         write_json(f, kept)
     return kept["cells"]
 
