@@ -1,7 +1,7 @@
 """The benchmark scripts, where their plumbing or arithmetic can break unseen: bench_policy.py and bench_topk.py
 end to end on 100 MNIST images and 3 DDIM steps (resume, refusal of foreign folders, one folder of exact
-references serving both), bench_peer.py against the paper's module, and bench_proposals.py's efficiencies
-against a direct computation. Their numbers are reported in the README and docs/."""
+references serving both), bench_peer.py against the paper's module, bench_proposals.py's efficiencies
+against a direct computation, and bench_search.py's per-distance costs. Their numbers are reported in the README and docs/."""
 
 from __future__ import annotations
 
@@ -99,3 +99,16 @@ def test_proposal_efficiencies_match_a_direct_computation() -> None:
     torch.testing.assert_close(eff["counts"], direct, atol=1e-10, rtol=1e-8)
     for p in PROPOSALS:
         assert ((eff[p] > 0) & (eff[p] <= 1 + 1e-9)).all(), p
+
+
+def test_search_cost_is_measured_per_computed_distance(datasets_dir: Path) -> None:
+    """bench_search.py: the exact sweep's seconds per visited pair and each search's seconds per distance, in one run,
+    on held-out pixels; every ratio is a positive number."""
+    env = os.environ | {"PATCHBANK_DATASETS": str(datasets_dir), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_search.py"), "--dataset", "mnist", "--resize", "16",
+                          "--n-train", "60", "--images", "1", "--t", "0.1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "% of the pairs visited" in out.stdout
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| FAISS") or line.startswith("| torch")]
+    assert [r[0].strip() for r in rows] == ["FAISS Flat, k = 64", "FAISS Flat, k = 1024", "torch search, k = 64", "torch search, k = 1024"]
+    assert all(float(r[3]) > 0 for r in rows)
