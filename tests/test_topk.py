@@ -7,6 +7,7 @@ import torch
 
 from conftest import noised
 from machines import ExactBackend, ScoreMachine, TopKBackend, alpha_sigma2, noise_from_seeds, sample
+from machines.posterior import TopKStats
 from patchbank import BankSpec, BucketKey, ImageData, MemoryBank, PatchBank, load_npz, patches_at
 
 TIMES = [0.05, 0.2, 0.5, 0.8, 1.0]
@@ -144,8 +145,10 @@ def test_certificates_for_several_k_equal_one_search_per_k(bank, mnist, max_npro
     a, s2 = alpha_sigma2(0.1)
     ks = [4, 16, 64]
     topk = TopKBackend(tol=None, nprobe=1, max_nprobe=max_nprobe)
-    many = topk.certificates(bank, INTERIOR, q, a, s2, ks)
-    assert topk.stats.queries == 0 and sorted(many) == ks
+    spent = TopKStats()
+    many = topk.certificates(bank, INTERIOR, q, a, s2, ks, stats=spent)
+    assert topk.stats.queries == 0 and topk.stats.scanned == 0 and sorted(many) == ks
+    assert spent.scanned >= q.shape[0] and spent.search_s > 0 and spent.bound_s > 0  # what it spent, where asked
     for k in ks:
         one = TopKBackend(k=k, tol=None, nprobe=1, max_nprobe=max_nprobe)
         one.posterior(bank, INTERIOR, q, a, s2)

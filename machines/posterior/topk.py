@@ -185,12 +185,13 @@ class TopKBackend(NeighbourSearch, BackendBase):
         return tuple(kept)  # type: ignore[return-value]
 
     def certificates(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float,
-                     ks: list[int]) -> dict[int, torch.Tensor]:
+                     ks: list[int], stats: TopKStats | None = None) -> dict[int, torch.Tensor]:
         """The certificate ``ε [Q]`` each ``k`` of ``ks`` would give queries ``[Q, D]`` against a bucket with a
         distinct-patch table, from one search at the largest ``k``: the ``k`` nearest are the first ``k`` of the
         largest search's (exactly for Flat, and for IVF within the same probed lists), so each ``k`` costs its
         bound but no search of its own. Through an IVF index, queries above the tolerance are still searched again
-        with more lists at their own ``k``, as :meth:`posterior` does. Statistics are not recorded."""
+        with more lists at their own ``k``, as :meth:`posterior` does. The backend's statistics are left alone; the
+        seconds of the search, the bounds and the re-probes go to ``stats`` when given."""
         if serving(bank, bucket) != "table":
             raise ValueError(f"bucket {bucket} has no distinct-patch table: it has no top-k certificate")
         if not ks or min(ks) < 1:
@@ -199,10 +200,11 @@ class TopKBackend(NeighbourSearch, BackendBase):
         U = bank.unique_patches(bucket).patches.shape[0]
         top = min(max(ks), U)
         keep = self.stats
-        self.stats = TopKStats()
+        self.stats = stats if stats is not None else TopKStats()
         try:
             with self.stats.timer("search_s"):
                 found = self.nearest(bank, bucket, (q / a).to(torch.float32), top)
+            self.stats.scanned += found.scanned
             out = {}
             for k in ks:
                 kk = min(k, U)
