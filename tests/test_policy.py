@@ -337,6 +337,20 @@ def test_top_k_goes_first_where_its_cost_model_says_it_pays(bank, mnist, search_
     assert fresh.topk_plans == policy.topk_plans
 
 
+def test_a_search_of_every_pair_that_costs_more_than_exact_is_not_probed(bank, mnist, monkeypatch):
+    """Torch search (like Flat) computes every pair: where ``search_cost · U`` alone is above the exact route's pairs,
+    the top-k plan says no after one query's search, without answering the probe queries by top-k."""
+    q, bucket, a, s2 = _queries(mnist, 0.05, P=5)
+
+    def no_trial(*args, **kwargs):
+        raise AssertionError("the probe queries were answered by top-k")
+
+    monkeypatch.setattr(TopKBackend, "posterior", no_trial)
+    policy = AutoBackend(samples=256, draw_cost=1.5, topk=TopKBackend(k=64, tol=1e-4), search_cost=1.0)
+    assert not policy.topk_pays(bank, bucket, a, s2)
+    assert policy.pairs[bucket, a, s2] <= bank.unique_patches(bucket).patches.shape[0]  # V ≤ U: exact never costs more
+
+
 def test_a_top_k_route_from_a_spec():
     """``auto:topk_k=K`` gives the policy a certified top-k route whose fallback is the policy's own exact backend."""
     from machines.posterior.registry import make_backend

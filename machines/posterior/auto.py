@@ -45,7 +45,9 @@ For one bucket call (all query pixels that share a dictionary) the policy
    every pair for Flat, the scanned lists for IVF, the visited nodes for HNSW) and the exact route's pairs per
    query ``V`` (pruning included). Top-k goes first when ``search_cost · S + k + clusters + (1 − f) · V < V``
    (``search_cost``: one searched pair's cost in exact pairs; ``k + clusters``: the certificate's distances and
-   its cluster bound). Kept per (bucket, noise level), like the draws' plan;
+   its cluster bound). A search that computes every pair (Flat, torch) has ``S = U``, the bucket's distinct
+   patches; where ``search_cost · U + k + clusters ≥ V`` already, one query's search shows it and the probe
+   searches nothing more. Kept per (bucket, noise level), like the draws' plan;
 4. sends what remains to the certified **top-k** backend when one is given, the bucket has a distinct-patch
    table and (cost model on) the top-k plan of step 1c says it pays (it falls back to exact itself), else to
    the certified **cluster summaries** (:class:`~machines.posterior.summary.SummaryBackend`) when given and the
@@ -292,14 +294,20 @@ class AutoBackend(BackendBase):
             assert self.topk is not None
             with self.stats.timer("probe_s"):
                 q = self._probe_queries(bank, bucket, a, s2)
+                n = q.shape[0]
+                V = self.exact_pairs(bank, bucket, a, s2)
+                U = bank.unique_patches(bucket).patches.shape[0]
+                overhead = min(self.topk.k, U) + (U / (self.topk.bound_leaf or bank.leaf_size) if self.topk.bound == "best" else 0)
+                # A search that computes every pair (Flat, torch) costs search_cost·U per query whatever it certifies:
+                # where that alone is above V, one query's search says so and the probe's searches are not needed.
+                one = self.topk.nearest(bank, bucket, (q[:1] / a).to(torch.float32), 1)
+                if one.kind == "flat" and self.search_cost * one.scanned + overhead >= V:
+                    self.topk_plans[plan] = False
+                    return False
                 trial = replace(self.topk, stats=TopKStats(), exact=replace(self.topk.exact, stats=PairStats()),
                                 _clusters=self.topk._clusters)
                 trial.posterior(bank, bucket, q, a, s2)
-                n = q.shape[0]
-                V = self.exact_pairs(bank, bucket, a, s2)
                 certified = 1 - trial.stats.fallback / n
-                U = bank.unique_patches(bucket).patches.shape[0]
-                overhead = min(trial.k, U) + (U / (trial.bound_leaf or bank.leaf_size) if trial.bound == "best" else 0)
                 cost = self.search_cost * trial.stats.scanned / n + overhead + (1 - certified) * V
                 self.topk_plans[plan] = cost < V
         return self.topk_plans[plan]
