@@ -32,10 +32,11 @@ def main() -> None:
     args = ap.parse_args()
     resize = args.resize or None
     data = load_dataset(args.dataset, resize=resize, limit=args.n_train)
-    test = load_dataset(args.dataset, split="test", resize=resize, limit=args.images) if args.dataset != "cifar10" else \
-        load_dataset(args.dataset, resize=resize).subset(indices=torch.arange(len(data) - args.images, len(data)))
     if args.dataset == "cifar10":  # no test split: hold out the last images
+        test = data.subset(indices=torch.arange(len(data) - args.images, len(data)))
         data = data.subset(indices=torch.arange(len(data) - args.images))
+    else:
+        test = load_dataset(args.dataset, split="test", resize=resize, limit=args.images)
     C, H, W = data.shape
     P, r = args.P, args.P // 2
     bucket = BucketKey("bbELS", P, "zeros", (r, r, r, r), None)
@@ -50,8 +51,7 @@ def main() -> None:
     Q, U = q.shape[0], keys.shape[0]
     print(f"{args.dataset}: {len(data)} images, bucket {bucket.dictionary} at P = {P}: {U:,} distinct patches × {Q:,} queries "
           f"(D = {keys.shape[1]}), t = {args.t}, torch {torch.get_num_threads()} threads")
-    exact = ExactBackend(dtype=torch.float32)
-    exact.posterior(bank, bucket, q[:8], a, s2)  # clusters built before the clock
+    ExactBackend(dtype=torch.float32).posterior(bank, bucket, q[:8], a, s2)  # clusters built before the clock
     exact = ExactBackend(dtype=torch.float32)
     start = time.perf_counter()
     exact.posterior(bank, bucket, q, a, s2)

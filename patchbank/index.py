@@ -126,6 +126,7 @@ class PatchIndex:
     def __init__(self, index, spec: str, ivf: IVFLists | None = None) -> None:
         self.index, self.spec, self.kind, self.ivf = index, spec, index_kind(spec), ivf
         self._gpu = None
+        self._list_sizes: torch.Tensor | None = None  # IVF list lengths, for a GPU search's distance count
 
     @classmethod
     def build(cls, vectors: np.ndarray, counts: np.ndarray, spec: str, seed: int = 0) -> PatchIndex:
@@ -176,8 +177,9 @@ class PatchIndex:
         if counter is not None and index is self.index:
             scanned = int(counter.ndis - before)
         elif self.kind == "ivf":  # a GPU copy keeps no counts: the probed lists' members
-            sizes = torch.tensor([self.index.invlists.list_size(j) for j in range(self.index.nlist)])
-            scanned = int(sizes[probed].sum())
+            if self._list_sizes is None:
+                self._list_sizes = torch.tensor([self.index.invlists.list_size(j) for j in range(self.index.nlist)])
+            scanned = int(self._list_sizes[probed].sum())
         else:
             scanned = xq.shape[0] * self.index.ntotal
         return Neighbours(torch.from_numpy(D), torch.from_numpy(I).to(torch.long)), probed, scanned

@@ -233,11 +233,8 @@ class AutoBackend(BackendBase):
             return self._exact(bank, bucket, queries, a, s2)
         if self.probe and (N < SMALL_FACTOR * self.samples or not self.worth_drawing(bank, bucket, N, a, s2)):
             if self.topk is not None and route == "table" and self.topk_pays(bank, bucket, a, s2):
-                with self.stats.timer("topk_s"):
-                    means = self.topk.posterior(bank, bucket, queries, a, s2)
-                self.stats.topk += Q
                 self.stats.planned_topk += Q
-                return means
+                return self._topk(bank, bucket, queries, a, s2)
             self.stats.planned_exact += Q
             return self._exact(bank, bucket, queries, a, s2)
         with self.stats.timer("sample_s"):
@@ -248,9 +245,7 @@ class AutoBackend(BackendBase):
         if rest.numel():
             q = queries[rest.to(queries.device)]
             if self.topk is not None and route == "table" and (not self.probe or self.topk_pays(bank, bucket, a, s2)):
-                with self.stats.timer("topk_s"):
-                    means[rest] = self.topk.posterior(bank, bucket, q, a, s2).cpu().to(means.dtype)
-                self.stats.topk += rest.numel()
+                means[rest] = self._topk(bank, bucket, q, a, s2).cpu().to(means.dtype)
             elif self.summary is not None and route == "table":
                 with self.stats.timer("summary_s"):
                     means[rest] = self.summary.posterior(bank, bucket, q, a, s2).cpu().to(means.dtype)
@@ -280,7 +275,7 @@ class AutoBackend(BackendBase):
                 passes = ok | (need <= limit)
                 draws = torch.where(passes, need.clamp(min=self.samples),
                                     torch.where(need > EARLY_FACTOR * limit, float(self.samples), float(limit)))
-                saves = float(passes.double().mean()) * self.exact_pairs(bank, bucket, a, s2)
+                saves = float(passes.double().mean()) * self.exact_pairs(bank, bucket, a, s2, q)
                 costs = self.cost_of_a_draw() * float(draws.double().mean())
                 self.plans[plan] = costs < saves
         return self.plans[plan]
@@ -295,7 +290,7 @@ class AutoBackend(BackendBase):
             with self.stats.timer("probe_s"):
                 q = self._probe_queries(bank, bucket, a, s2)
                 n = q.shape[0]
-                V = self.exact_pairs(bank, bucket, a, s2)
+                V = self.exact_pairs(bank, bucket, a, s2, q)
                 U = bank.unique_patches(bucket).patches.shape[0]
                 overhead = min(self.topk.k, U) + (U / (self.topk.bound_leaf or bank.leaf_size) if self.topk.bound == "best" else 0)
                 # A search that computes every pair (Flat, torch) costs search_cost·U per query whatever it certifies:
@@ -312,17 +307,19 @@ class AutoBackend(BackendBase):
                 self.topk_plans[plan] = cost < V
         return self.topk_plans[plan]
 
-    def exact_pairs(self, bank: Bank, bucket: BucketKey, a: float, s2: float) -> float:
+    def exact_pairs(self, bank: Bank, bucket: BucketKey, a: float, s2: float, probes: torch.Tensor | None = None) -> float:
         """``V``, the (query, entry) pairs per query the exact route computes at this bucket and noise level: the
-        bucket's entries where it is streamed, else measured on the probe queries (pruning included). Kept per plan."""
+        bucket's entries where it is streamed, else measured on the probe queries (pruning included; ``probes``:
+        those queries where the caller has made them already). Kept per plan."""
         plan = (bucket, a, s2)
         if plan not in self.pairs:
             if serving(bank, bucket) != "table" or not (self.exact.prune and self.exact.dedup):
                 self.pairs[plan] = float(bank.stream_size(bucket))
             else:
                 exact = replace(self.exact, stats=PairStats())
-                exact.posterior(bank, bucket, self._probe_queries(bank, bucket, a, s2), a, s2)
-                self.pairs[plan] = exact.stats.visited / self.probe
+                q = probes if probes is not None else self._probe_queries(bank, bucket, a, s2)
+                exact.posterior(bank, bucket, q, a, s2)
+                self.pairs[plan] = exact.stats.visited / q.shape[0]
         return self.pairs[plan]
 
     def _probe_queries(self, bank: Bank, bucket: BucketKey, a: float, s2: float) -> torch.Tensor:
@@ -381,6 +378,13 @@ class AutoBackend(BackendBase):
     def _limit(self, entries: int) -> int:
         """Most draws for failing queries: ``max_samples``, but no more than a quarter of the bucket's entries."""
         return max(self.samples, min(self.max_samples, entries // 4))
+
+    def _topk(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
+        assert self.topk is not None
+        with self.stats.timer("topk_s"):
+            means = self.topk.posterior(bank, bucket, queries, a, s2)
+        self.stats.topk += queries.shape[0]
+        return means
 
     def _exact(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
         with self.stats.timer("exact_s"):
