@@ -229,3 +229,37 @@ def test_a_search_counts_the_distances_it_computed(bank, mnist):
     topk = TopKBackend(k=8, tol=None, nprobe=1, max_nprobe=1)
     topk.posterior(bank, INTERIOR, q, a, alpha_sigma2(0.1)[1])
     assert topk.stats.summary()["scanned_per_query"] == one.scanned / 40
+
+
+def test_the_exact_eps_bounds_every_certificate_from_below(bank, mnist):
+    """bench_certificate.py's exact ε of the k nearest (the most any certificate of them can certify) equals a brute force
+    over every patch with its repetitions, and no certificate, Flat or IVF, claims less than it."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_certificate import exact_eps
+
+    from patchbank import to_model_range
+
+    t, ks = 0.1, [4, 16, 64]
+    q = _queries(mnist, INTERIOR, t)[::7]
+    a, s2 = alpha_sigma2(t)
+    exact = exact_eps(bank, INTERIOR, q, a, s2, ks, chunk=5)
+    every = patches_at(to_model_range(mnist.images, torch.float64), INTERIOR.locations(*mnist.shape[1:]), 5,
+                       "zeros").flatten(0, 1)  # [N·L, D], every repetition its own entry
+    uniques, inverse = torch.unique(every, dim=0, return_inverse=True)
+    for k in ks:
+        brute = []
+        for x in q / a:
+            nearest = (x - uniques).pow(2).sum(1).argsort()[:k]
+            logit = -(a * a / (2 * s2)) * (x - every).pow(2).sum(1)
+            w = (logit - logit.max()).exp()
+            kept = torch.isin(inverse, nearest)
+            brute.append(w[~kept].sum() / w[kept].sum())
+        torch.testing.assert_close(exact[k], torch.stack(brute), rtol=1e-6, atol=1e-12)
+    certified = TopKBackend(tol=None, nprobe=1).certificates(bank, INTERIOR, q, a, s2, ks)
+    for k in ks:
+        assert (certified[k] >= exact[k] * (1 - 1e-6) - 1e-12).all(), k
+    assert (exact[4] >= exact[16]).all() and (exact[16] >= exact[64]).all()  # more retrieved, less left out
+    assert (exact[64] < certified[64]).any()  # the certificate is a bound, not the exact value
