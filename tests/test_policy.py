@@ -380,3 +380,25 @@ def test_draws_are_priced_against_the_pruned_exact_route(bank, mnist):
     streamed = MemoryBank(mnist, dedup=True, materialise_max=1)  # no tables at P = 3: every entry, every query
     policy = AutoBackend(samples=256)
     assert policy.exact_pairs(streamed, bucket, a, s2) == streamed.stream_size(bucket)
+
+
+def test_failing_queries_stop_drawing_at_the_exact_pairs_they_would_replace(bank, mnist):
+    """With the cost model on, a query that fails escalates to at most ``V / draw_cost`` draws (``V``: the pruned exact
+    pairs per query of the plan), then is summed exactly; without it, to a quarter of the bucket. Streamed buckets keep
+    the quarter (their ``V`` is every entry)."""
+    q, bucket, a, s2 = _queries(mnist, 0.05)
+    plan, N = (bucket, a, s2), bank.stream_size(bucket)
+    free = AutoBackend(samples=256, draw_cost=1.5, probe=0, se_tol=1e-4)  # no cost model: up to N/4 draws
+    free.posterior(bank, bucket, q, a, s2)
+    assert free.stats.draws == N // 4 and free.stats.exact > 0
+    capped = AutoBackend(samples=256, draw_cost=1.5, se_tol=1e-4)
+    capped.pairs[plan], capped.plans[plan] = 600.0, True  # a pruned exact route of 600 pairs; draw first regardless
+    assert capped.draw_limit(bank, bucket, N, a, s2) == 400
+    got = capped.posterior(bank, bucket, q, a, s2)
+    assert capped.stats.draws == 400  # 256, then 400 rather than 1,024
+    failed = capped.stats.exact
+    assert failed > 0 and capped.stats.sampled + failed == q.shape[0]
+    exact = ExactBackend(dtype=torch.float32).posterior(bank, bucket, q, a, s2)
+    assert ((got - exact).abs().amax(1) <= 1e-6).sum() >= failed  # those it gave up on are exact
+    streamed = MemoryBank(mnist, dedup=True, materialise_max=1)
+    assert capped.draw_limit(streamed, bucket, N, a, s2) == N // 4

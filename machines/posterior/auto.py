@@ -34,7 +34,8 @@ For one bucket call (all query pixels that share a dictionary) the policy
    effective sample size ``ESS = 1/Σ_i w̄_i²``;
 3. **accepts** a query's sampled answer when ``ESS ≥ min_ess`` and ``SE ≤ se_tol``; queries that
    fail get ``growth``× more draws (added to the same running sums, still an i.i.d. sample) until
-   they pass or ``max_samples`` draws (at most ``N/4``: more would cost about an exact sum) are spent;
+   they pass or ``max_samples`` draws (at most ``N/4``: more would cost about an exact sum; with the cost model
+   on, at most ``V / draw_cost``, the exact pairs they would replace, where a table lets pruning make ``V`` small) are spent;
    a query whose ESS and SE, projected in proportion to the draws, would need more than 8× that
    limit leaves at once (it would fail at the limit too; each query's projection depends on its own
    draws only, so this keeps answers independent of the batch);
@@ -238,7 +239,7 @@ class AutoBackend(BackendBase):
             self.stats.planned_exact += Q
             return self._exact(bank, bucket, queries, a, s2)
         with self.stats.timer("sample_s"):
-            means, se, ok = self.sampled(bank, bucket, queries, a, s2, limit=self._limit(N))
+            means, se, ok = self.sampled(bank, bucket, queries, a, s2, limit=self.draw_limit(bank, bucket, N, a, s2))
         self.stats.sampled += int(ok.sum())
         self.stats.se.append(se[ok].cpu())
         rest = torch.nonzero(~ok).view(-1)
@@ -262,7 +263,7 @@ class AutoBackend(BackendBase):
         if plan not in self.plans:
             with self.stats.timer("probe_s"):
                 q = self._probe_queries(bank, bucket, a, s2)
-                limit = self._limit(N)
+                limit = self.draw_limit(bank, bucket, N, a, s2, q)
                 keep = self.stats
                 self.stats = PolicyStats()  # the probe's draws are not the call's
                 try:  # one round of draws; a probe that fails it is projected (ESS and SE² grow with the draws)
@@ -374,6 +375,18 @@ class AutoBackend(BackendBase):
                 self.stats.high_se += int((~low & ~ok).sum())
                 return means.cpu(), se.cpu(), ok.cpu()
             target = min(target * self.growth, limit)
+
+    def draw_limit(self, bank: Bank, bucket: BucketKey, N: int, a: float, s2: float, probes: torch.Tensor | None = None) -> int:
+        """Most draws for a query that fails at this bucket and noise level: :meth:`_limit` of its ``N`` entries and, with
+        the cost model on, no more than the exact pairs ``V`` it would replace (``V / draw_cost`` draws). A query that
+        escalates past that has spent more than its exact sum, so it stops there and is summed exactly: it then costs at
+        most about ``2·V``, where late, pruned buckets (``V`` a few % of ``N``) let it spend ``N / 4`` draws before. Kept
+        per plan, like ``V``, so it depends on neither the queries nor the batch."""
+        limit = self._limit(N)
+        if self.probe and serving(bank, bucket) == "table":
+            V = self.exact_pairs(bank, bucket, a, s2, probes)
+            limit = max(self.samples, min(limit, int(V / self.cost_of_a_draw())))
+        return limit
 
     def _limit(self, entries: int) -> int:
         """Most draws for failing queries: ``max_samples``, but no more than a quarter of the bucket's entries."""
