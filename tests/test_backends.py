@@ -34,7 +34,7 @@ CASES = {
     "topk": ("topk:k=32:tol=1e-4", _max_abs(1e-3), lambda st: st.fallback < st.queries),
     "tail": ("tail:k=32:samples=512", _correlated, lambda st: st.fallback < st.queries),
     "summary": ("summary:tol=1e-3:leaf_size=32", _max_abs(1e-2), lambda st: st.summarised > 0),
-    "auto": ("auto:samples=1024:se_tol=0.02", _correlated, lambda st: st.sampled > 0),
+    "auto": ("auto:samples=1024:se_tol=0.02:plan_margin=1", _correlated, lambda st: st.sampled > 0),
     "sharded": ("sharded:shards=3:inner=topk:k=32", _max_abs(1e-3), lambda st: st.fallback < st.queries),
 }
 
@@ -122,7 +122,7 @@ def test_listing_shows_every_kind_option_and_default():
         assert f"{kind}:" in text
         for name in entry.options:
             assert f"    {name}=" in text, (kind, name)
-    assert "se_tol=0.01" in text and "k=256" in text and "exact.<option>" in text
+    assert "se_tol=0.005" in text and "plan_margin=4.0" in text and "k=256" in text and "exact.<option>" in text
 
 
 def test_stats_reset_restores_every_default():

@@ -168,7 +168,7 @@ def test_rest_goes_to_certified_topk(bank, mnist):
 def test_rest_goes_to_cluster_summaries(bank, mnist):
     q, bucket, a, s2 = _queries(mnist, 0.1)
     summary = SummaryBackend(tol=1e-4, leaf_size=16)
-    backend = AutoBackend(samples=256, max_samples=512, se_tol=0.02, summary=summary)
+    backend = AutoBackend(samples=256, max_samples=512, se_tol=0.02, summary=summary, probe=0)  # always draw first
     out = backend.posterior(bank, bucket, q, a, s2)
     exact = ExactBackend().posterior(bank, bucket, q, a, s2)
     rest = backend.stats.summaries
@@ -268,11 +268,11 @@ def test_the_cost_model_draws_only_where_draws_pay(bank, mnist, P, t, draws):
     """The probe's plan per (bucket, level): where forced draws answer a third or more of the queries it draws
     (then every answer is the forced backend's, to the bit), where they answer (almost) none it sums every
     query exactly without drawing. The plan depends on neither the queries nor the batch. (A draw priced at 1.5
-    exact pairs, as against the per-block exact route, so the cases keep their thresholds.)"""
+    exact pairs, as against the per-block exact route, and no margin, so the cases keep their thresholds.)"""
     q, bucket, a, s2 = _queries(mnist, t, P=P)
     forced = AutoBackend(samples=256, probe=0)
     want = forced.posterior(bank, bucket, q, a, s2)
-    planned = AutoBackend(samples=256, draw_cost=1.5)
+    planned = AutoBackend(samples=256, draw_cost=1.5, plan_margin=1)
     got = planned.posterior(bank, bucket, q, a, s2)
     answered = forced.stats.summary()["sampled_fraction"]
     assert (answered >= 1 / 3) if draws else (answered < 0.1)  # the cases are what they claim
@@ -286,7 +286,7 @@ def test_the_cost_model_draws_only_where_draws_pay(bank, mnist, P, t, draws):
     alone = planned.posterior(bank, bucket, q[:37], a, s2)  # the plan is kept: no second probe
     assert planned.stats.probe_s == probe_s
     torch.testing.assert_close(alone, got[:37], rtol=0, atol=1e-6)  # the same routes alone as in the batch (float32 round-off)
-    torch.testing.assert_close(AutoBackend(samples=256, draw_cost=1.5).posterior(bank, bucket, q[:37], a, s2), got[:37],
+    torch.testing.assert_close(AutoBackend(samples=256, draw_cost=1.5, plan_margin=1).posterior(bank, bucket, q[:37], a, s2), got[:37],
                                rtol=0, atol=1e-6)
 
 
@@ -402,3 +402,21 @@ def test_failing_queries_stop_drawing_at_the_exact_pairs_they_would_replace(bank
     assert ((got - exact).abs().amax(1) <= 1e-6).sum() >= failed  # those it gave up on are exact
     streamed = MemoryBank(mnist, dedup=True, materialise_max=1)
     assert capped.draw_limit(streamed, bucket, N, a, s2) == N // 4
+
+
+def test_the_plan_keeps_draws_only_past_its_margin(bank, mnist):
+    """``plan_margin`` m keeps the draws only where what they save exceeds m times what they cost: the same probe, priced
+    against the same exact route, draws at m = 1 and sums exactly where the saving falls short of m."""
+    q, bucket, a, s2 = _queries(mnist, 0.05)
+    plan = (bucket, a, s2)
+    plain = AutoBackend(samples=256, draw_cost=1.5)
+    plain.pairs[plan] = 1e6  # an exact route of a million pairs per query: the draws pay
+    plain.posterior(bank, bucket, q, a, s2)
+    assert plain.plans[plan] and plain.stats.draws > 0
+    strict = AutoBackend(samples=256, draw_cost=1.5, plan_margin=1e6)
+    strict.pairs[plan] = 1e6
+    got = strict.posterior(bank, bucket, q, a, s2)
+    assert not strict.plans[plan] and strict.stats.draws == 0
+    assert torch.equal(got, ExactBackend(dtype=torch.float32).posterior(bank, bucket, q, a, s2))
+    with pytest.raises(ValueError, match="plan_margin"):
+        AutoBackend(plan_margin=0)
