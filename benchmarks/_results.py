@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from machines import ScoreMachine, StepRecorder, sample
-from patchbank.atomic import atomic_write
+from patchbank.atomic import atomic_write, read_torch
 
 EXACT_TAG = ("dataset", "n_train", "resize", "schedule", "steps", "exact_dtype")  # the options an exact reference depends on
 
@@ -41,8 +41,8 @@ class Results:
         path = self.path(kind, seed)
         if not path.exists():
             return None
-        saved = torch.load(path, weights_only=False)
-        if saved.get("tag") != self.tags[kind]:
+        saved = read_torch(path, "stored result")
+        if not isinstance(saved, dict) or saved.get("tag") != self.tags[kind]:
             raise SystemExit(f"{path} was written with other options ({saved.get('tag')}), "
                              f"not {self.tags[kind]}; use another folder")
         return saved

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from machines.comparators import named_spec
+from patchbank.atomic import read_torch
 from pipelines.cli import main as patchbank, parse_seeds
 from pipelines.training import TrainConfig
 
@@ -148,15 +149,13 @@ def row_summary(name: str, figures: Path | None = None) -> dict:
 def agree_and_part(name: str, figures: Path, n: int = 4) -> str:
     """The ``n`` seeds where a row's machine agrees best with its network and the ``n`` where they part most,
     as one figure (network / machine / IS / …, each column captioned with seed and r); returns its path."""
-    import torch
-
     from pipelines.evaluation import read_rows
     from pipelines.figures import image_pairs
 
     root = Path("outputs") / name / "evaluate"
     rows = sorted(read_rows(root / "per_seed.jsonl"), key=lambda r: -r["machine_r"])
     chosen = rows[:n] + rows[-n:]
-    samples = torch.load(root / "samples.pt")
+    samples = read_torch(root / "samples.pt", "evaluation samples")
     figures.mkdir(parents=True, exist_ok=True)
     path = figures / f"{name}_agree_part.png"
     image_pairs(samples, path, seeds=[r["seed"] for r in chosen],
@@ -168,11 +167,9 @@ def between(first: str, second: str) -> str:
     """How much two rows' outputs differ, theory by theory, on their common seeds (e.g. one network against its full
     dictionary and against its first N images, ``ROW`` and ``ROW@N``): the median and smallest Pearson r between
     the two rows' final images, as a markdown table."""
-    import torch
-
     from pipelines.metrics import pearson_r
 
-    a, b = (torch.load(_evaluated(n)[2] / "samples.pt") for n in (first, second))
+    a, b = (read_torch(_evaluated(n)[2] / "samples.pt", "evaluation samples") for n in (first, second))
     seeds = sorted(set(a) & set(b))
     if not seeds:
         raise SystemExit(f"{first} and {second} share no evaluated seed")

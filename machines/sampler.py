@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from patchbank.atomic import atomic_write
+from patchbank.atomic import atomic_write, read_torch
 
 from .analytic import Denoiser
 from .schedule import abar, eps_from_x0
@@ -89,15 +89,16 @@ def sample(
     if not torch.isfinite(noise).all():
         raise ValueError("the noise holds NaN or Inf; a sample from it would be NaN")
     x = noise
-    grid = ddim_grid(steps)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     first = 0
     run = _run_id(machine, noise, labels, steps) if checkpoint is not None else None
     if checkpoint is not None and os.path.exists(checkpoint):
         first, x = _resume(Path(checkpoint), run, noise)  # type: ignore[arg-type]
-    pairs = list(zip(grid[:-1], grid[1:]))
     for step in tqdm(range(first, steps), disable=not progress, desc="DDIM", initial=first, total=steps):
-        t, t_prev = pairs[step]
+        t, t_prev = (steps - step) / steps, (steps - step - 1) / steps  # ddim_grid's pair, made here: any steps fit
         x0 = machine(x, t, labels)
+        _check_finite(machine, x0, step, steps, t)
         eps = eps_from_x0(x, x0, t)
         # DDIM step: x_prev = √ᾱ_prev·x̂0 + √(1−ᾱ_prev)·ε̂.
         ab_prev = abar(t_prev)
@@ -108,6 +109,16 @@ def sample(
         if callback is not None:
             callback(step, t, x, x0)
     return x
+
+
+def _check_finite(denoiser: Denoiser, x0: torch.Tensor, step: int, steps: int, t: float) -> None:
+    """A denoiser's x̂0 ``[B, C, H, W]`` must be finite: NaN or Inf is an error naming the denoiser, the step and the
+    samples (their places in the batch), not a NaN sample carried into every later result."""
+    bad = ~torch.isfinite(x0.flatten(1)).all(1)
+    if bad.any():
+        where = bad.nonzero().flatten().tolist()
+        raise FloatingPointError(f"{denoiser!r} returned NaN or Inf at step {step + 1} of {steps} (t = {t:g}), in "
+                                 f"sample(s) {where[:8]}{' …' if len(where) > 8 else ''} of the batch")
 
 
 def identity_of(denoiser: Denoiser) -> dict | str:
@@ -126,11 +137,13 @@ def _run_id(machine: Denoiser, noise: torch.Tensor, labels: torch.Tensor | None,
 
 
 def _resume(path: Path, run: dict, noise: torch.Tensor) -> tuple[int, torch.Tensor]:
+    state = read_torch(path, "checkpoint")  # tensors and plain values only: loading it runs no code
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
         saved, done, x = state["run"], int(state["done"]), state["x"]
-    except Exception as err:  # truncated or foreign file
-        raise ValueError(f"checkpoint {path} is unreadable ({err}); delete it to start again") from err
+        if not isinstance(x, torch.Tensor) or list(x.shape) != list(noise.shape) or not 0 <= done <= run["steps"]:
+            raise ValueError(f"a state of shape {list(getattr(x, 'shape', []))} after {done} steps")
+    except Exception as err:  # a foreign file
+        raise ValueError(f"checkpoint {path} is not a sampling checkpoint of this run ({err}); delete it to start again") from None
     if saved != run:
         diff = ", ".join(k for k in run if saved.get(k) != run[k])
         raise ValueError(f"checkpoint {path} belongs to another sampling run (differs in: {diff}); "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import json
 import math
+import numbers
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -61,9 +62,14 @@ class ScaleSchedule:
     def __post_init__(self) -> None:
         if not self.points:
             raise ValueError("a scale schedule needs at least one (t, P) pair")
-        for _, P in self.points:
-            check_scale(P)
-        object.__setattr__(self, "points", tuple(sorted((float(t), int(P)) for t, P in self.points)))
+        points = [_point(i, entry) for i, entry in enumerate(self.points)]
+        seen: dict[float, int] = {}
+        for i, (t, P) in enumerate(points):
+            if t in seen:
+                raise ValueError(f"scale schedule entries {seen[t]} and {i} both give t = {t} (with P = "
+                                 f"{points[seen[t]][1]} and {P}); list each time once")
+            seen[t] = i
+        object.__setattr__(self, "points", tuple(sorted(points)))
 
     @classmethod
     def constant(cls, P: int) -> ScaleSchedule:
@@ -81,6 +87,23 @@ class ScaleSchedule:
 
     def to_json(self) -> list[list[float | int]]:
         return [[t, P] for t, P in self.points]
+
+
+def _point(i: int, entry: object) -> tuple[float, int]:
+    """Schedule entry ``i`` as ``(t, P)``: t a number in [0, 1], P an odd integer ≥ 1, nothing coerced (P = 5.9,
+    ``true`` or ``"7"`` and t = NaN or 2.5 are errors naming the entry)."""
+    if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+        raise ValueError(f"scale schedule entry {i} must be a pair (t, P), got {entry!r}")
+    t, P = entry
+    if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0.0 <= float(t) <= 1.0:  # NaN fails the range too
+        raise ValueError(f"scale schedule entry {i} {list(entry)!r}: t must be a number in [0, 1], got {t!r}")
+    if isinstance(P, bool) or not isinstance(P, numbers.Integral):
+        raise ValueError(f"scale schedule entry {i} {list(entry)!r}: P must be an odd integer >= 1, got {P!r}")
+    try:
+        check_scale(int(P))
+    except ValueError as err:
+        raise ValueError(f"scale schedule entry {i} {list(entry)!r}: {err}") from None
+    return float(t), int(P)
 
 
 def reference_schedules(path: str | Path | None = None) -> dict:
@@ -102,9 +125,13 @@ def reference_schedule(name: str, reading: Reading = "calibrated", path: str | P
         raise KeyError(f"no reference schedule {name!r}; available: {sorted(ref['schedules'])}")
     Ps = ref["schedules"][name]
     ts = ref["calibrated_at_t"]
-    if reading == "calibrated":
-        return ScaleSchedule(tuple(zip(ts, Ps)))
-    if reading == "paper":
-        n = len(Ps)
-        return ScaleSchedule(tuple((i / n, Ps[min(i, n - 1)]) for i in range(1, n + 1)))
-    raise ValueError(f"reading must be 'calibrated' or 'paper', got {reading!r}")
+    if reading not in ("calibrated", "paper"):
+        raise ValueError(f"reading must be 'calibrated' or 'paper', got {reading!r}")
+    if reading == "calibrated" and len(ts) != len(Ps):
+        raise ValueError(f"schedule {name!r} of {path or 'scales.json'} lists {len(Ps)} scales for {len(ts)} times")
+    n = len(Ps)
+    points = zip(ts, Ps) if reading == "calibrated" else ((i / n, Ps[min(i, n - 1)]) for i in range(1, n + 1))
+    try:
+        return ScaleSchedule(tuple(points))
+    except ValueError as err:
+        raise ValueError(f"schedule {name!r} of {path or 'scales.json'}: {err}") from None

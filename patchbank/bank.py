@@ -6,7 +6,9 @@ Layout of a bank directory::
     data.zarr/                 images uint8 [N, C, H, W], labels int64 [N]
     buckets/<id>/              one zarr group per bucket: distinct patches int16 [U, D] (1/255 units),
                                counts int64 [U], clusters (offsets, centres, radii, max_log_count),
-                               IVF list metadata; and index.faiss when an index is built
+                               IVF list metadata; and index.faiss when an index is built;
+                               bucket.json (the bank's fingerprint and the bucket's key) and
+                               checksums.json (every array and file of the bucket)
 
 Every write goes to a temporary name and is renamed into place, buckets one by one, so a build
 killed at any point resumes on re-run (finished buckets are kept) and ends with the same bank as
@@ -16,35 +18,47 @@ fingerprint (recomputed from the stored images) and, when the caller gives its d
 bank was built for it. Every stored array is checked against the checksum the build recorded
 when it is first read (:mod:`patchbank.integrity`); :meth:`PatchBank.verify` checks all of them,
 and re-running the build rebuilds whatever fails.
+
+A bucket is bound to its bank: the manifest records the SHA-256 of each bucket's checksum table,
+which covers the bucket's ``bucket.json`` (the bank's data fingerprint and the bucket's key), its
+arrays and its index file. So a bucket copied from a bank of other data, two buckets swapped, an
+index file taken from another bucket (with its checksum rewritten or not) or a deleted checksum
+table is an error naming the bucket, never a silently wrong answer. Bucket keys read from the
+manifest are checked, and bucket folders must lie inside the bank (no ``..``, no symlinks out).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import zarr
 from tqdm.auto import tqdm
 
-from .atomic import write_json
+from .atomic import DiskFullError, write_json
 from .base import Bank
 from .clusters import ClusteredPatches, cluster_patches
 from .datasets import ImageData
-from .geometry import IMAGE_RULES, RULE_PADDING, BucketKey, dictionary_groups
+from .geometry import IMAGE_RULES, PADDINGS, RULE_PADDING, BucketKey, dictionary_groups
 from .index import IVFLists, Neighbours, PatchIndex, SearchResult, faiss_gpu_available, index_kind, require_faiss
-from .integrity import BankError, IntegrityError, build_lock, json_object, check_file, load_checked, read_checksums, verify_bucket, write_checksums
+from .integrity import (CHECKSUMS, BankError, IntegrityError, build_lock, check_file, file_checksum, json_object, load_checked,
+                        read_checksums, verify_bucket, write_checksums)
 from .memory import MemoryBank
 from .tables import UniquePatches
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: per-array checksums in every bucket
+FORMAT_VERSION = 3  # 2: per-array checksums in every bucket; 3: buckets bound to their bank (bucket.json, digests)
+BINDING = "bucket.json"
 NORMALISATION = "x / 127.5 - 1 from uint8; patches stored as int16 2*u8 - 255 (units of 1/255), zero padding = 0"
 
 
@@ -116,6 +130,7 @@ class PatchBank(Bank):
         self._buckets = {bucket_id(BucketKey(**_key_from_json(k))) for k in manifest["buckets"]}
         self._indices: dict[BucketKey, PatchIndex] = {}
         self._ivf: dict[BucketKey, IVFLists | None] = {}
+        self._bound: set[str] = set()  # buckets whose binding to this bank was checked
 
     # ---- build -------------------------------------------------------------------------------
     @classmethod
@@ -134,21 +149,24 @@ class PatchBank(Bank):
             old = _read_manifest(path) if (path / "manifest.json").exists() else None
             if old is not None:
                 _check_resumable(old, manifest, path)
-            repaired = _repair(path, data, manifest["fingerprint"], keys)
+            repaired = _repair(path, data, manifest["fingerprint"], keys, (old or {}).get("bucket_digests", {}))
             if old is not None and old.get("complete") and not repaired:  # nothing to build: the manifest (and build time) stay
                 return cls.open(path)
             _write_json(path / "manifest.json", {**manifest, "complete": False})
             if not (path / "data.zarr").exists():
-                _atomic_dir(path / "data.zarr", lambda tmp: _write_data(tmp, data))
+                with _full_disk_named(path, "data.zarr"):
+                    _atomic_dir(path / "data.zarr", lambda tmp: _write_data(tmp, data))
             (path / "buckets").mkdir(exist_ok=True)
             builder = MemoryBank(data, dedup=True)
             start = time.perf_counter()
             for key in tqdm(keys, desc="building buckets", disable=not progress):
                 target = path / "buckets" / bucket_id(key)
                 if not target.exists():
-                    _atomic_dir(target, lambda tmp: _timed(tmp, _write_bucket, builder, key, spec))
+                    with _full_disk_named(path, f"bucket {target.name}"):
+                        _atomic_dir(target, lambda tmp: _timed(tmp, _write_bucket, builder, key, spec))
             manifest["build_seconds"] = round(time.perf_counter() - start, 2)
             manifest["buckets"] = [_key_to_json(k) for k in keys]
+            manifest["bucket_digests"] = {bucket_id(k): file_checksum(path / "buckets" / bucket_id(k) / CHECKSUMS) for k in keys}
             _write_json(path / "manifest.json", {**manifest, "complete": True})
         return cls.open(path)
 
@@ -157,8 +175,14 @@ class PatchBank(Bank):
         bucket (an empty dict when the bank is intact). Re-running the build rebuilds the buckets listed."""
         problems = {}
         for entry in self.manifest["buckets"]:
-            name = bucket_id(BucketKey(**_key_from_json(entry)))
-            found = verify_bucket(self.path / "buckets" / name) if (self.path / "buckets" / name).is_dir() else ["missing"]
+            key = BucketKey(**_key_from_json(entry))
+            name = bucket_id(key)
+            try:
+                folder = self._bucket_dir(key)
+            except BankError as err:
+                problems[name] = [str(err)]
+                continue
+            found = verify_bucket(folder)
             if found:
                 problems[name] = found
         return problems
@@ -209,19 +233,31 @@ class PatchBank(Bank):
         }
 
     # ---- serving -----------------------------------------------------------------------------
-    def _group(self, key: BucketKey):
+    def _bucket_dir(self, key: BucketKey) -> Path:
+        """The folder of a bucket this bank was built with, checked (once) to belong to this bank: inside it, its
+        checksum table the one the manifest recorded, and its ``bucket.json`` naming this bank's data and this key."""
         name = bucket_id(key)
         if name not in self._buckets:
             raise BankError(f"{self.path}: no bucket {name}; the bank was built with {self.manifest['spec']}")
+        folder = self.path / "buckets" / name
+        if name not in self._bound:
+            problem = _binding_problem(self.path, folder, key, self._fingerprint, self.manifest["bucket_digests"].get(name))
+            if problem:
+                raise BankError(f"{self.path}: bucket {name} {problem}; re-run the same build to repair it")
+            self._bound.add(name)
+        return folder
+
+    def _group(self, key: BucketKey):
+        folder = self._bucket_dir(key)
         try:
-            return zarr.open_group(str(self.path / "buckets" / name), mode="r")
+            return zarr.open_group(str(folder), mode="r")
         except Exception as err:  # zarr raises several types for missing/corrupt groups
-            raise BankError(f"{self.path}: bucket {name} is missing or corrupted ({err})") from err
+            raise BankError(f"{self.path}: bucket {folder.name} is missing or corrupted ({err})") from err
 
     def _arrays(self, key: BucketKey, *names: str) -> list[torch.Tensor]:
         """Arrays of a bucket, each verified against the checksum the build recorded."""
         g = self._group(key)
-        folder = self.path / "buckets" / bucket_id(key)
+        folder = self._bucket_dir(key)
         try:
             sums = read_checksums(folder)
             return [torch.from_numpy(load_checked(folder, g, n, sums)) for n in names]
@@ -292,7 +328,7 @@ class PatchBank(Bank):
             if spec is None:
                 raise BankError(f"{self.path}: built without an index (spec index=None); rebuild with e.g. index='Flat'")
             ivf = IVFLists(*self._arrays(key, "ivf_centroids", "ivf_radii", "ivf_counts")) if index_kind(spec) == "ivf" else None
-            folder = self.path / "buckets" / bucket_id(key)
+            folder = self._bucket_dir(key)
             try:
                 index_file = check_file(folder, "index.faiss", read_checksums(folder))
             except IntegrityError as err:
@@ -349,6 +385,13 @@ def _read_manifest(path: Path) -> dict:
     missing = [k for k in ("format_version", "fingerprint", "spec", "buckets") if k not in manifest]
     if missing:
         raise BankError(f"{f} is corrupted: it lacks {', '.join(missing)}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        return manifest  # refused by the caller, naming both versions
+    if not isinstance(manifest["buckets"], list) or not isinstance(manifest.get("bucket_digests", {}), dict):
+        raise BankError(f"{f} is corrupted: its buckets are not a list of keys")
+    for entry in manifest["buckets"]:
+        _check_key(entry, f)
+    manifest.setdefault("bucket_digests", {})
     stats = {}
     for d in (path / "buckets").glob("*/stats.json") if (path / "buckets").is_dir() else []:
         stats[d.parent.name] = json_object(d)
@@ -359,8 +402,9 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
-def _repair(path: Path, data: ImageData, fingerprint: str, keys: list[BucketKey]) -> bool:
-    """Remove what a re-run must rebuild: unfinished (``*.tmp``) and damaged buckets, data.zarr not matching
+def _repair(path: Path, data: ImageData, fingerprint: str, keys: list[BucketKey], digests: dict[str, str]) -> bool:
+    """Remove what a re-run must rebuild: unfinished (``*.tmp``), damaged and foreign buckets (not bound to this
+    bank's data and key, or not the bucket the last manifest recorded in ``digests``), data.zarr not matching
     ``data``; returns whether anything is missing or was removed (else the bank is complete and intact)."""
     todo = False
     if (path / "data.zarr").exists():
@@ -376,14 +420,75 @@ def _repair(path: Path, data: ImageData, fingerprint: str, keys: list[BucketKey]
         shutil.rmtree(stale)
     for key in keys:
         target = buckets / bucket_id(key)
-        if target.is_dir() and verify_bucket(target):
+        if target.is_symlink():
+            target.unlink()
+        elif target.is_dir() and (verify_bucket(target) or _binding_problem(path, target, key, fingerprint, digests.get(target.name),
+                                                                            need_digest=False)):
             shutil.rmtree(target)
         todo |= not target.is_dir()
     return todo
 
 
+def _binding_problem(bank: Path, folder: Path, key: BucketKey, fingerprint: str, digest: str | None,
+                     need_digest: bool = True) -> str | None:
+    """What is wrong with a bucket folder as ``key``'s bucket of the bank with data ``fingerprint`` (None: nothing):
+    outside the bank or a symlink, no checksum table, a table other than the manifest's ``digest``, or a
+    ``bucket.json`` naming other data or another key. ``need_digest=False`` (an unfinished build): no digest to check."""
+    if folder.is_symlink() or folder.resolve().parent != (bank / "buckets").resolve() or \
+            (bank / "buckets").resolve().parent != bank.resolve():
+        return "lies outside the bank (a symlink); only folders inside the bank are read"
+    if not folder.is_dir():
+        return "is missing"
+    if not (folder / CHECKSUMS).is_file():
+        return f"has no checksum table ({CHECKSUMS} deleted)"
+    try:
+        bound = json_object(folder / BINDING)
+    except BankError:
+        return f"has no readable {BINDING} (it was not built for this bank)"
+    if bound.get("bank") != fingerprint:
+        return (f"was built for other data (fingerprint {str(bound.get('bank'))[:12]}…, this bank's {fingerprint[:12]}…): "
+                "copied from another bank")
+    if bound.get("key") != _key_to_json(key):
+        other = bucket_id(BucketKey(**_key_from_json(bound["key"]))) if isinstance(bound.get("key"), dict) else bound.get("key")
+        return f"holds bucket {other} (buckets swapped or renamed)"
+    if digest is None and need_digest:
+        return "is not recorded in the manifest"
+    if digest is not None and file_checksum(folder / CHECKSUMS) != digest:
+        return f"has a checksum table other than the one the build recorded in manifest.json ({CHECKSUMS} rewritten)"
+    try:
+        check_file(folder, BINDING, read_checksums(folder))
+    except IntegrityError as err:
+        return f"is damaged ({err})"
+    return None
+
+
+def _check_key(entry: object, f: Path) -> None:
+    """A bucket key read from a manifest: known rule and padding, odd scale, integer dictionary and label (so the
+    folder name it makes cannot leave the bank)."""
+    ok = isinstance(entry, dict) and set(entry) == {"rule", "scale", "padding", "dictionary", "label"}
+    if ok:
+        rule, P, pad, dic, lab = (entry[k] for k in ("rule", "scale", "padding", "dictionary", "label"))  # type: ignore[index]
+        ok = (rule in RULE_PADDING and pad in PADDINGS and isinstance(P, int) and not isinstance(P, bool) and P >= 1
+              and P % 2 == 1 and isinstance(dic, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in dic)
+              and (lab is None or (isinstance(lab, int) and not isinstance(lab, bool))))
+    if not ok:
+        raise BankError(f"{f} is corrupted: {entry!r} is not a bucket key")
+
+
 def _write_json(path: Path, obj: dict) -> None:
     write_json(path, {k: v for k, v in obj.items() if k != "bucket_stats"})
+
+
+@contextmanager
+def _full_disk_named(bank: Path, what: str) -> Iterator[None]:
+    """A full disk while writing ``what`` of a bank is a :class:`DiskFullError` naming the bank and the part."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFullError(f"no space left on the disk holding the bank {bank} (writing {what}): free some space and "
+                            "re-run the same build; finished buckets are kept") from err
 
 
 def _atomic_dir(target: Path, write) -> None:
@@ -392,8 +497,12 @@ def _atomic_dir(target: Path, write) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    write(tmp)
-    os.replace(tmp, target)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a re-run would remove it anyway; now, a full disk gets its space back
+        raise
 
 
 def _write_data(tmp: Path, data: ImageData) -> None:
@@ -419,12 +528,14 @@ def _timed(tmp: Path, write, *args) -> None:
 
 
 def _write_bucket(tmp: Path, builder: MemoryBank, key: BucketKey, spec: BankSpec) -> None:
+    binding = json.dumps({"bank": builder.fingerprint(), "key": _key_to_json(key)})  # written after zarr's mode="w" wipes tmp
     if spec.materialise_max is not None and key.scale > spec.materialise_max:  # type: ignore[operator]
         g = zarr.open_group(str(tmp), mode="w")
         g.attrs["key"] = _key_to_json(key)
         n = len(builder.image_ids(key.label)) * key.locations(builder.height, builder.width).shape[0]
         (tmp / "stats.json").write_text(json.dumps({"patches": n, "distinct": None, "index": None, "materialised": False, "bytes": 0}))
-        write_checksums(tmp, {})
+        (tmp / BINDING).write_text(binding)
+        write_checksums(tmp, {}, [BINDING])
         return
     table = builder.unique_patches(key)
     builder.forget(key)  # keep the builder's memory bounded by one bucket
@@ -440,7 +551,7 @@ def _write_bucket(tmp: Path, builder: MemoryBank, key: BucketKey, spec: BankSpec
         arrays[f"cluster_{name}"] = getattr(clusters, name).numpy()
         g.create_array(f"cluster_{name}", data=arrays[f"cluster_{name}"])
     stats = {"patches": table.total, "distinct": len(patches), "index": None}
-    files = []
+    files = [BINDING]
     if spec.index is not None:
         vectors = (table.patches.to(torch.float32) / 255.0).numpy()
         index = PatchIndex.build(vectors, table.counts.numpy(), spec.index)
@@ -451,6 +562,7 @@ def _write_bucket(tmp: Path, builder: MemoryBank, key: BucketKey, spec: BankSpec
             for name in ("centroids", "radii", "counts"):
                 arrays[f"ivf_{name}"] = getattr(index.ivf, name).numpy()
                 g.create_array(f"ivf_{name}", data=arrays[f"ivf_{name}"])
+    (tmp / BINDING).write_text(binding)
     write_checksums(tmp, arrays, files)
     stats["bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
     (tmp / "stats.json").write_text(json.dumps(stats))

@@ -65,12 +65,16 @@ class ImageStatistics:
         """The statistics stored at ``path`` for these images, or None (none stored, another data set's, unreadable)."""
         if not path.exists():
             return None
+        from .atomic import read_torch
+
         try:
-            found = torch.load(path, weights_only=True)
-        except Exception as err:  # a damaged file is computed again, not trusted
+            found = read_torch(path, "image statistics")
+            if found.get("fingerprint") != fingerprint:
+                return None
+            return cls(found["mu"], found["lam"], found["V"])
+        except Exception as err:  # a damaged or foreign file is computed again, not trusted
             log.warning("ignoring unreadable image statistics %s (%s)", path, err)
             return None
-        return cls(found["mu"], found["lam"], found["V"]) if found.get("fingerprint") == fingerprint else None
 
 
 def image_statistics(x: torch.Tensor) -> ImageStatistics:
@@ -193,7 +197,8 @@ class Bank(ABC):
                 if path is not None:
                     try:
                         stats.save(path, self.fingerprint())
-                    except OSError as err:  # a read-only bank still answers; it computes again next time
+                    except (OSError, RuntimeError) as err:  # a read-only bank still answers (torch's writer raises
+                        # RuntimeError where it cannot open the file); it computes again next time
                         log.warning("could not store image statistics at %s (%s)", path, err)
             self._statistics[label] = stats
         return self._statistics[label]

@@ -170,8 +170,36 @@ def load_torchvision(name: str, root: str | os.PathLike, split: Split = "train",
     raise ValueError(f"torchvision has no loader here for {name!r}; choose from {sorted(REAL_DATASETS)}")
 
 
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N")
+WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit greyscale PNGs open as one of these
+
+
+def _as_uint8(pic, mode: str, path: Path) -> np.ndarray:
+    """One image as uint8 ``[H, W]`` (``mode`` "L") or ``[H, W, 3]`` ("RGB"). 16-bit greyscale is scaled to 8 bits
+    (v · 255 / 65535, rounded), never clipped; an alpha channel that is not fully opaque is refused, since
+    dropping it would change the image; a float image is refused."""
+    if pic.mode == "F":
+        raise ValueError(f"{path}: a floating-point image (mode F); save it as 8- or 16-bit integers")
+    if pic.mode in WIDE_MODES:
+        wide = np.asarray(pic, dtype=np.int64)
+        if wide.min() < 0 or wide.max() > 65535:
+            raise ValueError(f"{path}: a 32-bit image with values in [{wide.min()}, {wide.max()}]; expected 8 or 16 bits")
+        grey = np.rint(wide * (255 / 65535)).astype(np.uint8)
+        return grey if mode == "L" else np.repeat(grey[..., None], 3, axis=2)
+    if pic.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (pic.mode == "P" and "transparency" in pic.info):
+        rgba = pic.convert("RGBA")
+        alpha = np.asarray(rgba)[..., 3]
+        if alpha.min() < 255:
+            raise ValueError(f"{path}: has transparent pixels ({(alpha < 255).mean():.1%} of them; alpha channel); "
+                             "flatten it onto a background first, so that no information is dropped silently")
+        pic = rgba
+    return np.asarray(pic.convert(mode), dtype=np.uint8)
+
+
 def load_folder(path: str | os.PathLike, mode: Literal["L", "RGB"] | None = None) -> ImageData:
-    """Images of a folder: ``root/<class>/*.png`` (labels = sorted class folders) or ``root/*.png`` (labels 0)."""
+    """Images of a folder: ``root/<class>/*.png`` (labels = sorted class folders) or ``root/*.png`` (labels 0).
+
+    16-bit greyscale images are scaled to 8 bits; images with transparent pixels are refused (see :func:`_as_uint8`)."""
     from PIL import Image
 
     root = Path(path)
@@ -188,8 +216,8 @@ def load_folder(path: str | os.PathLike, mode: Literal["L", "RGB"] | None = None
     if not files:
         raise ValueError(f"{root} holds no images ({', '.join(sorted(exts))})")
     pics = [Image.open(f) for _, f in files]
-    mode = mode or ("L" if all(p.mode in ("1", "L", "I;16") for p in pics) else "RGB")
-    arrays = [np.asarray(p.convert(mode), dtype=np.uint8) for p in pics]
+    mode = mode or ("L" if all(p.mode in GREY_MODES for p in pics) else "RGB")
+    arrays = [_as_uint8(p, mode, f) for p, (_, f) in zip(pics, files)]
     sizes = {a.shape for a in arrays}
     if len(sizes) != 1:
         raise ValueError(f"{root}: images differ in size {sorted(sizes)}; resize them first")

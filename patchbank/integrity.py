@@ -10,17 +10,16 @@ which rebuilds the buckets that fail).
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import ContextManager
 
 import numpy as np
 import zarr
+
+from .atomic import folder_lock
 
 CHECKSUMS = "checksums.json"
 LOCK = ".build.lock"
@@ -119,22 +118,7 @@ def verify_bucket(bucket_dir: Path) -> list[str]:
     return problems
 
 
-@contextmanager
-def build_lock(path: Path) -> Iterator[None]:
+def build_lock(path: Path) -> ContextManager[None]:
     """Hold ``path/.build.lock`` (an ``fcntl`` lock with the holder's pid) while a build writes; a second
     build of the same folder fails at once with the holder's pid instead of interleaving writes."""
-    path.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise IntegrityError(f"{path} is being built by another process (pid {holder}); wait for it to finish") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(fd)
+    return folder_lock(path, LOCK, "built", IntegrityError)

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from machines import Denoiser, ScaleSchedule, ScoreMachine, eps_from_x0, identity_of, noise_from_seeds, sample
-from patchbank.atomic import atomic_write, write_json
+from patchbank.atomic import atomic_write, read_torch, write_json
 
 from .executors import Executor, make_executor, pending
 from .runs import claim_folder, seed_labels
@@ -71,7 +71,9 @@ def calibrate(
     if kept is not None:
         claim_folder(resume, {"network": identity_of(network), "machines": {str(P): identity_of(m) for P, m in shared.machines.items()},
                               "steps": steps, "shape": list(shape), "labels": label_of})
-        found = torch.load(kept) if kept.exists() else {}
+        found = read_torch(kept, "kept similarities") if kept.exists() else {}
+        if not isinstance(found, dict) or not all(isinstance(v, tuple) and len(v) == 2 for v in found.values()):
+            raise ValueError(f"kept similarities {kept} are not results by seed; delete it to calibrate those seeds again")
 
     def keep(chunk: list[int], result: tuple[list[float], torch.Tensor]) -> None:
         for i, seed in enumerate(chunk):
@@ -159,9 +161,16 @@ def best_constant(result: dict) -> tuple[float, dict[str, float]]:
     return best, scores
 
 
-def schedule_from(result: dict) -> ScaleSchedule:
-    """The calibrated schedule of a :func:`calibrate` result (or its JSON file's contents)."""
-    return ScaleSchedule(tuple((float(t), int(P)) for t, P in result["schedule"]))
+def schedule_from(result: dict, where: str = "calibration") -> ScaleSchedule:
+    """The calibrated schedule of a :func:`calibrate` result (or its JSON file's contents, ``where`` naming the file
+    in errors): every entry checked by :class:`~machines.ScaleSchedule`, nothing coerced."""
+    points = result.get("schedule") if isinstance(result, dict) else None
+    if not isinstance(points, list):
+        raise ValueError(f"{where}: the schedule must be a list of [t, P] pairs, got {points!r}")
+    try:
+        return ScaleSchedule(tuple(tuple(p) if isinstance(p, list) else p for p in points))
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
 
 
 def write_calibration(result: dict, path: str | os.PathLike) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -266,10 +267,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         _run(args)
-    except (ValueError, TypeError, KeyError, OSError, RuntimeError, ImportError) as err:
+    except (ValueError, TypeError, KeyError, OSError, RuntimeError, ImportError, ArithmeticError) as err:
         if args.verbose:
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk outside atomic_write
+            message = (f"no space left on the disk holding {err.filename or 'the output'}: free some space and re-run; "
+                       "finished work is kept")
         print(f"patchbank {args.command}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 

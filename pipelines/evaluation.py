@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from machines import Denoiser, identity_of, noise_from_seeds, sample
-from patchbank.atomic import atomic_write, write_json
+from patchbank.atomic import atomic_write, folder_lock, read_torch, write_json
 
 from .executors import Executor, make_executor, pending
 from .metrics import mse, pearson_r, r2
@@ -74,12 +74,20 @@ def evaluate(
     batches in flight; a re-run computes only the seeds not yet written. ``others``: more theories by name
     (comparators such as the Wiener filter), sampled from the same noise and compared with the stored
     network images the same way; each is kept under ``theories/<name>/`` (its own run record), so a
-    theory can be added to a finished evaluation without sampling the network or machine again."""
-    out = Path(out)
+    theory can be added to a finished evaluation without sampling the network or machine again. The folder is
+    locked while it runs: a second evaluation into it fails at once."""
+    with folder_lock(out, reentrant=True):  # run_evaluate holds it already
+        return _evaluate(network, machine, ideal, seeds, shape, Path(out), steps, labels_of, batch, progress, config,
+                         executor, others)
+
+
+def _evaluate(network: Denoiser, machine: Denoiser, ideal: Denoiser, seeds: Sequence[int], shape: Sequence[int], out: Path,
+              steps: int, labels_of: dict[int, int] | None, batch: int, progress: bool, config: dict | None,
+              executor: str | Executor | None, others: dict[str, Denoiser] | None) -> dict:
     claim_folder(out, {"network": identity_of(network), "machine": identity_of(machine), "ideal": identity_of(ideal),
                        "steps": steps, "shape": list(shape), "conditional": labels_of is not None})
     rows = read_rows(out / "per_seed.jsonl")
-    samples = torch.load(out / "samples.pt") if (out / "samples.pt").exists() else {}
+    samples = _kept_samples(out / "samples.pt", {r["seed"] for r in rows})
     todo = pending(seeds, batch, {r["seed"] for r in rows})
 
     def save() -> None:
@@ -154,6 +162,27 @@ def theory_images(job: Trio, seeds: list[int]) -> torch.Tensor:
 
 
 def read_rows(path: Path) -> list[dict]:
+    """The per-seed rows of ``per_seed.jsonl`` (none if there is no file); a damaged line is an error naming the file."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is damaged ({err}); delete it and samples.pt to evaluate again") from None
+    if not all(isinstance(r, dict) and isinstance(r.get("seed"), int) for r in rows):
+        raise ValueError(f"{path} holds rows without a seed; delete it and samples.pt to evaluate again")
+    return rows
+
+
+def _kept_samples(path: Path, seeds: set[int]) -> dict[int, dict[str, torch.Tensor]]:
+    """The final images kept in ``samples.pt`` (``{seed: {name: [C, H, W]}}``), which must hold every seed of the
+    rows; a damaged, foreign or incomplete file is an error naming it."""
+    if not path.exists():
+        if seeds:
+            raise ValueError(f"{path} is missing but {path.parent / 'per_seed.jsonl'} lists {len(seeds)} seed(s); delete "
+                             "the folder's results to evaluate again")
+        return {}
+    samples = read_torch(path, "evaluation samples")
+    if not isinstance(samples, dict) or not all(isinstance(v, dict) for v in samples.values()) or not seeds <= set(samples):
+        raise ValueError(f"evaluation samples {path} do not hold the seeds of per_seed.jsonl; delete both to evaluate again")
+    return samples

@@ -8,7 +8,7 @@ bank — is the ``shared`` payload, sent once to each worker and kept there:
 * ``serial`` (the default): in this process, in order, on torch's default threads;
 * ``processes:N``: N local worker processes (spawned, so no state leaks from the parent), each
   with ``cores // N`` torch threads. A worker that dies (killed, out of memory) is replaced and its
-  items are run again, up to ``retries`` times;
+  items are run again, up to ``retries`` times; workers end with their caller, even when it is killed;
 * ``ray`` or ``ray:ADDRESS``: tasks on a Ray cluster — a local one started on first use, or the
   cluster at ``ADDRESS`` (``auto``: the one this machine belongs to). Ray re-runs a task whose
   worker died (``max_retries``); its ``shared`` payload goes through the object store once.
@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
+import threading
+import time
 import uuid
 from collections.abc import Callable, Container, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -93,9 +96,31 @@ class SerialExecutor:
 _SHARED: dict[str, Any] = {}
 
 
-def _init_worker(token: str, payload: bytes, threads: int) -> None:
+def _init_worker(token: str, payload: bytes, threads: int, parent: int) -> None:
+    exit_with(parent)
     torch.set_num_threads(threads)
     _SHARED[token] = pickle.loads(payload)
+
+
+def exit_with(parent: int, every: float = 0.5) -> None:
+    """End this worker process when ``parent`` (the caller's pid) dies, killed or not: on Linux the kernel sends
+    SIGKILL at once (``PR_SET_PDEATHSIG``); everywhere a daemon thread checks every ``every`` seconds that this
+    process has not been handed to another parent, and exits if it has."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        pass
+    if os.getppid() != parent:  # the caller died before the lines above ran
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-caller", daemon=True).start()
 
 
 def _call(token: str, fn: Task, item: Any) -> Any:
@@ -125,7 +150,7 @@ class ProcessExecutor:
         with _bar(items, desc, progress, size) as bar:
             while pending:
                 pool = ProcessPoolExecutor(min(self.workers, len(pending)), mp_context=multiprocessing.get_context("spawn"),
-                                           initializer=_init_worker, initargs=(token, payload, self.threads))
+                                           initializer=_init_worker, initargs=(token, payload, self.threads, os.getpid()))
                 try:
                     running: dict[Future, int] = {pool.submit(_call, token, fn, items[i]): i for i in pending}
                     while running:

@@ -19,14 +19,15 @@ import torch
 from machines import ScoreMachine, noise_from_seeds, reference_schedule
 from machines.comparators import COMPARATORS, comparator_kind, make_comparator, named_spec, parse_comparator
 from patchbank import Bank, ImageData, MemoryBank, PatchBank, load_dataset
-from patchbank.atomic import write_json
+from patchbank.atomic import folder_lock, read_torch, write_json
 
 from .calibration import best_constant, calibrate, schedule_from, write_calibration
 from .evaluation import evaluate, read_rows
 from .figures import agreement_scatter, image_pairs, scale_curve
 from .executors import batch_for
 from .pairing import RULE_PADDING, calibration_record, check_calibration, machine_for, paper_schedule_name
-from .runs import check_run_options, read_json, seed_labels
+from .runs import check_fields, check_run_options, read_json, seed_labels
+from .networks import NetworkDenoiser
 from .training import load_network
 
 
@@ -54,6 +55,11 @@ class CalibrateConfig:
     per_scale: bool = False  # one pass per candidate P, not every P from one box-sum pass
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Every field's type and the options' consistency, checked before anything is written."""
+        check_fields(self)
         comparator = self.machine is not None and comparator_kind(self.machine) is not None
         if comparator:
             name, _ = parse_comparator(self.machine)  # type: ignore[arg-type]
@@ -91,6 +97,11 @@ class EvaluateConfig:
     dictionary: int | None = None  # the machine's dictionary: the first N of the network's training images (None: all)
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Every field's type and the options' consistency, checked before anything is written."""
+        check_fields(self)
         _check_job(self.machine, self.seeds, self.steps, self.backend, self.executor, self.batch, self.dictionary)
         names = [named_spec(spec)[0] for spec in self.comparators]  # unknown names and options are errors
         if len(set(names)) != len(names):
@@ -167,9 +178,16 @@ def _labels_of(train_cfg: dict, seeds: list[int], bank: Bank) -> dict[int, int] 
 
 
 def run_calibrate(cfg: CalibrateConfig) -> dict:
-    if cfg.machine is not None and comparator_kind(cfg.machine) is not None:
-        return _calibrate_comparator(cfg)
-    network, bank, train_cfg = _setup(cfg.model, cfg.bank, TABLES_UP_TO, cfg.dictionary)
+    """Calibrate (or resume) the machine to the network; writes ``calibration.json`` and ``scale_curve.png`` under
+    ``cfg.out`` (locked while it runs: a second run into the same folder fails at once)."""
+    cfg.check()
+    setup = _setup(cfg.model, cfg.bank, TABLES_UP_TO, cfg.dictionary)  # a bad model or bank fails before anything is written
+    comparator = cfg.machine is not None and comparator_kind(cfg.machine) is not None
+    with folder_lock(cfg.out):
+        return (_calibrate_comparator if comparator else _calibrate_machine)(cfg, *setup)
+
+
+def _calibrate_machine(cfg: CalibrateConfig, network: NetworkDenoiser, bank: Bank, train_cfg: dict) -> dict:
     kind = machine_for(train_cfg, cfg.machine, cfg.model)
     labels_of = _labels_of(train_cfg, cfg.seeds, bank)
     labels = seed_labels(labels_of, cfg.seeds)
@@ -188,10 +206,9 @@ def run_calibrate(cfg: CalibrateConfig) -> dict:
     return result
 
 
-def _calibrate_comparator(cfg: CalibrateConfig) -> dict:
+def _calibrate_comparator(cfg: CalibrateConfig, network: NetworkDenoiser, bank: Bank, train_cfg: dict) -> dict:
     """Fit a comparator's free parameter to the network: the candidate values' ε̂ similarity along the network's
     trajectories (per time, as for P), and the one value the comparator keeps (:func:`best_constant`)."""
-    network, bank, train_cfg = _setup(cfg.model, cfg.bank, TABLES_UP_TO, cfg.dictionary)
     name, options = parse_comparator(cfg.machine)  # type: ignore[arg-type]
     parameter = cfg.parameter or COMPARATORS[name].CALIBRATED
     labels_of = _labels_of(train_cfg, cfg.seeds, bank)
@@ -221,12 +238,19 @@ def calibrated(model: str, calibration: str, machine: str | None = None, bank: s
     check_calibration(found, calibration, model, network.identity()["weights"], train_cfg, kind, other_network, len(patches))
     machine_for(train_cfg, kind, model)
     cond = bool(train_cfg["conditional"])
-    return network, ScoreMachine(patches, kind, scales=schedule_from(found), conditional=cond, backend=backend), train_cfg  # type: ignore[arg-type]
+    return network, ScoreMachine(patches, kind, scales=schedule_from(found, f"calibration {calibration}"), conditional=cond, backend=backend), train_cfg  # type: ignore[arg-type]
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
-    network, machine, train_cfg = calibrated(cfg.model, cfg.calibration, cfg.machine, cfg.bank, cfg.backend, cfg.other_network,
-                                             dictionary=cfg.dictionary)
+    """Evaluate (or resume) the network against its calibrated machine, IS and the comparators; writes the report,
+    per-seed rows, samples and figures under ``cfg.out`` (locked while it runs: a second run into it fails at once)."""
+    cfg.check()
+    found = calibrated(cfg.model, cfg.calibration, cfg.machine, cfg.bank, cfg.backend, cfg.other_network, dictionary=cfg.dictionary)
+    with folder_lock(cfg.out, reentrant=True):  # evaluate() takes the same lock
+        return _run_evaluate(cfg, *found)
+
+
+def _run_evaluate(cfg: EvaluateConfig, network: NetworkDenoiser, machine: ScoreMachine, train_cfg: dict) -> dict:
     calibrated_on = read_json(cfg.calibration, "calibration").get("network", {}).get("model")
     bank, kind, schedule, cond = machine.bank, machine.kind, machine.scales, machine.conditional
     ideal = ScoreMachine(bank, "IS", conditional=cond)
@@ -238,7 +262,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     report = evaluate(network, machine, ideal, cfg.seeds, bank.data.shape, out, cfg.steps, _labels_of(train_cfg, cfg.seeds, bank),
                       cfg.batch, executor=cfg.executor, others=others, config={**asdict(cfg), "machine": kind, "schedule": schedule.to_json(),
                                                                 "paper_schedule": paper, "calibrated_on": calibrated_on})
-    samples = torch.load(out / "samples.pt")
+    samples = read_torch(out / "samples.pt", "evaluation samples")
     image_pairs(samples, out / "pairs.png")
     agreement_scatter(read_rows(out / "per_seed.jsonl"), out / "scatter.png")
     scale_curve(schedule.to_json(), out / "scale_curve.png", paper["schedule"] if paper else None)

@@ -147,9 +147,13 @@ ARCHITECTURES = {"resnet": ResNet, "unet": UNet}
 class NetworkDenoiser:
     """A trained ε-predictor with the machines' signature ``(x, t, labels) → x̂0``."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, name: str | None = None) -> None:
         self.net = net
+        self.name = name  # where it was loaded from (errors name it); not part of its identity
         self.conditional = getattr(net, "num_classes", None) is not None
+
+    def __repr__(self) -> str:
+        return f"network {self.name}" if self.name else f"network {type(self.net).__name__}"
 
     def identity(self) -> dict:
         """What changes this denoiser's answers: the architecture and a hash of its weights."""
@@ -161,6 +165,11 @@ class NetworkDenoiser:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.conditional and labels is not None:
+            n = self.net.num_classes
+            outside = labels[(labels < 0) | (labels >= n)] if labels.numel() else labels
+            if outside.numel():
+                raise ValueError(f"{self!r} was trained on labels 0..{n - 1}; label {int(outside[0])} is outside them")
         p = next(self.net.parameters())
         times = torch.full((x.shape[0],), t, device=p.device)
         eps = self.net(x.to(p.device, p.dtype), times, labels.to(p.device) if self.conditional and labels is not None else None)

@@ -6,7 +6,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
+import types
+import typing
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,7 +35,90 @@ def config_from_dict(cls: type[T], values: dict, where: str = "config") -> T:
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
             raise ValueError(f"{where}: unknown {cls.__name__} key {key!r}{hint}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:  # a value of the wrong type or range: name the file it came from
+        raise type(err)(f"{where}: {err}") from None
+
+
+Bound = tuple[float | None, float | None, str]
+"""``(low, high, ends)``: a number's allowed interval, ``ends`` one of ``"[]"``, ``"[)"``, ``"(]"``, ``"()"``
+(None: no limit on that side)."""
+
+
+def check_fields(cfg: Any, bounds: dict[str, Bound] | None = None, choices: dict[str, Collection] | None = None,
+                 where: str | None = None) -> None:
+    """Check every field of a config dataclass against its type hint, then the ``bounds`` and ``choices`` given.
+
+    Nothing is coerced: ``"false"`` is not a bool, ``1.0`` is not an int, ``True`` is not a number; a float
+    field takes an int, and must be finite. A bound or choice on a list field applies to each element; None
+    always passes them (where the hint allows it). The error names the config, the field and the value."""
+    where = where or type(cfg).__name__
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not _fits(value, hints[f.name]):
+            raise TypeError(f"{where}: {f.name} must be {_describe(hints[f.name])}, got {value!r} ({type(value).__name__})")
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in (v for v in values if v is not None):
+            if bounds and f.name in bounds and not _within(v, bounds[f.name]):
+                low, high, ends = bounds[f.name]
+                interval = f"{ends[0]}{'-inf' if low is None else low}, {'inf' if high is None else high}{ends[1]}"
+                raise ValueError(f"{where}: {f.name} must lie in {interval}, got {value!r}")
+            if choices and f.name in choices and v not in choices[f.name]:
+                raise ValueError(f"{where}: {f.name} must be one of {', '.join(map(repr, choices[f.name]))}, got {v!r}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of type ``hint`` (bool, int, float, str, None, unions, lists, tuples, dicts), exactly."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return isinstance(value, origin or hint)
+
+
+def _describe(hint: Any) -> str:
+    """A type hint in words: ``int | None`` → "an integer or null"."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
+    if origin is tuple:
+        if not args or args[-1] is Ellipsis or len(set(args)) > 1:
+            return "a list"
+        return f"a list of {len(args)} {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+            type(None): "null (None)", dict: "an object"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _within(value: float, bound: Bound) -> bool:
+    low, high, ends = bound
+    above = low is None or (value >= low if ends[0] == "[" else value > low)
+    below = high is None or (value <= high if ends[1] == "]" else value < high)
+    return above and below
 
 
 def check_run_options(seeds: list[int], steps: int, backend: str, executor: str = "serial", batch: int | None = None) -> None:
@@ -39,11 +126,14 @@ def check_run_options(seeds: list[int], steps: int, backend: str, executor: str 
     checked before anything is written."""
     if not seeds:
         raise ValueError("give at least one seed")
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+    if bad:
+        raise ValueError(f"seeds must be integers >= 0, got {bad[0]!r}")
     if len(set(seeds)) != len(seeds):
         raise ValueError("a seed is listed twice")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if batch is not None and batch < 1:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise ValueError(f"batch must be >= 1, got {batch}")
     parse_backend(backend)
     check_executor(executor)

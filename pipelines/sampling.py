@@ -15,10 +15,10 @@ from machines import MACHINES, Denoiser, ScaleSchedule, ScoreMachine, make_backe
 from machines.comparators import COMPARATORS, comparator_kind, make_comparator, parse_comparator
 from machines.posterior.topk import TopKBackend
 from patchbank import MemoryBank, PatchBank, load_dataset
-from patchbank.atomic import atomic_write, write_json
+from patchbank.atomic import atomic_write, folder_lock, read_torch, write_json
 
 from .executors import batch_for, make_executor, pending
-from .runs import check_run_options, claim_folder, config_from_dict, read_json, seed_labels
+from .runs import check_fields, check_run_options, claim_folder, config_from_dict, read_json, seed_labels
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,12 @@ class SampleConfig:
     out: str = "outputs/sample"
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Every field's type and range and the options' consistency, checked before anything is written."""
+        check_fields(self, {"resize": (1, None, "[)"), "n_train": (1, None, "[)"), "labels": (0, None, "[)")},
+                     {"reading": ("calibrated", "paper"), "padding": ("zeros", "circular")})
         if not self.comparator and self.machine not in MACHINES:
             raise ValueError(f"unknown machine {self.machine!r}; choose from {', '.join(MACHINES)} or a comparator "
                              f"({', '.join(COMPARATORS)}, e.g. smoothed:sigma=0.1)")
@@ -79,8 +85,13 @@ def run_sample(cfg: SampleConfig) -> Path:
     once the results are written), so a killed run resumes when re-run with the same settings; other
     settings are refused while it is there. Several batches (``cfg.batch``, or a parallel
     ``cfg.executor``) are kept as each finishes in ``cfg.out/batches/`` and a re-run samples the rest."""
+    cfg.check()
+    with folder_lock(cfg.out):  # an --out under a file fails here, before any work; a second run into it fails at once
+        return _run_sample(cfg)
+
+
+def _run_sample(cfg: SampleConfig) -> Path:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)  # an --out under a file fails here, before any work
     machine, noise, labels = machine_for(cfg)
     data = machine.bank.data
     backend = getattr(machine, "backend", None)  # a comparator that computes its posteriors itself has none
@@ -122,7 +133,9 @@ def _in_batches(machine: Denoiser, cfg: SampleConfig, labels: torch.Tensor | Non
     label_of = dict(zip(cfg.seeds, labels.tolist())) if labels is not None else None
     claim_folder(folder, {"machine": machine.identity(), "steps": cfg.steps, "labels": label_of})
     kept_file = folder / "kept.pt"
-    kept: dict[int, torch.Tensor] = torch.load(kept_file) if kept_file.exists() else {}
+    kept: dict[int, torch.Tensor] = read_torch(kept_file, "kept batches") if kept_file.exists() else {}
+    if not isinstance(kept, dict) or not all(isinstance(s, int) and isinstance(x, torch.Tensor) for s, x in kept.items()):
+        raise ValueError(f"kept batches {kept_file} are not samples by seed; delete it to sample them again")
 
     def keep(seeds: list[int], x: torch.Tensor) -> None:
         kept.update({s: x[i].clone() for i, s in enumerate(seeds)})
@@ -170,7 +183,7 @@ def run_explain(sample_dir: str | os.PathLike, m: int = 16, at: list[int] | None
     saved = read_json(folder / "config.json", "sample config")
     cfg = config_from_dict(SampleConfig, {k: v for k, v in saved.items() if k in SampleConfig.__dataclass_fields__},
                            str(folder / "config.json"))
-    stored = torch.load(folder / "samples.pt")
+    stored = read_torch(folder / "samples.pt", "samples")
     machine, noise, labels = machine_for(cfg)
     if cfg.comparator:
         raise ValueError(f"provenance is of the patch machines and IS, not of the comparator {cfg.machine}")

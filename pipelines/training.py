@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 
 from machines.schedule import COSINE_DENOM
 from patchbank import ImageData, load_dataset, to_model_range
-from patchbank.atomic import atomic_write, write_json
+from patchbank.atomic import atomic_write, folder_lock, read_torch, write_json
 
-from .runs import config_from_dict, differences, read_json
+from .runs import check_fields, config_from_dict, differences, read_json
 
 from .networks import ARCHITECTURES, NetworkDenoiser
 
@@ -57,6 +57,19 @@ class TrainConfig:
     checkpoint_every: int = 200
     device: str = "auto"
     out: str = "outputs/train"
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Every field's type and range, checked before anything is written (also after the CLI overrides fields)."""
+        check_fields(self, {"resize": (1, None, "[)"), "n_train": (1, None, "[)"), "width": (1, None, "[)"),
+                            "blocks": (1, None, "[)"), "widths": (1, None, "[)"), "iters": (1, None, "[)"),
+                            "batch": (1, None, "[)"), "lr": (0, None, "()"), "gamma": (0, 1, "(]"), "ema": (0, 1, "[)"),
+                            "seed": (0, None, "[)"), "checkpoint_every": (1, None, "[)")},
+                     {"arch": sorted(ARCHITECTURES), "padding": ("zeros", "circular")})
+        if self.attention and self.arch != "unet":
+            raise ValueError(f"attention is an option of the UNet, not of the {self.arch}")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> TrainConfig:
@@ -90,8 +103,13 @@ def train(cfg: TrainConfig, stop_after: int | None = None, progress: bool = True
     ``stop_after`` ends the run early after that many iterations of this call (a checkpoint is
     written first), which simulates an interruption.
     """
+    cfg.check()
+    with folder_lock(cfg.out):  # a second training into the same folder fails at once
+        return _train(cfg, stop_after, progress)
+
+
+def _train(cfg: TrainConfig, stop_after: int | None, progress: bool) -> Path:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     data = load_training_data(cfg)
     device = resolve_device(cfg.device)
     x_all = to_model_range(data.images).to(device)
@@ -186,7 +204,10 @@ def _resume(path: Path, cfg: TrainConfig, net, opt, sched, gen: torch.Generator,
             curve: LossCurve | None = None) -> int:
     if not path.exists():
         return 0
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_torch(path, "training checkpoint")  # tensors and plain values only: loading it runs no code
+    if not isinstance(ckpt, dict) or not {"config", "net", "opt", "sched", "gen", "iteration"} <= set(ckpt):
+        raise ValueError(f"training checkpoint {path} is not one (it lacks the model, optimiser or iteration); delete it "
+                         "to train from the start")
     saved = {k: v for k, v in {**asdict(TrainConfig()), **ckpt["config"]}.items()  # a field added since: its default
              if k not in ("iters", "checkpoint_every", "device")}
     now = {k: v for k, v in asdict(cfg).items() if k not in ("iters", "checkpoint_every", "device")}
@@ -222,10 +243,13 @@ def load_network(path: str | os.PathLike, device: str = "auto") -> NetworkDenois
     if not Path(path).is_file():
         raise FileNotFoundError(f"no trained model at {path} (train one with `patchbank train`)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = read_torch(path, "trained model")  # tensors and plain values only: loading it runs no code
+    except ValueError as err:
+        raise ValueError(f"{path} is not a readable trained model: {err}") from None
+    try:
         cfg = TrainConfig(**{k: (tuple(v) if k == "widths" else v) for k, v in ckpt["config"].items()})
         net = build_network(cfg, ckpt["channels"], ckpt["num_classes"])
         net.load_state_dict(ckpt["state_dict"])
     except Exception as err:  # truncated pickle, a file of something else, a mismatched state dict
         raise ValueError(f"{path} is not a readable trained model ({type(err).__name__}: {err})") from None
-    return NetworkDenoiser(net.to(resolve_device(device)).eval())
+    return NetworkDenoiser(net.to(resolve_device(device)).eval(), str(path))

@@ -11,8 +11,9 @@ import torch
 
 from machines import Backend, BackendSpec, ExactBackend, ScaleSchedule, parse_backend, reference_schedule
 from patchbank import ImageData, load_dataset
+from patchbank.geometry import check_scale
 
-from ..runs import config_from_dict, read_json
+from ..runs import check_fields, config_from_dict, read_json
 
 DEFAULT_GRID = [
     "exact",
@@ -63,6 +64,21 @@ class AblationConfig:
     certificate_ks: list[int] = field(default_factory=list)  # the certificate study's k values (empty: no study)
     certificate_times: list[float] | None = None  # its times, P from the schedule (default: concentration_times)
     out: str = "outputs/ablate"
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Every field's type and range, checked before anything is written (also after the CLI overrides fields)."""
+        times = (0, 1, "(]")
+        check_fields(self, {"resize": (1, None, "[)"), "n_train": (1, None, "[)"), "seeds": (0, None, "[)"),
+                            "steps": (1, None, "[)"), "materialise_max": (0, None, "[)"), "reference_batch": (1, None, "[)"),
+                            "variant_batch": (1, None, "[)"), "concentration_times": times, "concentration_scales": (1, None, "[)"),
+                            "concentration_pixels": (1, None, "[)"), "concentration_mass": (0, 1, "()"),
+                            "certificate_ks": (1, None, "[)"), "certificate_times": times},
+                     {"split": ("train", "test"), "reading": ("calibrated", "paper"), "reference_dtype": ("float64", "float32")})
+        for P in self.concentration_scales or []:
+            check_scale(P)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> AblationConfig:
@@ -134,7 +150,7 @@ def schedule_of(cfg: AblationConfig) -> ScaleSchedule:
     if cfg.calibration:
         from ..calibration import schedule_from
 
-        return schedule_from(json.loads(Path(cfg.calibration).read_text()))
+        return schedule_from(read_json(cfg.calibration, "calibration"), f"calibration {cfg.calibration}")
     return reference_schedule(cfg.schedule, cfg.reading)  # type: ignore[arg-type]
 
 

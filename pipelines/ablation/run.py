@@ -12,7 +12,7 @@ import torch
 from machines import Backend, Denoiser, ScaleSchedule, ScoreMachine, StepRecorder, TopKBackend, noise_from_seeds, sample
 from machines.comparators import make_comparator
 from patchbank import Bank, BankError, BankSpec, ImageData, MemoryBank, PatchBank, load_dataset
-from patchbank.atomic import atomic_write, write_json
+from patchbank.atomic import atomic_write, folder_lock, read_torch, write_json
 
 from ..executors import SerialExecutor, batch_for, check_executor, chunks, make_executor
 from ..pairing import check_machine_options
@@ -38,9 +38,8 @@ def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
     and ``concentration.png``, and with the certificate study (``certificate_ks``), ``certificate.json``. Finished configurations are kept under ``variants/`` and skipped
     when the same run is repeated, so an interrupted ablation resumes.
     """
+    cfg.check()
     check_executor(cfg.executor)
-    if any(k < 1 for k in cfg.certificate_ks):
-        raise ValueError(f"certificate_ks must be >= 1, got {cfg.certificate_ks}")
     variants = [Variant.parse(g) for g in cfg.grid]
     if len({v.name for v in variants}) != len(variants):
         raise ValueError("the grid lists a configuration twice")
@@ -55,8 +54,12 @@ def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
         if other:
             raise ValueError(f"the {theory[0]} comparator computes its posteriors itself, exactly, through no backend; "
                              f"its grid can hold exact entries only, not {', '.join(other)}")
+    with folder_lock(cfg.out):  # a second ablation into the same folder fails at once
+        return _run_ablation(cfg, variants, theory, progress)
+
+
+def _run_ablation(cfg: AblationConfig, variants: list[Variant], theory: tuple[str, dict, bool] | None, progress: bool) -> dict:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(cfg.dataset, split=cfg.split, resize=cfg.resize, limit=cfg.n_train)
     if cfg.model:
         _check_model(cfg, data)
@@ -153,8 +156,8 @@ def _reference(cfg, bank, schedule, noise, labels, out: Path, key: dict, progres
     ref_variant = reference_variant(cfg)
     ref_key = variant_key(key, ref_variant)
     if f.exists():
-        ref = torch.load(f, weights_only=False)
-        if ref.get("key") == ref_key:
+        ref = read_torch(f, "ablation reference")
+        if isinstance(ref, dict) and ref.get("key") == ref_key:
             return ref
     machine = _machine(cfg, bank, schedule, ref_variant.backend())
     parts_dir = out / "reference"
@@ -164,8 +167,8 @@ def _reference(cfg, bank, schedule, noise, labels, out: Path, key: dict, progres
     for n, seed in enumerate(cfg.seeds):
         keys[n] = {**without_seeds(ref_key), "seed": seed, "label": None if labels is None else int(labels[n])}
         pf = parts_dir / f"seed{seed}.pt"
-        part = torch.load(pf, weights_only=False) if pf.exists() else None
-        if part is not None and part.get("key") == keys[n]:
+        part = read_torch(pf, "reference seed") if pf.exists() else None
+        if isinstance(part, dict) and part.get("key") == keys[n]:
             parts[n] = part
     missing = [n for n in range(len(cfg.seeds)) if n not in parts]
     step = cfg.reference_batch or batch_for(None, cfg.executor) or max(1, len(missing))
@@ -270,8 +273,8 @@ def _run_variant(cfg, v: Variant, data, memory_bank, schedule, noise, labels, re
         idx = list(range(s, min(n, s + size)))
         pkey = None if key is None else part_key(key, v, [cfg.seeds[i] for i in idx], None if labels is None else labels[idx].tolist())
         pf = None if parts_dir is None else parts_dir / f"seeds-{cfg.seeds[idx[0]]}-{cfg.seeds[idx[-1]]}.pt"
-        part = torch.load(pf, weights_only=False) if pf is not None and pf.exists() else None
-        if part is None or part.get("key") != pkey:
+        part = read_torch(pf, "configuration's seed batch") if pf is not None and pf.exists() else None
+        if not isinstance(part, dict) or part.get("key") != pkey:
             part = {"key": pkey, **_variant_batch(cfg, v, ready(), backend, noise[idx],
                                                   None if labels is None else labels[idx], reference, idx, progress)}
             if pf is not None:
