@@ -43,6 +43,10 @@ class Denoiser(Protocol):
     def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
+QUERY_BYTES = 1 << 30
+"""Memory for the query patches of one pass of a machine (see :meth:`ScoreMachine.batch_limit`)."""
+
+
 class ScoreMachine:
     """An analytic machine over a bank of training images.
 
@@ -104,9 +108,19 @@ class ScoreMachine:
         self._check_input(x, labels)
         a, s2 = alpha_sigma2(t)
         out = torch.empty_like(x)
+        step = self.batch_limit(t)
         for label, idx in self._label_groups(x.shape[0], labels):
-            out[idx] = self._denoise(x[idx], label, a, s2, t).to(x.dtype)
+            for part in idx.split(step):  # every backend answers a sample alike in any batch: slices bound the memory
+                out[part] = self._denoise(x[part], label, a, s2, t).to(x.dtype)
         return out
+
+    def batch_limit(self, t: float) -> int:
+        """The most samples one pass takes at time ``t``: their queries (float64 patches ``[b·H·W, C·P·P]`` or, for
+        IS and ES, images ``[b, C·H·W]``, and one copy) within :data:`QUERY_BYTES`; a larger batch is taken in
+        slices of this many."""
+        per_query = self.channels * (self.height * self.width if self.scales is None else self.scales(t) ** 2)
+        queries = 1 if self.scales is None else self.height * self.width
+        return max(1, QUERY_BYTES // (2 * 8 * queries * per_query))
 
     def _check_input(self, x: torch.Tensor, labels: torch.Tensor | None) -> None:
         expected = (self.channels, self.height, self.width)

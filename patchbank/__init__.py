@@ -13,6 +13,7 @@ from .datasets import (
 )
 from .geometry import BucketKey, boundary_class, dictionary_groups, extract_patches, pad_images, patches_at
 from .bank import BankError, BankSpec, PatchBank, bucket_id
+from .sharded import ShardedBank, open_bank
 from .clusters import ClusteredPatches, cluster_patches
 from .index import Neighbours, PatchIndex, SearchResult, merge_neighbours, torch_search
 from .base import Bank
@@ -25,6 +26,8 @@ __all__ = [
     "BankSpec",
     "Neighbours",
     "PatchBank",
+    "ShardedBank",
+    "open_bank",
     "PatchIndex",
     "SearchResult",
     "bucket_id",

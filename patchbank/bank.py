@@ -145,6 +145,8 @@ class PatchBank(Bank):
             raise BankError(f"{path} is a non-empty folder that is not a patch bank; choose another path")
         manifest = _new_manifest(data, spec, data.fingerprint())
         keys = spec.buckets(data)
+        builder = MemoryBank(data, dedup=True)
+        _check_tables_fit(builder, keys, spec)
         with build_lock(path):
             old = _read_manifest(path) if (path / "manifest.json").exists() else None
             if old is not None:
@@ -157,7 +159,6 @@ class PatchBank(Bank):
                 with _full_disk_named(path, "data.zarr"):
                     _atomic_dir(path / "data.zarr", lambda tmp: _write_data(tmp, data))
             (path / "buckets").mkdir(exist_ok=True)
-            builder = MemoryBank(data, dedup=True)
             start = time.perf_counter()
             for key in tqdm(keys, desc="building buckets", disable=not progress):
                 target = path / "buckets" / bucket_id(key)
@@ -477,6 +478,20 @@ def _check_key(entry: object, f: Path) -> None:
 
 def _write_json(path: Path, obj: dict) -> None:
     write_json(path, {k: v for k, v in obj.items() if k != "bucket_stats"})
+
+
+def _check_tables_fit(builder: MemoryBank, keys: list[BucketKey], spec: BankSpec) -> None:
+    """Refuse, before anything is written, a build whose distinct-patch tables could not be built in memory (a
+    bucket's :meth:`~MemoryBank.table_bytes` over the builder's ``table_max_bytes``), naming the largest scale that fits."""
+    tabled = [k for k in keys if spec.materialise_max is None or k.scale <= spec.materialise_max]  # type: ignore[operator]
+    limit = builder.table_max_bytes
+    over = [k for k in tabled if limit is not None and builder.table_bytes(k) > limit]
+    if over:
+        worst = max(over, key=builder.table_bytes)
+        fits = [P for P in spec.scales if all(builder.table_bytes(k) <= limit for k in keys if k.scale == P)]  # type: ignore[operator]
+        raise BankError(f"the distinct-patch table of bucket {bucket_id(worst)} could take {builder.table_bytes(worst) / 1e9:.1f} GB "
+                        f"to build, over the {limit / 1e9:.1f} GB this machine allows (half its memory); build with "  # type: ignore[operator]
+                        f"materialise_max (--materialise-max) ={max(fits) if fits else 'a smaller P'} (larger scales are then streamed from the images, exactly)")
 
 
 @contextmanager

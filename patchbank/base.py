@@ -102,6 +102,11 @@ def default_cache_bytes() -> int:
         if not gigabytes >= 0:
             raise ValueError(f"PATCHBANK_CACHE_GB must be >= 0, got {gigabytes}")
         return int(gigabytes * 1e9)
+    return half_the_memory()
+
+
+def half_the_memory() -> int:
+    """Half of this machine's physical memory in bytes (8 GB where the system does not tell)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     except (ValueError, OSError, AttributeError):  # no sysconf (e.g. Windows): 8 GB

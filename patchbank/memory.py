@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from .base import Bank
+from .base import Bank, half_the_memory
 from .clusters import ClusteredPatches
 from .datasets import ImageData
 from .geometry import IMAGE_RULES, BucketKey, patches_at
@@ -25,32 +25,58 @@ class MemoryBank(Bank):
     (identical uint8 patches are exactly identical, so the posterior is unchanged). The
     distinct-patch tables are built on first use and kept within ``cache_bytes`` (``"auto"``: half the
     machine's memory; None: no limit; least recently used buckets dropped first, see :class:`Bank`);
-    scales above ``materialise_max`` never get one (their patches are streamed from the images).
+    scales above ``materialise_max`` never get one (their patches are streamed from the images), nor does
+    a bucket whose table could take more than ``table_max_bytes`` to build (``"auto"``: half the machine's
+    memory; None: no limit; see :meth:`table_bytes`).
     Nearest-patch search is exact (torch matmul + top-k); :class:`~patchbank.bank.PatchBank`
     adds FAISS indices.
     """
 
     def __init__(self, data: ImageData, dedup: bool = False, dedup_chunk: int = 1 << 20,
-                 materialise_max: int | None = None, cache_bytes: int | None | Literal["auto"] = "auto") -> None:
+                 materialise_max: int | None = None, cache_bytes: int | None | Literal["auto"] = "auto",
+                 table_max_bytes: int | None | Literal["auto"] = "auto") -> None:
         super().__init__(data, dedup)
         if cache_bytes != "auto":
             if cache_bytes is not None and cache_bytes < 0:
                 raise ValueError(f"cache_bytes must be >= 0 (or None: no limit), got {cache_bytes}")
             self.cache_bytes = cache_bytes
         self.materialise_max = materialise_max
+        self.table_max_bytes = half_the_memory() if table_max_bytes == "auto" else table_max_bytes
         self.dedup_chunk = dedup_chunk
         self._unique: dict[BucketKey, UniquePatches] = {}
+        self._too_big: set[BucketKey] = set()  # buckets streamed because their table would not fit (warned once)
 
     def materialised(self, key: BucketKey) -> bool:
         """Whether the bucket's distinct patches can be served: in memory they are built on demand, for
-        every patch scale up to ``materialise_max`` (None: all); larger scales are streamed from the images."""
-        return key.rule not in IMAGE_RULES and (self.materialise_max is None or key.scale <= self.materialise_max)  # type: ignore[operator]
+        every patch scale up to ``materialise_max`` (None: all) whose table fits ``table_max_bytes``
+        (:meth:`table_bytes`, an upper bound, checked before anything is allocated); other buckets are
+        streamed from the images, with the same answers."""
+        if key.rule in IMAGE_RULES or (self.materialise_max is not None and key.scale > self.materialise_max):  # type: ignore[operator]
+            return False
+        if key in self._unique or self.table_max_bytes is None:
+            return True
+        need = self.table_bytes(key)
+        if need <= self.table_max_bytes:
+            return True
+        if key not in self._too_big:
+            self._too_big.add(key)
+            log.warning("bucket %s: its distinct-patch table and clusters could take up to %.1f GB, over the bank's "
+                        "%.1f GB (table_max_bytes); its patches are streamed from the images instead (exact, slower)",
+                        key, need / 1e9, self.table_max_bytes / 1e9)
+        return False
+
+    def table_bytes(self, key: BucketKey) -> int:
+        """An upper bound on the memory a bucket's distinct-patch table takes while it is built and clustered: three
+        int16 copies of every patch of the bucket (the per-block tables and their merge, then the clusters' order)."""
+        return 3 * self.bucket_size(key) * self.channels * int(key.scale) ** 2 * 2  # type: ignore[arg-type]
 
     def unique_patches(self, key: BucketKey) -> UniquePatches:
         """The bucket's distinct patches and their counts (built once, then cached)."""
         if not self.materialised(key):
-            raise ValueError(f"bucket {key} has no distinct-patch table (materialise_max={self.materialise_max}); "
-                             "its patches are streamed from the images")
+            why = (f"its table could take {self.table_bytes(key) / 1e9:.1f} GB, over table_max_bytes = "
+                   f"{self.table_max_bytes / 1e9:.1f} GB"  # type: ignore[operator]
+                   if key in self._too_big else f"materialise_max={self.materialise_max}")
+            raise ValueError(f"bucket {key} has no distinct-patch table ({why}); its patches are streamed from the images")
         if key not in self._unique:
             self._unique[key] = self.hold(key, self.build_unique(key))
         self.touch(key)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from machines import MACHINES, describe_backends, parse_backend
 from machines.comparators import COMPARATORS, comparator_kind, named_spec
-from patchbank import BankSpec, PatchBank, load_dataset
+from patchbank import BankSpec, PatchBank, ShardedBank, load_dataset, open_bank
 
 from .ablation import AblationConfig, run_ablation
-from .executors import check_executor
+from .executors import check_executor, make_executor
 from .jobs import CalibrateConfig, EvaluateConfig, run_calibrate, run_evaluate, run_explain_network
 from .sampling import SampleConfig, run_explain, run_sample
 from .training import TrainConfig, train
@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--labels", action="store_true", help="also build per-label buckets (conditional machines)")
     b.add_argument("--index", default="Flat", help="FAISS index_factory string: Flat, IVF<n>,Flat, HNSW<M>; 'none' for no index")
     b.add_argument("--leaf-size", type=int, default=2048, help="cluster size for the exact backend's pruning")
+    b.add_argument("--materialise-max", type=int, default=None,
+                   help="store distinct-patch tables only for P up to this (larger scales are streamed from the images)")
+    b.add_argument("--shards", type=int, default=None, help="build the bank in S contiguous parts of the images, one bank "
+                   "each (serve it with --backend sharded:shards=S[:placement=ray])")
+    b.add_argument("--executor", type=executor_spec, default="serial", help="where the shards are built: " + EXECUTOR_HELP)
 
     i = sub.add_parser("info", help="describe a built patch bank: data, spec, per-scale sizes and build times")
     i.add_argument("bank", help="bank directory")
@@ -298,14 +303,22 @@ def _run(args: argparse.Namespace) -> None:
                                       args.out or "outputs/explain", args.bank, args.index, args.tol, not args.listed_images))
     elif args.command == "build":
         index = None if args.index.lower() == "none" else args.index
-        spec = BankSpec(scales=args.scales, rules=args.rules, labels=args.labels, index=index, leaf_size=args.leaf_size)
+        spec = BankSpec(scales=args.scales, rules=args.rules, labels=args.labels, index=index, leaf_size=args.leaf_size,
+                        materialise_max=args.materialise_max)
         data = load_dataset(args.dataset, resize=args.resize or None, limit=args.n_train or None)
-        bank = PatchBank.build(data, args.out, spec)
+        if args.shards is None:
+            if args.executor != "serial":
+                raise ValueError("--executor builds the shards of a sharded bank; give --shards S")
+            bank: PatchBank | ShardedBank = PatchBank.build(data, args.out, spec)
+        else:
+            executor = make_executor(args.executor)
+            bank = ShardedBank.build(data, args.out, spec, args.shards, lambda fn, job, items, done: executor.map(
+                fn, job, items, done, desc="building shards"))
         print(json.dumps(bank.info(), indent=1))
     elif args.command == "info":
-        print(json.dumps(PatchBank.open(args.bank).info(), indent=1))
+        print(json.dumps(open_bank(args.bank).info(), indent=1))
     elif args.command == "verify":
-        problems = PatchBank.open(args.bank).verify()
+        problems = open_bank(args.bank).verify()
         for bucket, found in problems.items():
             print(f"{bucket}: {'; '.join(found)}")
         print(f"{args.bank}: {'intact' if not problems else f'{len(problems)} damaged bucket(s); re-run its build to repair them'}")

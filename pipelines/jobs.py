@@ -18,7 +18,7 @@ import torch
 
 from machines import ScoreMachine, noise_from_seeds, reference_schedule
 from machines.comparators import COMPARATORS, comparator_kind, make_comparator, named_spec, parse_comparator
-from patchbank import Bank, ImageData, MemoryBank, PatchBank, load_dataset
+from patchbank import Bank, ImageData, MemoryBank, load_dataset, open_bank
 from patchbank.atomic import folder_lock, read_torch, write_json
 
 from .calibration import best_constant, calibrate, schedule_from, write_calibration
@@ -137,7 +137,7 @@ def _setup(model: str, bank_path: str | None, tables_up_to: int | None = None, d
     if bank_path is None or dictionary is not None:
         data = _dictionary(train_cfg, model, dictionary)
     if bank_path:
-        bank = PatchBank.open(bank_path)
+        bank = open_bank(bank_path)
         want, what = (data.fingerprint(), f"the first {len(data)} of the images") if data is not None else \
             (train_cfg["fingerprint"], "the images")
         if bank.data.fingerprint() != want:

@@ -14,7 +14,7 @@ from torchvision.utils import save_image
 from machines import MACHINES, Denoiser, ScaleSchedule, ScoreMachine, make_backend, noise_from_seeds, reference_schedule, sample
 from machines.comparators import COMPARATORS, comparator_kind, make_comparator, parse_comparator
 from machines.posterior.topk import TopKBackend
-from patchbank import MemoryBank, PatchBank, load_dataset
+from patchbank import MemoryBank, load_dataset, open_bank
 from patchbank.atomic import atomic_write, folder_lock, read_torch, write_json
 
 from .executors import batch_for, make_executor, pending
@@ -150,7 +150,7 @@ def _in_batches(machine: Denoiser, cfg: SampleConfig, labels: torch.Tensor | Non
 def machine_for(cfg: SampleConfig) -> tuple[ScoreMachine, torch.Tensor, torch.Tensor | None]:
     """The machine a sampling config describes, with its seeds' noise ``[S, C, H, W]`` and labels (a comparator
     theory where ``cfg.machine`` is a comparator spec; the smoothed closed form gets ``cfg.backend``)."""
-    bank = PatchBank.open(cfg.bank) if cfg.bank else MemoryBank(load_dataset(cfg.dataset, resize=cfg.resize, limit=cfg.n_train))
+    bank = open_bank(cfg.bank) if cfg.bank else MemoryBank(load_dataset(cfg.dataset, resize=cfg.resize, limit=cfg.n_train))
     if cfg.comparator:
         theory = make_comparator(cfg.machine, bank, cfg.conditional, make_backend(cfg.backend))
         return theory, noise_from_seeds(cfg.seeds, bank.data.shape), _labels(cfg, bank.data.labels)  # type: ignore[return-value]

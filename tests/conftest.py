@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 # One thread per process unless told otherwise: the suite's tensors are small, and its executor tests run
 # worker processes (and a local Ray cluster) beside the main one, where 2-thread BLAS in every process on a
@@ -76,3 +79,17 @@ def noised(data: ImageData, t: float, n: int, seed: int = 0) -> torch.Tensor:
     a, s2 = alpha_sigma2(t)
     x0 = to_model_range(data.images[:n], torch.float64)
     return a * x0 + s2**0.5 * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+
+
+@contextmanager
+def tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (e.g. ``"1m"``) mounted at ``folder`` for a disk that fills; the test is skipped where one
+    cannot be mounted (it needs root on Linux)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.decode().strip()})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)

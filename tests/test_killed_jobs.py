@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tmpfs
 from patchbank import PatchBank
 from patchbank.atomic import read_torch
 from pipelines.jobs import CalibrateConfig, run_calibrate
@@ -126,13 +127,8 @@ def test_a_killed_parallel_sample_resumes_bit_for_bit_and_leaves_no_workers(data
 @pytest.fixture
 def small_disk(tmp_path):
     """A 4 MiB tmpfs (needs the right to mount one: root on Linux; skipped elsewhere)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.decode().strip()})")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    with tmpfs(tmp_path / "disk", "4m") as mount:
+        yield mount
 
 
 def _fill_all_but(disk: Path, keep: int) -> Path:

@@ -173,3 +173,32 @@ def test_damaged_evaluation_rows_are_refused(tmp_path):
     os.remove(tmp_path / "ev" / "samples.pt")
     with pytest.raises(ValueError, match="samples.pt is missing"):
         evaluate(machine, machine, machine, [0, 1, 2], (1, 6, 6), tmp_path / "ev", steps=2, batch=1, progress=False)
+
+
+GARBAGE = [b"", b"\x00\x01garbage\xff", b"PK\x03\x04truncated zip"]
+
+
+@pytest.mark.parametrize("content", GARBAGE, ids=["empty", "garbage", "truncated_zip"])
+def test_garbage_resume_files_are_refused_naming_them(tmp_path, content):
+    """``sample.ckpt``, ``kept.pt``, ``similarity.pt``, ``samples.pt`` and ``run.json`` holding garbage: each job
+    refuses with the file named, and writes nothing of its own over it."""
+    data = _data()
+    bank = MemoryBank(data)
+    machine = ScoreMachine(bank, "bbELS", scales=3)
+    noise = noise_from_seeds([0], (1, 6, 6))
+    cases = [
+        (tmp_path / "a" / "sample.ckpt", lambda f: sample(machine, noise, 3, checkpoint=f)),
+        (tmp_path / "b" / "batches" / "kept.pt", lambda f: run_sample(SampleConfig(
+            dataset="random", n_train=8, resize=None, scale=3, seeds=[0, 1], steps=2, batch=1, out=str(tmp_path / "b")))),
+        (tmp_path / "c" / "similarity.pt", lambda f: calibrate(ScoreMachine(bank, "IS"), lambda P: ScoreMachine(bank, "bbELS", scales=P),
+                                                               [3], [0], (1, 6, 6), steps=2, progress=False, resume=f.parent)),
+        (tmp_path / "d" / "samples.pt", lambda f: evaluate(machine, machine, machine, [0], (1, 6, 6), f.parent, steps=2, progress=False)),
+        (tmp_path / "e" / "run.json", lambda f: evaluate(machine, machine, machine, [0], (1, 6, 6), f.parent, steps=2, progress=False)),
+    ]
+    for path, run in cases:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        with pytest.raises(ValueError) as err:
+            run(path)
+        assert str(path) in str(err.value), str(err.value)
+        assert path.read_bytes() == content  # not overwritten

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from conftest import tmpfs
 from machines import ScaleSchedule, ScoreMachine, noise_from_seeds, reference_schedule, sample
 from patchbank import MemoryBank, load_folder, random_images
 from patchbank.atomic import DiskFullError, FolderBusyError, atomic_write, folder_lock
@@ -278,13 +279,8 @@ def test_a_full_disk_is_named_whatever_the_writer_says(tmp_path, monkeypatch):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1 MiB tmpfs (needs the right to mount one: root on Linux; skipped elsewhere)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.decode().strip()})")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    with tmpfs(tmp_path / "disk", "1m") as mount:
+        yield mount
 
 
 def _fill(disk: Path) -> Path:

@@ -54,6 +54,11 @@ over the cluster tree (:func:`machines.posterior.kernels.sweep_tree`), a streame
 :func:`~machines.posterior.kernels.fold`. The same sums either way; False is kept for comparison."""
 
 
+BOUNDS_BYTES = 256 << 20
+"""Memory for one slice of queries' cluster bounds ``[Q, K]`` in a pruned pass: a bucket of K clusters takes its
+queries in slices of ``BOUNDS_BYTES / (24 K)``, so a large batch against a large bank stays in bounded memory."""
+
+
 @dataclass
 class PairStats(BackendStats):
     """How many (query, dictionary entry) pairs were computed, out of how many there are, and the seconds."""
@@ -168,10 +173,21 @@ class ExactBackend(BackendBase):
 
     def _pruned(self, queries: torch.Tensor, clusters: ClusteredPatches, centre: torch.Tensor, a: float, s2: float) -> torch.Tensor:
         """Exact-to-``prune_tol`` posterior means of the ``centre`` coordinates ``[C]`` over a clustered bucket."""
+        m, acc = self.pruned_sums(queries, clusters, centre, a, s2)
+        return acc[:, :-1] / acc[:, -1:]
+
+    def pruned_sums(self, queries: torch.Tensor, clusters: ClusteredPatches, centre: torch.Tensor, a: float,
+                    s2: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running sums of a pruned pass: maximum ``m [Q]`` and ``acc [Q, C+1]`` = (Σw·v, Σw) relative to it,
+        exact to ``prune_tol`` of this bucket's weight (so of any merge that includes it)."""
+        if queries.shape[1] != clusters.patches.shape[1]:
+            raise ValueError(f"queries have dimension {queries.shape[1]} but the bucket's patches {clusters.patches.shape[1]}")
+        step = max(1, BOUNDS_BYTES // (3 * 8 * clusters.n_clusters))  # the [Q, K] bounds (and their copies) of one slice
+        if queries.shape[0] > step:  # each query's sweep is its own: slices give the same answers
+            parts = [self.pruned_sums(queries[s : s + step], clusters, centre, a, s2) for s in range(0, queries.shape[0], step)]
+            return torch.cat([m for m, _ in parts]), torch.cat([acc for _, acc in parts])
         dev, dt = queries.device, self.dtype
         q = queries.to(dt)
-        if q.shape[1] != clusters.patches.shape[1]:
-            raise ValueError(f"queries have dimension {q.shape[1]} but the bucket's patches {clusters.patches.shape[1]}")
         upper = cluster_upper(q, clusters, a, s2)
         state = self.running(q.shape[0], centre.numel(), dev)
         self.stats.total += q.shape[0] * clusters.patches.shape[0]
@@ -184,14 +200,14 @@ class ExactBackend(BackendBase):
                                                   state.m, state.acc, state.skip)
             self.stats.visited += visited
             self.stats.skipped += skipped
-            return state.mean()
+            return state.m, state.acc
         for k in torch.unique(first).tolist():
             self.visit(state, torch.nonzero(first == k).view(-1), q, clusters, k, centre, a, s2)
         for k in range(clusters.n_clusters):
             rows = torch.nonzero((upper[:, k] >= state.m - threshold) & (first != k)).view(-1)
             if rows.numel():
                 self.visit(state, rows, q, clusters, k, centre, a, s2)
-        return state.mean()
+        return state.m, state.acc
 
     def visit(self, state: _Running | _FusedRunning, rows: torch.Tensor, q: torch.Tensor, clusters: ClusteredPatches, k: int,
               centre: torch.Tensor, a: float, s2: float) -> None:

@@ -1,6 +1,7 @@
 """One registry of posterior backends: a spec string → a backend, for the API, the CLI, configs and ablations.
 
-A spec is ``kind[:option=value…]``, e.g. ``exact``, ``exact:dtype=float32``, ``topk:k=256:tol=1e-4``,
+A spec is ``kind[:option=value…]`` (a text option's value may hold colons: ``sharded:placement=ray:HOST:PORT``),
+e.g. ``exact``, ``exact:dtype=float32``, ``topk:k=256:tol=1e-4``,
 ``topk:k=256:index=IVF256,Flat:nprobe=16``, ``auto:se_tol=0.005``, ``summary:tol=1e-3:leaf_size=256``.
 A kind's options are its backend's own fields (``k``, ``tol``, …). The options of the exact
 backend a kind falls back to are reached by name where the kind has no option of that name
@@ -98,6 +99,7 @@ def parse_backend(spec: str) -> BackendSpec:
     entry = BACKENDS[kind]
     own: dict[str, Any] = {}
     nested: dict[str, Any] = {}
+    items = _join_colons(entry, items)
     for item in items:
         name, sep, value = item.partition("=")
         if not sep:
@@ -116,6 +118,18 @@ def parse_backend(spec: str) -> BackendSpec:
     except (TypeError, ValueError, RuntimeError) as err:
         raise ValueError(f"backend spec {spec!r}: {err}") from None
     return parsed
+
+
+def _join_colons(entry: Entry, items: list[str]) -> list[str]:
+    """Items after a string option that are not ``option=value`` belong to its value (``placement=ray:10.0.0.1:6379``)."""
+    out: list[str] = []
+    for item in items:
+        head = out[-1].partition("=")[0] if out else None
+        if "=" not in item and head is not None and getattr(entry.options.get(head), "kind", None) == "str":
+            out[-1] += ":" + item
+        else:
+            out.append(item)
+    return out
 
 
 def make_backend(spec: str | Backend) -> Backend:

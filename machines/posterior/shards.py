@@ -16,18 +16,30 @@ posterior over the whole bucket, equal to a single pass up to float64 round-off 
   bounds add (each rescaled to the common maximum), and ε = Σ bounds / Σ retained weight is the
   same certificate as an unsharded top-k — never looser, since each shard's k-th distance is at
   least the merged list's. Queries with ε > ``tol`` are summed exactly, sharded.
+
+On a :class:`~patchbank.ShardedBank` (a bank built in contiguous parts of its images, one PatchBank each)
+the shards are the bank's own, and ``placement`` says where each is opened and summed: ``local`` (here, one
+after another) or ``ray`` / ``ray:ADDRESS`` (one Ray actor per shard, placed by Ray across the cluster's
+nodes, each opening only its own shard, read-only, with its pruned cluster sweep or its own top-k and bound).
+The caller merges exactly. An actor that dies is restarted by Ray and its part asked again; a call whose
+shard cannot answer raises, and never returns a merge of the other shards.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
 from functools import reduce
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import torch
 
+from patchbank.bank import PatchBank
 from patchbank.base import Bank
-from patchbank.geometry import BucketKey, centre_index
+from patchbank.integrity import BankError
+from patchbank.sharded import ShardedBank
+from patchbank.geometry import IMAGE_RULES, BucketKey, centre_index
 from patchbank.index import Neighbours, merge_neighbours, torch_search
 
 from .base import BackendBase, BackendStats, Guarantee, serving
@@ -71,6 +83,93 @@ def shard_sums(backend: ExactBackend, bank: Bank, bucket: BucketKey, queries: to
     return PartialSums(torch.where(m <= -1e300, -torch.inf, m), state.acc.to(torch.float64))
 
 
+def bank_sums(exact: ExactBackend, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float,
+              values: int) -> PartialSums:
+    """Exact sums of ``queries [Q, D]`` over a whole bank's bucket (a shard's, as its own bank): its pruned cluster
+    sweep where it has tables, else its stream; empty sums where the bank holds no image of the bucket's label."""
+    Q = queries.shape[0]
+    if bucket.label is not None and not bool((bank.labels == bucket.label).any()):
+        return PartialSums(torch.full((Q,), -torch.inf, dtype=torch.float64), torch.zeros(Q, values + 1, dtype=torch.float64))
+    if exact.prune and exact.dedup and serving(bank, bucket) == "table":
+        centre = centre_index(bank.channels, bucket.scale).to(queries.device)  # type: ignore[arg-type]
+        m, acc = exact.pruned_sums(queries, bank.clustered(bucket, exact.leaf_size), centre, a, s2)
+        m = m.to(torch.float64)
+        return PartialSums(torch.where(m <= -1e300, -torch.inf, m), acc.to(torch.float64))
+    return shard_sums(exact, bank, bucket, queries, a, s2, 0, 1, values)
+
+
+class ShardServer:
+    """One shard of a :class:`~patchbank.ShardedBank`, opened read-only where it runs (a Ray actor, or here):
+    answers a bucket's exact sums or its top-k sums and bound, with the seconds it spent."""
+
+    def __init__(self, path: str, fingerprint: str, exact: ExactBackend, threads: int | None = None) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.bank = PatchBank.open(path)
+        if self.bank.fingerprint() != fingerprint:
+            raise BankError(f"{path} holds another shard (data fingerprint {self.bank.fingerprint()[:12]}…) than the sharded "
+                            f"bank recorded ({fingerprint[:12]}…)")
+        self.exact = exact
+
+    def sums(self, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float, values: int) -> tuple[PartialSums, float, int]:
+        """The shard's exact sums, its seconds and the (query, entry) pairs it visited."""
+        start, before = time.perf_counter(), self.exact.stats.visited
+        part = bank_sums(self.exact, self.bank, bucket, queries, a, s2, values)
+        return part, time.perf_counter() - start, self.exact.stats.visited - before
+
+    def topk(self, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float,
+             k: int) -> tuple[PartialSums, torch.Tensor, float, int]:
+        """The shard's top-k sums and bound on the rest, its seconds and the pairs it computed."""
+        start = time.perf_counter()
+        Q = queries.shape[0]
+        if bucket.label is not None and not bool((self.bank.labels == bucket.label).any()):
+            empty = PartialSums(torch.full((Q,), -torch.inf, dtype=torch.float64), torch.zeros(Q, self.bank.channels + 1, dtype=torch.float64))
+            return empty, torch.zeros(Q, dtype=torch.float64), time.perf_counter() - start, 0
+        table = self.bank.unique_patches(bucket)
+        keys = table.patches
+        part, bound = range_topk(keys, keys.float() / 255.0, table.counts, queries, a, s2, k, bucket, self.bank.channels)
+        return part, bound, time.perf_counter() - start, Q * keys.shape[0]
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def node(self) -> str:
+        """The Ray node this server runs on (where it runs as an actor)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+
+def range_topk(keys: torch.Tensor, search: torch.Tensor, counts: torch.Tensor, queries: torch.Tensor, a: float, s2: float,
+               k: int, bucket: BucketKey, channels: int) -> tuple[PartialSums, torch.Tensor]:
+    """A range of a bucket's distinct patches (``keys [U, D]`` int16, their float32 ``search`` copy, ``counts``): its
+    ``k`` nearest patches summed exactly, and the bound on the weight of the rest, relative to ``e^m``."""
+    Q = queries.shape[0]
+    if keys.shape[0] == 0:
+        empty = PartialSums(torch.full((Q,), -torch.inf, dtype=torch.float64), torch.zeros(Q, channels + 1, dtype=torch.float64))
+        return empty, torch.zeros(Q, dtype=torch.float64)
+    qa = queries.to(keys.device, torch.float64) / a
+    found = torch_search(qa.float(), search, min(k, keys.shape[0]))
+    ids = found.ids
+    cand = keys[ids].double() / 255.0  # [Q, k, D], exact in float64 (every id valid: k ≤ the range's size)
+    c = counts[ids].double()
+    d2 = (qa[:, None, :] - cand).pow(2).sum(-1)  # exact, float64
+    logit = -(a * a) * d2 / (2 * s2) + c.log()
+    m = logit.amax(1)
+    w = (logit - m[:, None]).exp()
+    centre = centre_index(channels, bucket.scale).to(keys.device)  # type: ignore[arg-type]
+    acc = torch.cat([(w[..., None] * cand[..., centre]).sum(1), w.sum(1, keepdim=True)], 1)
+    rest = (counts.double().sum() - c.sum(1)).clamp(min=0)
+    return PartialSums(m, acc), rest * beyond_kth(qa, d2.amax(1), a, s2, m)
+
+
+def merge_bounded(found: list[tuple[PartialSums, torch.Tensor]]) -> tuple[PartialSums, torch.Tensor]:
+    """Parts' sums with each part's bound on the weight it left out (relative to its own maximum): the merged
+    sums and the merged bound, the bounds rescaled to the common maximum and added."""
+    merged = merge_all([p for p, _ in found])
+    return merged, sum(b * torch.exp(torch.where(torch.isfinite(p.m), p.m - merged.m, -torch.inf)) for p, b in found)  # type: ignore[return-value]
+
+
 def merge_all(parts: list[PartialSums]) -> PartialSums:
     """The merge of any number of parts (order does not matter beyond round-off)."""
     if not parts:
@@ -89,6 +188,9 @@ class ShardedStats(BackendStats):
     shard_s: float = 0.0
     merge_s: float = 0.0
     exact_s: float = 0.0
+    shard_compute_s: float = 0.0  # seconds the shards of a sharded bank spent on their own sums (all shards together)
+    shard_slowest_s: float = 0.0  # per call, the slowest shard's seconds, summed over calls (what a parallel call waits for)
+    shard_pairs: int = 0  # (query, entry) pairs the shards computed (after their pruning)
     exact_only: bool = True
 
     def summary(self) -> dict:
@@ -96,6 +198,8 @@ class ShardedStats(BackendStats):
         return {"queries": self.queries, "fallback_fraction": self.fallback / self.queries if self.queries else 0.0,
                 "eps_median": float(eps.median()) if eps.numel() else 0.0, "eps_max": float(eps.max()) if eps.numel() else 0.0,
                 "shard_s": round(self.shard_s, 4), "merge_s": round(self.merge_s, 4), "exact_s": round(self.exact_s, 4),
+                "shard_compute_s": round(self.shard_compute_s, 4), "shard_slowest_s": round(self.shard_slowest_s, 4),
+                "shard_pairs": self.shard_pairs,
                 "error_bound": 0.0 if self.exact_only else 2 * self.accepted_eps_max}
 
 
@@ -106,7 +210,10 @@ class ShardedBackend(BackendBase):
     ``inner``: ``exact`` (every entry of every shard) or ``topk`` (each shard's ``k`` nearest distinct
     patches, certified; queries with ε > ``tol`` summed exactly); ``devices``: comma-separated devices,
     shard j on the j-th modulo their number (``cuda:0,cuda:1``: one shard per GPU); ``exact``: the
-    backend each shard's exact sums use (float64 by default; its pruning does not apply to shards).
+    backend each shard's exact sums use (float64 by default; its pruning does not apply to the stream's round-robin
+    shards, and does to a sharded bank's). On a :class:`~patchbank.ShardedBank` the shards are the bank's
+    (``shards`` must be their number), summed where ``placement`` says: ``local`` or
+    ``ray[:ADDRESS]`` (one actor per shard, ``actor_cpus`` CPUs and torch threads each).
     """
 
     shards: int = 2
@@ -114,13 +221,19 @@ class ShardedBackend(BackendBase):
     k: int = 256
     tol: float = 1e-4
     devices: str = "cpu"
+    placement: str = "local"
+    actor_cpus: int = 1
     exact: ExactBackend = field(default_factory=ExactBackend)
     stats: ShardedStats = field(default_factory=ShardedStats, repr=False)
     _tables: dict = field(default_factory=dict, repr=False)
+    _servers: dict = field(default_factory=dict, repr=False)  # a sharded bank's path → its shard servers (or actors)
 
     def __post_init__(self) -> None:
-        if self.shards < 1 or self.k < 1:
-            raise ValueError(f"need shards and k >= 1, got {self.shards}, {self.k}")
+        if self.shards < 1 or self.k < 1 or self.actor_cpus < 1:
+            raise ValueError(f"need shards, k and actor_cpus >= 1, got {self.shards}, {self.k}, {self.actor_cpus}")
+        kind, _, address = self.placement.partition(":")
+        if kind not in ("local", "ray") or (kind == "local" and address):
+            raise ValueError(f"placement must be local, ray or ray:ADDRESS, got {self.placement!r}")
         if not self.tol > 0:
             raise ValueError(f"tol must be > 0, got {self.tol}")
         if self.inner not in ("exact", "topk"):
@@ -136,8 +249,17 @@ class ShardedBackend(BackendBase):
     def device_of(self, shard: int) -> torch.device:
         return self.device_list[shard % len(self.device_list)]
 
+    def __getstate__(self) -> dict:
+        """Pickled without shard servers, actors or tables (a worker opens its own)."""
+        return {**self.__dict__, "_tables": {}, "_servers": {}}
+
     def posterior(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
         """Posterior means ``[Q, V]`` of queries ``[Q, D]`` against one bucket, shard by shard."""
+        if isinstance(bank, ShardedBank):
+            return self._on_shards(bank, bucket, queries, a, s2)
+        if self.placement != "local":
+            raise ValueError(f"placement={self.placement} serves a sharded bank (ShardedBank.build / `patchbank build --shards`); "
+                             f"{type(bank).__name__} is not one")
         self.stats.queries += queries.shape[0]
         if self.inner == "exact" or serving(bank, bucket) != "table":
             if self.inner == "topk":  # no distinct-patch table to search: exact, counted as fallback
@@ -147,6 +269,12 @@ class ShardedBackend(BackendBase):
                 return self.exact_sums(bank, bucket, queries, a, s2).mean().to(queries.dtype)
         self.stats.exact_only = False
         sums, bound = self.topk_sums(bank, bucket, queries, a, s2)
+        return self._certified(sums, bound, queries, lambda redo: self.exact_sums(bank, bucket, redo, a, s2))
+
+    def _certified(self, sums: PartialSums, bound: torch.Tensor, queries: torch.Tensor,
+                   exact_of: Callable[[torch.Tensor], PartialSums]) -> torch.Tensor:
+        """The means of merged top-k ``sums`` where their certificate ε = ``bound`` / Σw is within ``tol``; the other
+        queries' from ``exact_of(their queries)``."""
         means = sums.mean()
         eps = bound / sums.acc[:, -1]
         self.stats.eps.append(eps)
@@ -156,9 +284,75 @@ class ShardedBackend(BackendBase):
             self.stats.accepted_eps_max = max(self.stats.accepted_eps_max, float(kept.max()))
         if redo.numel():
             with self.stats.timer("exact_s"):
-                means[redo] = self.exact_sums(bank, bucket, queries[redo], a, s2).mean()
+                means[redo] = exact_of(queries[redo]).mean()
             self.stats.fallback += redo.numel()
         return means.to(queries.dtype)
+
+    # ---- a sharded bank's shards, here or as Ray actors -------------------------------------------------
+    def _on_shards(self, bank: ShardedBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
+        if self.shards != len(bank.shards):
+            raise ValueError(f"the backend asks for {self.shards} shards, but the sharded bank {bank.path} has {len(bank.shards)}")
+        self.stats.queries += queries.shape[0]
+        image = bucket.rule in IMAGE_RULES
+        V = queries.shape[1] if image else bank.channels
+        if self.inner == "exact" or image:
+            with self.stats.timer("exact_s"):
+                return self._bank_exact(bank, bucket, queries, a, s2, V).mean().to(queries.dtype)
+        self.stats.exact_only = False
+        found = self._call(bank, "topk", bucket, queries, a, s2, self.k)
+        with self.stats.timer("merge_s"):
+            sums, bound = merge_bounded(found)
+        return self._certified(sums, bound, queries, lambda redo: self._bank_exact(bank, bucket, redo, a, s2, V))
+
+    def _bank_exact(self, bank: ShardedBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float, V: int) -> PartialSums:
+        parts = self._call(bank, "sums", bucket, queries, a, s2, V)
+        with self.stats.timer("merge_s"):
+            return merge_all(parts)
+
+    def _call(self, bank: ShardedBank, method: str, bucket: BucketKey, queries: torch.Tensor, *args: Any) -> list:
+        """Every shard's answer to ``method`` (without the seconds each spent, which go to the statistics); an
+        error where any shard cannot answer, never the other shards' answers alone."""
+        servers = self._servers_of(bank)
+        q = queries.detach().to("cpu", torch.float64).contiguous()
+        with self.stats.timer("shard_s"):
+            if self.placement == "local":
+                answers = [getattr(server, method)(bucket, q, *args) for server in servers]
+            else:
+                import ray
+
+                ref = ray.put(q)
+                try:
+                    answers = ray.get([getattr(actor, method).remote(bucket, ref, *args) for actor in servers])
+                except ray.exceptions.RayError as err:
+                    raise RuntimeError(f"a shard of {bank.path} could not answer ({type(err).__name__}: "
+                                       f"{str(err).strip().splitlines()[-1][:300]}); no partial merge is returned") from None
+        self.stats.shard_compute_s += sum(answer[-2] for answer in answers)
+        self.stats.shard_slowest_s += max(answer[-2] for answer in answers)
+        self.stats.shard_pairs += sum(answer[-1] for answer in answers)
+        return [answer[0] if len(answer) == 3 else answer[:2] for answer in answers]
+
+    def _servers_of(self, bank: ShardedBank) -> list:
+        """The shard servers of a sharded bank (opened once): here, or one Ray actor per shard."""
+        key = str(bank.path)
+        if key not in self._servers:
+            if self.placement == "local":
+                self._servers[key] = [ShardServer(str(bank.shard_path(j)), s["fingerprint"], self.exact)
+                                      for j, s in enumerate(bank.shards)]
+            else:
+                self._servers[key] = self._actors(bank)
+        return self._servers[key]
+
+    def _actors(self, bank: ShardedBank) -> list:
+        try:
+            import ray
+        except ImportError as err:
+            raise ImportError("placement=ray needs Ray: pip install -e '.[cpu,ray]' (the 'ray' extra)") from err
+        address = self.placement.partition(":")[2] or None
+        if not ray.is_initialized():
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        server = ray.remote(num_cpus=self.actor_cpus, max_restarts=3, max_task_retries=3)(ShardServer)
+        return [server.remote(str(bank.shard_path(j).resolve()), s["fingerprint"], self.exact, self.actor_cpus)
+                for j, s in enumerate(bank.shards)]
 
     def exact_sums(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> PartialSums:
         """Every shard's exact sums, on its device, merged (:func:`shard_sums`, :func:`merge_all`)."""
@@ -175,11 +369,7 @@ class ShardedBackend(BackendBase):
         with self.stats.timer("shard_s"):  # every shard launched before any result is fetched (devices overlap)
             found = [self._shard_topk(bank, bucket, queries, a, s2, j) for j in range(self.shards)]
         with self.stats.timer("merge_s"):
-            parts = [PartialSums(p.m.cpu(), p.acc.cpu()) for p, _ in found]
-            bounds = [b.cpu() for _, b in found]
-            merged = merge_all(parts)
-            scale = [torch.exp(torch.where(torch.isfinite(p.m), p.m - merged.m, -torch.inf)) for p in parts]
-            return merged, sum(b * c for b, c in zip(bounds, scale))
+            return merge_bounded([(PartialSums(p.m.cpu(), p.acc.cpu()), b.cpu()) for p, b in found])
 
     def neighbours(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float) -> Neighbours:
         """The ``k`` nearest distinct patches of ``queries/a`` over all shards (ids into the bucket's table):
@@ -208,20 +398,4 @@ class ShardedBackend(BackendBase):
 
     def _shard_topk(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float, shard: int):
         keys, search, _, counts = self._table(bank, bucket, shard)
-        Q = queries.shape[0]
-        if keys.shape[0] == 0:
-            empty = PartialSums(torch.full((Q,), -torch.inf, dtype=torch.float64), torch.zeros(Q, bank.channels + 1, dtype=torch.float64))
-            return empty, torch.zeros(Q, dtype=torch.float64)
-        qa = queries.to(keys.device, torch.float64) / a
-        found = torch_search(qa.float(), search, min(self.k, keys.shape[0]))
-        ids = found.ids
-        cand = keys[ids].double() / 255.0  # [Q, k, D], exact in float64 (every id valid: k ≤ the shard's size)
-        c = counts[ids].double()
-        d2 = (qa[:, None, :] - cand).pow(2).sum(-1)  # exact, float64
-        logit = -(a * a) * d2 / (2 * s2) + c.log()
-        m = logit.amax(1)
-        w = (logit - m[:, None]).exp()
-        centre = centre_index(bank.channels, bucket.scale).to(keys.device)  # type: ignore[arg-type]
-        acc = torch.cat([(w[..., None] * cand[..., centre]).sum(1), w.sum(1, keepdim=True)], 1)
-        rest = (counts.double().sum() - c.sum(1)).clamp(min=0)
-        return PartialSums(m, acc), rest * beyond_kth(qa, d2.amax(1), a, s2, m)
+        return range_topk(keys, search, counts, queries, a, s2, self.k, bucket, bank.channels)
