@@ -6,8 +6,9 @@ and a projection of the measured throughput to ImageNet-64.
 2. Starts a local ``ray.cluster_utils.Cluster`` of ``--nodes`` one-CPU nodes and runs one bbELS step at
    ``--t`` on ``--images`` noised test images through ``sharded:placement=ray`` (one actor per shard, placed one
    per node), after a warm-up call that opens every shard. Prints per call: the caller's wall time, each shard's
-   own seconds (the slowest is what a parallel call waits for), the merge's seconds, and the overhead =
-   wall − slowest shard (transport, scheduling, merge), as a fraction of the slowest shard's compute.
+   own seconds (the slowest is what a parallel call waits for), the merge's seconds, the round trips (one per
+   machine pass: every bucket in one request to each shard), and the overhead = wall − slowest shard
+   (transport, scheduling, merge), as a fraction of the slowest shard's compute.
    The same step with ``placement=local`` (every shard here, one after another) and, with ``--whole``, the
    exact backend on the whole bank give the answers to compare (max |Δ|) and the shards' total work.
 3. Per-shard throughput in (query, distinct patch) pairs per second, and the ImageNet-64 projection of
@@ -105,7 +106,8 @@ def main() -> None:
             calls.append({"seconds": wall, "overhead_s": overhead, "overhead_fraction": overhead / stats["shard_slowest_s"], **stats})
             print(f"placement=ray on {len(nodes)} nodes: {wall:.2f} s; shards' own {stats['shard_compute_s']:.2f} s in all, slowest "
                   f"{stats['shard_slowest_s']:.2f} s; merge {stats['merge_s']:.4f} s; overhead {overhead:.3f} s = "
-                  f"{100 * overhead / stats['shard_slowest_s']:.1f}% of the slowest shard; max |Δ| vs local {float((there - here).abs().max()):.1e}")
+                  f"{100 * overhead / stats['shard_slowest_s']:.1f}% of the slowest shard; {stats['round_trips']} round trip(s); "
+                  f"max |Δ| vs local {float((there - here).abs().max()):.1e}")
         result["ray"] = calls
         result["actor_nodes"] = len(nodes)
     finally:

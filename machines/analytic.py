@@ -108,11 +108,37 @@ class ScoreMachine:
         self._check_input(x, labels)
         a, s2 = alpha_sigma2(t)
         out = torch.empty_like(x)
-        step = self.batch_limit(t)
-        for label, idx in self._label_groups(x.shape[0], labels):
-            for part in idx.split(step):  # every backend answers a sample alike in any batch: slices bound the memory
-                out[part] = self._denoise(x[part], label, a, s2, t).to(x.dtype)
+        for chunk in torch.arange(x.shape[0]).split(self.batch_limit(t)):  # a sample's answer is the same in any batch
+            requests, places = [], []
+            for label, idx in self._label_groups(chunk.numel(), None if labels is None else labels[chunk]):
+                rows = chunk[idx]
+                for bucket, locs, queries in self._requests(x[rows], label, t):
+                    requests.append((bucket, queries))
+                    places.append((rows, locs))
+            for (rows, locs), answer in zip(places, self._posteriors(requests, a, s2)):
+                if locs is None:  # whole images
+                    out[rows] = answer.view(rows.numel(), *x.shape[1:]).to(x.dtype)
+                else:
+                    out[rows[:, None], :, locs[:, 0], locs[:, 1]] = answer.view(rows.numel(), -1, self.channels).to(x.dtype)
         return out
+
+    def _requests(self, x: torch.Tensor, label: int | None, t: float) -> list[tuple[BucketKey, torch.Tensor | None, torch.Tensor]]:
+        """What the samples ``x [b, C, H, W]`` of one label ask of the backend at ``t``: per bucket, the pixels it serves
+        (``locs [L, 2]``; None for whole images) and the queries ``[b·L, C·P·P]`` (``[b, C·H·W]`` for whole images)."""
+        if self.scales is None:
+            return [(BucketKey(self.kind, None, self.padding, (), label), None, x.flatten(1))]
+        P = self.scales(t)
+        return [(BucketKey(self.kind, P, self.padding, key, label), locs, patches_at(x, locs, P, self.padding).flatten(0, 1))
+                for key, locs in dictionary_groups(self.height, self.width, P, self.kind)]  # type: ignore[arg-type]
+
+    def _posteriors(self, requests: list[tuple[BucketKey, torch.Tensor]], a: float, s2: float) -> list[torch.Tensor]:
+        """The backend's posterior means for every ``(bucket, queries)`` of a pass: in one call where the backend
+        takes them together (``posterior_many``: a sharded bank's shards answer all in one round trip), else one
+        call per bucket."""
+        many = getattr(self.backend, "posterior_many", None)
+        if many is not None:
+            return many(self.bank, requests, a, s2)
+        return [self.backend.posterior(self.bank, bucket, queries, a, s2) for bucket, queries in requests]
 
     def batch_limit(self, t: float) -> int:
         """The most samples one pass takes at time ``t``: their queries (float64 patches ``[b·H·W, C·P·P]`` or, for
@@ -208,12 +234,6 @@ class ScoreMachine:
         if not kernels.available():
             return f"the kernels do not compile here: {kernels.unavailable_reason()}"
         return None
-
-    def _denoise(self, x: torch.Tensor, label: int | None, a: float, s2: float, t: float) -> torch.Tensor:
-        if self.scales is None:
-            bucket = BucketKey(self.kind, None, self.padding, (), label)
-            return self.backend.posterior(self.bank, bucket, x.flatten(1), a, s2).view_as(x)
-        return self._denoise_at(x, label, a, s2, self.scales(t))
 
     def _denoise_at(self, x: torch.Tensor, label: int | None, a: float, s2: float, P: int) -> torch.Tensor:
         out = torch.empty(x.shape, dtype=torch.float64, device=x.device)

@@ -98,3 +98,16 @@ def test_the_cli_builds_verifies_and_samples_a_sharded_bank(tmp_path, capsys):
     main(["sample", "--bank", str(bank), "--scale", "3", "--seeds", "0-1", "--steps", "2", "--backend", "sharded:shards=2",
           "--out", str(tmp_path / "s")])
     assert (tmp_path / "s" / "samples.png").is_file()
+
+
+def test_a_pass_asks_every_shard_once_whatever_its_buckets_and_labels(built, data):
+    _, sharded = built
+    backend = make_backend("sharded:shards=3")
+    x = noised(data, 0.3, 4, seed=3)
+    labels = data.labels[:4].clone()
+    assert labels.unique().numel() > 1
+    machine = ScoreMachine(sharded, "bbELS", scales=3, conditional=True, backend=backend)
+    got = machine(x, 0.3, labels)
+    assert backend.stats.round_trips == 1  # 9 buckets × several labels, one request to each shard
+    one_by_one = torch.stack([machine(x[i : i + 1], 0.3, labels[i : i + 1])[0] for i in range(4)])
+    torch.testing.assert_close(got, one_by_one, rtol=0, atol=1e-14)

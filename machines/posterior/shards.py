@@ -117,6 +117,13 @@ class ShardServer:
         part = bank_sums(self.exact, self.bank, bucket, queries, a, s2, values)
         return part, time.perf_counter() - start, self.exact.stats.visited - before
 
+    def sums_many(self, requests: list[tuple[BucketKey, torch.Tensor, int]], a: float,
+                  s2: float) -> tuple[list[PartialSums], float, int]:
+        """:meth:`sums` for every ``(bucket, queries, values)`` of a pass, in one call (one round trip)."""
+        start, before = time.perf_counter(), self.exact.stats.visited
+        parts = [bank_sums(self.exact, self.bank, bucket, queries, a, s2, values) for bucket, queries, values in requests]
+        return parts, time.perf_counter() - start, self.exact.stats.visited - before
+
     def topk(self, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float,
              k: int) -> tuple[PartialSums, torch.Tensor, float, int]:
         """The shard's top-k sums and bound on the rest, its seconds and the pairs it computed."""
@@ -129,6 +136,13 @@ class ShardServer:
         keys = table.patches
         part, bound = range_topk(keys, keys.float() / 255.0, table.counts, queries, a, s2, k, bucket, self.bank.channels)
         return part, bound, time.perf_counter() - start, Q * keys.shape[0]
+
+    def answer(self, method: str, packed: tuple, *args: Any) -> Any:
+        """``method(*packed, *args)``: one entry for every request, its first arguments packed in one object (which
+        Ray sends once to each node)."""
+        if method not in ("sums", "sums_many", "topk"):
+            raise ValueError(f"a shard server answers sums, sums_many or topk, not {method!r}")
+        return getattr(self, method)(*packed, *args)
 
     def pid(self) -> int:
         return os.getpid()
@@ -191,6 +205,7 @@ class ShardedStats(BackendStats):
     shard_compute_s: float = 0.0  # seconds the shards of a sharded bank spent on their own sums (all shards together)
     shard_slowest_s: float = 0.0  # per call, the slowest shard's seconds, summed over calls (what a parallel call waits for)
     shard_pairs: int = 0  # (query, entry) pairs the shards computed (after their pruning)
+    round_trips: int = 0  # calls to the shards (each one request to every shard)
     exact_only: bool = True
 
     def summary(self) -> dict:
@@ -199,7 +214,7 @@ class ShardedStats(BackendStats):
                 "eps_median": float(eps.median()) if eps.numel() else 0.0, "eps_max": float(eps.max()) if eps.numel() else 0.0,
                 "shard_s": round(self.shard_s, 4), "merge_s": round(self.merge_s, 4), "exact_s": round(self.exact_s, 4),
                 "shard_compute_s": round(self.shard_compute_s, 4), "shard_slowest_s": round(self.shard_slowest_s, 4),
-                "shard_pairs": self.shard_pairs,
+                "shard_pairs": self.shard_pairs, "round_trips": self.round_trips,
                 "error_bound": 0.0 if self.exact_only else 2 * self.accepted_eps_max}
 
 
@@ -288,6 +303,23 @@ class ShardedBackend(BackendBase):
             self.stats.fallback += redo.numel()
         return means.to(queries.dtype)
 
+    def posterior_many(self, bank: Bank, requests: list[tuple[BucketKey, torch.Tensor]], a: float, s2: float) -> list[torch.Tensor]:
+        """:meth:`posterior` for every ``(bucket, queries)`` of a machine's pass. On a sharded bank's exact sums every
+        shard answers all of them in one round trip (one call per shard, not one per bucket and label); otherwise
+        one :meth:`posterior` each."""
+        if not isinstance(bank, ShardedBank) or self.inner != "exact":
+            return [self.posterior(bank, bucket, queries, a, s2) for bucket, queries in requests]
+        if self.shards != len(bank.shards):
+            raise ValueError(f"the backend asks for {self.shards} shards, but the sharded bank {bank.path} has {len(bank.shards)}")
+        with self.stats.timer("exact_s"):
+            asks = [(bucket, queries.detach().to("cpu", torch.float64).contiguous(),
+                     queries.shape[1] if bucket.rule in IMAGE_RULES else bank.channels) for bucket, queries in requests]
+            self.stats.queries += sum(q.shape[0] for _, q, _ in asks)
+            per_shard = self._call(bank, "sums_many", asks, a, s2)  # [shard][request]
+            with self.stats.timer("merge_s"):
+                return [merge_all([parts[i] for parts in per_shard]).mean().to(queries.dtype)
+                        for i, (_, queries) in enumerate(requests)]
+
     # ---- a sharded bank's shards, here or as Ray actors -------------------------------------------------
     def _on_shards(self, bank: ShardedBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
         if self.shards != len(bank.shards):
@@ -309,20 +341,25 @@ class ShardedBackend(BackendBase):
         with self.stats.timer("merge_s"):
             return merge_all(parts)
 
-    def _call(self, bank: ShardedBank, method: str, bucket: BucketKey, queries: torch.Tensor, *args: Any) -> list:
-        """Every shard's answer to ``method`` (without the seconds each spent, which go to the statistics); an
-        error where any shard cannot answer, never the other shards' answers alone."""
+    def _call(self, bank: ShardedBank, method: str, first: Any, *args: Any) -> list:
+        """Every shard's answer to ``method(first, *args)`` (``first``: a bucket's queries, or a pass's requests), without
+        the seconds and pairs each spent, which go to the statistics; an error where any shard cannot answer, never the
+        other shards' answers alone. One round trip per shard."""
         servers = self._servers_of(bank)
-        q = queries.detach().to("cpu", torch.float64).contiguous()
+        if isinstance(first, BucketKey):  # a bucket and its queries
+            first, args = (first, args[0].detach().to("cpu", torch.float64).contiguous()), args[1:]
+        else:
+            first = (first,)
+        self.stats.round_trips += 1
         with self.stats.timer("shard_s"):
             if self.placement == "local":
-                answers = [getattr(server, method)(bucket, q, *args) for server in servers]
+                answers = [server.answer(method, first, *args) for server in servers]
             else:
                 import ray
 
-                ref = ray.put(q)
+                ref = ray.put(first)  # the queries travel once to each node's object store
                 try:
-                    answers = ray.get([getattr(actor, method).remote(bucket, ref, *args) for actor in servers])
+                    answers = ray.get([actor.answer.remote(method, ref, *args) for actor in servers])
                 except ray.exceptions.RayError as err:
                     raise RuntimeError(f"a shard of {bank.path} could not answer ({type(err).__name__}: "
                                        f"{str(err).strip().splitlines()[-1][:300]}); no partial merge is returned") from None
