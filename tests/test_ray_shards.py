@@ -111,3 +111,12 @@ def test_a_shard_that_cannot_answer_fails_the_call_never_a_partial_merge(cluster
     machine = ScoreMachine(opened, "bbELS", scales=3, backend=f"sharded:shards={NODES}:placement=ray")
     with pytest.raises(RuntimeError, match="no partial merge"):
         machine(noised(data[1], 0.3, 1), 0.3)
+
+
+def test_shards_are_built_on_the_cluster_and_equal_a_build_here(cluster, banks, data, tmp_path):
+    from pipelines.executors import RayExecutor
+
+    executor = RayExecutor()
+    built = ShardedBank.build(data[1], tmp_path / "on-ray", SPEC, NODES,
+                              lambda fn, job, items, done: executor.map(fn, job, items, done, progress=False))
+    assert built.record["shards"] == banks[1][1].record["shards"]  # the same shards, fingerprints and digests
