@@ -112,22 +112,31 @@ class ScoreMachine:
             requests, places = [], []
             for label, idx in self._label_groups(chunk.numel(), None if labels is None else labels[chunk]):
                 rows = chunk[idx]
-                for bucket, locs, queries in self._requests(x[rows], label, t):
+                for bucket, locs, queries in self._requests(x[rows], label, None if self.scales is None else self.scales(t)):
                     requests.append((bucket, queries))
                     places.append((rows, locs))
             for (rows, locs), answer in zip(places, self._posteriors(requests, a, s2)):
-                if locs is None:  # whole images
-                    out[rows] = answer.view(rows.numel(), *x.shape[1:]).to(x.dtype)
-                else:
-                    out[rows[:, None], :, locs[:, 0], locs[:, 1]] = answer.view(rows.numel(), -1, self.channels).to(x.dtype)
+                self._place(out, rows, locs, answer)
         return out
 
-    def _requests(self, x: torch.Tensor, label: int | None, t: float) -> list[tuple[BucketKey, torch.Tensor | None, torch.Tensor]]:
-        """What the samples ``x [b, C, H, W]`` of one label ask of the backend at ``t``: per bucket, the pixels it serves
-        (``locs [L, 2]``; None for whole images) and the queries ``[b·L, C·P·P]`` (``[b, C·H·W]`` for whole images)."""
-        if self.scales is None:
+    def _place(self, out: torch.Tensor, rows: torch.Tensor | slice, locs: torch.Tensor | None, answer: torch.Tensor) -> None:
+        """Write a bucket's posterior means ``answer`` (``[b·L, C]``, or ``[b, C·H·W]`` for whole images) into the
+        samples ``rows`` of ``out [B, C, H, W]`` at the pixels ``locs [L, 2]`` it serves (None: every pixel)."""
+        b = out[rows].shape[0]
+        if locs is None:
+            out[rows] = answer.view(b, *out.shape[1:]).to(out.dtype)
+        elif isinstance(rows, slice):
+            out[rows, :, locs[:, 0], locs[:, 1]] = answer.view(b, -1, self.channels).permute(0, 2, 1).to(out.dtype)
+        else:
+            out[rows[:, None], :, locs[:, 0], locs[:, 1]] = answer.view(b, -1, self.channels).to(out.dtype)
+
+    def _requests(self, x: torch.Tensor, label: int | None,
+                  P: int | None) -> list[tuple[BucketKey, torch.Tensor | None, torch.Tensor]]:
+        """What the samples ``x [b, C, H, W]`` of one label ask of the backend at patch size ``P`` (None: whole images):
+        per bucket, the pixels it serves (``locs [L, 2]``; None for whole images) and the queries ``[b·L, C·P·P]``
+        (``[b, C·H·W]`` for whole images)."""
+        if P is None:
             return [(BucketKey(self.kind, None, self.padding, (), label), None, x.flatten(1))]
-        P = self.scales(t)
         return [(BucketKey(self.kind, P, self.padding, key, label), locs, patches_at(x, locs, P, self.padding).flatten(0, 1))
                 for key, locs in dictionary_groups(self.height, self.width, P, self.kind)]  # type: ignore[arg-type]
 
@@ -237,9 +246,7 @@ class ScoreMachine:
 
     def _denoise_at(self, x: torch.Tensor, label: int | None, a: float, s2: float, P: int) -> torch.Tensor:
         out = torch.empty(x.shape, dtype=torch.float64, device=x.device)
-        for key, locs in dictionary_groups(self.height, self.width, P, self.kind):  # type: ignore[arg-type]
-            queries = patches_at(x, locs, P, self.padding)  # [b, L, C·P·P]
-            bucket = BucketKey(self.kind, P, self.padding, key, label)
-            centres = self.backend.posterior(self.bank, bucket, queries.flatten(0, 1), a, s2)  # [b·L, C]
-            out[:, :, locs[:, 0], locs[:, 1]] = centres.view(x.shape[0], -1, self.channels).permute(0, 2, 1).to(out.dtype)
+        requests = self._requests(x, label, P)
+        for (_, locs, _), answer in zip(requests, self._posteriors([(b, q) for b, _, q in requests], a, s2)):
+            self._place(out, slice(None), locs, answer)
         return out

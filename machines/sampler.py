@@ -52,9 +52,18 @@ class StepRecorder:
 
 def ddim_grid(steps: int = 20) -> list[float]:
     """Visited times ``t_i = i/n`` for ``i = n … 0``: ``steps + 1`` values from 1 down to 0."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    return [i / steps for i in range(steps, -1, -1)]
+    _check_steps(steps)
+    return [ddim_time(step, steps) for step in range(steps + 1)]
+
+
+def ddim_time(step: int, steps: int) -> float:
+    """The time step ``step`` of ``steps`` starts at: ``(steps − step)/steps`` (step ``steps`` is t = 0)."""
+    return (steps - step) / steps
+
+
+def _check_steps(steps: int) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
 
 
 def noise_from_seeds(
@@ -89,14 +98,13 @@ def sample(
     if not torch.isfinite(noise).all():
         raise ValueError("the noise holds NaN or Inf; a sample from it would be NaN")
     x = noise
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    _check_steps(steps)
     first = 0
     run = _run_id(machine, noise, labels, steps) if checkpoint is not None else None
     if checkpoint is not None and os.path.exists(checkpoint):
         first, x = _resume(Path(checkpoint), run, noise)  # type: ignore[arg-type]
     for step in tqdm(range(first, steps), disable=not progress, desc="DDIM", initial=first, total=steps):
-        t, t_prev = (steps - step) / steps, (steps - step - 1) / steps  # ddim_grid's pair, made here: any steps fit
+        t, t_prev = ddim_time(step, steps), ddim_time(step + 1, steps)  # made step by step: any number of steps fits
         x0 = machine(x, t, labels)
         _check_finite(machine, x0, step, steps, t)
         eps = eps_from_x0(x, x0, t)

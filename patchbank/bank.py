@@ -48,7 +48,7 @@ from .atomic import DiskFullError, write_json
 from .base import Bank
 from .clusters import ClusteredPatches, cluster_patches
 from .datasets import ImageData
-from .geometry import IMAGE_RULES, PADDINGS, RULE_PADDING, BucketKey, dictionary_groups
+from .geometry import IMAGE_RULES, RULE_PADDING, BucketKey, check_padding, check_scale, dictionary_groups
 from .index import IVFLists, Neighbours, PatchIndex, SearchResult, faiss_gpu_available, index_kind, require_faiss
 from .integrity import (CHECKSUMS, BankError, IntegrityError, build_lock, check_file, file_checksum, json_object, load_checked,
                         read_checksums, verify_bucket, write_checksums)
@@ -466,14 +466,19 @@ def _binding_problem(bank: Path, folder: Path, key: BucketKey, fingerprint: str,
 def _check_key(entry: object, f: Path) -> None:
     """A bucket key read from a manifest: known rule and padding, odd scale, integer dictionary and label (so the
     folder name it makes cannot leave the bank)."""
-    ok = isinstance(entry, dict) and set(entry) == {"rule", "scale", "padding", "dictionary", "label"}
-    if ok:
-        rule, P, pad, dic, lab = (entry[k] for k in ("rule", "scale", "padding", "dictionary", "label"))  # type: ignore[index]
-        ok = (rule in RULE_PADDING and pad in PADDINGS and isinstance(P, int) and not isinstance(P, bool) and P >= 1
-              and P % 2 == 1 and isinstance(dic, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in dic)
-              and (lab is None or (isinstance(lab, int) and not isinstance(lab, bool))))
-    if not ok:
-        raise BankError(f"{f} is corrupted: {entry!r} is not a bucket key")
+    def integer(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    try:
+        if not isinstance(entry, dict) or set(entry) != {"rule", "scale", "padding", "dictionary", "label"}:
+            raise ValueError("not the fields of a key")
+        check_scale(entry["scale"])
+        check_padding(entry["padding"])
+        if entry["rule"] not in RULE_PADDING or not isinstance(entry["dictionary"], list) \
+                or not all(map(integer, entry["dictionary"])) or not (entry["label"] is None or integer(entry["label"])):
+            raise ValueError("not a rule, dictionary and label")
+    except ValueError:
+        raise BankError(f"{f} is corrupted: {entry!r} is not a bucket key") from None
 
 
 def _write_json(path: Path, obj: dict) -> None:

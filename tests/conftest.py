@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,3 +94,9 @@ def tmpfs(folder: Path, size: str) -> Iterator[Path]:
         yield folder
     finally:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+def put_shard(bank: Path, shard: str, other: Path) -> None:
+    """Replace shard folder ``shard`` of the sharded bank at ``bank`` by the same-named shard of the bank at ``other``."""
+    shutil.rmtree(bank / shard)
+    shutil.copytree(other / shard, bank / shard)

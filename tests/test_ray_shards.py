@@ -10,11 +10,12 @@ import os
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import noised
+from conftest import noised, put_shard
 from machines import ScoreMachine, make_backend
 from patchbank import BankError, BankSpec, PatchBank, ShardedBank, random_images
 
@@ -93,21 +94,17 @@ def test_a_killed_shard_actor_is_replaced_with_the_same_answer(cluster, banks, d
 def test_a_shard_from_another_bank_is_refused(cluster, banks, tmp_path):
     _, one = banks[1]
     _, other = banks[3]
-    copy = tmp_path / "copy"
-    shutil.copytree(one.path, copy)
-    shutil.rmtree(copy / "shard-01")
-    shutil.copytree(other.path / "shard-01", copy / "shard-01")
+    copy = Path(shutil.copytree(one.path, tmp_path / "copy"))
+    put_shard(copy, "shard-01", other.path)
     with pytest.raises(BankError, match="shard-01 is not the shard this bank was built with"):
         ShardedBank.open(copy)
 
 
 def test_a_shard_that_cannot_answer_fails_the_call_never_a_partial_merge(cluster, banks, data, tmp_path):
     _, sharded = banks[1]
-    copy = tmp_path / "copy"
-    shutil.copytree(sharded.path, copy)
+    copy = Path(shutil.copytree(sharded.path, tmp_path / "copy"))
     opened = ShardedBank.open(copy)  # intact when opened
-    shutil.rmtree(copy / "shard-02")
-    shutil.copytree(banks[3][1].path / "shard-02", copy / "shard-02")  # replaced behind the caller's back
+    put_shard(copy, "shard-02", banks[3][1].path)  # replaced behind the caller's back
     machine = ScoreMachine(opened, "bbELS", scales=3, backend=f"sharded:shards={NODES}:placement=ray")
     with pytest.raises(RuntimeError, match="no partial merge"):
         machine(noised(data[1], 0.3, 1), 0.3)

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import noised
+from conftest import noised, put_shard
 from machines import ScoreMachine, make_backend
 from patchbank import BankError, BankSpec, PatchBank, ShardedBank, open_bank, random_images
 from pipelines.cli import main
@@ -75,10 +76,8 @@ def test_an_interrupted_build_resumes_shard_by_shard(data, tmp_path, built):
 def test_a_shard_that_is_not_the_one_recorded_is_refused(built, data, tmp_path):
     _, sharded = built
     other = ShardedBank.build(random_images(30, (1, 7, 9), classes=3, seed=6), tmp_path / "other", SPEC, 3)
-    copy = tmp_path / "copy"
-    shutil.copytree(sharded.path, copy)
-    shutil.rmtree(copy / "shard-01")
-    shutil.copytree(other.path / "shard-01", copy / "shard-01")
+    copy = Path(shutil.copytree(sharded.path, tmp_path / "copy"))
+    put_shard(copy, "shard-01", other.path)
     with pytest.raises(BankError, match="shard-01 is not the shard this bank was built with"):
         ShardedBank.open(copy)
     record = json.loads((copy / "shards.json").read_text())

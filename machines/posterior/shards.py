@@ -54,6 +54,17 @@ class PartialSums:
     m: torch.Tensor
     acc: torch.Tensor
 
+    @classmethod
+    def empty(cls, Q: int, V: int) -> PartialSums:
+        """The sums of ``Q`` queries over no entry (``V`` values each)."""
+        return cls(torch.full((Q,), -torch.inf, dtype=torch.float64), torch.zeros(Q, V + 1, dtype=torch.float64))
+
+    @classmethod
+    def of_running(cls, m: torch.Tensor, acc: torch.Tensor) -> PartialSums:
+        """A running state's ``(m, acc)`` in float64, the fused kernel's finite start (−1e300: nothing summed) as −inf."""
+        m = m.to(torch.float64)
+        return cls(torch.where(m <= -1e300, -torch.inf, m), acc.to(torch.float64))
+
     def merge(self, other: PartialSums) -> PartialSums:
         """The sums over both parts (exact: each side rescaled to the common maximum)."""
         m = torch.maximum(self.m, other.m)
@@ -77,25 +88,25 @@ def shard_sums(backend: ExactBackend, bank: Bank, bucket: BucketKey, queries: to
     chunks = bank.stream(bucket, backend.chunk_size, backend.dtype, queries.device, distinct=backend.dedup)
     state = backend.posterior_sums(queries, (c for i, c in enumerate(chunks) if i % shards == shard), a, s2)
     if state is None:
-        Q = queries.shape[0]
-        return PartialSums(torch.full((Q,), -torch.inf, dtype=torch.float64), torch.zeros(Q, values + 1, dtype=torch.float64))
-    m = state.m.to(torch.float64)
-    return PartialSums(torch.where(m <= -1e300, -torch.inf, m), state.acc.to(torch.float64))
+        return PartialSums.empty(queries.shape[0], values)
+    return PartialSums.of_running(state.m, state.acc)
 
 
 def bank_sums(exact: ExactBackend, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float,
               values: int) -> PartialSums:
     """Exact sums of ``queries [Q, D]`` over a whole bank's bucket (a shard's, as its own bank): its pruned cluster
     sweep where it has tables, else its stream; empty sums where the bank holds no image of the bucket's label."""
-    Q = queries.shape[0]
-    if bucket.label is not None and not bool((bank.labels == bucket.label).any()):
-        return PartialSums(torch.full((Q,), -torch.inf, dtype=torch.float64), torch.zeros(Q, values + 1, dtype=torch.float64))
+    if not holds_label(bank, bucket):
+        return PartialSums.empty(queries.shape[0], values)
     if exact.prune and exact.dedup and serving(bank, bucket) == "table":
         centre = centre_index(bank.channels, bucket.scale).to(queries.device)  # type: ignore[arg-type]
-        m, acc = exact.pruned_sums(queries, bank.clustered(bucket, exact.leaf_size), centre, a, s2)
-        m = m.to(torch.float64)
-        return PartialSums(torch.where(m <= -1e300, -torch.inf, m), acc.to(torch.float64))
+        return PartialSums.of_running(*exact.pruned_sums(queries, bank.clustered(bucket, exact.leaf_size), centre, a, s2))
     return shard_sums(exact, bank, bucket, queries, a, s2, 0, 1, values)
+
+
+def holds_label(bank: Bank, bucket: BucketKey) -> bool:
+    """Whether a bank (a shard) holds any image of the bucket's label (every bank does for unlabelled buckets)."""
+    return bucket.label is None or bool((bank.labels == bucket.label).any())
 
 
 class ShardServer:
@@ -129,9 +140,8 @@ class ShardServer:
         """The shard's top-k sums and bound on the rest, its seconds and the pairs it computed."""
         start = time.perf_counter()
         Q = queries.shape[0]
-        if bucket.label is not None and not bool((self.bank.labels == bucket.label).any()):
-            empty = PartialSums(torch.full((Q,), -torch.inf, dtype=torch.float64), torch.zeros(Q, self.bank.channels + 1, dtype=torch.float64))
-            return empty, torch.zeros(Q, dtype=torch.float64), time.perf_counter() - start, 0
+        if not holds_label(self.bank, bucket):
+            return PartialSums.empty(Q, self.bank.channels), torch.zeros(Q, dtype=torch.float64), time.perf_counter() - start, 0
         table = self.bank.unique_patches(bucket)
         keys = table.patches
         part, bound = range_topk(keys, keys.float() / 255.0, table.counts, queries, a, s2, k, bucket, self.bank.channels)
@@ -160,8 +170,7 @@ def range_topk(keys: torch.Tensor, search: torch.Tensor, counts: torch.Tensor, q
     ``k`` nearest patches summed exactly, and the bound on the weight of the rest, relative to ``e^m``."""
     Q = queries.shape[0]
     if keys.shape[0] == 0:
-        empty = PartialSums(torch.full((Q,), -torch.inf, dtype=torch.float64), torch.zeros(Q, channels + 1, dtype=torch.float64))
-        return empty, torch.zeros(Q, dtype=torch.float64)
+        return PartialSums.empty(Q, channels), torch.zeros(Q, dtype=torch.float64)
     qa = queries.to(keys.device, torch.float64) / a
     found = torch_search(qa.float(), search, min(k, keys.shape[0]))
     ids = found.ids
@@ -309,8 +318,6 @@ class ShardedBackend(BackendBase):
         one :meth:`posterior` each."""
         if not isinstance(bank, ShardedBank) or self.inner != "exact":
             return [self.posterior(bank, bucket, queries, a, s2) for bucket, queries in requests]
-        if self.shards != len(bank.shards):
-            raise ValueError(f"the backend asks for {self.shards} shards, but the sharded bank {bank.path} has {len(bank.shards)}")
         with self.stats.timer("exact_s"):
             asks = [(bucket, queries.detach().to("cpu", torch.float64).contiguous(),
                      queries.shape[1] if bucket.rule in IMAGE_RULES else bank.channels) for bucket, queries in requests]
@@ -322,8 +329,6 @@ class ShardedBackend(BackendBase):
 
     # ---- a sharded bank's shards, here or as Ray actors -------------------------------------------------
     def _on_shards(self, bank: ShardedBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
-        if self.shards != len(bank.shards):
-            raise ValueError(f"the backend asks for {self.shards} shards, but the sharded bank {bank.path} has {len(bank.shards)}")
         self.stats.queries += queries.shape[0]
         image = bucket.rule in IMAGE_RULES
         V = queries.shape[1] if image else bank.channels
@@ -370,6 +375,8 @@ class ShardedBackend(BackendBase):
 
     def _servers_of(self, bank: ShardedBank) -> list:
         """The shard servers of a sharded bank (opened once): here, or one Ray actor per shard."""
+        if self.shards != len(bank.shards):
+            raise ValueError(f"the backend asks for {self.shards} shards, but the sharded bank {bank.path} has {len(bank.shards)}")
         key = str(bank.path)
         if key not in self._servers:
             if self.placement == "local":
