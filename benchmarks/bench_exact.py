@@ -23,7 +23,6 @@ import time
 import torch
 
 from machines import ExactBackend, ScoreMachine, alpha_sigma2
-from machines.posterior import exact
 from patchbank import MemoryBank, load_dataset, to_model_range
 
 
@@ -55,10 +54,9 @@ def main() -> None:
     choice = {"on": [True], "off": [False], "both": [False, True]}
     configs = [(d, p) for p in choice[args.prune] for d in choice[args.dedup] if not (p and not d)]  # pruning implies dedup
     for (dedup, prune), kernel in itertools.product(configs, args.kernel):
-        exact.SWEEP = kernel != "blocks"
         backend = ExactBackend(chunk_size=args.chunk_size, dtype=getattr(torch, args.dtype), prune=prune,
                                leaf_size=args.leaf_size, kernel="fused" if kernel == "blocks" else kernel,
-                               query_chunk=args.query_chunk)
+                               query_chunk=args.query_chunk, tiles=kernel != "blocks")
         for kind in args.machines:
             for P in args.scales:
                 bank = MemoryBank(data, dedup=dedup)

@@ -12,7 +12,7 @@ Arithmetic: the exact backends compute logits ``−‖q − a·p‖²/2s²`` as 
 pixel, distinct patch) pair they visit, ``2·D`` flops with ``D = C·P²``, then fold one exponential
 and ``C + 1`` multiply-adds. ``GFLOP/s`` counts ``(2·D + 2·(C + 1))`` flops per visited pair;
 ``peak`` is ``--peak-gflops`` per thread (default: measured here, by
-:func:`machines.posterior.kernels.peak_gflops`, a C loop of independent float32 multiply-adds; about
+:func:`machines.native.peak_gflops`, a C loop of independent float32 multiply-adds; about
 116 on this project's AVX-512 CPU, where the nominal figure is 95), so ``of peak`` is the achieved
 fraction of the float32 floor for the pairs the backend chose to visit (pruning skips the rest).
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from machines import AutoBackend, ExactBackend, ScoreMachine, alpha_sigma2, kernels
+from machines import AutoBackend, ExactBackend, ScoreMachine, alpha_sigma2, native
 from patchbank import MemoryBank, load_dataset, to_model_range
 from pipelines.metrics import pearson_r
 
@@ -87,7 +87,7 @@ def main() -> None:
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x = (a * x0 + s2**0.5 * noise).float().double()  # representable in float32: both sides see the same query
     peer_data = _Images(to_model_range(data.images, torch.float32), data.labels)
-    peak = (args.peak_gflops or kernels.peak_gflops()) * torch.get_num_threads()
+    peak = (args.peak_gflops or native.peak_gflops()) * torch.get_num_threads()
     print(f"# {len(data)} training images {tuple(data.shape)}, 1 query at t = {args.t}, "
           f"{torch.get_num_threads()} threads, peak {peak:.0f} GFLOP/s")
     print(f"{'P':>3} {'method':16} {'step_s':>8} {'× peer':>7} {'r peer':>9} {'r exact':>9} {'max|Δ|':>8} "

@@ -1,7 +1,7 @@
 """Many scales at once: one box-sum pass against one exact pass per scale, on the same queries, in the same run.
 
 Calibration evaluates every candidate patch size P at every visited time on the same noisy images.
-The box pass (``kernels.box_scales``) makes each pair's inner product at every P as a box sum of one product map
+The box pass (``native.box_scales``) makes each pair's inner product at every P as a box sum of one product map
 per (training image, displacement), so all candidates cost one pass. Per time, the script prints:
 ``at_once_s``, ``ScoreMachine.at_scales`` at its default (what calibration runs: P ≥ ``BOX_MIN_SCALE`` in one box
 pass, smaller P through the exact backend); ``box_s``, every candidate in the box pass; ``per_scale_s``, the exact
@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from machines import ExactBackend, ScoreMachine, alpha_sigma2, kernels
+from machines import ExactBackend, ScoreMachine, alpha_sigma2, native
 from patchbank import MemoryBank, load_dataset, to_model_range
 from pipelines.jobs import PATCH_CANDIDATES, TABLES_UP_TO
 
@@ -43,8 +43,8 @@ def main() -> None:
     ap.add_argument("--box-each", action="store_true", help="also time a box pass for each scale alone")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if not kernels.available():
-        raise SystemExit(f"the compiled kernels are unavailable: {kernels.unavailable_reason()}")
+    if not native.available():
+        raise SystemExit(f"the compiled kernels are unavailable: {native.unavailable_reason()}")
 
     data = load_dataset(args.dataset, resize=args.resize, limit=args.n_train or None)
     held = load_dataset(args.dataset, resize=args.resize, limit=len(data) + args.queries)
@@ -73,7 +73,7 @@ def main() -> None:
         together_s = time.perf_counter() - start
         start = time.perf_counter()
         images = to_model_range(bank.data.images, torch.float64).contiguous()
-        box, pairs = kernels.box_scales(x.contiguous(), images, args.scales, args.machine, machine.padding, a, s2)
+        box, pairs = native.box_scales(x.contiguous(), images, args.scales, args.machine, machine.padding, a, s2)
         box_s = time.perf_counter() - start
         per, per_s = [], []
         for P in args.scales:
@@ -90,7 +90,7 @@ def main() -> None:
             alone = []
             for P in args.scales:
                 start = time.perf_counter()
-                kernels.box_scales(x.contiguous(), images, [P], args.machine, machine.padding, a, s2)
+                native.box_scales(x.contiguous(), images, [P], args.machine, machine.padding, a, s2)
                 alone.append(time.perf_counter() - start)
             print(f"{'':>5} box pass per scale alone (s): {' '.join(f'{s:.2f}' for s in alone)}", flush=True)
     print(f"{'all':>5} {totals[0]:9.2f} {totals[1]:7.2f} {totals[2]:11.2f} {totals[2] / totals[0]:6.1f}")

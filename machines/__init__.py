@@ -5,7 +5,7 @@ the backends themselves and their registry are re-exported here.
 """
 
 from .analytic import MACHINES, Denoiser, ScoreMachine
-from . import posterior
+from . import native, posterior
 from .posterior import (
     BACKENDS,
     AutoBackend,
@@ -16,7 +16,6 @@ from .posterior import (
     SummaryBackend,
     TopKBackend,
     describe_backends,
-    kernels,
     make_backend,
     parse_backend,
 )
@@ -52,7 +51,7 @@ __all__ = [
     "describe_backends",
     "eps_from_x0",
     "identity_of",
-    "kernels",
+    "native",
     "make_backend",
     "posterior",
     "noise_from_seeds",

@@ -24,7 +24,8 @@ from patchbank.datasets import ImageData, to_model_range
 from patchbank.geometry import IMAGE_RULES, RULE_PADDING, BucketKey, Padding, check_padding, check_scale, dictionary_groups, patches_at
 from patchbank.memory import MemoryBank
 
-from .posterior import Backend, ExactBackend, kernels, make_backend
+from . import native
+from .posterior import Backend, ExactBackend, make_backend
 from .schedule import ScaleSchedule, alpha_sigma2
 
 MachineKind = Literal["IS", "ES", "LS", "ELS", "bbELS"]
@@ -190,7 +191,7 @@ class ScoreMachine:
         at time ``t`` → ``[len(scales), B, C, H, W]`` in ``x``'s dtype (what calibration compares, one candidate P
         per row).
 
-        ``method="box"`` computes every scale in one pass (:func:`machines.posterior.kernels.box_scales`): each
+        ``method="box"`` computes every scale in one pass (:func:`machines.native.box_scales`): each
         pair's inner product at every patch size is a box sum of one product map per (training image,
         displacement), so a large patch costs what a small one does. Its posteriors are exact, in float64.
         ``"per_scale"`` runs the machine's backend once per P. ``"auto"`` (the default) sends the scales from
@@ -221,7 +222,7 @@ class ScoreMachine:
         for label, idx in self._label_groups(x.shape[0], labels):
             if boxed:
                 images = to_model_range(self.bank.data.images[self.bank.image_ids(label)], torch.float64).contiguous()
-                means, _ = kernels.box_scales(x[idx].to(torch.float64).contiguous(), images, [scales[k] for k in boxed],
+                means, _ = native.box_scales(x[idx].to(torch.float64).contiguous(), images, [scales[k] for k in boxed],
                                               self.kind, self.padding, a, s2)
                 for j, k in enumerate(boxed):
                     out[k, idx] = means[j].to(x.dtype)
@@ -240,8 +241,8 @@ class ScoreMachine:
             return f"the inputs are on {x.device}, and the box pass runs on the CPU"
         if self.channels > 4:
             return f"the box pass takes at most 4 channels, the images have {self.channels}"
-        if not kernels.available():
-            return f"the kernels do not compile here: {kernels.unavailable_reason()}"
+        if not native.available():
+            return f"the kernels do not compile here: {native.unavailable_reason()}"
         return None
 
     def _denoise_at(self, x: torch.Tensor, label: int | None, a: float, s2: float, P: int) -> torch.Tensor:

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from machines.posterior import entry_bias, kernels, logits
+from machines import native
+from machines.posterior import entry_bias, logits
 from machines.posterior.exact import cluster_upper
 from machines.posterior.topk import TopKBackend
 from patchbank.geometry import BucketKey, pad_images, patches_at
@@ -43,7 +44,7 @@ LEAF_SIZE = 2048
 """Cluster size of the tree :func:`cluster_scan` prunes with (the exact backend's, so both share one tree)."""
 
 USE_KERNEL: bool | None = None
-"""Whether :func:`cluster_scan` sweeps the cluster tree in C (:func:`machines.posterior.kernels.scan_tree`: logits,
+"""Whether :func:`cluster_scan` sweeps the cluster tree in C (:func:`machines.native.tree_provenance`: logits,
 sums and the running top list in one call, 1.8–2.2× faster) and source maps use the C hash table; None: where
 the kernels compile, else torch operations (the same sums, a merge of per-block top lists)."""
 
@@ -103,15 +104,15 @@ def source_map(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, bloc
     """The bucket's :class:`SourceMap` (built once per bank and bucket, then kept while the bank lives): one
     pass over the patches of images ``ids`` at pixels ``locs [L, 2]``, each matched to its row of the
     distinct-patch table as integers (a hash, then every hash match checked value by value: through the C
-    hash table of :class:`~machines.posterior.kernels.RowTable`, else sorted hashes). Memory ``~3·N``
+    hash table of :class:`~machines.native.RowTable`, else sorted hashes). Memory ``~3·N``
     integers. A table that does not match the images is an error naming the bucket."""
     cache = _MAPS.setdefault(bank, {})
     if key in cache:
         return cache[key]
     table = bank.unique_patches(key)  # int16 units 2·u8 − 255
     U, L = table.patches.shape[0], locs.shape[0]
-    if kernels.available() if USE_KERNEL is None else USE_KERNEL:  # the windows are read in place from the padded images
-        rows = kernels.RowTable(table.patches)
+    if native.available() if USE_KERNEL is None else USE_KERNEL:  # the windows are read in place from the padded images
+        rows = native.RowTable(table.patches)
         lookup = lambda x: rows.find_windows(pad_images(x, key.scale // 2, key.padding), locs, key.scale)  # noqa: E731
     else:
         hashes = _SortedHashes(table.patches.numpy(), f"bucket {key}")
@@ -129,7 +130,7 @@ def source_map(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, bloc
     counts = torch.bincount(inverse, minlength=U)
     if not torch.equal(counts, table.counts):
         raise ValueError(f"bucket {key}: the distinct-patch table's counts do not match its images (a table built for other data?)")
-    order = kernels.counting_order(inverse, counts)  # the stable sort (torch's without the C kernels)
+    order = native.counting_order(inverse, counts)  # the stable sort (torch's without the C kernels)
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     # per patch, its images: runs of equal (patch, image) along ``order`` (images ascend within a patch)
     code = inverse[order].mul_(ids.numel()).add_(order // L)
@@ -272,7 +273,7 @@ def cluster_scan(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q:
         keys = tree.patches[s:e].to(f64) / 255.0
         return logits(q[rows], keys, entry_bias(tree.sq_norms[s:e], None, a, s2, f64), a, s2), tree.log_counts[s:e], slice(s, e)
 
-    fused = kernels.available() if USE_KERNEL is None else USE_KERNEL
+    fused = native.available() if USE_KERNEL is None else USE_KERNEL
     run_max = torch.full((Q,), -1e300 if fused else -torch.inf, dtype=f64)
     Z, S = torch.zeros(Q, dtype=f64), torch.zeros(Q, dtype=f64)
     found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per visit: rows, their block's top m, its patches
@@ -302,7 +303,7 @@ def cluster_scan(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q:
     threshold = math.log(U / PRUNE_TOL)
     first = upper.argmax(1)  # each query's most promising cluster first: its running maximum is then near final
     if fused:  # the same sweep in one C call, logits included
-        kernels.scan_tree((q * (a / s2 / 255.0)).contiguous(), tree, -(a * a) / (2 * s2), upper.T.contiguous(), first.contiguous(),
+        native.tree_provenance((q * (a / s2 / 255.0)).contiguous(), tree, -(a * a) / (2 * s2), upper.T.contiguous(), first.contiguous(),
                           threshold, run_max, Z, S, top, best, skip)
         top = torch.where(top > -1e299, top, -torch.inf)
     else:

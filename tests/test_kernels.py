@@ -8,12 +8,12 @@ import os
 import pytest
 import torch
 
-from machines import ExactBackend, ScoreMachine, alpha_sigma2, kernels
+from machines import ExactBackend, ScoreMachine, alpha_sigma2, native
 from patchbank import MemoryBank, to_model_range
 
 # Locally a machine without a C compiler skips these; with $CI set they run, and fail if the kernel does not compile.
-needs_kernel = pytest.mark.skipif(not os.environ.get("CI") and not kernels.available(),
-                                  reason=f"no fused kernel here: {kernels.unavailable_reason()}")
+needs_kernel = pytest.mark.skipif(not os.environ.get("CI") and not native.available(),
+                                  reason=f"no fused kernel here: {native.unavailable_reason()}")
 
 
 def _brute(logits: torch.Tensor, values: torch.Tensor, skip: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +43,7 @@ def test_fold_matches_brute_force_over_blocks(dtype, tol, V):
         cols = slice(b * M, (b + 1) * M)
         wide = torch.zeros(R, M + 7, dtype=dtype)  # a row stride larger than the row
         wide[:, :M] = logits[:, cols].to(dtype)
-        skipped += kernels.fold(wide[:, :M], values[cols].to(dtype).T.contiguous(), m, acc, skip, threads=1 + b % 3)
+        skipped += native.fold_logits(wide[:, :M], values[cols].to(dtype).T.contiguous(), m, acc, skip, threads=1 + b % 3)
     m_ref, acc_ref = _brute(logits.to(dtype), values.to(dtype), skip)
     torch.testing.assert_close(m, m_ref, rtol=0, atol=0)
     scale = acc_ref[:, -1:]  # sums relative to Σw (≥ 1: the maximum's weight)
@@ -68,7 +68,7 @@ def test_moments_match_brute_force_over_blocks(dtype, tol, C):
         cols = slice(b * M, (b + 1) * M)
         wide = torch.zeros(R, M + 5, dtype=dtype)
         wide[:, :M] = logits[:, cols].to(dtype)
-        kernels.moments(wide[:, :M], values[cols].to(dtype).T.contiguous(), m, s1, s2, threads=1 + b % 3)
+        native.fold_moments(wide[:, :M], values[cols].to(dtype).T.contiguous(), m, s1, s2, threads=1 + b % 3)
     x, v = logits.to(dtype).double(), values.to(dtype).double()
     torch.testing.assert_close(m, x.amax(1), rtol=0, atol=0)
     w = (x - m[:, None]).exp()
@@ -83,10 +83,10 @@ def test_moments_match_brute_force_over_blocks(dtype, tol, C):
 def test_moments_reject_bad_input():
     logits = torch.zeros(4, 6)
     with pytest.raises(ValueError, match="s2 must be"):
-        kernels.moments(logits, torch.zeros(1, 6), torch.zeros(4, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.float64),
+        native.fold_moments(logits, torch.zeros(1, 6), torch.zeros(4, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.float64),
                         torch.zeros(4, 2, dtype=torch.float64))
     with pytest.raises(TypeError):
-        kernels.moments(logits, torch.zeros(1, 6, dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
+        native.fold_moments(logits, torch.zeros(1, 6, dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
                         torch.zeros(4, 2, dtype=torch.float64), torch.zeros(4, 3, dtype=torch.float64))
 
 
@@ -95,7 +95,7 @@ def test_fold_skips_whole_blocks_far_below_the_running_maximum():
     m = torch.tensor([0.0, 0.0], dtype=torch.float64)
     acc = torch.tensor([[0.5, 1.0], [0.5, 1.0]], dtype=torch.float64)
     logits = torch.tensor([[-61.0, -70.0], [-59.0, -70.0]], dtype=torch.float64)
-    skipped = kernels.fold(logits.clone(), torch.ones(1, 2, dtype=torch.float64), m, acc, 60.0)
+    skipped = native.fold_logits(logits.clone(), torch.ones(1, 2, dtype=torch.float64), m, acc, 60.0)
     assert skipped == 3  # row 0 whole, row 1 its −70 entry
     assert acc[0].tolist() == [0.5, 1.0]
     assert acc[1, 1].item() == pytest.approx(1 + math.exp(-59), rel=1e-15)
@@ -105,13 +105,13 @@ def test_fold_skips_whole_blocks_far_below_the_running_maximum():
 def test_fold_rejects_bad_input():
     m, acc = torch.zeros(2, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.float64)
     with pytest.raises(TypeError, match="same dtype"):
-        kernels.fold(torch.zeros(2, 4), torch.zeros(1, 4, dtype=torch.float64), m, acc, 60.0)
+        native.fold_logits(torch.zeros(2, 4), torch.zeros(1, 4, dtype=torch.float64), m, acc, 60.0)
     with pytest.raises(ValueError, match="values_t"):
-        kernels.fold(torch.zeros(2, 4), torch.zeros(1, 5), m, acc, 60.0)
+        native.fold_logits(torch.zeros(2, 4), torch.zeros(1, 5), m, acc, 60.0)
     with pytest.raises(ValueError, match="contiguous rows"):
-        kernels.fold(torch.zeros(4, 2).T, torch.zeros(1, 4), m, acc, 60.0)
+        native.fold_logits(torch.zeros(4, 2).T, torch.zeros(1, 4), m, acc, 60.0)
     with pytest.raises(ValueError, match="float64"):
-        kernels.fold(torch.zeros(2, 4), torch.zeros(1, 4), m.float(), acc, 60.0)
+        native.fold_logits(torch.zeros(2, 4), torch.zeros(1, 4), m.float(), acc, 60.0)
 
 
 def _tree(U: int, D: int, leaf: int, seed: int):
@@ -132,7 +132,7 @@ def _sweep(tree, q, a, s2, K, threshold, threads=None):
     m, Z, S = torch.full((R,), -1e300, dtype=torch.float64), torch.zeros(R, dtype=torch.float64), torch.zeros(R, dtype=torch.float64)
     top, top_id = torch.full((R, K), -1e300, dtype=torch.float64), torch.full((R, K), -1, dtype=torch.long)
     upper = cluster_upper(q, tree, a, s2)
-    pairs = kernels.scan_tree((q * (a / s2 / 255)).contiguous(), tree, -(a * a) / (2 * s2), upper.T.contiguous(),
+    pairs = native.tree_provenance((q * (a / s2 / 255)).contiguous(), tree, -(a * a) / (2 * s2), upper.T.contiguous(),
                               upper.argmax(1).contiguous(), threshold, m, Z, S, top, top_id, 60.0, threads=threads)
     return m, Z, S, top, top_id, pairs
 
@@ -190,11 +190,11 @@ def test_scan_tree_lists_fewer_than_k_and_rejects_bad_input():
              torch.full((1, 5), -1e300, dtype=torch.float64), torch.full((1, 5), -1, dtype=torch.long)]
     upper, first = torch.zeros(tree.n_clusters, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.long)
     with pytest.raises(ValueError, match="qs must be contiguous"):
-        kernels.scan_tree(q.float(), tree, -1.0, upper, first, 1e9, *state, 60.0)
+        native.tree_provenance(q.float(), tree, -1.0, upper, first, 1e9, *state, 60.0)
     with pytest.raises(ValueError, match=r"upper_t must be contiguous CPU torch.float64 \[1, 1\]"):
-        kernels.scan_tree(q, tree, -1.0, upper.T.contiguous().expand(2, 1), first, 1e9, *state, 60.0)
+        native.tree_provenance(q, tree, -1.0, upper.T.contiguous().expand(2, 1), first, 1e9, *state, 60.0)
     with pytest.raises(ValueError, match="top_id must be"):
-        kernels.scan_tree(q, tree, -1.0, upper, first, 1e9, *state[:4], state[4].int(), 60.0)
+        native.tree_provenance(q, tree, -1.0, upper, first, 1e9, *state[:4], state[4].int(), 60.0)
 
 
 def _exact_sweep(tree, q, a, s2, centre, threshold, dtype, threads=None, skip=60.0):
@@ -204,7 +204,7 @@ def _exact_sweep(tree, q, a, s2, centre, threshold, dtype, threads=None, skip=60
     R, C = q.shape[0], centre.numel()
     m, acc = torch.full((R,), -1e300, dtype=torch.float64), torch.zeros(R, C + 1, dtype=torch.float64)
     upper = cluster_upper(q, tree, a, s2)
-    pairs, skipped = kernels.sweep_tree((q * (a / s2 / 255)).to(dtype).contiguous(), tree, -(a * a) / (2 * s2),
+    pairs, skipped = native.tree_sums((q * (a / s2 / 255)).to(dtype).contiguous(), tree, -(a * a) / (2 * s2),
                                         upper.T.contiguous(), upper.argmax(1).contiguous(), threshold, centre, m, acc, skip,
                                         threads=threads)
     return acc[:, :C] / acc[:, C:], m, pairs, skipped
@@ -266,13 +266,13 @@ def test_sweep_tree_rejects_bad_input():
     m, acc = torch.full((R,), -1e300, dtype=torch.float64), torch.zeros(R, 2, dtype=torch.float64)
     centre = torch.tensor([4])
     with pytest.raises(TypeError, match="float32 or float64 queries"):
-        kernels.sweep_tree(q.half(), tree, -1.0, upper, first, 1e9, centre, m, acc, 60.0)
+        native.tree_sums(q.half(), tree, -1.0, upper, first, 1e9, centre, m, acc, 60.0)
     with pytest.raises(ValueError, match=r"acc must be contiguous CPU torch.float64 \[2, 2\]"):
-        kernels.sweep_tree(q, tree, -1.0, upper, first, 1e9, centre, m, torch.zeros(R, 3, dtype=torch.float64), 60.0)
+        native.tree_sums(q, tree, -1.0, upper, first, 1e9, centre, m, torch.zeros(R, 3, dtype=torch.float64), 60.0)
     with pytest.raises(ValueError, match="centre coordinates must lie in"):
-        kernels.sweep_tree(q, tree, -1.0, upper, first, 1e9, torch.tensor([9]), m, acc, 60.0)
+        native.tree_sums(q, tree, -1.0, upper, first, 1e9, torch.tensor([9]), m, acc, 60.0)
     with pytest.raises(ValueError, match="upper_t must be"):
-        kernels.sweep_tree(q, tree, -1.0, upper.T.contiguous(), first, 1e9, centre, m, acc, 60.0)
+        native.tree_sums(q, tree, -1.0, upper.T.contiguous(), first, 1e9, centre, m, acc, 60.0)
 
 
 @needs_kernel
@@ -280,8 +280,6 @@ def test_sweep_tree_rejects_bad_input():
 def test_pruned_sweep_equals_cluster_visits(mnist, kind, P, monkeypatch):
     """The backend's pruned pass through the one-call C sweep equals its cluster-by-cluster visits (a matrix product
     per block, then the fold): float64 to round-off, float32 no further from float64 than the visits are."""
-    from machines.posterior import exact
-
     bank = MemoryBank(mnist)
     x0 = to_model_range(mnist.images[-2:], torch.float64)
     for t in (0.05, 0.4, 0.9):
@@ -289,9 +287,8 @@ def test_pruned_sweep_equals_cluster_visits(mnist, kind, P, monkeypatch):
         x = a * x0 + s2**0.5 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
         out = {}
         for sweep in (True, False):
-            monkeypatch.setattr(exact, "SWEEP", sweep)
             for dtype in (torch.float64, torch.float32):
-                backend = ExactBackend(kernel="fused", dtype=dtype)
+                backend = ExactBackend(kernel="fused", dtype=dtype, tiles=sweep)
                 out[sweep, dtype] = ScoreMachine(bank, kind, scales=P, backend=backend)(x, t)
                 assert backend.stats.visited > 0
         torch.testing.assert_close(out[True, torch.float64], out[False, torch.float64], rtol=0, atol=1e-12)
@@ -326,8 +323,8 @@ def test_fused_backend_equals_torch_operations(mnist, kind, P, dedup, prune):
 def test_auto_falls_back_to_torch_without_a_compiler(mnist, monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("PATCHBANK_KERNEL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(kernels, "_state", {})
-    assert not kernels.available() and "no C compiler" in kernels.unavailable_reason()
+    monkeypatch.setattr(native.build, "_state", {})
+    assert not native.available() and "no C compiler" in native.unavailable_reason()
     with pytest.raises(RuntimeError, match="unavailable"):
         ExactBackend(kernel="fused")
     auto = ExactBackend()
@@ -343,13 +340,13 @@ def test_auto_falls_back_to_torch_without_a_compiler(mnist, monkeypatch, tmp_pat
 def test_kernel_compiles_into_a_fresh_cache(monkeypatch, tmp_path):
     """First use compiles into the cache (temporary name, then rename); later loads reuse the file."""
     monkeypatch.setenv("PATCHBANK_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(kernels, "_state", {})
-    assert kernels.available()
+    monkeypatch.setattr(native.build, "_state", {})
+    assert native.available()
     files = list(tmp_path.iterdir())
-    assert len(files) == 1 and files[0].name.startswith("fold-") and files[0].suffix == ".so"
+    assert len(files) == 1 and files[0].name.startswith("native-") and files[0].suffix == ".so"
     stamp = files[0].stat().st_mtime_ns
-    monkeypatch.setattr(kernels, "_state", {})
-    assert kernels.available() and files[0].stat().st_mtime_ns == stamp
+    monkeypatch.setattr(native.build, "_state", {})
+    assert native.available() and files[0].stat().st_mtime_ns == stamp
 
 
 def test_kernel_option_is_checked():
@@ -361,7 +358,7 @@ def test_kernel_option_is_checked():
 def test_row_table_finds_each_row_and_only_equal_rows():
     gen = torch.Generator().manual_seed(0)
     rows = torch.randint(-3, 4, (3000, 4), generator=gen, dtype=torch.int16).unique(dim=0)  # dense: many near-collisions
-    table = kernels.RowTable(rows)
+    table = native.RowTable(rows)
     pick = torch.randint(0, rows.shape[0], (20000,), generator=gen)
     queries = rows[pick].clone()
     queries[::5, 2] = 9  # outside the table's values: no row equals these
@@ -369,7 +366,7 @@ def test_row_table_finds_each_row_and_only_equal_rows():
     want = torch.where(torch.arange(pick.numel()) % 5 == 0, -1, pick)
     assert torch.equal(found, want) and missing == int((want < 0).sum())
     with pytest.raises(ValueError, match="two equal rows"):
-        kernels.RowTable(torch.cat([rows, rows[:1]]))
+        native.RowTable(torch.cat([rows, rows[:1]]))
     with pytest.raises(ValueError, match="int16"):
         table.find(queries.float())
 
@@ -384,7 +381,7 @@ def test_row_table_reads_windows_in_place_as_patches_at_makes_them(padding, C, P
     locs = all_locations(6, 7)[torch.randperm(42, generator=gen)[:30]]
     entries = patches_at(x, locs, P, padding).flatten(0, 1)
     rows = entries[: entries.shape[0] // 2].unique(dim=0)  # some windows are missing from the table
-    table = kernels.RowTable(rows)
+    table = native.RowTable(rows)
     found, missing = table.find_windows(pad_images(x, P // 2, padding), locs, P)
     want, want_missing = table.find(entries)
     assert torch.equal(found, want) and missing == want_missing and 0 < missing < entries.shape[0]
@@ -396,11 +393,11 @@ def test_row_table_reads_windows_in_place_as_patches_at_makes_them(padding, C, P
 
 def test_counting_order_is_the_stable_sort():
     keys = torch.randint(0, 40, (5000,), generator=torch.Generator().manual_seed(2))
-    order = kernels.counting_order(keys, torch.bincount(keys, minlength=50))
+    order = native.counting_order(keys, torch.bincount(keys, minlength=50))
     assert torch.equal(order, torch.argsort(keys, stable=True))
-    if kernels.available():
+    if native.available():
         with pytest.raises(ValueError, match="sum to the number of keys"):
-            kernels.counting_order(keys, torch.bincount(keys, minlength=50)[:-11])
+            native.counting_order(keys, torch.bincount(keys, minlength=50)[:-11])
 
 
 @needs_kernel
@@ -424,11 +421,11 @@ def test_register_tile_blocks_match_brute_force_and_the_block_kernels(threads, C
     m3, t1, t2 = m2.clone(), s1.clone(), s2.clone()
     qs = q.to(dtype).contiguous()
     for keys, bias, values in parts:
-        block = kernels.prepare_keys(keys, bias, values, dtype)
-        assert block.keys_t.shape[1] % kernels.TILE_WIDTH == 0 and block.n == M
-        kernels.fold_keys(qs, block, m, acc, 60.0, threads=threads)
-        kernels.moments_keys(qs, block, m2, s1, s2, threads=threads)
-        kernels.moments((qs.double() @ keys.to(dtype).double().T + bias.to(dtype).double()).to(dtype).contiguous(),
+        block = native.lay_out_keys(keys, bias, values, dtype)
+        assert block.keys_t.shape[1] % native.TILE_WIDTH == 0 and block.n == M
+        native.fold_tiles(qs, block, m, acc, 60.0, threads=threads)
+        native.moments_tiles(qs, block, m2, s1, s2, threads=threads)
+        native.fold_moments((qs.double() @ keys.to(dtype).double().T + bias.to(dtype).double()).to(dtype).contiguous(),
                         values.to(dtype).T.contiguous(), m3, t1, t2)
     torch.testing.assert_close(acc[:, :C] / acc[:, C:], want, rtol=0, atol=tol)
     torch.testing.assert_close(m, ell.amax(1), rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-12)
@@ -440,24 +437,24 @@ def test_register_tile_blocks_match_brute_force_and_the_block_kernels(threads, C
 
 @needs_kernel
 def test_register_tile_blocks_reject_bad_input():
-    keys = kernels.prepare_keys(torch.rand(5, 4, dtype=torch.float64), torch.zeros(5, dtype=torch.float64),
+    keys = native.lay_out_keys(torch.rand(5, 4, dtype=torch.float64), torch.zeros(5, dtype=torch.float64),
                                 torch.rand(5, 4, dtype=torch.float64), torch.float64)
     q = torch.zeros(2, 4, dtype=torch.float64)
     m, acc = torch.full((2,), -1e300, dtype=torch.float64), torch.zeros(2, 5, dtype=torch.float64)
     with pytest.raises(TypeError, match="share a float32 or float64 dtype"):
-        kernels.fold_keys(q.float(), keys, m, acc, 60.0)
-    with pytest.raises(ValueError, match="laid out by prepare_keys for dimension 3"):
-        kernels.fold_keys(q[:, :3].contiguous(), keys, m, acc, 60.0)
+        native.fold_tiles(q.float(), keys, m, acc, 60.0)
+    with pytest.raises(ValueError, match="laid out by lay_out_keys for dimension 3"):
+        native.fold_tiles(q[:, :3].contiguous(), keys, m, acc, 60.0)
     with pytest.raises(ValueError, match=r"acc must be contiguous CPU torch.float64 \[2, 5\]"):
-        kernels.fold_keys(q, keys, m, acc[:, :4].contiguous(), 60.0)
+        native.fold_tiles(q, keys, m, acc[:, :4].contiguous(), 60.0)
     with pytest.raises(ValueError, match=r"s2 must be contiguous CPU torch.float64 \[2, 9\]"):
-        kernels.moments_keys(q, keys, m, acc, torch.zeros(2, 8, dtype=torch.float64))
+        native.moments_tiles(q, keys, m, acc, torch.zeros(2, 8, dtype=torch.float64))
 
 
 @needs_kernel
 def test_peak_is_measured_in_a_plausible_range():
     """The float32 multiply-add peak benchmarks divide by: a CPU core does between 1 and 10,000 GFLOP/s."""
-    assert 1.0 < kernels.peak_gflops(0.05) < 1e4
+    assert 1.0 < native.peak_gflops(0.05) < 1e4
 
 
 @needs_kernel
@@ -468,17 +465,17 @@ def test_register_tile_kernels_give_the_same_sums_on_python_threads(monkeypatch)
     g = torch.Generator().manual_seed(3)
     q = 0.99 * tree.patches[torch.randint(0, tree.patches.shape[0], (150,), generator=g)].double() / 255 \
         + 0.01 * torch.randn(150, 4, generator=g, dtype=torch.float64)
-    keys = kernels.prepare_keys(torch.rand(333, 4, generator=g, dtype=torch.float64), torch.zeros(333, dtype=torch.float64),
+    keys = native.lay_out_keys(torch.rand(333, 4, generator=g, dtype=torch.float64), torch.zeros(333, dtype=torch.float64),
                                 torch.rand(333, 1, generator=g, dtype=torch.float64), torch.float64)
 
     def both():
         mean = _exact_sweep(tree, q, 0.99, 0.002, torch.tensor([1]), math.log(2000 / 1e-12), torch.float64, threads=3)
         m, s1, s2 = torch.full((150,), -1e300, dtype=torch.float64), torch.zeros(150, 2, dtype=torch.float64), torch.zeros(150, 3, dtype=torch.float64)
-        kernels.moments_keys(q.contiguous(), keys, m, s1, s2, threads=3)
+        native.moments_tiles(q.contiguous(), keys, m, s1, s2, threads=3)
         return mean, (m, s1, s2)
 
     with_omp = both()
-    monkeypatch.setattr(kernels._library(), "kernels_openmp", lambda: 0)
+    monkeypatch.setattr(native.build.library(), "kernels_openmp", lambda: 0)
     without = both()
     for a, b in zip([*with_omp[0], *with_omp[1]], [*without[0], *without[1]]):
         assert a == b if isinstance(a, int) else torch.equal(a, b)

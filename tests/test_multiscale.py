@@ -1,4 +1,4 @@
-"""Many scales at once: the box-sum pass (``kernels.box_scales``, ``ScoreMachine.at_scales``) against the naive
+"""Many scales at once: the box-sum pass (``native.box_scales``, ``ScoreMachine.at_scales``) against the naive
 float64 machines and the exact backend, its pair count against the dictionaries' sizes, equivariance and locality,
 and calibration through it."""
 
@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from machines import ScoreMachine, alpha_sigma2, kernels
+from machines import ScoreMachine, alpha_sigma2, native
 from patchbank.datasets import random_images, to_model_range
 from patchbank.geometry import dictionary_groups
 from pipelines.calibration import calibrate, scale_family
 from reference import naive_machine
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="the compiled kernels are unavailable")
+pytestmark = pytest.mark.skipif(not native.available(), reason="the compiled kernels are unavailable")
 
 RULES = [("bbELS", "zeros"), ("ELS", "circular"), ("ELS", "zeros"), ("LS", "zeros"), ("LS", "circular")]
 
@@ -54,8 +54,8 @@ def test_box_scales_equal_the_exact_backend_per_scale_on_colour_with_labels():
         torch.testing.assert_close(box, per, atol=1e-9, rtol=0)
     a, s2 = alpha_sigma2(0.2)
     images = to_model_range(data.images, torch.float64).contiguous()
-    one, _ = kernels.box_scales(x, images, scales, "ELS", "circular", a, s2, threads=1)
-    three, _ = kernels.box_scales(x, images, scales, "ELS", "circular", a, s2, threads=3)
+    one, _ = native.box_scales(x, images, scales, "ELS", "circular", a, s2, threads=1)
+    three, _ = native.box_scales(x, images, scales, "ELS", "circular", a, s2, threads=3)
     torch.testing.assert_close(one, three, atol=1e-12, rtol=0)
 
 
@@ -67,7 +67,7 @@ def test_box_scales_count_every_dictionary_pair_once(kind, padding):
     data = random_images(N, (1, H, W), seed=4)
     a, s2 = alpha_sigma2(0.5)
     scales = [1, 3, 5, 9, 15]
-    _, pairs = kernels.box_scales(_queries((1, H, W), B), to_model_range(data.images, torch.float64).contiguous(),
+    _, pairs = native.box_scales(_queries((1, H, W), B), to_model_range(data.images, torch.float64).contiguous(),
                                   scales, kind, padding, a, s2)
     expected = sum(B * N * locs.shape[0] ** 2 for P in scales for _, locs in dictionary_groups(H, W, P, kind))
     assert pairs == expected
@@ -123,13 +123,13 @@ def test_at_scales_refuses_bad_input():
     a, s2 = alpha_sigma2(0.3)
     images = to_model_range(data.images, torch.float64).contiguous()
     with pytest.raises(ValueError, match="share C, H, W"):
-        kernels.box_scales(x[:, :, :5].contiguous(), images, [3], "bbELS", "zeros", a, s2)
+        native.box_scales(x[:, :, :5].contiguous(), images, [3], "bbELS", "zeros", a, s2)
     with pytest.raises(ValueError, match="zeros only|cannot take"):
-        kernels.box_scales(x, images, [3], "bbELS", "circular", a, s2)
+        native.box_scales(x, images, [3], "bbELS", "circular", a, s2)
     with pytest.raises(ValueError, match="patch rules"):
-        kernels.box_scales(x, images, [3], "ES", "circular", a, s2)
+        native.box_scales(x, images, [3], "ES", "circular", a, s2)
     with pytest.raises(ValueError, match="contiguous CPU torch.float64"):
-        kernels.box_scales(x.float(), images, [3], "bbELS", "zeros", a, s2)
+        native.box_scales(x.float(), images, [3], "bbELS", "zeros", a, s2)
 
 
 def test_calibration_takes_one_box_pass_per_step_and_agrees_with_per_scale(monkeypatch):
@@ -137,13 +137,13 @@ def test_calibration_takes_one_box_pass_per_step_and_agrees_with_per_scale(monke
     truth = ScoreMachine(data, "bbELS", scales=5)
     candidates = [1, 3, 5, 7]
     calls = []
-    real = kernels.box_scales
+    real = native.box_scales
 
     def counted(*args, **kwargs):
         calls.append(args[2])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "box_scales", counted)
+    monkeypatch.setattr(native, "box_scales", counted)
     family = lambda P: ScoreMachine(data, "bbELS", scales=P)  # noqa: E731
     assert scale_family({P: family(P) for P in candidates}) is not None
     together = calibrate(truth, family, candidates, [0, 1], (1, 7, 9), steps=3, progress=False)

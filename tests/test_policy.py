@@ -81,10 +81,10 @@ def test_shared_estimates_match_brute_force_snis(bank, mnist):
 def test_fused_moments_and_float32_draws_agree_with_torch_operations(bank, mnist, t):
     """The fused moment kernel gives the torch operations' estimates to round-off (float64 draws),
     and float32 draws change them by float32 round-off only (same draws, same escalation)."""
-    from machines import kernels
+    from machines import native
 
-    if not kernels.available():
-        pytest.skip(f"no fused kernel here: {kernels.unavailable_reason()}")
+    if not native.available():
+        pytest.skip(f"no fused kernel here: {native.unavailable_reason()}")
     q, bucket, a, s2 = _queries(mnist, t, P=5, key=(0, 2, 2, 2))  # rows escalate at different rounds: the row-subset path
     args = dict(samples=256, max_samples=4096, growth=2, chunk=300, se_tol=0.01, seed=3)
     ref = AutoBackend(kernel="torch", draw_dtype=torch.float64, **args).sampled(bank, bucket, q, a, s2)
@@ -293,13 +293,9 @@ def test_the_cost_model_draws_only_where_draws_pay(bank, mnist, P, t, draws):
 def test_a_draw_is_priced_against_the_exact_route_it_replaces(monkeypatch):
     """By default a draw costs what was measured against the exact route: 2.0 pairs of the register-tile kernels, 1.5 of
     the per-block product and fold (no sweep, or no fused kernel); a given ``draw_cost`` wins."""
-    from machines.posterior import exact
-
     assert AutoBackend(draw_cost=3.0).cost_of_a_draw() == 3.0
     assert AutoBackend(exact=ExactBackend(kernel="torch")).cost_of_a_draw() == 1.5
-    monkeypatch.setattr(exact, "SWEEP", False)
-    assert AutoBackend().cost_of_a_draw() == 1.5
-    monkeypatch.setattr(exact, "SWEEP", True)
+    assert AutoBackend(exact=ExactBackend(dtype=torch.float32, tiles=False)).cost_of_a_draw() == 1.5
     assert AutoBackend().cost_of_a_draw() == (2.0 if ExactBackend().uses_fused("cpu") else 1.5)
 
 

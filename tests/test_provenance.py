@@ -244,9 +244,9 @@ def test_provenance_without_image_shares_prunes_clusters_and_keeps_every_patch_e
     if t == 0.3:
         monkeypatch.setattr(retrieval, "MERGE_EVERY", 64)  # torch: the running top-m merged down many times on the way
     pairs = []  # (query, patch) pairs computed: by the torch visits' logits blocks, or as the C sweep counts them
-    real, sweep = retrieval.logits, retrieval.kernels.scan_tree
+    real, sweep = retrieval.logits, retrieval.native.tree_provenance
     monkeypatch.setattr(retrieval, "logits", lambda q, keys, *rest: pairs.append(q.shape[0] * keys.shape[0]) or real(q, keys, *rest))
-    monkeypatch.setattr(retrieval.kernels, "scan_tree", lambda *args, **kw: pairs.append(sweep(*args, **kw)))
+    monkeypatch.setattr(retrieval.native, "tree_provenance", lambda *args, **kw: pairs.append(sweep(*args, **kw)))
     machine = ScoreMachine(MemoryBank(data, dedup=True), "bbELS", 3, conditional=True)
     labels = data.labels[:2]
     x = noised(data, t, 2, seed=7)

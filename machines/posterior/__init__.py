@@ -12,11 +12,11 @@ registry of spec strings (:func:`make_backend`, ``patchbank backends``):
 =========== ============================================================ ===========
 """
 
-from . import kernels
 from .auto import AutoBackend, PolicyStats
 from .base import Backend, BackendBase, BackendStats, Guarantee, NeighbourSearch, Serving, draw_seed, entry_bias, logits, serving, with_ones
 from .exact import ExactBackend, PairStats
-from .shards import PartialSums, ShardedBackend, merge_all, shard_sums
+from .shards import ShardedBackend, shard_sums
+from .sums import RunningSums, merge_all, merge_bounded
 from .registry import BACKENDS, BackendSpec, describe_backends, make_backend, parse_backend, register
 from .summary import ClusterMoments, SummaryBackend, SummaryStats, cluster_moments
 from .tail import SampledTailBackend, TailEstimate, TailStats
@@ -34,7 +34,7 @@ __all__ = [
     "Guarantee",
     "NeighbourSearch",
     "PairStats",
-    "PartialSums",
+    "RunningSums",
     "ShardedBackend",
     "PolicyStats",
     "SampledTailBackend",
@@ -49,10 +49,10 @@ __all__ = [
     "describe_backends",
     "draw_seed",
     "entry_bias",
-    "kernels",
     "logits",
     "make_backend",
     "merge_all",
+    "merge_bounded",
     "parse_backend",
     "register",
     "serving",

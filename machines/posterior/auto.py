@@ -76,10 +76,10 @@ import torch
 from patchbank.base import Bank
 from patchbank.geometry import BucketKey
 
-from . import kernels
-from .base import BackendBase, BackendStats, Guarantee, draw_seed, entry_bias, logits, on_rows, serving, with_ones
-from . import exact as exact_module
+from .. import native
+from .base import BackendBase, BackendStats, Guarantee, draw_seed, entry_bias, logits, serving
 from .exact import ExactBackend, PairStats
+from .sums import RunningSums
 from .summary import SummaryBackend
 from .topk import TopKBackend, TopKStats
 
@@ -223,13 +223,13 @@ class AutoBackend(BackendBase):
             raise ValueError(f"plan_margin must be > 0, got {self.plan_margin}")
         if not self.search_cost >= 0 or (self.topk_k is not None and self.topk_k < 1):
             raise ValueError(f"need search_cost >= 0 and topk_k >= 1, got {self.search_cost}, {self.topk_k}")
-        kernels.check_option(self.kernel)
+        native.check_option(self.kernel)
         if self.topk is None and self.topk_k is not None:
             self.topk = TopKBackend(k=self.topk_k, exact=self.exact)
 
     def uses_fused(self, device: torch.device | str) -> bool:
         """Whether the draws' moments on ``device`` are folded by the fused kernel."""
-        return kernels.use_fused(self.kernel, device)
+        return native.use_fused(self.kernel, device)
 
     def posterior(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
         """Posterior means ``[Q, C]`` of queries ``[Q, D]`` against one bucket."""
@@ -345,7 +345,7 @@ class AutoBackend(BackendBase):
         against the exact route this backend falls back to (2.0 against the register-tile kernels, 1.5 against blocks)."""
         if self.draw_cost is not None:
             return self.draw_cost
-        return 2.0 if exact_module.SWEEP and self.exact.uses_fused("cpu") else 1.5
+        return 2.0 if self.exact.tiles and self.exact.uses_fused("cpu") else 1.5
 
     def sampled(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float,
                 limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -357,7 +357,7 @@ class AutoBackend(BackendBase):
             limit = self._limit(bank.stream_size(bucket))
         gen = torch.Generator().manual_seed(draw_seed(self.seed, bucket, a))
         q = queries.to(self.draw_dtype)
-        state = _Sums.empty(q.shape[0], bank.channels, q.device, self.uses_fused(q.device))
+        state = RunningSums.empty(q.shape[0], bank.channels, device=q.device, moments=True)
         rows = torch.arange(q.shape[0], device=q.device)
         drawn, target = 0, self.samples
         stopped = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
@@ -365,10 +365,10 @@ class AutoBackend(BackendBase):
             while drawn < target:
                 m = min(self.chunk, target - drawn)
                 draws = bank.sample_patches(bucket, m, gen, self.draw_dtype, q.device)
-                state.update(rows, q[rows], draws.keys, draws.values, a, s2)
+                self._fold_draws(state, rows, q[rows], draws.keys, draws.values, a, s2)
                 drawn += m
                 self.stats.draws += m
-            means, se, ess = state.result()
+            means, se, ess = state.estimate()
             ok = (ess >= self.min_ess) & (se <= self.se_tol)
             # ESS grows and SE² shrinks in proportion to the draws: a query whose projected need exceeds
             # 8× the limit would fail at the limit too, so it leaves now rather than after the rounds.
@@ -385,6 +385,20 @@ class AutoBackend(BackendBase):
                 self.stats.high_se += int((~low & ~ok).sum())
                 return means.cpu(), se.cpu(), ok.cpu()
             target = min(target * self.growth, limit)
+
+    def _fold_draws(self, state: RunningSums, rows: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    a: float, s2: float) -> None:
+        """Add draws ``keys [M, D]`` with centre values ``values [M, C]`` to the sums of queries ``q [R, D]`` (rows
+        ``rows`` of the state), logits in the keys' dtype: in registers (:func:`machines.native.moments_tiles`), or a
+        matrix product then :meth:`RunningSums.fold_moments` (the fused kernel where it is used, else torch)."""
+        # ℓ = −‖q − a·p‖²/(2s²) up to a per-query constant (−‖q‖²/2s², which cancels).
+        bias = entry_bias(keys.pow(2).sum(1), None, a, s2, keys.dtype)
+        fused = self.uses_fused(q.device)
+        if fused and self.exact.tiles and q.shape[0] >= native.MIN_TILE_ROWS:  # logits in registers
+            qs = (q.to(keys.dtype) * (a / s2)).contiguous()
+            state.moments_tiles(rows, qs, native.lay_out_keys(keys, bias, values, keys.dtype))
+            return
+        state.fold_moments(rows, logits(q.to(keys.dtype), keys, bias, a, s2), values, fused)
 
     def draw_limit(self, bank: Bank, bucket: BucketKey, N: int, a: float, s2: float, probes: torch.Tensor | None = None) -> int:
         """Most draws for a query that fails at this bucket and noise level: :meth:`_limit` of its ``N`` entries and, with
@@ -414,61 +428,3 @@ class AutoBackend(BackendBase):
             means = self.exact.posterior(bank, bucket, queries, a, s2)
         self.stats.exact += queries.shape[0]
         return means
-
-
-@dataclass
-class _Sums:
-    """Running sums over draws per query, relative to a running maximum logit ``m [Q]`` (float64,
-    ``-1e300`` before the first draw): ``s1 [Q, C+1]`` = Σ w·(v, 1) and ``s2 [Q, 2C+1]`` = Σ w²·(v, v², 1).
-    ``fused``: fold each block in C instead of torch operations (maximum, exponential, two products):
-    :func:`machines.posterior.kernels.moments_keys`, logits made in registers, or with ``exact.SWEEP`` off a matrix
-    product then :func:`~machines.posterior.kernels.moments`."""
-
-    m: torch.Tensor
-    s1: torch.Tensor
-    s2: torch.Tensor
-    fused: bool = False
-
-    @classmethod
-    def empty(cls, Q: int, C: int, device: torch.device, fused: bool = False) -> _Sums:
-        f64 = torch.float64
-        return cls(torch.full((Q,), -1e300, dtype=f64, device=device),
-                   torch.zeros(Q, C + 1, dtype=f64, device=device), torch.zeros(Q, 2 * C + 1, dtype=f64, device=device), fused)
-
-    def update(self, rows: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, a: float, s2: float) -> None:
-        """Add draws ``keys [M, D]`` with centre values ``values [M, C]`` to the sums of queries ``q [R, D]``
-        (rows ``rows`` of the state); the logits are taken in the keys' dtype."""
-        # ℓ = −‖q − a·p‖²/(2s²) up to a per-query constant (−‖q‖²/2s², which cancels).
-        bias = entry_bias(keys.pow(2).sum(1), None, a, s2, keys.dtype)
-        if self.fused and exact_module.SWEEP and q.shape[0] >= kernels.MIN_TILE_ROWS:  # logits in registers
-            block = kernels.prepare_keys(keys, bias, values, keys.dtype)
-            qs = (q.to(keys.dtype) * (a / s2)).contiguous()
-            on_rows(rows, lambda m, t1, t2: kernels.moments_keys(qs, block, m, t1, t2), self.m, self.s1, self.s2)
-            return
-        block = logits(q.to(keys.dtype), keys, bias, a, s2)  # [R, M]
-        if self.fused:
-            values_t = values.to(keys.dtype).T.contiguous()
-            on_rows(rows, lambda m, t1, t2: kernels.moments(block, values_t, m, t1, t2), self.m, self.s1, self.s2)
-            return
-        values = values.to(torch.float64)
-        block = block.to(torch.float64)
-        m_old = self.m[rows]
-        m_new = torch.maximum(m_old, block.amax(1))
-        w = block.sub_(m_new[:, None]).exp_()
-        v1 = with_ones(values, values.dtype)
-        v2 = with_ones(torch.cat([values, values * values], 1), values.dtype)
-        scale = torch.exp(m_old - m_new)  # 0 on the first chunk (m_old = −1e300)
-        self.s1[rows] = self.s1[rows] * scale[:, None] + w @ v1
-        self.s2[rows] = self.s2[rows] * (scale * scale)[:, None] + (w * w) @ v2
-        self.m[rows] = m_new
-
-    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Means ``[Q, C]``, standard errors ``[Q]`` and effective sample sizes ``[Q]``."""
-        C = self.s1.shape[1] - 1
-        Z = self.s1[:, C:]
-        mu = self.s1[:, :C] / Z
-        w2v, w2vv, w2 = self.s2[:, :C], self.s2[:, C : 2 * C], self.s2[:, 2 * C :]
-        var = (w2vv - 2 * mu * w2v + mu * mu * w2) / (Z * Z)
-        se = var.clamp(min=0).sqrt().amax(1)
-        ess = (Z[:, 0] * Z[:, 0]) / w2[:, 0]
-        return mu, se, ess

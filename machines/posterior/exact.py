@@ -16,14 +16,14 @@ most promising cluster, so ``m`` is near its final value before the sweep.
 
 **Fused kernel** (``kernel="auto"`` or ``"fused"``, CPU): each ``query_chunk × chunk_size`` logits
 block, made by one matrix product while it sits in cache, is folded into the sums by one C pass
-per row (:mod:`machines.posterior.kernels`) instead of five torch passes; a row's block is skipped without
+per row (:mod:`machines.native`) instead of five torch passes; a row's block is skipped without
 exponentials when its maximum lies more than ``ln(1e10/prune_tol)`` below the running maximum
 (each skipped weight < ``prune_tol``·1e-10 of the largest, so up to 1e10 entries change the
 result by < ``prune_tol``). Sums are kept in float64 whatever ``dtype``. A pruned pass runs as one C
-sweep over the cluster tree (:func:`~machines.posterior.kernels.sweep_tree`): the logits are made in
+sweep over the cluster tree (:func:`~machines.native.tree_sums`): the logits are made in
 registers from the int16 patches and folded at once, so no logits block is written and no Python runs per
 cluster (1.5–3× the per-block product and fold, 61–67% of the measured float32 peak at P ≥ 7); a streamed block's
-logits are made in registers the same way (:func:`~machines.posterior.kernels.fold_keys`). On CUDA, or without
+logits are made in registers the same way (:func:`~machines.native.fold_tiles`). On CUDA, or without
 a C compiler under ``"auto"``, the same blocks go through torch operations.
 
 **Every patch** (``dedup=False``): the bucket is streamed with every repetition of each patch
@@ -43,15 +43,9 @@ from patchbank.clusters import ClusteredPatches
 from patchbank.geometry import BucketKey, centre_index
 from patchbank.tables import Chunk
 
-from . import kernels
-from .base import BackendBase, BackendStats, entry_bias, logits, on_rows, serving, with_ones
-
-
-SWEEP = True
-"""Whether the fused kernel makes the logits in registers and folds them at once: a pruned pass as one C sweep
-over the cluster tree (:func:`machines.posterior.kernels.sweep_tree`), a streamed block through
-:func:`~machines.posterior.kernels.fold_keys`. False: a matrix product per block (per cluster), then
-:func:`~machines.posterior.kernels.fold`. The same sums either way; False is kept for comparison."""
+from .. import native
+from .base import BackendBase, BackendStats, entry_bias, logits, serving
+from .sums import RunningSums
 
 
 BOUNDS_BYTES = 256 << 20
@@ -86,10 +80,13 @@ class ExactBackend(BackendBase):
     loses ~1e-4 of relative weight accuracy there). ``prune``: skip clusters of ``leaf_size``
     distinct patches whose total weight is provably below ``prune_tol`` of the retained weight
     (patch buckets only; whole-image buckets are always streamed). ``kernel``: ``"fused"`` (the C
-    fold of :mod:`machines.posterior.kernels`; an error where it cannot be compiled), ``"torch"`` (torch
+    fold of :mod:`machines.native`; an error where it cannot be compiled), ``"torch"`` (torch
     operations) or ``"auto"`` (fused for CPU queries when available, else torch). ``dedup``:
     sum over distinct patches with log counts where the bank tabulates them (False: every patch,
-    every repetition, no pruning). ``stats`` counts the (query, entry) pairs computed against
+    every repetition, no pruning). ``tiles``: with the fused kernel, make the logits in registers and fold them at
+    once — a pruned pass as one C sweep over the cluster tree (:func:`machines.native.tree_sums`), a streamed block
+    through :func:`~machines.native.fold_tiles`; False: a matrix product per block (per cluster), then
+    :func:`~machines.native.fold_logits` (the same sums, kept for comparison). ``stats`` counts the (query, entry) pairs computed against
     those that exist.
     """
 
@@ -101,6 +98,7 @@ class ExactBackend(BackendBase):
     prune_tol: float = 1e-16
     kernel: Literal["auto", "fused", "torch"] = "auto"
     dedup: bool = True
+    tiles: bool = True
     stats: PairStats = field(default_factory=PairStats, repr=False)
 
     def __post_init__(self) -> None:
@@ -108,11 +106,17 @@ class ExactBackend(BackendBase):
             raise ValueError(f"chunk sizes must be >= 1, got {self.chunk_size}, {self.query_chunk}")
         if not 0 < self.prune_tol < 1:
             raise ValueError(f"prune_tol must lie in (0, 1), got {self.prune_tol}")
-        kernels.check_option(self.kernel)
+        native.check_option(self.kernel)
 
     def uses_fused(self, device: torch.device | str) -> bool:
         """Whether queries on ``device`` go through the fused kernel."""
-        return kernels.use_fused(self.kernel, device)
+        return native.use_fused(self.kernel, device)
+
+    @property
+    def skip(self) -> float:
+        """How far below a query's running maximum a block row lies before the fused fold skips it: ``ln(1e10/prune_tol)``
+        (each skipped weight < ``prune_tol``·1e-10 of the largest)."""
+        return math.log(1e10 / self.prune_tol)
 
     def posterior(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> torch.Tensor:
         """Posterior means ``[Q, V]`` of queries ``[Q, D]`` against one bucket of the bank."""
@@ -130,11 +134,11 @@ class ExactBackend(BackendBase):
             raise ValueError("the dictionary is empty")
         return state.mean()
 
-    def posterior_sums(self, queries: torch.Tensor, chunks: Iterable[Chunk], a: float, s2: float) -> _Running | _FusedRunning | None:
-        """The running sums over ``chunks`` (None when there are none): a running maximum ``m [Q]`` and
-        ``acc [Q, V+1]`` = (Σw·v, Σw) relative to it, which merge exactly with sums over other entries."""
+    def posterior_sums(self, queries: torch.Tensor, chunks: Iterable[Chunk], a: float, s2: float) -> RunningSums | None:
+        """The running sums over ``chunks`` (None when there are none), which merge exactly with sums over other
+        entries."""
         q = queries.to(self.dtype)
-        state: _Running | _FusedRunning | None = None
+        state: RunningSums | None = None
         for chunk in chunks:
             if chunk.keys.shape[1] != q.shape[1]:
                 raise ValueError(f"queries have dimension {q.shape[1]} but dictionary keys {chunk.keys.shape[1]}")
@@ -145,47 +149,44 @@ class ExactBackend(BackendBase):
             self._accumulate(state, torch.arange(q.shape[0], device=q.device), q, keys, bias, chunk.values, a, s2)
         return state
 
-    def _accumulate(self, state: _Running | _FusedRunning, rows: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
+    def _accumulate(self, state: RunningSums, rows: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
                     bias: torch.Tensor, values: torch.Tensor, a: float, s2: float) -> None:
         """Fold one chunk (keys ``[M, D]``, bias ``[1, M]``, values ``[M, V]``) into the running sums of the
         query ``rows`` (in blocks of ``query_chunk``)."""
         self.stats.visited += rows.numel() * keys.shape[0]
         contiguous = rows.numel() > 0 and int(rows[-1] - rows[0]) == rows.numel() - 1
-        if SWEEP and isinstance(state, _FusedRunning) and rows.numel() >= kernels.MIN_TILE_ROWS:  # logits in registers
-            block = kernels.prepare_keys(keys, bias, values, self.dtype)
+        fused = self.uses_fused(q.device)
+        if self.tiles and fused and rows.numel() >= native.MIN_TILE_ROWS:  # logits in registers
             qs = (q[rows] * (a / s2)).contiguous()
-            self.stats.skipped += on_rows(rows, lambda m, acc: kernels.fold_keys(qs, block, m, acc, state.skip), state.m, state.acc)
+            self.stats.skipped += state.fold_tiles(rows, qs, native.lay_out_keys(keys, bias, values, self.dtype), self.skip)
             return
-        values = state.prepare(values, self.dtype)
+        values = RunningSums.block_values(values, self.dtype, fused)
         for s in range(0, rows.numel(), self.query_chunk):
             block = rows[s : s + self.query_chunk]
             if contiguous:  # a slice: no gathered copy of the queries
                 start = int(rows[s])
                 block = slice(start, start + min(self.query_chunk, rows.numel() - s))
-            self.stats.skipped += state.update(block, logits(q[block], keys, bias, a, s2), values)  # logits [q, M]
+            self.stats.skipped += state.fold(block, logits(q[block], keys, bias, a, s2), values, self.skip if fused else None)
 
-    def running(self, Q: int, V: int, device: torch.device) -> _Running | _FusedRunning:
-        """An empty running state for ``Q`` queries and ``V`` values (fused or torch, as this backend folds);
-        :meth:`visit` adds clusters to it and its ``mean()`` is the posterior mean ``[Q, V]``."""
-        if self.uses_fused(device):
-            return _FusedRunning.empty(Q, V, math.log(1e10 / self.prune_tol))
-        return _Running.empty(Q, V, self.dtype, device)
+    def running(self, Q: int, V: int, device: torch.device) -> RunningSums:
+        """Empty sums for ``Q`` queries and ``V`` values, as this backend folds them (float64 for the fused kernel,
+        else in its dtype); :meth:`visit` adds clusters to them."""
+        return RunningSums.empty(Q, V, torch.float64 if self.uses_fused(device) else self.dtype, device)
 
     def _pruned(self, queries: torch.Tensor, clusters: ClusteredPatches, centre: torch.Tensor, a: float, s2: float) -> torch.Tensor:
         """Exact-to-``prune_tol`` posterior means of the ``centre`` coordinates ``[C]`` over a clustered bucket."""
-        m, acc = self.pruned_sums(queries, clusters, centre, a, s2)
-        return acc[:, :-1] / acc[:, -1:]
+        return self.pruned_sums(queries, clusters, centre, a, s2).mean()
 
     def pruned_sums(self, queries: torch.Tensor, clusters: ClusteredPatches, centre: torch.Tensor, a: float,
-                    s2: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The running sums of a pruned pass: maximum ``m [Q]`` and ``acc [Q, C+1]`` = (Σw·v, Σw) relative to it,
-        exact to ``prune_tol`` of this bucket's weight (so of any merge that includes it)."""
+                    s2: float) -> RunningSums:
+        """The running sums of a pruned pass over the ``centre`` coordinates ``[C]``, exact to ``prune_tol`` of this
+        bucket's weight (so of any merge that includes it)."""
         if queries.shape[1] != clusters.patches.shape[1]:
             raise ValueError(f"queries have dimension {queries.shape[1]} but the bucket's patches {clusters.patches.shape[1]}")
         step = max(1, BOUNDS_BYTES // (3 * 8 * clusters.n_clusters))  # the [Q, K] bounds (and their copies) of one slice
         if queries.shape[0] > step:  # each query's sweep is its own: slices give the same answers
             parts = [self.pruned_sums(queries[s : s + step], clusters, centre, a, s2) for s in range(0, queries.shape[0], step)]
-            return torch.cat([m for m, _ in parts]), torch.cat([acc for _, acc in parts])
+            return RunningSums(torch.cat([p.m for p in parts]), torch.cat([p.acc for p in parts]))
         dev, dt = queries.device, self.dtype
         q = queries.to(dt)
         upper = cluster_upper(q, clusters, a, s2)
@@ -193,23 +194,33 @@ class ExactBackend(BackendBase):
         self.stats.total += q.shape[0] * clusters.patches.shape[0]
         threshold = math.log(clusters.patches.shape[0] / self.prune_tol)
         first = upper.argmax(1)
-        if SWEEP and isinstance(state, _FusedRunning):  # the whole sweep in one C call, logits made in registers
+        if self.tiles and self.uses_fused(dev):  # the whole sweep in one C call, logits made in registers
             qs = (queries.to(torch.float64) * (a / s2 / 255.0)).to(dt).contiguous()
-            visited, skipped = kernels.sweep_tree(qs, clusters, -(a * a) / (2 * s2), upper.to(torch.float64).T.contiguous(),
+            visited, skipped = native.tree_sums(qs, clusters, -(a * a) / (2 * s2), upper.to(torch.float64).T.contiguous(),
                                                   first.contiguous(), threshold, centre.to(torch.int64).contiguous(),
-                                                  state.m, state.acc, state.skip)
+                                                  state.m, state.acc, self.skip)
             self.stats.visited += visited
             self.stats.skipped += skipped
-            return state.m, state.acc
+            return state
         for k in torch.unique(first).tolist():
             self.visit(state, torch.nonzero(first == k).view(-1), q, clusters, k, centre, a, s2)
         for k in range(clusters.n_clusters):
             rows = torch.nonzero((upper[:, k] >= state.m - threshold) & (first != k)).view(-1)
             if rows.numel():
                 self.visit(state, rows, q, clusters, k, centre, a, s2)
-        return state.m, state.acc
+        return state
 
-    def visit(self, state: _Running | _FusedRunning, rows: torch.Tensor, q: torch.Tensor, clusters: ClusteredPatches, k: int,
+    def expand(self, queries: torch.Tensor, clusters: ClusteredPatches, chosen: torch.Tensor, centre: torch.Tensor, a: float,
+               s2: float) -> RunningSums:
+        """The exact sums of queries ``[Q, D]`` over the clusters each has ``chosen`` (bool ``[Q, K]``), nothing else:
+        what a backend that answers the other clusters its own way adds to."""
+        q = queries.to(self.dtype)
+        state = self.running(q.shape[0], centre.numel(), q.device)
+        for k in torch.nonzero(chosen.any(0)).view(-1).tolist():
+            self.visit(state, torch.nonzero(chosen[:, k]).view(-1), q, clusters, k, centre, a, s2)
+        return state
+
+    def visit(self, state: RunningSums, rows: torch.Tensor, q: torch.Tensor, clusters: ClusteredPatches, k: int,
               centre: torch.Tensor, a: float, s2: float) -> None:
         """Fold cluster ``k`` exactly into the running sums of the query ``rows`` (queries ``q [Q, D]`` in
         this backend's dtype; values: the ``centre`` coordinates ``[C]`` of each member)."""
@@ -226,61 +237,3 @@ def cluster_upper(q: torch.Tensor, clusters: ClusteredPatches, a: float, s2: flo
     dev, dt = q.device, q.dtype
     gap = (torch.cdist(q, a * clusters.centres.to(dev, dt)) - a * clusters.radii.to(dev, dt)).clamp_(min=0)
     return gap.pow_(2).sub_(q.pow(2).sum(1, keepdim=True)).div_(-2 * s2).add_(clusters.max_log_count.to(dev, dt))
-
-
-@dataclass
-class _Running:
-    """Online softmax state per query: running max ``m [Q]`` and weighted sums ``acc [Q, V+1]`` (last column Σw)."""
-
-    m: torch.Tensor
-    acc: torch.Tensor
-
-    @classmethod
-    def empty(cls, Q: int, V: int, dtype: torch.dtype, device: torch.device) -> _Running:
-        return cls(torch.full((Q,), -torch.inf, dtype=dtype, device=device), torch.zeros(Q, V + 1, dtype=dtype, device=device))
-
-    @staticmethod
-    def prepare(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A chunk's values ``[M, V]`` as :meth:`update` takes them: with a ones column, ``[M, V+1]``."""
-        return with_ones(values, dtype)
-
-    def update(self, rows: torch.Tensor | slice, logits: torch.Tensor, values: torch.Tensor) -> int:
-        m_old = self.m[rows]
-        m_new = torch.maximum(m_old, logits.amax(1))
-        # Weights relative to the new maximum (logits reused in place). Relative logits below
-        # half of log(smallest normal) are raised to it (weights 1.5e-154 in float64, 1.1e-19 in
-        # float32, each far below round-off of the max term 1): otherwise late-time weights and
-        # their products with the values go subnormal, which doubles the cost.
-        floor = 0.5 * math.log(torch.finfo(logits.dtype).tiny)
-        weights = logits.sub_(m_new[:, None]).clamp_(min=floor).exp_()
-        scale = torch.exp((m_old - m_new).clamp_(min=floor))
-        self.acc[rows] = self.acc[rows] * scale[:, None] + weights @ values
-        self.m[rows] = m_new
-        return 0
-
-    def mean(self) -> torch.Tensor:
-        return self.acc[:, :-1] / self.acc[:, -1:]
-
-
-@dataclass
-class _FusedRunning:
-    """The same state for the fused kernel: float64 ``m [Q]`` (finite start) and ``acc [Q, V+1]``."""
-
-    m: torch.Tensor
-    acc: torch.Tensor
-    skip: float
-
-    @classmethod
-    def empty(cls, Q: int, V: int, skip: float) -> _FusedRunning:
-        return cls(torch.full((Q,), -1e300, dtype=torch.float64), torch.zeros(Q, V + 1, dtype=torch.float64), skip)
-
-    @staticmethod
-    def prepare(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A chunk's values ``[M, V]`` as the kernel takes them: transposed, ``[V, M]`` contiguous."""
-        return values.to(dtype).T.contiguous()
-
-    def update(self, rows: torch.Tensor | slice, logits: torch.Tensor, values_t: torch.Tensor) -> int:
-        return on_rows(rows, lambda m, acc: kernels.fold(logits, values_t, m, acc, self.skip), self.m, self.acc)
-
-    def mean(self) -> torch.Tensor:
-        return self.acc[:, :-1] / self.acc[:, -1:]

@@ -30,7 +30,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from functools import reduce
 from typing import Any, Callable, Literal
 
 import torch
@@ -44,43 +43,12 @@ from patchbank.index import Neighbours, merge_neighbours, torch_search
 
 from .base import BackendBase, BackendStats, Guarantee, serving
 from .exact import ExactBackend
+from .sums import RunningSums, merge_all, merge_bounded
 from .topk import beyond_kth
 
 
-@dataclass
-class PartialSums:
-    """Sums over part of a bucket, float64: ``m [Q]`` (−inf where the part is empty) and ``acc [Q, V+1]`` relative to it."""
-
-    m: torch.Tensor
-    acc: torch.Tensor
-
-    @classmethod
-    def empty(cls, Q: int, V: int) -> PartialSums:
-        """The sums of ``Q`` queries over no entry (``V`` values each)."""
-        return cls(torch.full((Q,), -torch.inf, dtype=torch.float64), torch.zeros(Q, V + 1, dtype=torch.float64))
-
-    @classmethod
-    def of_running(cls, m: torch.Tensor, acc: torch.Tensor) -> PartialSums:
-        """A running state's ``(m, acc)`` in float64, the fused kernel's finite start (−1e300: nothing summed) as −inf."""
-        m = m.to(torch.float64)
-        return cls(torch.where(m <= -1e300, -torch.inf, m), acc.to(torch.float64))
-
-    def merge(self, other: PartialSums) -> PartialSums:
-        """The sums over both parts (exact: each side rescaled to the common maximum)."""
-        m = torch.maximum(self.m, other.m)
-        left = torch.exp(torch.where(torch.isfinite(self.m), self.m - m, -torch.inf))[:, None]
-        right = torch.exp(torch.where(torch.isfinite(other.m), other.m - m, -torch.inf))[:, None]
-        return PartialSums(m, self.acc * left + other.acc * right)
-
-    def mean(self) -> torch.Tensor:
-        """The posterior mean ``[Q, V]`` (an error where no part held an entry)."""
-        if not torch.isfinite(self.m).all():
-            raise ValueError("the merged parts hold no dictionary entries")
-        return self.acc[:, :-1] / self.acc[:, -1:]
-
-
 def shard_sums(backend: ExactBackend, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float, shard: int,
-               shards: int, values: int) -> PartialSums:
+               shards: int, values: int) -> RunningSums:
     """Exact sums of ``queries [Q, D]`` over shard ``shard`` of ``shards`` of a bucket's stream (its chunks
     ``shard, shard + shards, …``); ``values``: V, the width of the bucket's values (C, or C·H·W for images)."""
     if not 0 <= shard < shards:
@@ -88,19 +56,19 @@ def shard_sums(backend: ExactBackend, bank: Bank, bucket: BucketKey, queries: to
     chunks = bank.stream(bucket, backend.chunk_size, backend.dtype, queries.device, distinct=backend.dedup)
     state = backend.posterior_sums(queries, (c for i, c in enumerate(chunks) if i % shards == shard), a, s2)
     if state is None:
-        return PartialSums.empty(queries.shape[0], values)
-    return PartialSums.of_running(state.m, state.acc)
+        return RunningSums.empty(queries.shape[0], values)
+    return state.float64()
 
 
 def bank_sums(exact: ExactBackend, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float,
-              values: int) -> PartialSums:
+              values: int) -> RunningSums:
     """Exact sums of ``queries [Q, D]`` over a whole bank's bucket (a shard's, as its own bank): its pruned cluster
     sweep where it has tables, else its stream; empty sums where the bank holds no image of the bucket's label."""
     if not holds_label(bank, bucket):
-        return PartialSums.empty(queries.shape[0], values)
+        return RunningSums.empty(queries.shape[0], values)
     if exact.prune and exact.dedup and serving(bank, bucket) == "table":
         centre = centre_index(bank.channels, bucket.scale).to(queries.device)  # type: ignore[arg-type]
-        return PartialSums.of_running(*exact.pruned_sums(queries, bank.clustered(bucket, exact.leaf_size), centre, a, s2))
+        return exact.pruned_sums(queries, bank.clustered(bucket, exact.leaf_size), centre, a, s2).float64()
     return shard_sums(exact, bank, bucket, queries, a, s2, 0, 1, values)
 
 
@@ -122,26 +90,26 @@ class ShardServer:
                             f"bank recorded ({fingerprint[:12]}…)")
         self.exact = exact
 
-    def sums(self, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float, values: int) -> tuple[PartialSums, float, int]:
+    def sums(self, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float, values: int) -> tuple[RunningSums, float, int]:
         """The shard's exact sums, its seconds and the (query, entry) pairs it visited."""
         start, before = time.perf_counter(), self.exact.stats.visited
         part = bank_sums(self.exact, self.bank, bucket, queries, a, s2, values)
         return part, time.perf_counter() - start, self.exact.stats.visited - before
 
     def sums_many(self, requests: list[tuple[BucketKey, torch.Tensor, int]], a: float,
-                  s2: float) -> tuple[list[PartialSums], float, int]:
+                  s2: float) -> tuple[list[RunningSums], float, int]:
         """:meth:`sums` for every ``(bucket, queries, values)`` of a pass, in one call (one round trip)."""
         start, before = time.perf_counter(), self.exact.stats.visited
         parts = [bank_sums(self.exact, self.bank, bucket, queries, a, s2, values) for bucket, queries, values in requests]
         return parts, time.perf_counter() - start, self.exact.stats.visited - before
 
     def topk(self, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float,
-             k: int) -> tuple[PartialSums, torch.Tensor, float, int]:
+             k: int) -> tuple[RunningSums, torch.Tensor, float, int]:
         """The shard's top-k sums and bound on the rest, its seconds and the pairs it computed."""
         start = time.perf_counter()
         Q = queries.shape[0]
         if not holds_label(self.bank, bucket):
-            return PartialSums.empty(Q, self.bank.channels), torch.zeros(Q, dtype=torch.float64), time.perf_counter() - start, 0
+            return RunningSums.empty(Q, self.bank.channels), torch.zeros(Q, dtype=torch.float64), time.perf_counter() - start, 0
         table = self.bank.unique_patches(bucket)
         keys = table.patches
         part, bound = range_topk(keys, keys.float() / 255.0, table.counts, queries, a, s2, k, bucket, self.bank.channels)
@@ -165,12 +133,12 @@ class ShardServer:
 
 
 def range_topk(keys: torch.Tensor, search: torch.Tensor, counts: torch.Tensor, queries: torch.Tensor, a: float, s2: float,
-               k: int, bucket: BucketKey, channels: int) -> tuple[PartialSums, torch.Tensor]:
+               k: int, bucket: BucketKey, channels: int) -> tuple[RunningSums, torch.Tensor]:
     """A range of a bucket's distinct patches (``keys [U, D]`` int16, their float32 ``search`` copy, ``counts``): its
     ``k`` nearest patches summed exactly, and the bound on the weight of the rest, relative to ``e^m``."""
     Q = queries.shape[0]
     if keys.shape[0] == 0:
-        return PartialSums.empty(Q, channels), torch.zeros(Q, dtype=torch.float64)
+        return RunningSums.empty(Q, channels), torch.zeros(Q, dtype=torch.float64)
     qa = queries.to(keys.device, torch.float64) / a
     found = torch_search(qa.float(), search, min(k, keys.shape[0]))
     ids = found.ids
@@ -183,21 +151,7 @@ def range_topk(keys: torch.Tensor, search: torch.Tensor, counts: torch.Tensor, q
     centre = centre_index(channels, bucket.scale).to(keys.device)  # type: ignore[arg-type]
     acc = torch.cat([(w[..., None] * cand[..., centre]).sum(1), w.sum(1, keepdim=True)], 1)
     rest = (counts.double().sum() - c.sum(1)).clamp(min=0)
-    return PartialSums(m, acc), rest * beyond_kth(qa, d2.amax(1), a, s2, m)
-
-
-def merge_bounded(found: list[tuple[PartialSums, torch.Tensor]]) -> tuple[PartialSums, torch.Tensor]:
-    """Parts' sums with each part's bound on the weight it left out (relative to its own maximum): the merged
-    sums and the merged bound, the bounds rescaled to the common maximum and added."""
-    merged = merge_all([p for p, _ in found])
-    return merged, sum(b * torch.exp(torch.where(torch.isfinite(p.m), p.m - merged.m, -torch.inf)) for p, b in found)  # type: ignore[return-value]
-
-
-def merge_all(parts: list[PartialSums]) -> PartialSums:
-    """The merge of any number of parts (order does not matter beyond round-off)."""
-    if not parts:
-        raise ValueError("nothing to merge")
-    return reduce(PartialSums.merge, parts)
+    return RunningSums(m, acc), rest * beyond_kth(qa, d2.amax(1), a, s2, m)
 
 
 @dataclass
@@ -295,8 +249,8 @@ class ShardedBackend(BackendBase):
         sums, bound = self.topk_sums(bank, bucket, queries, a, s2)
         return self._certified(sums, bound, queries, lambda redo: self.exact_sums(bank, bucket, redo, a, s2))
 
-    def _certified(self, sums: PartialSums, bound: torch.Tensor, queries: torch.Tensor,
-                   exact_of: Callable[[torch.Tensor], PartialSums]) -> torch.Tensor:
+    def _certified(self, sums: RunningSums, bound: torch.Tensor, queries: torch.Tensor,
+                   exact_of: Callable[[torch.Tensor], RunningSums]) -> torch.Tensor:
         """The means of merged top-k ``sums`` where their certificate ε = ``bound`` / Σw is within ``tol``; the other
         queries' from ``exact_of(their queries)``."""
         means = sums.mean()
@@ -341,7 +295,7 @@ class ShardedBackend(BackendBase):
             sums, bound = merge_bounded(found)
         return self._certified(sums, bound, queries, lambda redo: self._bank_exact(bank, bucket, redo, a, s2, V))
 
-    def _bank_exact(self, bank: ShardedBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float, V: int) -> PartialSums:
+    def _bank_exact(self, bank: ShardedBank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float, V: int) -> RunningSums:
         parts = self._call(bank, "sums", bucket, queries, a, s2, V)
         with self.stats.timer("merge_s"):
             return merge_all(parts)
@@ -398,22 +352,22 @@ class ShardedBackend(BackendBase):
         return [server.remote(str(bank.shard_path(j).resolve()), s["fingerprint"], self.exact, self.actor_cpus)
                 for j, s in enumerate(bank.shards)]
 
-    def exact_sums(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> PartialSums:
+    def exact_sums(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> RunningSums:
         """Every shard's exact sums, on its device, merged (:func:`shard_sums`, :func:`merge_all`)."""
         V = queries.shape[1] if serving(bank, bucket) == "image" else bank.channels
         with self.stats.timer("shard_s"):  # every shard launched before any result is fetched (devices overlap)
             parts = [shard_sums(self.exact, bank, bucket, queries.to(self.device_of(j)), a, s2, j, self.shards, V)
                      for j in range(self.shards)]
         with self.stats.timer("merge_s"):
-            return merge_all([PartialSums(p.m.cpu(), p.acc.cpu()) for p in parts])
+            return merge_all([p.float64() for p in parts])
 
-    def topk_sums(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> tuple[PartialSums, torch.Tensor]:
+    def topk_sums(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float) -> tuple[RunningSums, torch.Tensor]:
         """The merged sums over every shard's k nearest patches ``(m [Q], acc [Q, C+1])`` and the merged
         bound ``[Q]`` on the weight of all the others, relative to ``e^m``."""
         with self.stats.timer("shard_s"):  # every shard launched before any result is fetched (devices overlap)
             found = [self._shard_topk(bank, bucket, queries, a, s2, j) for j in range(self.shards)]
         with self.stats.timer("merge_s"):
-            return merge_bounded([(PartialSums(p.m.cpu(), p.acc.cpu()), b.cpu()) for p, b in found])
+            return merge_bounded([(p.float64(), b.cpu()) for p, b in found])
 
     def neighbours(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float) -> Neighbours:
         """The ``k`` nearest distinct patches of ``queries/a`` over all shards (ids into the bucket's table):

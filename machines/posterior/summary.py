@@ -207,13 +207,8 @@ class SummaryBackend(BackendBase):
         summ = ~drop & (B <= self.tol / 4)
         expand = ~drop & ~summ
 
-        exact = self.exact
-        state = exact.running(Q, centre.numel(), q.device)
-        qx = q.to(exact.dtype)
-        for k in torch.nonzero(expand.any(0)).view(-1).tolist():
-            exact.visit(state, torch.nonzero(expand[:, k]).view(-1), qx, clusters, k, centre, a, s2)
-        m = state.m.to(torch.float64).clamp(min=-1e300)
-        acc = state.acc.to(torch.float64)
+        expanded = self.exact.expand(q, clusters, expand, centre, a, s2).float64(q.device)
+        m, acc = expanded.m, expanded.acc
         # Summaries: Ẑ_k = e^{ℓ(μ)}(N − a²V/2s²), Ŝ_k = e^{ℓ(μ)}(T + (a⟨r, G⟩ − a²W/2)/s²), bound term e^{ℓ(μ)}·N·B.
         masked = base.masked_fill(~summ, -math.inf)
         dropped = (logN + hi).masked_fill(~drop, -math.inf)  # log of each dropped cluster's largest weight
