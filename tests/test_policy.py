@@ -210,8 +210,7 @@ def test_queries_that_leave_the_draws_early_would_fail_at_the_limit(bank, mnist)
     for t in (0.2, 0.3, 0.5, 0.8):
         q, bucket, a, s2 = _queries(mnist, t)
         early = AutoBackend(samples=256, max_samples=8192, growth=2, se_tol=0.01, min_ess=64, seed=3)
-        early.sampled(bank, bucket, q, a, s2)
-        left = early.left_early
+        left = early.draw(bank, bucket, q, a, s2).left_early
         assert early.stats.stopped_early == int(left.sum())
         _, _, ok_at_limit = AutoBackend(samples=8192, max_samples=8192, se_tol=0.01, min_ess=64, seed=3).sampled(bank, bucket, q, a, s2)
         leavers, failed = leavers + int(left.sum()), failed + int((~ok_at_limit[left]).sum())

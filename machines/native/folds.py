@@ -31,7 +31,7 @@ for _name in ("sweep_f32_par", "sweep_f64_par"):
 TILE_WIDTH = 64  # entries per step of the register tile (4 vectors of 16 float32 or 2 × 4 vectors of 8 float64)
 MIN_TILE_ROWS = 128
 """Fewest queries for which laying a block out (a transposed copy of its keys) pays: with fewer, a matrix product
-then :func:`fold_logits` / :func:`fold_moments` is as fast or faster (docs/performance.md, "register tiles").
+then :func:`fold_logits` / :func:`fold_moments` is as fast or faster (docs/reference.md, "Register tiles").
 bbELS border buckets and the policy's failing pixels are often that few."""
 
 

@@ -9,11 +9,12 @@ which they estimate and how they bound or estimate the error.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from contextlib import contextmanager
-from dataclasses import MISSING, dataclass, fields
-from typing import Iterator, Literal, Protocol, runtime_checkable
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Callable, Iterator, Literal, Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -80,8 +81,62 @@ class BackendStats:
         raise NotImplementedError
 
 
+@dataclass
+class FallbackStats(BackendStats):
+    """What a backend with an exact fallback counts: the queries it was asked, how many of them were summed exactly
+    instead of answered its own way, and the seconds of those exact sums."""
+
+    queries: int = 0
+    fallback: int = 0
+    exact_s: float = 0.0
+
+
+@dataclass
+class CertifiedStats(FallbackStats):
+    """… and for a certified backend, each query's certificate ε (neglected over retained weight; inf where it had
+    none) and the largest ε among the answers kept: their x̂0 error is at most twice it."""
+
+    eps: list[torch.Tensor] = field(default_factory=list)
+    accepted_eps_max: float = 0.0
+
+    def uncertified(self, n: int) -> None:
+        """``n`` queries that had no certificate (no distinct-patch table to search): summed exactly."""
+        self.queries += n
+        self.fallback += n
+        self.eps.append(torch.full((n,), torch.inf))
+
+    def accept(self, eps: torch.Tensor, tol: float | None) -> torch.Tensor:
+        """Record the certificates ``eps [Q]`` and say which answers are kept ``[Q]``: ε ≤ ``tol`` (None: all)."""
+        self.eps.append(eps.cpu())
+        keep = eps <= tol if tol is not None else torch.ones_like(eps, dtype=torch.bool)
+        kept = eps[keep]
+        if kept.numel():
+            self.accepted_eps_max = max(self.accepted_eps_max, float(kept.max()))
+        return keep
+
+
+def fill_rest(means: torch.Tensor, keep: torch.Tensor, answer: Callable[[torch.Tensor], torch.Tensor],
+              stats: FallbackStats | None = None) -> int:
+    """The last step of every backend that answers some queries its own way: the rows of ``means [Q, V]`` not
+    ``keep`` (bool ``[Q]``) are answered by ``answer(rows)`` — the indices of all of them, in one batched call —
+    in place; with ``stats``, timed as its exact seconds and counted as fallback. Returns how many rows that was."""
+    rows = torch.nonzero(~keep).view(-1)
+    if rows.numel():
+        if stats is None:
+            means[rows.to(means.device)] = answer(rows).to(means.device, means.dtype)
+        else:
+            with stats.timer("exact_s"):
+                means[rows.to(means.device)] = answer(rows).to(means.device, means.dtype)
+            stats.fallback += rows.numel()
+    return rows.numel()
+
+
+B = TypeVar("B", bound="BackendBase")
+
+
 class BackendBase:
-    """Defaults of the :class:`Backend` protocol: no index, :meth:`reset` clears the statistics."""
+    """Defaults of the :class:`Backend` protocol: no index, :meth:`reset` clears the statistics of this backend and
+    of every backend it holds (its dataclass fields that are backends)."""
 
     index: str | None = None
     guarantee: Guarantee = "exact"
@@ -91,13 +146,28 @@ class BackendBase:
         """Pickled without its caches of bank tables (private dict fields): a worker rebuilds what it uses."""
         return {k: ({} if k.startswith("_") and isinstance(v, dict) else v) for k, v in self.__dict__.items()}
 
+    def inner_backends(self) -> dict[str, BackendBase]:
+        """The backends this one holds, by field name (its fallback, its certified route, …)."""
+        if not dataclasses.is_dataclass(self):
+            return {}
+        return {f.name: v for f in fields(self) if isinstance(v := getattr(self, f.name), BackendBase)}
+
     def reset(self) -> None:
-        """Clear the statistics (of this backend and of the backends it delegates to)."""
+        """Clear the statistics (of this backend and of the backends it holds)."""
         self.stats.reset()
-        for name in ("exact", "topk", "summary"):
-            inner = getattr(self, name, None)
-            if isinstance(inner, BackendBase):
-                inner.reset()
+        for inner in self.inner_backends().values():
+            inner.reset()
+
+    def fresh(self: B) -> B:
+        """A copy with the same settings and empty statistics (its inner backends' too) that shares this backend's
+        caches of bank tables: for a trial whose counts are not this backend's (a cost model's probe)."""
+        assert dataclasses.is_dataclass(self)
+        copy = dataclasses.replace(self, stats=type(self.stats)(),  # type: ignore[type-var]
+                                   **{name: inner.fresh() for name, inner in self.inner_backends().items()})
+        for key, value in vars(self).items():
+            if key.startswith("_") and isinstance(value, dict):
+                setattr(copy, key, value)
+        return copy
 
 
 def entry_bias(sq_norms: torch.Tensor, log_counts: torch.Tensor | None, a: float, s2: float, dtype: torch.dtype) -> torch.Tensor:

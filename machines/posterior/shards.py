@@ -41,7 +41,7 @@ from patchbank.sharded import ShardedBank
 from patchbank.geometry import IMAGE_RULES, BucketKey, centre_index
 from patchbank.index import Neighbours, merge_neighbours, torch_search
 
-from .base import BackendBase, BackendStats, Guarantee, serving
+from .base import BackendBase, CertifiedStats, Guarantee, fill_rest, serving
 from .exact import ExactBackend
 from .sums import RunningSums, merge_all, merge_bounded
 from .topk import beyond_kth
@@ -155,16 +155,11 @@ def range_topk(keys: torch.Tensor, search: torch.Tensor, counts: torch.Tensor, q
 
 
 @dataclass
-class ShardedStats(BackendStats):
+class ShardedStats(CertifiedStats):
     """Queries, exact fallbacks, top-k certificates (ε per query) and seconds, until :meth:`reset`."""
 
-    queries: int = 0
-    fallback: int = 0
-    eps: list[torch.Tensor] = field(default_factory=list)
-    accepted_eps_max: float = 0.0
     shard_s: float = 0.0
     merge_s: float = 0.0
-    exact_s: float = 0.0
     shard_compute_s: float = 0.0  # seconds the shards of a sharded bank spent on their own sums (all shards together)
     shard_slowest_s: float = 0.0  # per call, the slowest shard's seconds, summed over calls (what a parallel call waits for)
     shard_pairs: int = 0  # (query, entry) pairs the shards computed (after their pruning)
@@ -238,13 +233,14 @@ class ShardedBackend(BackendBase):
         if self.placement != "local":
             raise ValueError(f"placement={self.placement} serves a sharded bank (ShardedBank.build / `patchbank build --shards`); "
                              f"{type(bank).__name__} is not one")
-        self.stats.queries += queries.shape[0]
         if self.inner == "exact" or serving(bank, bucket) != "table":
             if self.inner == "topk":  # no distinct-patch table to search: exact, counted as fallback
-                self.stats.fallback += queries.shape[0]
-                self.stats.eps.append(torch.full((queries.shape[0],), torch.inf))
+                self.stats.uncertified(queries.shape[0])
+            else:
+                self.stats.queries += queries.shape[0]
             with self.stats.timer("exact_s"):
                 return self.exact_sums(bank, bucket, queries, a, s2).mean().to(queries.dtype)
+        self.stats.queries += queries.shape[0]
         self.stats.exact_only = False
         sums, bound = self.topk_sums(bank, bucket, queries, a, s2)
         return self._certified(sums, bound, queries, lambda redo: self.exact_sums(bank, bucket, redo, a, s2))
@@ -254,16 +250,8 @@ class ShardedBackend(BackendBase):
         """The means of merged top-k ``sums`` where their certificate ε = ``bound`` / Σw is within ``tol``; the other
         queries' from ``exact_of(their queries)``."""
         means = sums.mean()
-        eps = bound / sums.acc[:, -1]
-        self.stats.eps.append(eps)
-        redo = torch.nonzero(~(eps <= self.tol)).view(-1)
-        kept = eps[eps <= self.tol]
-        if kept.numel():
-            self.stats.accepted_eps_max = max(self.stats.accepted_eps_max, float(kept.max()))
-        if redo.numel():
-            with self.stats.timer("exact_s"):
-                means[redo] = exact_of(queries[redo]).mean()
-            self.stats.fallback += redo.numel()
+        keep = self.stats.accept(bound / sums.acc[:, -1], self.tol)
+        fill_rest(means, keep, lambda rows: exact_of(queries[rows]).mean(), self.stats)
         return means.to(queries.dtype)
 
     def posterior_many(self, bank: Bank, requests: list[tuple[BucketKey, torch.Tensor]], a: float, s2: float) -> list[torch.Tensor]:

@@ -40,7 +40,7 @@ from patchbank.base import Bank
 from patchbank.clusters import ClusteredPatches
 from patchbank.geometry import BucketKey, centre_index
 
-from .base import BackendBase, BackendStats, Guarantee, serving
+from .base import BackendBase, FallbackStats, Guarantee, fill_rest, serving
 from .exact import ExactBackend
 
 _ROWS = 1 << 20  # patches per block when computing moments
@@ -96,11 +96,10 @@ def cluster_moments(clusters: ClusteredPatches, centre: torch.Tensor) -> Cluster
 
 
 @dataclass
-class SummaryStats(BackendStats):
-    """Per-call statistics until :meth:`reset`: what happened to each (query, cluster) pair, bounds, seconds."""
+class SummaryStats(FallbackStats):
+    """Per-call statistics until :meth:`reset`: what happened to each (query, cluster) pair, bounds, seconds (fallback:
+    the queries whose bound exceeded tol, recomputed exactly)."""
 
-    queries: int = 0
-    fallback: int = 0  # queries whose bound exceeded tol: recomputed exactly
     exact_buckets: int = 0  # queries on buckets without clusters (summed exactly)
     pairs: int = 0  # (query, cluster) pairs on clustered buckets
     summarised: int = 0
@@ -110,7 +109,6 @@ class SummaryStats(BackendStats):
     expanded_entries: int = 0  # … of which were computed exactly
     bounds: list[torch.Tensor] = field(default_factory=list)
     summary_s: float = 0.0
-    exact_s: float = 0.0
 
     def summary(self) -> dict:
         b = torch.cat(self.bounds) if self.bounds else torch.zeros(0)
@@ -164,11 +162,8 @@ class SummaryBackend(BackendBase):
             return self._exact(bank, bucket, queries, a, s2)
         with self.stats.timer("summary_s"):
             means, bound = self.summarised(bank, bucket, queries, a, s2)
-        bad = torch.nonzero(bound > self.tol).view(-1)
         self.stats.bounds.append(bound[bound <= self.tol].cpu())
-        if bad.numel():
-            self.stats.fallback += bad.numel()
-            means[bad] = self._exact(bank, bucket, queries[bad], a, s2).to(means.dtype)
+        fill_rest(means, ~(bound > self.tol), lambda rows: self.exact.posterior(bank, bucket, queries[rows], a, s2), self.stats)
         return means.to(queries.device)
 
     def summarised(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float

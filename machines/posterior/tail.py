@@ -35,7 +35,7 @@ import torch
 from patchbank.base import Bank
 from patchbank.geometry import BucketKey, centre_index
 
-from .base import BackendBase, BackendStats, Guarantee, NeighbourSearch, draw_seed, serving
+from .base import BackendBase, FallbackStats, Guarantee, NeighbourSearch, draw_seed, fill_rest, serving
 from .exact import ExactBackend
 
 
@@ -49,17 +49,14 @@ class TailEstimate(NamedTuple):
 
 
 @dataclass
-class TailStats(BackendStats):
+class TailStats(FallbackStats):
     """Per-call statistics until :meth:`reset`: queries, standard errors, head mass, seconds."""
 
-    queries: int = 0
     exact_queries: int = 0
-    fallback: int = 0
     se: list[torch.Tensor] = field(default_factory=list)
     head_mass: list[torch.Tensor] = field(default_factory=list)
     search_s: float = 0.0
     sample_s: float = 0.0
-    exact_s: float = 0.0
 
     def summary(self) -> dict:
         se = torch.cat(self.se) if self.se else torch.zeros(0)
@@ -148,13 +145,10 @@ class SampledTailBackend(NeighbourSearch, BackendBase):
                      for s in range(0, Q, self.query_chunk)]
         means, se, head_mass, log_z, ess = (torch.cat(x) for x in zip(*parts))
         if self.min_ess is not None and k < U:
-            redo = torch.nonzero(ess < self.min_ess).view(-1)
-            if redo.numel():
-                with self.stats.timer("exact_s"):
-                    means[redo] = self.exact.posterior(bank, bucket, q[redo], a, s2).cpu().to(means.dtype)
-                self.stats.fallback += redo.numel()
-                se[redo] = 0.0
-                log_z[redo] = torch.nan
+            keep = ~(ess < self.min_ess)
+            fill_rest(means, keep, lambda rows: self.exact.posterior(bank, bucket, q[rows], a, s2), self.stats)
+            se[~keep] = 0.0
+            log_z[~keep] = torch.nan
         self.stats.se.append(se)
         self.stats.head_mass.append(head_mass)
         return TailEstimate(means.to(dev), se, log_z)

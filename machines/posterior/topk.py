@@ -37,25 +37,20 @@ from patchbank.base import Bank
 from patchbank.geometry import BucketKey, centre_index
 from patchbank.index import Neighbours, SearchResult
 
-from .base import BackendBase, BackendStats, Guarantee, NeighbourSearch, serving
+from .base import BackendBase, CertifiedStats, Guarantee, NeighbourSearch, fill_rest, serving
 from .exact import ExactBackend
 
 FLOAT32_SLACK = 1e-5  # relative error allowance on float32 index distances
 
 
 @dataclass
-class TopKStats(BackendStats):
+class TopKStats(CertifiedStats):
     """Per-call statistics, accumulated until :meth:`reset`: queries, fallbacks, ε values, seconds."""
 
-    queries: int = 0
-    fallback: int = 0
     certified: bool = True
-    eps: list[torch.Tensor] = field(default_factory=list)
-    accepted_eps_max: float = 0.0  # largest ε among answers kept without fallback: their x̂0 error ≤ 2·this
     search_s: float = 0.0
     topk_s: float = 0.0
     bound_s: float = 0.0  # of topk_s: the cluster bound
-    exact_s: float = 0.0
     within_tol: int = 0  # queries whose ε ≤ the backend's tol (1e-4 when it keeps every answer)
     reprobed: int = 0  # query searches repeated with more IVF lists (a query may count once per round)
     scanned: int = 0  # (query, patch) distances the searches computed (SearchResult.scanned)
@@ -130,33 +125,26 @@ class TopKBackend(NeighbourSearch, BackendBase):
         if route == "stream":  # no distinct patches, no index at this scale: exact for all
             with self.stats.timer("exact_s"):
                 means = self.exact.posterior(bank, bucket, queries, a, s2)
-            self.stats.queries += queries.shape[0]
-            self.stats.fallback += queries.shape[0]
-            self.stats.eps.append(torch.full((queries.shape[0],), torch.inf))
+            self.stats.uncertified(queries.shape[0])
             return means
         q = queries.to(torch.float64)
         k = min(self.k, bank.unique_patches(bucket).patches.shape[0])  # more than the bucket holds is the bucket
-        means, eps, kind = self._search(bank, bucket, q, a, s2, k, lambda found, rows: self._truncated(bank, bucket, rows, found, a, s2))
+        means, eps, kind = self._search(bank, bucket, q, a, s2, k, lambda found, rows: self._truncated(bank, bucket, rows, found, a, s2),
+                                        self.stats)
         self.stats.queries += q.shape[0]
         self.stats.certified &= kind != "hnsw" or self.bound == "best"
-        self.stats.eps.append(eps.cpu())
         self.stats.within_tol += int((eps <= (self.tol if self.tol is not None else 1e-4)).sum())
-        accept = eps <= self.tol if self.tol is not None else torch.ones_like(eps, dtype=torch.bool)
-        redo = torch.nonzero(~accept).view(-1)
-        kept = eps[accept]
-        if kept.numel():
-            self.stats.accepted_eps_max = max(self.stats.accepted_eps_max, float(kept.max()))
-        if redo.numel():
-            with self.stats.timer("exact_s"):
-                means[redo] = self.exact.posterior(bank, bucket, q[redo], a, s2).to(means.dtype)
-            self.stats.fallback += redo.numel()
+        keep = self.stats.accept(eps, self.tol)
+        fill_rest(means, keep, lambda rows: self.exact.posterior(bank, bucket, q[rows], a, s2), self.stats)
         return means
 
-    def _truncated(self, bank: Bank, bucket: BucketKey, q: torch.Tensor, found: SearchResult, a: float, s2: float):
-        """Softmax over the retrieved patches and its certificate ε, query block by block."""
+    def _truncated(self, bank: Bank, bucket: BucketKey, q: torch.Tensor, found: SearchResult, a: float, s2: float,
+                   stats: TopKStats | None = None):
+        """Softmax over the retrieved patches and its certificate ε, query block by block (the cluster bound's seconds
+        go to ``stats``, by default this backend's)."""
         centre = centre_index(bank.channels, bucket.scale).to(q.device)  # type: ignore[arg-type]
         means, eps = [], []
-        for cand, logits, bound in self._blocks(bank, bucket, q, found, a, s2):
+        for cand, logits, bound in self._blocks(bank, bucket, q, found, a, s2, stats if stats is not None else self.stats):
             m = logits.amax(1, keepdim=True)
             w = (logits - m).exp()
             Z = w.sum(1)
@@ -175,13 +163,13 @@ class TopKBackend(NeighbourSearch, BackendBase):
 
         def truncated(found: SearchResult, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
             logw, eps = [], []
-            for _, logits, bound in self._blocks(bank, bucket, rows, found, a, s2):
+            for _, logits, bound in self._blocks(bank, bucket, rows, found, a, s2, self.stats):
                 m = logits.amax(1)
                 logw.append(logits)
                 eps.append(bound / (logits - m[:, None]).exp().sum(1))
             return found.neighbours.ids.to(rows.device), torch.cat(logw), torch.cat(eps)
 
-        *kept, _ = self._search(bank, bucket, q, a, s2, k, truncated)
+        *kept, _ = self._search(bank, bucket, q, a, s2, k, truncated, self.stats)
         return tuple(kept)  # type: ignore[return-value]
 
     def certificates(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float,
@@ -199,34 +187,30 @@ class TopKBackend(NeighbourSearch, BackendBase):
         q = queries.to(torch.float64)
         U = bank.unique_patches(bucket).patches.shape[0]
         top = min(max(ks), U)
-        keep = self.stats
-        self.stats = stats if stats is not None else TopKStats()
-        try:
-            with self.stats.timer("search_s"):
-                found = self.nearest(bank, bucket, (q / a).to(torch.float32), top)
-            self.stats.scanned += found.scanned
-            out = {}
-            for k in ks:
-                kk = min(k, U)
-                first = found._replace(neighbours=Neighbours(*(x[:, :kk] for x in found.neighbours)))
-                *_, eps, _ = self._search(bank, bucket, q, a, s2, kk,
-                                          lambda f, rows: self._truncated(bank, bucket, rows, f, a, s2), found=first)
-                out[k] = eps.cpu()
-        finally:
-            self.stats = keep
+        stats = stats if stats is not None else TopKStats()
+        with stats.timer("search_s"):
+            found = self.nearest(bank, bucket, (q / a).to(torch.float32), top)
+        stats.scanned += found.scanned
+        out = {}
+        for k in ks:
+            kk = min(k, U)
+            first = found._replace(neighbours=Neighbours(*(x[:, :kk] for x in found.neighbours)))
+            *_, eps, _ = self._search(bank, bucket, q, a, s2, kk,
+                                      lambda f, rows: self._truncated(bank, bucket, rows, f, a, s2, stats), stats, found=first)
+            out[k] = eps.cpu()
         return out
 
     def _search(self, bank: Bank, bucket: BucketKey, q: torch.Tensor, a: float, s2: float, k: int, truncated,
-                found: SearchResult | None = None) -> tuple:
+                stats: TopKStats, found: SearchResult | None = None) -> tuple:
         """Search the ``k`` nearest distinct patches of ``q [Q, D]`` (or take ``found``, a search already made) and
         take ``truncated(found, q)`` — tensors with a first dimension ``Q``, the last the certificate ε —; through
         an IVF index, queries whose ε exceeds the tolerance are searched again with 4× the lists (up to
         ``max_nprobe``) and keep the better answer. Returns ``truncated``'s tensors and the index kind."""
         if found is None:
-            with self.stats.timer("search_s"):
+            with stats.timer("search_s"):
                 found = self.nearest(bank, bucket, (q / a).to(torch.float32), k)
-            self.stats.scanned += found.scanned
-        with self.stats.timer("topk_s"):
+            stats.scanned += found.scanned
+        with stats.timer("topk_s"):
             out = list(truncated(found, q))
         if found.kind != "ivf":
             return (*out, found.kind)
@@ -238,18 +222,18 @@ class TopKBackend(NeighbourSearch, BackendBase):
             if rows.numel() == 0:
                 break
             nprobe = min(limit, 4 * nprobe)
-            self.stats.reprobed += rows.numel()
-            with self.stats.timer("search_s"):
+            stats.reprobed += rows.numel()
+            with stats.timer("search_s"):
                 again = bank.search(bucket, (q[rows] / a).to(torch.float32), k, nprobe, self.engine)
-            self.stats.scanned += again.scanned
-            with self.stats.timer("topk_s"):
+            stats.scanned += again.scanned
+            with stats.timer("topk_s"):
                 new = truncated(again, q[rows])
             better = new[-1] < out[-1][rows]
             for old, value in zip(out, new):
                 old[rows[better]] = value[better].to(old.dtype)
         return (*out, found.kind)
 
-    def _blocks(self, bank: Bank, bucket: BucketKey, q: torch.Tensor, found: SearchResult, a: float, s2: float):
+    def _blocks(self, bank: Bank, bucket: BucketKey, q: torch.Tensor, found: SearchResult, a: float, s2: float, stats: TopKStats):
         """Per block of ``query_chunk`` queries: the retrieved patches ``[b, k, D]`` (model units / a), their log
         weights ``[b, k]`` and the bound on the weight left out relative to ``exp(max log weight)`` ``[b]``."""
         table = bank.unique_patches(bucket)
@@ -267,7 +251,7 @@ class TopKBackend(NeighbourSearch, BackendBase):
             m = logits.amax(1)
             bound = self._neglected(found, rows, q[rows] / a, d2, valid, counts, total, a, s2, m)
             if tree is not None:
-                with self.stats.timer("bound_s"):
+                with stats.timer("bound_s"):
                     bound = torch.minimum(bound, _cluster_bound(tree, ids, counts, q[rows] / a, a, s2, m))
             yield cand, logits, bound
 
