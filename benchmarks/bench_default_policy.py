@@ -35,7 +35,7 @@ from patchbank import BankSpec, MemoryBank, PatchBank, load_dataset
 from pipelines.calibration import schedule_from
 from pipelines.cli import parse_seeds
 from pipelines.runs import read_json
-from pipelines.metrics import pearson_r
+from machines.metrics import pearson_r
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ import torch
 
 from machines import AutoBackend, ExactBackend, ScoreMachine, alpha_sigma2, native
 from patchbank import MemoryBank, load_dataset, to_model_range
-from pipelines.metrics import pearson_r
+from machines.metrics import pearson_r
 
 PEER = Path(__file__).resolve().parents[2] / "shared" / "peers" / "kamb_convolutional_diffusion"
 

@@ -30,7 +30,7 @@ from machines import AutoBackend, ExactBackend, ScoreMachine, StepRecorder, alph
 from patchbank import MemoryBank, load_dataset
 from patchbank.geometry import BucketKey, boundary_class, patches_at
 from pipelines.cli import parse_seeds
-from pipelines.metrics import pearson_r
+from machines.metrics import pearson_r
 
 from _results import EXACT_TAG, Results, run_seed, timed_sample  # benchmarks/ is the script's folder, hence on sys.path
 

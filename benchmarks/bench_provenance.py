@@ -24,7 +24,7 @@ import torch
 
 from machines import ScoreMachine, make_backend, noise_from_seeds, reference_schedule, sample
 from patchbank import MemoryBank, load_dataset
-from pipelines.provenance import mosaic_statistics, provenance
+from machines.provenance import mosaic_statistics, provenance
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ import torch
 from machines import ExactBackend, ScoreMachine, TopKBackend, noise_from_seeds, reference_schedule
 from patchbank import BankSpec, PatchBank, load_dataset
 from pipelines.cli import parse_seeds
-from pipelines.metrics import pearson_r
+from machines.metrics import pearson_r
 
 from _results import EXACT_TAG, Results, run_seed, timed_sample  # benchmarks/ is the script's folder, hence on sys.path
 TOPK_TAG = ("dataset", "n_train", "resize", "schedule", "steps", "index", "materialise_max", "k", "tol", "nprobe",

@@ -167,7 +167,7 @@ def between(first: str, second: str) -> str:
     """How much two rows' outputs differ, theory by theory, on their common seeds (e.g. one network against its full
     dictionary and against its first N images, ``ROW`` and ``ROW@N``): the median and smallest Pearson r between
     the two rows' final images, as a markdown table."""
-    from pipelines.metrics import pearson_r
+    from machines.metrics import pearson_r
 
     a, b = (read_torch(_evaluated(n)[2] / "samples.pt", "evaluation samples") for n in (first, second))
     seeds = sorted(set(a) & set(b))

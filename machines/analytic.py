@@ -106,7 +106,7 @@ class ScoreMachine:
 
         Inputs that are not float tensors of the machine's image shape, hold NaN or Inf, or come
         without the labels a conditional machine needs are errors naming the problem."""
-        self._check_input(x, labels)
+        self.check_input(x, labels)
         a, s2 = alpha_sigma2(t)
         out = torch.empty_like(x)
         for chunk in torch.arange(x.shape[0]).split(self.batch_limit(t)):  # a sample's answer is the same in any batch
@@ -158,7 +158,9 @@ class ScoreMachine:
         queries = 1 if self.scales is None else self.height * self.width
         return max(1, QUERY_BYTES // (2 * 8 * queries * per_query))
 
-    def _check_input(self, x: torch.Tensor, labels: torch.Tensor | None) -> None:
+    def check_input(self, x: torch.Tensor, labels: torch.Tensor | None) -> None:
+        """Refuse inputs this machine cannot take, naming the problem: ``x`` must be finite float images
+        ``[B, C, H, W]`` of the bank's shape, and ``labels [B]`` are needed exactly when the machine is conditional."""
         expected = (self.channels, self.height, self.width)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor [B, {', '.join(map(str, expected))}], got {type(x).__name__}")
@@ -177,6 +179,13 @@ class ScoreMachine:
             raise ValueError("a class-conditional machine needs labels [B]")
         if self.conditional and labels.shape != (x.shape[0],):  # type: ignore[union-attr]
             raise ValueError(f"labels must be [B] = [{x.shape[0]}], got {tuple(labels.shape)}")  # type: ignore[union-attr]
+
+    def label_groups(self, x: torch.Tensor, labels: torch.Tensor | None) -> list[tuple[int | None, torch.Tensor]]:
+        """The images of ``x [B, C, H, W]`` that share a dictionary, after :meth:`check_input`: ``(label, indices)``
+        per group — one group of every image (label None) for an unconditional machine, one per label present
+        otherwise."""
+        self.check_input(x, labels)
+        return self._label_groups(x.shape[0], labels)
 
     def _label_groups(self, B: int, labels: torch.Tensor | None) -> list[tuple[int | None, torch.Tensor]]:
         if not self.conditional:
@@ -198,7 +207,7 @@ class ScoreMachine:
         :data:`BOX_MIN_SCALE` up to one box pass where it gives this machine's answers (an exact backend on CPU
         inputs, at most 4 channels, the compiled kernels; :meth:`box_reason` says why not) and the rest through
         the backend, one pass each. The schedule the machine was built with plays no part."""
-        self._check_input(x, labels)
+        self.check_input(x, labels)
         if self.scales is None:
             raise ValueError(f"{self.kind} compares whole images; it has no patch scales to evaluate")
         scales = [int(P) for P in scales]

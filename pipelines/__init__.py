@@ -3,7 +3,7 @@
 from .calibration import calibrate, schedule_from
 from .evaluation import evaluate
 from .jobs import CalibrateConfig, EvaluateConfig, run_calibrate, run_evaluate
-from .metrics import mse, pearson_r, r2
+from machines.metrics import mse, pearson_r, r2
 from .networks import NetworkDenoiser, ResNet, UNet
 from .sampling import SampleConfig, run_sample
 from .training import TrainConfig, load_network, train

@@ -23,7 +23,7 @@ from machines import Denoiser, identity_of, noise_from_seeds, sample
 from patchbank.atomic import atomic_write, folder_lock, read_torch, write_json
 
 from .executors import Executor, make_executor, pending
-from .metrics import mse, pearson_r, r2
+from machines.metrics import mse, pearson_r, r2
 from .runs import claim_folder, seed_labels
 
 

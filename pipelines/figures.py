@@ -120,11 +120,11 @@ def provenance_figure(samples: torch.Tensor, prov, data, path: str | os.PathLike
     that image holds less than ``min_share`` of the pixel's posterior, so no one image stands out), the
     reassembled mosaic (each pixel replaced by the centre of its top source patch) and the effective number of
     sources per pixel (log10 of ``exp(entropy)``), for the first ``n``. ``samples [B, C, H, W]`` in [-1, 1];
-    ``prov``: a :class:`~pipelines.provenance.Provenance`; ``data``: the training :class:`~patchbank.ImageData`.
+    ``prov``: a :class:`~machines.provenance.Provenance`; ``data``: the training :class:`~patchbank.ImageData`.
     Colour images are shown as RGB, grey ones in grey."""
     import numpy as np
 
-    from .provenance import reassembled_mosaic
+    from machines.provenance import reassembled_mosaic
 
     B = min(n, samples.shape[0])
     mosaic = (reassembled_mosaic(prov, data) + 1) / 2  # [B, C, H, W] in [0, 1]

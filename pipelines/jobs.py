@@ -284,7 +284,7 @@ def run_explain_network(model: str, calibration: str, seeds: list[int], steps: i
     network's there (how far the explanation can be trusted). Writes what ``patchbank explain`` writes
     for a machine's sample; returns the path of ``provenance.png``. ``index``, ``tol``: certified
     provenance, and ``image_shares`` (see :func:`pipelines.sampling.run_explain`)."""
-    from .provenance import explain
+    from machines.provenance import explain
     from .sampling import provenance_index, write_explanation
 
     check_run_options(seeds, steps, "exact", "serial", None)

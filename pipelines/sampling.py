@@ -172,12 +172,12 @@ def provenance_index(spec: str | None) -> TopKBackend | None:
 def run_explain(sample_dir: str | os.PathLike, m: int = 16, at: list[int] | None = None, out: str | os.PathLike | None = None,
                 index: str | None = None, tol: float = 1e-4, image_shares: bool = True) -> Path:
     """Provenance of a ``patchbank sample`` run: re-samples it from its ``config.json`` (checked to give the
-    stored samples back), takes :func:`~pipelines.provenance.provenance` at steps ``at`` (default the last
+    stored samples back), takes :func:`~machines.provenance.provenance` at steps ``at`` (default the last
     five) and writes ``provenance.pt``, ``statistics.json`` and ``provenance.png`` under ``out`` (default the
     sample's folder). ``index``: a top-k backend spec for certified provenance where its certificate gives
     ``ε ≤ tol`` (exact elsewhere). ``image_shares=False``: images ranked by their listed patches' shares
     (lower bounds), much faster where posteriors are broad."""
-    from .provenance import explain
+    from machines.provenance import explain
 
     folder = Path(sample_dir)
     saved = read_json(folder / "config.json", "sample config")
@@ -199,12 +199,12 @@ def run_explain(sample_dir: str | os.PathLike, m: int = 16, at: list[int] | None
 
 def write_explanation(out: Path, seeds: list[int], final: torch.Tensor, found: dict, machine: ScoreMachine,
                       labels: torch.Tensor | None, m: int, extra: dict | None = None) -> Path:
-    """Write an explanation: ``provenance.pt`` (every step's :class:`~pipelines.provenance.Provenance`),
+    """Write an explanation: ``provenance.pt`` (every step's :class:`~machines.provenance.Provenance`),
     ``statistics.json`` (mosaic statistics and the memorisation check of the last step, per seed, with
     ``extra``), ``provenance.png`` (sample / attribution map / reassembled mosaic) and ``sources.png`` (the
     first seed's top source images with their patches outlined). Returns the path of ``provenance.png``."""
     from .figures import provenance_figure, source_gallery
-    from .provenance import memorisation, mosaic_statistics
+    from machines.provenance import memorisation, mosaic_statistics
 
     out.mkdir(parents=True, exist_ok=True)
     last = max(found)

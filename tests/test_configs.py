@@ -22,7 +22,7 @@ from patchbank import BankSpec, PatchBank, load_dataset, to_model_range
 from pipelines.ablation import AblationConfig, run_ablation
 from pipelines.cli import main
 from pipelines.jobs import CalibrateConfig, EvaluateConfig, run_calibrate, run_evaluate
-from pipelines.metrics import pearson_r
+from machines.metrics import pearson_r
 from pipelines.pairing import paper_schedule_name
 from pipelines.training import TrainConfig, load_network, train
 

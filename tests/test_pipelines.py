@@ -13,7 +13,7 @@ import torch.nn as nn
 from machines import ScaleSchedule, ScoreMachine, ddim_grid, eps_from_x0, noise_from_seeds, sample
 
 from pipelines.calibration import calibrate
-from pipelines.metrics import pearson_r
+from machines.metrics import pearson_r
 from pipelines.networks import NetworkDenoiser, ResNet, UNet
 from pipelines.training import TrainConfig, load_network, train
 
@@ -175,7 +175,7 @@ def test_colour_figures_show_colour(tmp_path):
     from machines import ScoreMachine
     from patchbank import ImageData
     from pipelines.figures import source_gallery
-    from pipelines.provenance import explain
+    from machines.provenance import explain
 
     images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
     images[0, 0], images[1, 2] = 255, 255  # a red and a blue training image

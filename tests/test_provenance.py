@@ -12,8 +12,8 @@ from machines.posterior.topk import TopKBackend
 from patchbank import BankSpec, ImageData, MemoryBank, PatchBank, dictionary_groups, patches_at, to_model_range, two_image
 from patchbank.geometry import BucketKey
 from pipelines.figures import source_gallery
-from pipelines.metrics import pearson_r
-from pipelines.provenance import explain, memorisation, mosaic_statistics, provenance, reassembled_mosaic
+from machines.metrics import pearson_r
+from machines.provenance import explain, memorisation, mosaic_statistics, provenance, reassembled_mosaic
 
 
 def test_two_image_mosaic_sources_are_the_image_of_each_pixels_colour():
@@ -236,7 +236,7 @@ def test_provenance_through_distinct_patches_equals_the_scan_of_every_patch(kind
 
 @pytest.mark.parametrize("t,kernel", [(0.05, None), (0.3, None), (0.05, False), (0.3, False)])
 def test_provenance_without_image_shares_prunes_clusters_and_keeps_every_patch_exact(mnist_at, monkeypatch, t, kernel):
-    import pipelines.retrieval as retrieval
+    import machines.retrieval as retrieval
 
     data = mnist_at(30, 12)
     monkeypatch.setattr(retrieval, "LEAF_SIZE", 8)  # many clusters on a small bank, so some can be skipped
@@ -277,8 +277,8 @@ def test_provenance_without_image_shares_prunes_clusters_and_keeps_every_patch_e
 
 @pytest.mark.parametrize("kernel", [None, False])
 def test_a_table_built_for_other_data_is_refused_by_the_source_map(tiny, monkeypatch, kernel):
-    import pipelines.retrieval as retrieval
-    from pipelines.retrieval import source_map
+    import machines.retrieval as retrieval
+    from machines.retrieval import source_map
     from patchbank.tables import UniquePatches
 
     monkeypatch.setattr(retrieval, "USE_KERNEL", kernel)  # None: the C hash table where it compiles; False: sorted hashes
@@ -302,7 +302,7 @@ def test_a_table_built_for_other_data_is_refused_by_the_source_map(tiny, monkeyp
 def test_source_map_places_every_entry_and_both_lookups_agree(tiny, mnist_at, monkeypatch, rule, P, colour):
     """Each entry listed under its distinct patch is that patch (brute force), counts and per-image runs
     agree with the entries, and the C hash table and the sorted-hash lookup build the same map."""
-    import pipelines.retrieval as retrieval
+    import machines.retrieval as retrieval
     from patchbank.geometry import patches_at
 
     data = tiny(3) if colour else mnist_at(20, 10)

@@ -83,7 +83,7 @@ def test_noise_depends_only_on_its_seed():
 
 
 def test_agreement_metrics():
-    from pipelines.metrics import mse, pearson_r, r2
+    from machines.metrics import mse, pearson_r, r2
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(3, 1, 5, 5, generator=g, dtype=torch.float64)

@@ -11,7 +11,7 @@ import torch
 
 from patchbank.atomic import atomic_write
 
-from ..metrics import pearson_r, r2
+from machines.metrics import pearson_r, r2
 from .config import Variant
 
 

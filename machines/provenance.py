@@ -16,15 +16,17 @@ from dataclasses import dataclass
 
 import torch
 
-from machines import Denoiser, ScoreMachine, alpha_sigma2, sample
-from machines.posterior import entry_bias, logits
-from machines.posterior.base import serving
-from machines.posterior.topk import TopKBackend
 from patchbank.base import gather_patches, model_units
 from patchbank.datasets import to_model_range
 from patchbank.geometry import BucketKey, dictionary_groups, patches_at
 
+from .analytic import Denoiser, ScoreMachine
 from .metrics import pearson_r
+from .posterior import entry_bias, logits
+from .posterior.base import serving
+from .posterior.topk import TopKBackend
+from .sampler import sample
+from .schedule import alpha_sigma2
 from .retrieval import cluster_scan, distinct_scan, retained_sources
 
 
@@ -71,7 +73,7 @@ def provenance(machine: ScoreMachine, x: torch.Tensor, t: float, labels: torch.T
     and bound), pixels of buckets with a distinct-patch table are first explained from their ``k``
     retrieved patches, and kept where the certificate gives ``ε ≤ tol`` (``exact`` is False there:
     shares are of the retained posterior, each within a factor ``1 + ε`` of the true one, and
-    ``mass_lower`` is certified); every other pixel is scanned exactly (:mod:`pipelines.retrieval`).
+    ``mass_lower`` is certified); every other pixel is scanned exactly (:mod:`machines.retrieval`).
 
     ``image_shares=False``: skip the exact per-image shares (the costliest part where posteriors are broad);
     buckets with a distinct-patch table then go through the cluster tree, visiting only the clusters that
@@ -83,7 +85,7 @@ def provenance(machine: ScoreMachine, x: torch.Tensor, t: float, labels: torch.T
         raise ValueError("provenance for ES (whole-image translates) is not implemented; use IS, LS, ELS or bbELS")
     if m < 1:
         raise ValueError(f"m must be >= 1, got {m}")
-    machine._check_input(x, labels)
+    machine.check_input(x, labels)
     a, s2 = alpha_sigma2(t)
     B, _, H, W = x.shape
     f64 = torch.float64
@@ -93,7 +95,7 @@ def provenance(machine: ScoreMachine, x: torch.Tensor, t: float, labels: torch.T
     fields["exact"] = torch.ones(B, H, W, dtype=torch.bool)
     x = x.detach().to("cpu", f64)
     bank = machine.bank
-    for label, idx in machine._label_groups(B, labels):
+    for label, idx in machine.label_groups(x, labels):
         ids = bank.image_ids(label)
         for key, locs, queries in _groups(machine, x[idx], label, t):
             top, entries, log_z, ent, img_top, img_pos, eps = _sources(bank, key, locs, ids, queries, a, s2, m, block, index, tol,

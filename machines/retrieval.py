@@ -28,11 +28,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from machines import native
-from machines.posterior import entry_bias, logits
-from machines.posterior.exact import cluster_upper
-from machines.posterior.topk import TopKBackend
 from patchbank.geometry import BucketKey, pad_images, patches_at
+
+from . import native
+from .posterior import entry_bias, logits
+from .posterior.exact import cluster_upper
+from .posterior.topk import TopKBackend
 
 NEGLIGIBLE = 1e-18
 """Share below which a distinct patch (all its copies) is left out of a query's per-image shares."""
@@ -322,7 +323,7 @@ def cluster_scan(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q:
 
 def distinct_scan(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q: torch.Tensor, a: float, s2: float, m: int,
                   block: int = 4096) -> tuple[torch.Tensor, ...]:
-    """The exact scan's results (see :func:`pipelines.provenance._scan`) through the bucket's distinct patches:
+    """The exact scan's results (see :func:`machines.provenance._scan`) through the bucket's distinct patches:
     logits once per distinct patch (its count as a log weight) instead of once per occurrence; the heaviest
     placed in their images and per-image shares as one sparse product with the bucket's per-image counts
     (:func:`source_map`). Exact: the same softmax, grouped by value. ``block``: distinct patches per logits block."""
