@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 from machines import ExactBackend, ScoreMachine, StepRecorder, noise_from_seeds, reference_schedule, sample
+from machines.metrics import pearson_r
 from machines.posterior.registry import make_backend
 from patchbank import BankSpec, MemoryBank, PatchBank, load_dataset
 from pipelines.calibration import schedule_from
 from pipelines.cli import parse_seeds
 from pipelines.runs import read_json
-from machines.metrics import pearson_r
 
 
 def main() -> None:

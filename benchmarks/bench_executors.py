@@ -64,12 +64,13 @@ def main() -> None:
 
     def fresh() -> _Sampling:
         """A machine with nothing built yet: every executor's workers start from the images alone."""
-        machine = ScoreMachine(MemoryBank(data, materialise_max=args.materialise_max), "bbELS", scales=reference_schedule("MNIST_ResNet_zeros", "calibrated"),
-                               backend=args.backend)
+        schedule = reference_schedule("MNIST_ResNet_zeros", "calibrated")
+        machine = ScoreMachine(MemoryBank(data, materialise_max=args.materialise_max), "bbELS", scales=schedule, backend=args.backend)
         return _Sampling(machine, args.steps, tuple(data.shape), None)
 
     seeds = list(range(args.seeds))
-    print(f"MNIST {args.n_train} images (bank in memory, tables built by each worker), 32x32, bbELS MNIST_ResNet_zeros, backend {args.backend}, tables up to P={args.materialise_max}, {args.steps} steps, "
+    print(f"MNIST {args.n_train} images (bank in memory, tables built by each worker), 32x32, bbELS MNIST_ResNet_zeros, "
+          f"backend {args.backend}, tables up to P={args.materialise_max}, {args.steps} steps, "
           f"{args.seeds} seeds, torch {torch.__version__}, {torch.get_num_threads()} threads by default")
 
     rows = []

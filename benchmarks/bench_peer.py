@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from machines import AutoBackend, ExactBackend, ScoreMachine, alpha_sigma2, native
-from patchbank import MemoryBank, load_dataset, to_model_range
 from machines.metrics import pearson_r
+from patchbank import MemoryBank, load_dataset, to_model_range
 
 PEER = Path(__file__).resolve().parents[2] / "shared" / "peers" / "kamb_convolutional_diffusion"
 
@@ -77,7 +77,7 @@ def main() -> None:
     try:
         import idealscore  # the paper's module: a baseline only, never imported by the package
     except ImportError as err:
-        raise SystemExit(f"the paper's idealscore.py could not be imported from {args.peer}: {err}")
+        raise SystemExit(f"the paper's idealscore.py could not be imported from {args.peer}: {err}") from None
 
     data = load_dataset(args.dataset, resize=32, limit=args.n_train or None)
     C = data.shape[0]  # data.shape is one image's (C, H, W)

@@ -25,14 +25,13 @@ import statistics
 import time
 
 import torch
+from _results import EXACT_TAG, Results, run_seed, timed_sample  # benchmarks/ is the script's folder, hence on sys.path
 
 from machines import AutoBackend, ExactBackend, ScoreMachine, StepRecorder, alpha_sigma2, noise_from_seeds, reference_schedule, sample
+from machines.metrics import pearson_r
 from patchbank import MemoryBank, load_dataset
 from patchbank.geometry import BucketKey, boundary_class, patches_at
 from pipelines.cli import parse_seeds
-from machines.metrics import pearson_r
-
-from _results import EXACT_TAG, Results, run_seed, timed_sample  # benchmarks/ is the script's folder, hence on sys.path
 
 
 def exact_pixels(bank: MemoryBank, x: torch.Tensor, t: float, P: int, pixels: torch.Tensor, exact: ExactBackend) -> torch.Tensor:

@@ -23,8 +23,8 @@ import time
 import torch
 
 from machines import ScoreMachine, make_backend, noise_from_seeds, reference_schedule, sample
-from patchbank import MemoryBank, load_dataset
 from machines.provenance import mosaic_statistics, provenance
+from patchbank import MemoryBank, load_dataset
 
 
 def main() -> None:

@@ -68,7 +68,8 @@ def main() -> None:
     sharded = ShardedBank.build(data, root / f"s{args.shards}", spec, args.shards)
     print(f"sharded bank: {len(data)} images in {args.shards} shards, ready in {time.perf_counter() - start:.1f} s")
     x = noised_test(args.images, args.t, args.resize)
-    result: dict = {"images": len(data), "shards": args.shards, "nodes": args.nodes, "P": args.P, "t": args.t, "queries": x.shape[0] * x.shape[2] * x.shape[3]}
+    result: dict = {"images": len(data), "shards": args.shards, "nodes": args.nodes, "P": args.P, "t": args.t,
+                    "queries": x.shape[0] * x.shape[2] * x.shape[3]}
 
     local = ScoreMachine(sharded, "bbELS", scales=args.P, backend=f"sharded:shards={args.shards}")
     timed(local, x, args.t)  # opens the shards and builds their clusters

@@ -25,13 +25,13 @@ import time
 from pathlib import Path
 
 import torch
+from _results import EXACT_TAG, Results, run_seed, timed_sample  # benchmarks/ is the script's folder, hence on sys.path
 
 from machines import ExactBackend, ScoreMachine, TopKBackend, noise_from_seeds, reference_schedule
+from machines.metrics import pearson_r
 from patchbank import BankSpec, PatchBank, load_dataset
 from pipelines.cli import parse_seeds
-from machines.metrics import pearson_r
 
-from _results import EXACT_TAG, Results, run_seed, timed_sample  # benchmarks/ is the script's folder, hence on sys.path
 TOPK_TAG = ("dataset", "n_train", "resize", "schedule", "steps", "index", "materialise_max", "k", "tol", "nprobe",
             "fallback_dtype", "kernel")
 

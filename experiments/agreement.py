@@ -13,7 +13,7 @@ paper's), copying each row's figures into ``docs/figures/``.
     python experiments/agreement.py row configs/mnist_resnet_cpu.json --candidates 3 5 7 9 11 13 15 \\
         --cal-seeds 1000-1004 --eval-seeds 0-29 --theories wiener,nearest --fit smoothed@0,0.1,0.2 pca_locality@0.5,1,2
     python experiments/agreement.py table mnist_resnet_cpu mnist_unet_cpu fashion_resnet_cpu
-    python experiments/agreement.py row configs/fashion_resnet_60k_cpu.json --dictionary 1000 --candidates 3 5 7 9 11 13
+    python experiments/agreement.py row configs/fashion_resnet_60k_cpu.json --n-train 1000 --candidates 3 5 7 9 11 13
     python experiments/agreement.py between fashion_resnet_60k_cpu fashion_resnet_60k_cpu@1000
 
 ``--fit`` calibrates a comparator's free parameter on the calibration seeds (its own stage, timed) and
@@ -32,7 +32,8 @@ from pathlib import Path
 
 from machines.comparators import named_spec
 from patchbank.atomic import read_torch
-from pipelines.cli import main as patchbank, parse_seeds
+from pipelines.cli import main as patchbank
+from pipelines.cli import parse_seeds
 from pipelines.training import TrainConfig
 
 PAPER_R = {("mnist", "resnet"): 0.94, ("mnist", "unet"): 0.84, ("fashion_mnist", "resnet"): 0.90,
@@ -42,35 +43,35 @@ PAPER_R = {("mnist", "resnet"): 0.94, ("mnist", "unet"): 0.84, ("fashion_mnist",
 baseline there: 0.47)."""
 
 
-def _suffix(dictionary: int | str | None) -> str:
-    """The stage folders' suffix of a row run against a dictionary of N images (``calibrate_dictionaryN``)."""
-    return f"_dictionary{dictionary}" if dictionary else ""
+def _suffix(n_train: int | str | None) -> str:
+    """The stage folders' suffix of a row run against the first N training images (``calibrate_firstN``)."""
+    return f"_first{n_train}" if n_train else ""
 
 
 def _evaluated(name: str) -> tuple[str, str, Path]:
     """A table row's name, ``CONFIG`` or ``CONFIG@N``: its config name, stage-folder suffix and evaluation folder."""
-    config, _, dictionary = name.partition("@")
-    return config, _suffix(dictionary), Path("outputs") / config / f"evaluate{_suffix(dictionary)}"
+    config, _, n_train = name.partition("@")
+    return config, _suffix(n_train), Path("outputs") / config / f"evaluate{_suffix(n_train)}"
 
 
 def run_row(config: str, candidates: list[int], cal_seeds: str, eval_seeds: str, backend: str, batch: int,
             theories: str | None = None, fitted: list[str] | None = None, calibration_from: str | None = None,
-            executor: str | None = None, dictionary: int | None = None) -> None:
+            executor: str | None = None, n_train: int | None = None) -> None:
     """``fitted``: comparators whose free parameter is calibrated first, as ``SPEC@v1,v2,…`` (e.g.
     ``smoothed:draws=8@0,0.05,0.1``), on the same calibration seeds; the evaluation then runs them with the
     value found, beside ``theories``. ``calibration_from``: another row's name whose calibrated schedule this
     network is evaluated with (``--other-network``; the paper's attention UNet at the ResNet's scales):
     no calibration stage. ``executor``: where the calibration's and evaluation's seeds run (e.g. ``processes:2``,
-    one seed per task; see :mod:`pipelines.executors`); None: here, serially. ``dictionary``: the machines hold
-    only the network's first N training images, calibrated and evaluated into ``calibrate_dictionaryN/`` and
-    ``evaluate_dictionaryN/`` beside the full dictionary's (the table's row ``NAME@N``)."""
+    one seed per task; see :mod:`pipelines.executors`); None: here, serially. ``n_train``: the machines hold
+    only the network's first N training images, calibrated and evaluated into ``calibrate_firstN/`` and
+    ``evaluate_firstN/`` beside those of all its images (the table's row ``NAME@N``)."""
     cfg = TrainConfig.from_json(config)
     root = Path(cfg.out)
     if set(parse_seeds(cal_seeds)) & set(parse_seeds(eval_seeds)):
         raise SystemExit("calibration and evaluation seeds overlap: calibrate on seeds the evaluation never sees")
     model = str(root / "model.pt")
     stages = [("train", ["train", "--config", config])]
-    suffix, restrict = _suffix(dictionary), (["--dictionary", str(dictionary)] if dictionary else [])
+    suffix, restrict = _suffix(n_train), (["--n-train", str(n_train)] if n_train else [])
     calibration = root / f"calibrate{suffix}" / "calibration.json"
     if calibration_from is None:
         stages.append((f"calibrate{suffix}", ["calibrate", "--model", model, "--candidates", *map(str, candidates), "--seeds", cal_seeds,
@@ -113,13 +114,13 @@ def run_row(config: str, candidates: list[int], cal_seeds: str, eval_seeds: str,
 
 def row_summary(name: str, figures: Path | None = None) -> dict:
     """One finished row: its config, stage times (summed over invocations), schedules and medians. ``NAME@N``: the
-    row's network against a dictionary of its first N training images (``row --dictionary N``)."""
+    row's network against its first N training images (``row --n-train N``)."""
     config, suffix, evaluated = _evaluated(name)
     root = evaluated.parent
     missing = [f for f in (root / "config.json", evaluated / "config.json", evaluated / "report.json") if not f.exists()]
     if missing:  # a row whose outputs were removed, or that never finished: say which and how to make it
         raise SystemExit(f"row {name}: {missing[0]} is missing; make it with `python experiments/agreement.py row "
-                         f"configs/{config}.json …`{' --dictionary ' + name.partition('@')[2] if suffix else ''}")
+                         f"configs/{config}.json …`{' --n-train ' + name.partition('@')[2] if suffix else ''}")
     train_cfg = json.loads((root / "config.json").read_text())
     report = json.loads((evaluated / "report.json").read_text())
     cal_path = Path(json.loads((evaluated / "config.json").read_text())["evaluate"]["calibration"])
@@ -128,7 +129,7 @@ def row_summary(name: str, figures: Path | None = None) -> dict:
     for line in (root / "stages.jsonl").read_text().splitlines() if (root / "stages.jsonl").exists() else []:
         r = json.loads(line)
         stage = r["stage"] if r["stage"] == "train" else r["stage"].removesuffix(suffix) if r["stage"].endswith(suffix) else None
-        if stage in ("train", "calibrate", "evaluate"):  # the network's training and this dictionary's stages
+        if stage in ("train", "calibrate", "evaluate"):  # the network's training and these images' stages
             seconds[stage] = seconds.get(stage, 0.0) + r["seconds"]
     if figures is not None:
         figures.mkdir(parents=True, exist_ok=True)
@@ -137,7 +138,7 @@ def row_summary(name: str, figures: Path | None = None) -> dict:
     paper = (cal.get("paper_schedule") or {}).get("schedule")
     return {"name": name, "folder": config, "dataset": train_cfg["dataset"], "arch": train_cfg["arch"], "padding": train_cfg["padding"],
             "conditional": train_cfg["conditional"], "train_images": train_cfg.get("train_images"),
-            "dictionary": report.get("config", {}).get("dictionary") or train_cfg.get("train_images"),
+            "n_train": report.get("config", {}).get("n_train") or train_cfg.get("train_images"),
             "machine": cal["network"]["machine"] if "network" in cal else cal["config"]["machine"],
             "schedule": [P for _, P in cal["schedule"]], "paper_schedule": [P for _, P in paper] if paper else None,
             "attention": bool(train_cfg.get("attention")),
@@ -164,8 +165,8 @@ def agree_and_part(name: str, figures: Path, n: int = 4) -> str:
 
 
 def between(first: str, second: str) -> str:
-    """How much two rows' outputs differ, theory by theory, on their common seeds (e.g. one network against its full
-    dictionary and against its first N images, ``ROW`` and ``ROW@N``): the median and smallest Pearson r between
+    """How much two rows' outputs differ, theory by theory, on their common seeds (e.g. one network's machine on all its
+    training images and on its first N, ``ROW`` and ``ROW@N``): the median and smallest Pearson r between
     the two rows' final images, as a markdown table."""
     from machines.metrics import pearson_r
 
@@ -189,7 +190,7 @@ def table(names: list[str], figures: Path | None) -> str:
         net = f"{r['dataset']} {r['arch']}{'+attention' if r['attention'] else ''} {r['padding']}{' cond.' if r['conditional'] else ''}"
         mins = " / ".join(f"{r['seconds'].get(s, float('nan')) / 60:.0f}" for s in ("train", "calibrate", "evaluate"))
         paper = f" ({r['paper_r']:.2f})" if r["paper_r"] is not None else ""
-        images = r["train_images"] if r["dictionary"] == r["train_images"] else f"{r['train_images']} (dictionary {r['dictionary']})"
+        images = r["train_images"] if r["n_train"] == r["train_images"] else f"{r['train_images']} (machine: first {r['n_train']})"
         lines.append(f"| {net} | {r['machine']} | {images} | {r['seeds']} | {r['median_machine_r']:.3f}{paper} | "
                      f"{r['median_machine_r2']:.3f} | {r['median_machine_mse']:.4f} | {r['median_is_r']:.3f} | "
                      f"{r['machine_beats_is']:.0%} | {mins} |")
@@ -225,7 +226,7 @@ def main() -> None:
                    help="evaluate at another row's calibrated scales (outputs/ROW/calibrate), with no calibration stage")
     r.add_argument("--theories", default=None, help="comparator theories evaluated beside the machine, e.g. wiener,nearest")
     r.add_argument("--executor", default=None, help="where calibration and evaluation seeds run, e.g. processes:2 (default: serially)")
-    r.add_argument("--dictionary", type=int, default=None, metavar="N",
+    r.add_argument("--n-train", type=int, default=None, metavar="N",
                    help="the machines hold only the network's first N training images (table row NAME@N)")
     r.add_argument("--fit", nargs="+", default=None, metavar="SPEC@VALUES",
                    help="comparators whose free parameter is calibrated first, [NAME=]SPEC@VALUES, e.g. smoothed@0,0.05,0.1 "
@@ -235,7 +236,7 @@ def main() -> None:
     x.add_argument("--n", type=int, default=4)
     x.add_argument("--figures", default="docs/figures")
     t = sub.add_parser("table", help="the markdown table of finished rows")
-    t.add_argument("names", nargs="+", help="config names (folders under outputs/); NAME@N: against a dictionary of N images")
+    t.add_argument("names", nargs="+", help="config names (folders under outputs/); NAME@N: against its first N training images")
     t.add_argument("--figures", default="docs/figures", help="copy each row's figures here ('' for none)")
     w = sub.add_parser("between", help="how far two rows' outputs differ per theory, e.g. ROW against ROW@N")
     w.add_argument("first")
@@ -245,7 +246,7 @@ def main() -> None:
         if not args.candidates and not args.calibration_from:
             parser.error("row needs --candidates (or --calibration-from another row)")
         run_row(args.config, args.candidates, args.cal_seeds, args.eval_seeds, args.backend, args.batch, args.theories, args.fit,
-                args.calibration_from, args.executor, args.dictionary)
+                args.calibration_from, args.executor, args.n_train)
     elif args.command == "between":
         print(between(args.first, args.second))
     elif args.command == "extremes":

@@ -1,24 +1,12 @@
 """machines: the analytic score machines, their posterior backends and the DDIM sampler.
 
 The backends wing, :mod:`machines.posterior`, holds every backend's statistics and helpers as well;
-the backends themselves and their registry are re-exported here.
+the registered backends (and their statistics) and the registry are re-exported here.
 """
 
-from .analytic import MACHINES, Denoiser, ScoreMachine
 from . import native, posterior
-from .posterior import (
-    BACKENDS,
-    AutoBackend,
-    Backend,
-    BackendSpec,
-    ExactBackend,
-    SampledTailBackend,
-    SummaryBackend,
-    TopKBackend,
-    describe_backends,
-    make_backend,
-    parse_backend,
-)
+from .analytic import MACHINES, Denoiser, ScoreMachine
+from .posterior import BACKENDS, REGISTERED, Backend, BackendSpec, describe_backends, make_backend, parse_backend
 from .sampler import StepRecorder, ddim_grid, identity_of, noise_from_seeds, sample
 from .schedule import (
     ScaleSchedule,
@@ -31,20 +19,17 @@ from .schedule import (
     x0_from_eps,
 )
 
+globals().update(REGISTERED)  # every registered backend and its statistics
+
 __all__ = [
     "BACKENDS",
     "MACHINES",
-    "AutoBackend",
     "Backend",
     "BackendSpec",
     "Denoiser",
-    "ExactBackend",
-    "SampledTailBackend",
     "ScaleSchedule",
     "ScoreMachine",
     "StepRecorder",
-    "SummaryBackend",
-    "TopKBackend",
     "abar",
     "alpha_sigma2",
     "ddim_grid",
@@ -61,4 +46,5 @@ __all__ = [
     "sample",
     "score_from_x0",
     "x0_from_eps",
+    *REGISTERED,
 ]

@@ -25,7 +25,8 @@ from patchbank.geometry import IMAGE_RULES, RULE_PADDING, BucketKey, Padding, ch
 from patchbank.memory import MemoryBank
 
 from . import native
-from .posterior import Backend, ExactBackend, make_backend
+from .posterior import Backend, make_backend
+from .posterior.exact import ExactBackend
 from .schedule import ScaleSchedule, alpha_sigma2
 
 MachineKind = Literal["IS", "ES", "LS", "ELS", "bbELS"]
@@ -245,7 +246,8 @@ class ScoreMachine:
         if self.scales is None:
             return f"{self.kind} compares whole images"
         if not isinstance(self.backend, ExactBackend) or self.backend.kernel == "torch":
-            return f"its backend is {type(self.backend).__name__}{'(kernel=torch)' if isinstance(self.backend, ExactBackend) else ''}, not the exact backend with compiled kernels"
+            torch_ops = '(kernel=torch)' if isinstance(self.backend, ExactBackend) else ''
+            return f"its backend is {type(self.backend).__name__}{torch_ops}, not the exact backend with compiled kernels"
         if x is not None and x.device.type != "cpu":
             return f"the inputs are on {x.device}, and the box pass runs on the CPU"
         if self.channels > 4:

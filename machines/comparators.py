@@ -3,7 +3,8 @@
 * :class:`WienerMachine` — the linear Gaussian denoiser: the posterior mean under a Gaussian prior with
   the training set's mean ``μ`` and covariance ``Σ``. With ``x_t = a·x0 + σ·ε`` (``a = √ᾱ``, ``σ² = 1 − ᾱ``),
   ``E[x0 | x_t] = μ + a·Σ (a²Σ + σ²I)⁻¹ (x_t − a·μ)`` (the Gaussian conditional mean, i.e. the Wiener filter;
-  among all linear denoisers it has the least mean squared error on any data with that μ and Σ). Computed through ``Σ = V diag(λ) Vᵀ``: ``x̂0 = μ + V diag(aλ/(a²λ + σ²)) Vᵀ (x_t − aμ)``.
+  among all linear denoisers it has the least mean squared error on any data with that μ and Σ). Computed through
+  ``Σ = V diag(λ) Vᵀ``: ``x̂0 = μ + V diag(aλ/(a²λ + σ²)) Vᵀ (x_t − aμ)``.
 * :class:`NearestNeighbourMachine` — the training image nearest to ``x_t / a``: the IS posterior's heaviest image
   (its zero-temperature limit), a memorisation baseline. Found by an exact search over the whole images (the
   bank's indices are of patches).
@@ -30,6 +31,7 @@ import torch
 from patchbank.base import Bank
 from patchbank.datasets import ImageData, to_model_range
 from patchbank.memory import MemoryBank
+from patchbank.specs import split_spec
 
 from .analytic import ScoreMachine
 from .posterior import Backend
@@ -61,6 +63,10 @@ class _Comparator:
             raise ValueError(f"a class-conditional {self.name} needs labels [B] = [{x.shape[0]}]")
         labels = labels.cpu()
         return [(int(y), torch.nonzero(labels == y).view(-1)) for y in labels.unique()]
+
+    def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``x̂0 [B, C, H, W]`` of ``x [B, C, H, W]`` at time ``t`` (each comparator its own way)."""
+        raise NotImplementedError
 
     def _images(self, label: int | None) -> torch.Tensor:
         """The label's training images as float64 rows ``[N, D]`` in model units (converted once, kept)."""
@@ -298,16 +304,15 @@ COMPARATORS: dict[str, type[_Comparator]] = {"wiener": WienerMachine, "nearest":
 def parse_comparator(spec: str) -> tuple[str, dict[str, Any]]:
     """``"smoothed:sigma=0.1:draws=8"`` → ``("smoothed", {"sigma": 0.1, "draws": 8})``; an unknown name or option, or a
     value of the wrong type, is an error naming it."""
-    name, *parts = [p.strip() for p in spec.strip().split(":")]
+    name, parts = split_spec(spec, "comparator")
     if name not in COMPARATORS:
         raise ValueError(f"unknown comparator {name!r}; choose from {', '.join(COMPARATORS)}")
     allowed = COMPARATORS[name].PARAMETERS
     options: dict[str, Any] = {}
-    for part in parts:
-        key, eq, value = part.partition("=")
-        if not eq or key not in allowed:
+    for key, value in parts:
+        if key not in allowed:
             known = ", ".join(allowed) or "none"
-            raise ValueError(f"comparator {name} has no option {part!r} (options: {known}; write them as name=value)")
+            raise ValueError(f"comparator {name} has no option {key + '=' + value!r} (options: {known}; write them as name=value)")
         try:
             options[key] = allowed[key](value)
         except ValueError:

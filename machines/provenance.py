@@ -13,6 +13,7 @@ numbers a paper quotes. Whole-image machines (IS) list training images; their lo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -25,9 +26,9 @@ from .metrics import pearson_r
 from .posterior import entry_bias, logits
 from .posterior.base import serving
 from .posterior.topk import TopKBackend
+from .retrieval import cluster_scan, distinct_scan, retained_sources
 from .sampler import sample
 from .schedule import alpha_sigma2
-from .retrieval import cluster_scan, distinct_scan, retained_sources
 
 
 @dataclass
@@ -194,10 +195,13 @@ def _sources(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q: tor
     from the retained posterior where ``index`` certifies it, else from the exact scan."""
     nan = torch.full((q.shape[0],), torch.nan, dtype=torch.float64)
     table = serving(bank, key) == "table"
-    def scan(*args) -> tuple[torch.Tensor, ...]:  # through distinct patches and their clusters where the bank has them, else every patch
+    def scan(bank: Any, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q: torch.Tensor, a: float, s2: float,
+             m: int) -> tuple[torch.Tensor, ...]:  # through distinct patches and their clusters where the bank has them, else every patch
         if not table:
-            return _scan(*args, block)
-        return distinct_scan(*args, block) if image_shares else cluster_scan(*args)
+            return _scan(bank, key, locs, ids, q, a, s2, m, block)
+        if image_shares:
+            return distinct_scan(bank, key, locs, ids, q, a, s2, m, block)
+        return cluster_scan(bank, key, locs, ids, q, a, s2, m)
     if index is None or not table:
         return (*scan(bank, key, locs, ids, q, a, s2, m), nan)
     ok, kept = retained_sources(bank, key, locs, ids, q, a, s2, m, index, tol)
@@ -250,7 +254,7 @@ def _scan(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, q: torch.
         if table is None:
             keys = to_model_range(bank.data.images[img], f64).flatten(1)
         else:
-            keys = model_units(gather_patches(table, img.repeat_interleave(per), locs.repeat(img.numel(), 1), key.scale), f64, "cpu")
+            keys = model_units(gather_patches(table, img.repeat_interleave(per), locs.repeat(img.numel(), 1), key.size), f64, "cpu")
         ell = logits(q, keys, entry_bias(keys.pow(2).sum(1), None, a, s2, f64), a, s2)  # [Q, M]
         new_max = torch.maximum(run_max, ell.amax(1))
         scale = torch.where(torch.isfinite(run_max), (run_max - new_max).exp(), torch.zeros_like(new_max))

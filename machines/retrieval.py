@@ -114,10 +114,10 @@ def source_map(bank, key: BucketKey, locs: torch.Tensor, ids: torch.Tensor, bloc
     U, L = table.patches.shape[0], locs.shape[0]
     if native.available() if USE_KERNEL is None else USE_KERNEL:  # the windows are read in place from the padded images
         rows = native.RowTable(table.patches)
-        lookup = lambda x: rows.find_windows(pad_images(x, key.scale // 2, key.padding), locs, key.scale)  # noqa: E731
+        lookup = lambda x: rows.find_windows(pad_images(x, key.size // 2, key.padding), locs, key.size)  # noqa: E731
     else:
         hashes = _SortedHashes(table.patches.numpy(), f"bucket {key}")
-        lookup = lambda x: hashes.find(patches_at(x, locs, key.scale, key.padding).flatten(0, 1))  # noqa: E731
+        lookup = lambda x: hashes.find(patches_at(x, locs, key.size, key.padding).flatten(0, 1))  # noqa: E731
     inverse = torch.empty(ids.numel() * L, dtype=torch.int64)
     step = max(1, block // L)
     for s in tqdm(range(0, ids.numel(), step), desc=f"sources P={key.scale} {key.dictionary}", leave=False,

@@ -17,7 +17,7 @@ from patchbank.atomic import atomic_write, read_torch
 from .analytic import Denoiser
 from .schedule import abar, eps_from_x0
 
-StepCallback = Callable[[int, float, torch.Tensor, torch.Tensor], None]
+StepCallback = Callable[[int, float, torch.Tensor, torch.Tensor], object]
 """Called after each step with ``(step, t, x_prev, x̂0)``."""
 
 
@@ -132,7 +132,7 @@ def _check_finite(denoiser: Denoiser, x0: torch.Tensor, step: int, steps: int, t
 def identity_of(denoiser: Denoiser) -> dict | str:
     """What identifies a denoiser's answers: its ``identity()`` where it has one (machines, wrapped
     networks), else its ``repr``."""
-    return denoiser.identity() if hasattr(denoiser, "identity") else repr(denoiser)  # type: ignore[attr-defined]
+    return denoiser.identity() if hasattr(denoiser, "identity") else repr(denoiser)
 
 
 def _run_id(machine: Denoiser, noise: torch.Tensor, labels: torch.Tensor | None, steps: int) -> dict:

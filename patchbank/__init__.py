@@ -1,5 +1,8 @@
 """patchbank: training data, patch geometry and banks of training patches (no diffusion time here)."""
 
+from .bank import BankError, BankSpec, PatchBank, bucket_id
+from .base import Bank
+from .clusters import ClusteredPatches, cluster_patches
 from .datasets import (
     DATASETS_ENV,
     ImageData,
@@ -12,12 +15,9 @@ from .datasets import (
     two_image,
 )
 from .geometry import BucketKey, boundary_class, dictionary_groups, extract_patches, pad_images, patches_at
-from .bank import BankError, BankSpec, PatchBank, bucket_id
-from .sharded import ShardedBank, open_bank
-from .clusters import ClusteredPatches, cluster_patches
 from .index import Neighbours, PatchIndex, SearchResult, merge_neighbours, torch_search
-from .base import Bank
 from .memory import MemoryBank
+from .sharded import ShardedBank, open_bank
 from .tables import Chunk, UniquePatches
 
 __all__ = [

@@ -346,7 +346,8 @@ class Bank(ABC):
     def forget(self, key: BucketKey) -> None:
         """Drop every table kept for a bucket (its distinct patches, clusters and search tables)."""
         getattr(self, "_unique", {}).pop(key, None)
-        for cache in (self._clustered, self._search_tables):
+        caches: tuple[dict, ...] = (self._clustered, self._search_tables)
+        for cache in caches:
             for name in [name for name in cache if name[0] == key]:
                 del cache[name]
         self._held.pop(key, None)

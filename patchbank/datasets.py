@@ -292,7 +292,7 @@ def _load_real(name: str, split: Split, source: Source, root: str | os.PathLike 
             raise FileNotFoundError(
                 f"no offline copy {REAL_DATASETS[name]} in ${DATASETS_ENV} ({dataset_dirs() or 'unset'})"
             )
-    root = Path(root or os.environ.get("PATCHBANK_DOWNLOADS", Path.home() / ".cache" / "patchbank"))
+    root = Path(root) if root else Path(os.environ.get("PATCHBANK_DOWNLOADS") or Path.home() / ".cache" / "patchbank")
     try:
         return load_torchvision(name, root, split)
     except (RuntimeError, urllib.error.URLError, OSError) as err:

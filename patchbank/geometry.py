@@ -118,12 +118,19 @@ class BucketKey:
 
     rule: str
     scale: int | None
-    padding: str
+    padding: Padding
     dictionary: tuple[int, ...]
     label: int | None = None
+
+    @property
+    def size(self) -> int:
+        """The patch size ``P`` of a patch rule's bucket (an error for a whole-image bucket, which has none)."""
+        if self.scale is None:
+            raise ValueError(f"a {self.rule} bucket holds whole images, not patches of one size")
+        return self.scale
 
     def locations(self, H: int, W: int) -> torch.Tensor:
         """The pixels whose training patches form this dictionary: long ``[L, 2]``."""
         locs = all_locations(H, W)
-        keys = RULE_KEYS[self.rule](locs, H, W, self.scale)
+        keys = RULE_KEYS[self.rule](locs, H, W, self.size)
         return locs[(keys == torch.tensor(self.dictionary, dtype=keys.dtype)).all(1)]

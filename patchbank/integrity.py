@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import ContextManager
 
@@ -81,7 +80,7 @@ def load_checked(bucket_dir: Path, group: zarr.Group, name: str, sums: dict[str,
     if name not in sums:
         raise IntegrityError(f"{bucket_dir.name}: no checksum recorded for array {name!r}")
     try:
-        values = group[name][:]
+        values = np.asarray(group[name][:])  # type: ignore[index]  # zarr types a member as Array | Group
     except Exception as err:  # zarr raises several types for missing or damaged metadata
         raise IntegrityError(f"{bucket_dir.name}: array {name!r} is missing or corrupted ({err})") from err
     if array_checksum(values) != sums[name]:

@@ -21,8 +21,9 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import zarr
 
@@ -109,7 +110,7 @@ class ShardedBank(Bank):
         which must see ``path``). Each shard resumes on its own; ``shards.json`` is written when all are done."""
         path = Path(path)
         ranges = tuple(shard_ranges(len(data), shards))
-        record = {"format": SHARDS_FORMAT, "dataset": data.name, "n_images": len(data), "image_shape": list(data.shape),
+        record: dict[str, Any] = {"format": SHARDS_FORMAT, "dataset": data.name, "n_images": len(data), "image_shape": list(data.shape),
                   "fingerprint": data.fingerprint(), "spec": asdict(spec), "complete": False,
                   "shards": [{"name": shard_name(j), "range": list(r)} for j, r in enumerate(ranges)]}
         if path.exists() and not path.is_dir():
@@ -184,8 +185,8 @@ class ShardedBank(Bank):
         raise BankError(f"{self.path} is a sharded bank: its patches live on its shards; sum them with the sharded backend "
                         "(backend='sharded', placement=local or ray)")
 
-    materialised = unique_patches = clustered = search = stream = sample_patches = padded = image_stream = _elsewhere  # type: ignore[assignment]
-    image_statistics = _elsewhere  # type: ignore[assignment]
+    materialised = unique_patches = clustered = search = stream = sample_patches = padded = image_stream = _elsewhere
+    image_statistics = _elsewhere
 
 
 def open_bank(path: str | os.PathLike, expect: ImageData | None = None) -> PatchBank | ShardedBank:
@@ -207,7 +208,7 @@ def check_shard(folder: Path, entry: dict) -> None:
 
 def _labels_of(folder: Path) -> torch.Tensor:
     try:
-        return torch.from_numpy(zarr.open_group(str(folder / "data.zarr"), mode="r")["labels"][:])
+        return torch.from_numpy(np.asarray(zarr.open_group(str(folder / "data.zarr"), mode="r")["labels"][:]))  # type: ignore[index]
     except Exception as err:
         raise BankError(f"{folder}: the shard's labels are missing or corrupted ({err})") from err
 

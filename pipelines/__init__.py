@@ -1,9 +1,10 @@
 """pipelines: jobs composed from machines and patchbank: sampling, training, calibration, evaluation, figures."""
 
+from machines.metrics import mse, pearson_r, r2
+
 from .calibration import calibrate, schedule_from
 from .evaluation import evaluate
 from .jobs import CalibrateConfig, EvaluateConfig, run_calibrate, run_evaluate
-from machines.metrics import mse, pearson_r, r2
 from .networks import NetworkDenoiser, ResNet, UNet
 from .sampling import SampleConfig, run_sample
 from .training import TrainConfig, load_network, train

@@ -15,8 +15,8 @@ the highest median over seeds.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -68,7 +68,7 @@ def calibrate(
     shared = Candidates(network, {P: machine_at(P) for P in candidates}, steps, tuple(shape), label_of, scales_at_once)
     found: dict[int, tuple[list[float], torch.Tensor]] = {}
     kept = Path(resume) / "similarity.pt" if resume is not None else None
-    if kept is not None:
+    if kept is not None and resume is not None:
         claim_folder(resume, {"network": identity_of(network), "machines": {str(P): identity_of(m) for P, m in shared.machines.items()},
                               "steps": steps, "shape": list(shape), "labels": label_of})
         found = read_torch(kept, "kept similarities") if kept.exists() else {}
@@ -125,7 +125,7 @@ def similarities(job: Candidates, seeds: list[int]) -> tuple[list[float], torch.
     for t, x, net_x0 in visited:
         net_eps = eps_from_x0(x, net_x0, t)
         if family is not None:  # every candidate P from one box-sum pass
-            outs = list(family.at_scales(x, t, list(job.machines), labels))
+            outs = list(family.at_scales(x, t, [int(P) for P in job.machines], labels))
         else:
             outs = [m(x, t, labels) for m in job.machines.values()]
         rows.append(torch.stack([cosine(eps_from_x0(x, out, t), net_eps) for out in outs]))

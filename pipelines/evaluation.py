@@ -13,17 +13,17 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from machines import Denoiser, identity_of, noise_from_seeds, sample
+from machines.metrics import mse, pearson_r, r2
 from patchbank.atomic import atomic_write, folder_lock, read_torch, write_json
 
 from .executors import Executor, make_executor, pending
-from machines.metrics import mse, pearson_r, r2
 from .runs import claim_folder, seed_labels
 
 

@@ -23,6 +23,7 @@ against the network differs by ≤ 6e-16 between 1 and 2 threads, float64).
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import pickle
 import signal
@@ -35,9 +36,10 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-import multiprocessing
 import torch
 from tqdm.auto import tqdm
+
+from patchbank.specs import split_spec
 
 S = TypeVar("S")
 T = TypeVar("T")
@@ -96,9 +98,10 @@ class SerialExecutor:
 _SHARED: dict[str, Any] = {}
 
 
-def _init_worker(token: str, payload: bytes, threads: int, parent: int) -> None:
+def _init_worker(token: str, payload: bytes, threads: int | None, parent: int) -> None:
     exit_with(parent)
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     _SHARED[token] = pickle.loads(payload)
 
 
@@ -231,35 +234,40 @@ class RayExecutor:
         return "ray" if self.address is None else f"ray:{self.address}"
 
 
+_MAIN = {"processes": "workers", "ray": "address"}  # the option a bare value after the kind is for
+
+
 def make_executor(spec: str | Executor | None) -> Executor:
-    """An executor from ``serial``, ``processes:N`` or ``ray[:ADDRESS]``, each optionally ending in
-    ``:threads=T`` (torch threads per worker; the same T gives bit-identical results whatever the
-    executor). An executor is returned as is."""
+    """An executor from ``serial``, ``processes:N`` (``processes:workers=N``) or ``ray[:ADDRESS]``
+    (``ray:address=ADDRESS``), each optionally with ``:threads=T`` (torch threads per worker; the same T gives
+    bit-identical results whatever the executor), in the spec grammar of :mod:`patchbank.specs`. An executor is
+    returned as is."""
     if spec is None:
         return SerialExecutor()
     if not isinstance(spec, str):
         return spec
-    body, threads = spec, None
-    head, sep, tail = spec.rpartition(":threads=")
-    if sep:
+    usage = "use serial, processes:N or ray[:ADDRESS] (optionally with :threads=T)"
+    kind, parts = split_spec(spec, "executor", main=_MAIN.get, text_option=lambda kind, name: name == "address")
+    options = dict(parts)
+    if kind not in ("serial", "processes", "ray") or set(options) - {"threads", _MAIN.get(kind)}:
+        raise ValueError(f"unknown executor {spec!r}: {usage}")
+    threads = None
+    if "threads" in options:
         try:
-            body, threads = head, int(tail)
+            threads = int(options["threads"])
         except ValueError:
             raise ValueError(f"executor {spec!r}: threads must be an integer, e.g. processes:2:threads=1") from None
         if threads < 1:
             raise ValueError(f"executor {spec!r}: threads must be >= 1")
-    kind, _, arg = body.partition(":")
-    if kind == "serial" and not arg:
+    if kind == "serial":
         return SerialExecutor(threads)
     if kind == "processes":
         try:
-            n = int(arg)
+            n = int(options.get("workers", ""))
         except ValueError:
             raise ValueError(f"executor {spec!r}: give the number of processes, e.g. processes:2") from None
         return ProcessExecutor(n, threads)
-    if kind == "ray":
-        return RayExecutor(arg or None, threads or 1)
-    raise ValueError(f"unknown executor {spec!r}: use serial, processes:N or ray[:ADDRESS] (optionally with :threads=T)")
+    return RayExecutor(options.get("address") or None, threads or 1)
 
 
 def check_executor(spec: str) -> str:

@@ -1,7 +1,7 @@
 """Calibration and evaluation jobs: typed configs → files, the same functions the CLI calls.
 
-The machine's dictionary is the network's own training set (read from the model's
-``config.json``: dataset, resize, n_train), or a built bank given with ``bank``. ``dictionary = N``
+The machine's bank is the network's own training set (read from the model's
+``config.json``: dataset, resize, n_train), or a built bank given with ``bank``. ``n_train = N``
 gives the machine only the first N of those images (how much of the network's data the theory needs
 to predict it); a bank must then hold exactly those N. The machine
 follows the network (see :mod:`pipelines.pairing`): by default bbELS for a zero-padded network and
@@ -16,20 +16,19 @@ from pathlib import Path
 
 import torch
 
-from machines import ScoreMachine, noise_from_seeds, reference_schedule
+from machines import Denoiser, ScoreMachine, noise_from_seeds, reference_schedule
 from machines.comparators import COMPARATORS, comparator_kind, make_comparator, named_spec, parse_comparator
 from patchbank import Bank, ImageData, MemoryBank, load_dataset, open_bank
 from patchbank.atomic import folder_lock, read_torch, write_json
 
 from .calibration import best_constant, calibrate, schedule_from, write_calibration
 from .evaluation import evaluate, read_rows
-from .figures import agreement_scatter, image_pairs, scale_curve
 from .executors import batch_for
+from .figures import agreement_scatter, image_pairs, scale_curve
+from .networks import NetworkDenoiser
 from .pairing import RULE_PADDING, calibration_record, check_calibration, machine_for, paper_schedule_name
 from .runs import check_fields, check_run_options, read_json, seed_labels
-from .networks import NetworkDenoiser
 from .training import load_network
-
 
 PATCH_CANDIDATES = [1, 3, 5, 7, 9, 11, 13, 15, 17, 19]
 
@@ -51,7 +50,7 @@ class CalibrateConfig:
     executor: str = "serial"  # serial, processes:N or ray[:ADDRESS] (see pipelines.executors)
     batch: int | None = None  # seeds per batch (None: all at once, or one per task on a parallel executor)
     out: str = "outputs/calibrate"
-    dictionary: int | None = None  # the machine's dictionary: the first N of the network's training images (None: all)
+    n_train: int | None = None  # the machine's bank: the first N of the network's training images (None: all)
     per_scale: bool = False  # one pass per candidate P, not every P from one box-sum pass
 
     def __post_init__(self) -> None:
@@ -75,7 +74,7 @@ class CalibrateConfig:
         elif self.parameter is not None:
             raise ValueError("--parameter is for comparators; a patch machine's calibration fits its patch size P(t)")
         _check_job(None if comparator else self.machine, self.seeds, self.steps, self.backend, self.executor, self.batch,
-                   self.dictionary)
+                   self.n_train)
         if not self.candidates:
             raise ValueError("give at least one candidate patch size (or parameter value)")
 
@@ -94,7 +93,7 @@ class EvaluateConfig:
     comparators: list[str] = field(default_factory=list)  # more theories on the same seeds, as specs: wiener, smoothed:sigma=0.1
     out: str = "outputs/evaluate"
     other_network: bool = False  # the calibration belongs to another network of the same data, padding and conditioning
-    dictionary: int | None = None  # the machine's dictionary: the first N of the network's training images (None: all)
+    n_train: int | None = None  # the machine's bank: the first N of the network's training images (None: all)
 
     def __post_init__(self) -> None:
         self.check()
@@ -102,7 +101,7 @@ class EvaluateConfig:
     def check(self) -> None:
         """Every field's type and the options' consistency, checked before anything is written."""
         check_fields(self)
-        _check_job(self.machine, self.seeds, self.steps, self.backend, self.executor, self.batch, self.dictionary)
+        _check_job(self.machine, self.seeds, self.steps, self.backend, self.executor, self.batch, self.n_train)
         names = [named_spec(spec)[0] for spec in self.comparators]  # unknown names and options are errors
         if len(set(names)) != len(names):
             raise ValueError("a comparator is listed twice (each theory is one column of the table; name variants, "
@@ -110,12 +109,12 @@ class EvaluateConfig:
 
 
 def _check_job(machine: str | None, seeds: list[int], steps: int, backend: str, executor: str, batch: int | None,
-               dictionary: int | None = None) -> None:
+               n_train: int | None = None) -> None:
     """The options every calibration or evaluation needs right, checked before anything is written."""
     if machine is not None and machine not in RULE_PADDING:
         raise ValueError(f"machine must be a patch machine (LS, ELS, bbELS), got {machine!r}")
-    if dictionary is not None and (isinstance(dictionary, bool) or not isinstance(dictionary, int) or dictionary < 1):
-        raise ValueError(f"dictionary must be a number of images ≥ 1 (None: all the network's training images), got {dictionary!r}")
+    if n_train is not None and (isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 1):
+        raise ValueError(f"n_train must be a number of images ≥ 1 (None: all the network's training images), got {n_train!r}")
     check_run_options(seeds, steps, backend, executor, batch)
 
 
@@ -127,15 +126,16 @@ on conditional CIFAR10 (4,000 images, one thread): the first call at P = 17 / 9 
 3.5 s with its table built against 2.6 / 1.6 / 1.1 s streamed. Answers are the same either way."""
 
 
-def _setup(model: str, bank_path: str | None, tables_up_to: int | None = None, dictionary: int | None = None):
-    """The network, the bank of its training set (``dictionary``: of its first N images only), and its
+def _setup(model: str, bank_path: str | None, tables_up_to: int | None = None, n_train: int | None = None):
+    """The network, the bank of its training set (``n_train``: of its first N images only), and its
     training config. ``tables_up_to``: largest P with distinct-patch tables in a bank built here (None:
     every P; provenance needs them)."""
     network = load_network(model)
     train_cfg = read_json(Path(model).parent / "config.json", "the model's training config")
     data = None
-    if bank_path is None or dictionary is not None:
-        data = _dictionary(train_cfg, model, dictionary)
+    if bank_path is None or n_train is not None:
+        data = _training_images(train_cfg, model, n_train)
+    bank: Bank
     if bank_path:
         bank = open_bank(bank_path)
         want, what = (data.fingerprint(), f"the first {len(data)} of the images") if data is not None else \
@@ -145,28 +145,29 @@ def _setup(model: str, bank_path: str | None, tables_up_to: int | None = None, d
                              f"{bank.data.fingerprint()[:12]}) than {what} the network {model} was trained on ({train_cfg['dataset']}, "
                              f"{train_cfg.get('train_images', '?')} images, fingerprint {want[:12]})")
     else:
+        assert data is not None
         bank = MemoryBank(data, materialise_max=tables_up_to)
     return network, bank, train_cfg
 
 
-def _dictionary(train_cfg: dict, model: str, dictionary: int | None) -> ImageData:
-    """The network's training images (``dictionary``: the first N of them), checked to be the data it was
+def _training_images(train_cfg: dict, model: str, n_train: int | None) -> ImageData:
+    """The network's training images (``n_train``: the first N of them), checked to be the data it was
     trained on; with a conditional network, every label it was trained on must keep images."""
     data = load_dataset(train_cfg["dataset"], resize=train_cfg["resize"], limit=train_cfg["n_train"])
-    if dictionary is None:
+    if n_train is None:
         return data
     if data.fingerprint() != train_cfg["fingerprint"]:
         raise ValueError(f"{train_cfg['dataset']} as loaded here (fingerprint {data.fingerprint()[:12]}) is not the data the "
-                         f"network {model} was trained on (fingerprint {str(train_cfg['fingerprint'])[:12]}); a dictionary "
+                         f"network {model} was trained on (fingerprint {str(train_cfg['fingerprint'])[:12]}); a subset "
                          "of its first images cannot be taken")
-    if dictionary > len(data):
-        raise ValueError(f"dictionary of {dictionary} images asked, but the network {model} was trained on {len(data)}")
-    part = data.subset(dictionary)
+    if n_train > len(data):
+        raise ValueError(f"{n_train} training images asked, but the network {model} was trained on {len(data)}")
+    part = data.subset(n_train)
     if train_cfg.get("conditional"):
         missing = sorted(set(data.labels.unique().tolist()) - set(part.labels.unique().tolist()))
         if missing:
-            raise ValueError(f"the first {dictionary} training images hold no image of label(s) {missing}, which the "
-                             f"conditional network {model} was trained on; take a larger dictionary")
+            raise ValueError(f"the first {n_train} training images hold no image of label(s) {missing}, which the "
+                             f"conditional network {model} was trained on; give a larger n_train")
     return part
 
 
@@ -181,7 +182,7 @@ def run_calibrate(cfg: CalibrateConfig) -> dict:
     """Calibrate (or resume) the machine to the network; writes ``calibration.json`` and ``scale_curve.png`` under
     ``cfg.out`` (locked while it runs: a second run into the same folder fails at once)."""
     cfg.check()
-    setup = _setup(cfg.model, cfg.bank, TABLES_UP_TO, cfg.dictionary)  # a bad model or bank fails before anything is written
+    setup = _setup(cfg.model, cfg.bank, TABLES_UP_TO, cfg.n_train)  # a bad model or bank fails before anything is written
     comparator = cfg.machine is not None and comparator_kind(cfg.machine) is not None
     with folder_lock(cfg.out):
         return (_calibrate_comparator if comparator else _calibrate_machine)(cfg, *setup)
@@ -226,26 +227,27 @@ def _calibrate_comparator(cfg: CalibrateConfig, network: NetworkDenoiser, bank: 
 
 
 def calibrated(model: str, calibration: str, machine: str | None = None, bank: str | None = None, backend: str = "exact",
-               other_network: bool = False, tables_up_to: int | None = TABLES_UP_TO, dictionary: int | None = None):
+               other_network: bool = False, tables_up_to: int | None = TABLES_UP_TO, n_train: int | None = None):
     """A trained network and its calibrated machine: ``(network, machine, train_cfg)``, the calibration checked
     to belong to this network (see :mod:`pipelines.pairing`; ``other_network``: to a network of the same data,
-    padding and conditioning); ``machine`` defaults to the calibration's. ``dictionary``: the machine holds the
-    first N training images only (a calibration made with another dictionary size is used with a warning)."""
-    network, patches, train_cfg = _setup(model, bank, tables_up_to, dictionary)
+    padding and conditioning); ``machine`` defaults to the calibration's. ``n_train``: the machine holds the
+    first N training images only (a calibration made with another number is used with a warning)."""
+    network, patches, train_cfg = _setup(model, bank, tables_up_to, n_train)
     found = read_json(calibration, "calibration")
     made_for = found.get("network", {}).get("machine") or found.get("config", {}).get("machine")
     kind = machine or made_for or machine_for(train_cfg, None, model)
     check_calibration(found, calibration, model, network.identity()["weights"], train_cfg, kind, other_network, len(patches))
     machine_for(train_cfg, kind, model)
     cond = bool(train_cfg["conditional"])
-    return network, ScoreMachine(patches, kind, scales=schedule_from(found, f"calibration {calibration}"), conditional=cond, backend=backend), train_cfg  # type: ignore[arg-type]
+    schedule = schedule_from(found, f"calibration {calibration}")
+    return network, ScoreMachine(patches, kind, scales=schedule, conditional=cond, backend=backend), train_cfg  # type: ignore[arg-type]
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     """Evaluate (or resume) the network against its calibrated machine, IS and the comparators; writes the report,
     per-seed rows, samples and figures under ``cfg.out`` (locked while it runs: a second run into it fails at once)."""
     cfg.check()
-    found = calibrated(cfg.model, cfg.calibration, cfg.machine, cfg.bank, cfg.backend, cfg.other_network, dictionary=cfg.dictionary)
+    found = calibrated(cfg.model, cfg.calibration, cfg.machine, cfg.bank, cfg.backend, cfg.other_network, n_train=cfg.n_train)
     with folder_lock(cfg.out, reentrant=True):  # evaluate() takes the same lock
         return _run_evaluate(cfg, *found)
 
@@ -253,12 +255,13 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
 def _run_evaluate(cfg: EvaluateConfig, network: NetworkDenoiser, machine: ScoreMachine, train_cfg: dict) -> dict:
     calibrated_on = read_json(cfg.calibration, "calibration").get("network", {}).get("model")
     bank, kind, schedule, cond = machine.bank, machine.kind, machine.scales, machine.conditional
+    assert schedule is not None, "a calibrated machine follows its schedule"
     ideal = ScoreMachine(bank, "IS", conditional=cond)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", {"evaluate": {**asdict(cfg), "machine": kind}, "train": train_cfg})
     paper = paper_schedule(train_cfg)
-    others = {name: make_comparator(spec, bank, cond) for name, spec in map(named_spec, cfg.comparators)}
+    others: dict[str, Denoiser] = {name: make_comparator(spec, bank, cond) for name, spec in map(named_spec, cfg.comparators)}
     report = evaluate(network, machine, ideal, cfg.seeds, bank.data.shape, out, cfg.steps, _labels_of(train_cfg, cfg.seeds, bank),
                       cfg.batch, executor=cfg.executor, others=others, config={**asdict(cfg), "machine": kind, "schedule": schedule.to_json(),
                                                                 "paper_schedule": paper, "calibrated_on": calibrated_on})
@@ -285,6 +288,7 @@ def run_explain_network(model: str, calibration: str, seeds: list[int], steps: i
     for a machine's sample; returns the path of ``provenance.png``. ``index``, ``tol``: certified
     provenance, and ``image_shares`` (see :func:`pipelines.sampling.run_explain`)."""
     from machines.provenance import explain
+
     from .sampling import provenance_index, write_explanation
 
     check_run_options(seeds, steps, "exact", "serial", None)
@@ -296,3 +300,53 @@ def run_explain_network(model: str, calibration: str, seeds: list[int], steps: i
     agreement = {str(s): p.agreement.tolist() for s, p in found.items() if p.agreement is not None}
     return write_explanation(Path(out), seeds, final, found, machine, labels, m,
                              extra={"network": model, "calibration": calibration, "agreement_r": agreement})
+
+
+@dataclass
+class ExplainConfig:
+    """Which training patches made each pixel: of a ``patchbank sample`` run (``sample``: its folder), or of a trained
+    network's samples through its calibrated machine (``model`` with ``calibration`` and ``seeds``). ``m``: sources
+    listed per pixel; ``at``: steps explained (None: the last five); ``topk``: a top-k backend spec for certified
+    provenance where its certificate gives ``ε ≤ tol`` (None: exact everywhere); ``listed_images``: rank images by
+    their listed patches' shares (lower bounds) instead of exact per-image shares; ``out``: the output folder (None:
+    the sample's folder, or ``outputs/explain`` for a network)."""
+
+    sample: str | None = None
+    model: str | None = None
+    calibration: str | None = None
+    seeds: list[int] | None = None
+    steps: int = 20
+    bank: str | None = None
+    m: int = 16
+    at: list[int] | None = None
+    topk: str | None = None
+    tol: float = 1e-4
+    listed_images: bool = False
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Every field's type and range, and that exactly one of a sample folder and a network is explained."""
+        check_fields(self, {"steps": (1, None, "[)"), "m": (1, None, "[)"), "at": (0, None, "[)"), "tol": (0, None, "()"),
+                            "seeds": (0, None, "[)")})
+        if (self.sample is None) == (self.model is None):
+            raise ValueError("give either a sample folder or --model (with --calibration and --seeds), not both or neither")
+        if self.model is not None and (self.calibration is None or self.seeds is None):
+            raise ValueError("--model needs --calibration (the network's calibration.json) and --seeds")
+        if self.sample is not None and (self.calibration, self.seeds, self.bank) != (None, None, None):
+            raise ValueError("--calibration, --seeds and --bank explain a network (--model); a sample folder has its own")
+
+
+def run_explain_job(cfg: ExplainConfig) -> Path:
+    """:func:`~pipelines.sampling.run_explain` of a sample folder or :func:`run_explain_network` of a network, as the
+    config says; the path of ``provenance.png``."""
+    cfg.check()
+    if cfg.sample is not None:
+        from .sampling import run_explain
+
+        return run_explain(cfg.sample, cfg.m, cfg.at, cfg.out, cfg.topk, cfg.tol, not cfg.listed_images)
+    assert cfg.model is not None and cfg.calibration is not None and cfg.seeds is not None
+    return run_explain_network(cfg.model, cfg.calibration, cfg.seeds, cfg.steps, cfg.m, cfg.at, cfg.out or "outputs/explain",
+                               cfg.bank, cfg.topk, cfg.tol, not cfg.listed_images)

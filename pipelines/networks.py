@@ -8,9 +8,8 @@ added per block as a per-channel bias. ``padding`` is ``zeros`` or ``circular``.
 from __future__ import annotations
 
 import hashlib
-
 import math
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn as nn
@@ -166,7 +165,7 @@ class NetworkDenoiser:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.conditional and labels is not None:
-            n = self.net.num_classes
+            n = cast(int, self.net.num_classes)
             outside = labels[(labels < 0) | (labels >= n)] if labels.numel() else labels
             if outside.numel():
                 raise ValueError(f"{self!r} was trained on labels 0..{n - 1}; label {int(outside[0])} is outside them")

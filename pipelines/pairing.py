@@ -2,7 +2,7 @@
 
 A network trained with zero padding is described by the zero-padding machines (bbELS, LS); one
 trained with circular padding by circular ELS. A class-conditional network needs a conditional
-machine, and the machine's dictionary must be the network's own training data. A calibration
+machine, and the machine's bank must be the network's own training data. A calibration
 belongs to the network it was calibrated against. Every mismatch is an error naming both sides:
 pairing them anyway gives numbers that look plausible and mean nothing.
 """
@@ -53,23 +53,23 @@ def check_machine_options(train_cfg: dict, model: str, *, machine: str, conditio
                          f"{'pass --conditional' if net_conditional else 'drop --conditional'}")
 
 
-def calibration_record(model: str, weights: str, train_cfg: dict, machine: str, dictionary: int | None = None) -> dict:
+def calibration_record(model: str, weights: str, train_cfg: dict, machine: str, n_train: int | None = None) -> dict:
     """What a calibration is bound to: the network (path and weights hash), its data, the machine and the
-    number of training images in the machine's dictionary (None: all of the network's)."""
+    number of training images in the machine's bank (None: all of the network's)."""
     return {"model": model, "weights": weights, "dataset": train_cfg.get("dataset"), "data": train_cfg.get("fingerprint"),
             "padding": train_cfg.get("padding", "zeros"), "conditional": bool(train_cfg.get("conditional", False)),
-            "machine": machine, "dictionary": dictionary if dictionary is not None else train_cfg.get("train_images")}
+            "machine": machine, "n_train": n_train if n_train is not None else train_cfg.get("train_images")}
 
 
 def check_calibration(calibration: dict, path: str, model: str, weights: str, train_cfg: dict, machine: str,
-                      other_network: bool = False, dictionary: int | None = None) -> None:
+                      other_network: bool = False, n_train: int | None = None) -> None:
     """A calibration must have been made for this network and this machine kind; raises ``ValueError``
     naming the calibration's side and this run's. A calibration written before calibrations recorded
     their network is checked by its machine only (with a warning). ``other_network``: the calibration was
     made against another network on purpose (the paper evaluates its attention UNet at the ResNet's
     calibrated scales); data, padding, conditioning and machine must still match, the weights may differ.
-    ``dictionary``: this run's dictionary size; a calibration made with another is used, with a warning (the
-    scales describe the network, but were chosen against that dictionary)."""
+    ``n_train``: this run's number of training images; a calibration made with another is used, with a warning (the
+    scales describe the network, but were chosen against those images)."""
     made = calibration.get("network")
     if made is None:
         log.warning("%s does not record the network it was calibrated against; only its machine is checked", path)
@@ -89,9 +89,9 @@ def check_calibration(calibration: dict, path: str, model: str, weights: str, tr
         raise ValueError(f"{path} was calibrated against the network {made.get('model')} (weights {made['weights'][:12]}), "
                          f"not {model} (weights {weights[:12]}); calibrate this network first, or pass --other-network to "
                          "use another network's scales on purpose")
-    made_with = made.get("dictionary", train_cfg.get("train_images"))
-    if dictionary is not None and made_with is not None and made_with != dictionary:
-        log.warning("%s was calibrated with a dictionary of %s training images; this machine holds %s", path, made_with, dictionary)
+    made_with = made.get("n_train", made.get("dictionary", train_cfg.get("train_images")))
+    if n_train is not None and made_with is not None and made_with != n_train:
+        log.warning("%s was calibrated with %s training images; this machine holds %s", path, made_with, n_train)
 
 
 _DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10", "celeba": "CelebA"}

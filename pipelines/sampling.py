@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from machines import MACHINES, Denoiser, ScaleSchedule, ScoreMachine, make_backend, noise_from_seeds, reference_schedule, sample
+from machines import MACHINES, Denoiser, ScaleSchedule, ScoreMachine, identity_of, make_backend, noise_from_seeds, reference_schedule, sample
 from machines.comparators import COMPARATORS, comparator_kind, make_comparator, parse_comparator
 from machines.posterior.topk import TopKBackend
 from patchbank import MemoryBank, load_dataset, open_bank
@@ -131,7 +131,7 @@ def sample_seeds(job: _Sampling, seeds: list[int]) -> torch.Tensor:
 def _in_batches(machine: Denoiser, cfg: SampleConfig, labels: torch.Tensor | None, batch: int, folder: Path) -> torch.Tensor:
     """The seeds' samples in batches on ``cfg.executor``, each batch kept in ``folder/kept.pt`` as it finishes."""
     label_of = dict(zip(cfg.seeds, labels.tolist())) if labels is not None else None
-    claim_folder(folder, {"machine": machine.identity(), "steps": cfg.steps, "labels": label_of})
+    claim_folder(folder, {"machine": identity_of(machine), "steps": cfg.steps, "labels": label_of})
     kept_file = folder / "kept.pt"
     kept: dict[int, torch.Tensor] = read_torch(kept_file, "kept batches") if kept_file.exists() else {}
     if not isinstance(kept, dict) or not all(isinstance(s, int) and isinstance(x, torch.Tensor) for s, x in kept.items()):
@@ -203,8 +203,9 @@ def write_explanation(out: Path, seeds: list[int], final: torch.Tensor, found: d
     ``statistics.json`` (mosaic statistics and the memorisation check of the last step, per seed, with
     ``extra``), ``provenance.png`` (sample / attribution map / reassembled mosaic) and ``sources.png`` (the
     first seed's top source images with their patches outlined). Returns the path of ``provenance.png``."""
-    from .figures import provenance_figure, source_gallery
     from machines.provenance import memorisation, mosaic_statistics
+
+    from .figures import provenance_figure, source_gallery
 
     out.mkdir(parents=True, exist_ok=True)
     last = max(found)

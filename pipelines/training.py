@@ -12,12 +12,12 @@ and its machine disagree.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -27,9 +27,8 @@ from machines.schedule import COSINE_DENOM
 from patchbank import ImageData, load_dataset, to_model_range
 from patchbank.atomic import atomic_write, folder_lock, read_torch, write_json
 
-from .runs import check_fields, config_from_dict, differences, read_json
-
 from .networks import ARCHITECTURES, NetworkDenoiser
+from .runs import check_fields, config_from_dict, differences, read_json
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +84,8 @@ def build_network(cfg: TrainConfig, channels: int, num_classes: int | None) -> n
     if cfg.attention and cfg.arch != "unet":
         raise ValueError(f"attention is an option of the UNet, not of the {cfg.arch}")
     if cfg.arch == "resnet":
-        return ARCHITECTURES["resnet"](channels, cfg.width, cfg.blocks, cfg.padding, num_classes)  # type: ignore[arg-type]
-    return ARCHITECTURES["unet"](channels, cfg.widths, cfg.padding, num_classes, attention=cfg.attention)  # type: ignore[arg-type]
+        return ARCHITECTURES["resnet"](channels, cfg.width, cfg.blocks, cfg.padding, num_classes)
+    return ARCHITECTURES["unet"](channels, cfg.widths, cfg.padding, num_classes, attention=cfg.attention)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -247,7 +246,8 @@ def load_network(path: str | os.PathLike, device: str = "auto") -> NetworkDenois
     except ValueError as err:
         raise ValueError(f"{path} is not a readable trained model: {err}") from None
     try:
-        cfg = TrainConfig(**{k: (tuple(v) if k == "widths" else v) for k, v in ckpt["config"].items()})
+        values: dict[str, Any] = {k: (tuple(v) if k == "widths" else v) for k, v in ckpt["config"].items()}
+        cfg = TrainConfig(**values)
         net = build_network(cfg, ckpt["channels"], ckpt["num_classes"])
         net.load_state_dict(ckpt["state_dict"])
     except Exception as err:  # truncated pickle, a file of something else, a mismatched state dict

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-from patchbank import ImageData, load_npz, random_images, resize_uint8, to_model_range
+from patchbank import ImageData, load_npz, random_images, resize_uint8, to_model_range  # noqa: E402 (after the thread setting)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 

@@ -18,7 +18,7 @@ from patchbank.geometry import BucketKey, patches_at
 from pipelines.ablation import AblationConfig, Variant, entries_for_mass, posterior_concentration, run_ablation
 from pipelines.ablation import run as ablation
 from pipelines.ablation.config import BOUND_SLACK
-from pipelines.cli import _ablation_config, build_parser
+from pipelines.cli import build_parser, config_from
 
 GRID = [
     "exact",
@@ -360,9 +360,10 @@ def test_cli_overrides_a_saved_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"ablation": asdict(saved), "environment": {}}))
     args = build_parser().parse_args(["ablate", "--config", str(tmp_path / "config.json"), "--steps", "5", "--n-train", "0",
                                       "--grid", "exact", "topk:k=16"])
-    cfg = _ablation_config(args)
+    cfg = config_from(AblationConfig, args)
     assert (cfg.steps, cfg.n_train, cfg.seeds, cfg.grid, cfg.out) == (5, None, [3], ["exact", "topk:k=16"], str(tmp_path / "a"))
-    with_study = _ablation_config(build_parser().parse_args(["ablate", "--certificate-ks", "64", "2048", "--certificate-times", "0.05"]))
+    with_study = config_from(AblationConfig, build_parser().parse_args(["ablate", "--certificate-ks", "64", "2048",
+                                                                         "--certificate-times", "0.05"]))
     assert (with_study.certificate_ks, with_study.certificate_times) == ([64, 2048], [0.05])
     assert AblationConfig().certificate_ks == []  # no study unless asked
     with pytest.raises(ValueError, match=r"certificate_ks must lie in \[1, inf\)"):

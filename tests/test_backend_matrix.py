@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import noised
+
 from machines import BACKENDS, ExactBackend, ScoreMachine, alpha_sigma2, make_backend
 from patchbank import BankSpec, BucketKey, ImageData, MemoryBank, PatchBank, dictionary_groups, load_npz, patches_at, resize_uint8
 

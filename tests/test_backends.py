@@ -182,10 +182,11 @@ def test_a_sample_does_not_depend_on_its_batch(banks, kind):
                                                       ("ELS", 5, True, 1)])
 def test_sums_over_shards_merge_into_the_whole_posterior(tiny, kind, P, conditional, C):
     """1, 2 and 3 shards of a bucket's stream, summed apart and merged, give the single-pass posterior (1e-12)."""
+    from conftest import noised
+
+    from machines import alpha_sigma2
     from machines.posterior import merge_all, shard_sums
     from patchbank import dictionary_groups, patches_at
-    from machines import alpha_sigma2
-    from conftest import noised
 
     data = tiny(C)
     bank = MemoryBank(data, dedup=True)

@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 import torch
+from conftest import noised
 
 import patchbank.bank as bank_mod
-from conftest import noised
 from machines import ExactBackend, ScoreMachine
-from patchbank import BankError, BankSpec, BucketKey, ImageData, MemoryBank, PatchBank, load_npz
+from patchbank import BankError, BankSpec, BucketKey, ImageData, MemoryBank, PatchBank
 from patchbank.geometry import dictionary_groups
 
 
@@ -84,7 +84,7 @@ def test_dedup_counts_and_info(built, mnist_tiny):
 def test_interrupted_build_resumes_to_an_identical_bank(mnist_tiny, tmp_path, monkeypatch):
     spec = BankSpec(scales=[3], rules=["bbELS"], index="IVF4,Flat")
     whole = PatchBank.build(mnist_tiny, tmp_path / "whole", spec, progress=False)
-    original = bank_mod._write_bucket
+    original = bank_mod.write_bucket
     calls = {"n": 0}
 
     def dying(tmp, builder, key, spec_):
@@ -94,12 +94,12 @@ def test_interrupted_build_resumes_to_an_identical_bank(mnist_tiny, tmp_path, mo
             raise KeyboardInterrupt
         original(tmp, builder, key, spec_)
 
-    monkeypatch.setattr(bank_mod, "_write_bucket", dying)
+    monkeypatch.setattr(bank_mod, "write_bucket", dying)
     with pytest.raises(KeyboardInterrupt):
         PatchBank.build(mnist_tiny, tmp_path / "resumed", spec, progress=False)
     with pytest.raises(BankError, match="did not finish"):
         PatchBank.open(tmp_path / "resumed")
-    monkeypatch.setattr(bank_mod, "_write_bucket", original)
+    monkeypatch.setattr(bank_mod, "write_bucket", original)
     resumed = PatchBank.build(mnist_tiny, tmp_path / "resumed", spec, progress=False)
     assert _tree(resumed.path) == _tree(whole.path)
     manifest = (whole.path / "manifest.json").read_bytes()  # building a finished bank again just opens it

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import noised
+
 from machines import ScoreMachine, noise_from_seeds, sample
 from patchbank import BankError, BankSpec, BucketKey, ImageData, PatchBank, random_images
 from patchbank.integrity import CHECKSUMS, file_checksum

@@ -121,7 +121,7 @@ def test_explain_a_sample_run(bank, tmp_path, capsys):
     saved = torch.load(tmp_path / "s" / "provenance.pt")
     assert sorted(saved["steps"]) == [2, 3] and saved["steps"][3]["image"].shape == (2, H, H, 4)
     assert stats["certified_fraction"] == {"2": 0.0, "3": 0.0}  # exact by default
-    main(["explain", str(tmp_path / "s"), "--m", "4", "--at", "3", "--index", "topk:k=64:index=Flat", "--tol", "1e-3",
+    main(["explain", str(tmp_path / "s"), "--m", "4", "--at", "3", "--topk", "topk:k=64:index=Flat", "--tol", "1e-3",
           "--out", str(tmp_path / "cert")])  # certified from the bank's FAISS index where it holds
     certified = json.loads((tmp_path / "cert" / "statistics.json").read_text())["certified_fraction"]["3"]
     assert 0 < certified <= 1
@@ -132,7 +132,7 @@ def test_explain_a_sample_run(bank, tmp_path, capsys):
         torch.testing.assert_close(listed[name], saved["steps"][3][name], rtol=0, atol=1e-9)
     assert (listed["image_share"][..., 0] <= saved["steps"][3]["image_share"][..., 0] + 1e-12).all()
     with pytest.raises(SystemExit):
-        main(["explain", str(tmp_path / "s"), "--index", "exact"])
+        main(["explain", str(tmp_path / "s"), "--topk", "exact"])
     assert "needs a top-k backend spec" in capsys.readouterr().err
     samples = torch.load(tmp_path / "s" / "samples.pt")
     samples["samples"] += 0.5  # a sample its config does not reproduce is refused, not explained

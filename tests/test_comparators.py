@@ -5,12 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import noised
+
 from machines import BACKENDS, ScoreMachine, alpha_sigma2, noise_from_seeds, sample
-from machines.comparators import (COMPARATORS, NearestNeighbourMachine, PCALocalityMachine, SmoothedClosedFormMachine, WienerMachine,
-                                  make_comparator, masked_posterior_means, parse_comparator)
-from patchbank import ImageData, MemoryBank, random_images, to_model_range
+from machines.comparators import (
+    COMPARATORS,
+    NearestNeighbourMachine,
+    PCALocalityMachine,
+    SmoothedClosedFormMachine,
+    WienerMachine,
+    make_comparator,
+    masked_posterior_means,
+    parse_comparator,
+)
+from patchbank import ImageData, MemoryBank, to_model_range
 
 
 def _gaussian_images(n: int, seed: int = 0) -> tuple[ImageData, torch.Tensor, torch.Tensor]:
@@ -231,7 +239,7 @@ def test_comparator_specs_and_bad_parameters(tiny):
     assert make_comparator(machine.spec(), data).identity() == machine.identity()
     assert make_comparator("smoothed", data).identity() != make_comparator("smoothed:sigma=0.2", data).identity()
     for spec, message in (("wiener2", "unknown comparator"), ("smoothed:alpha=1", "has no option 'alpha=1'"),
-                          ("smoothed:draws=two", "draws must be a int"), ("pca_locality:threshold", "has no option")):
+                          ("smoothed:draws=two", "draws must be a int"), ("pca_locality:threshold", "is not option=value")):
         with pytest.raises(ValueError, match=message):
             parse_comparator(spec)
     for make, message in ((lambda: PCALocalityMachine(data, threshold=1.5), "threshold must lie in"),

@@ -18,11 +18,11 @@ import torch
 
 from machines import noise_from_seeds, sample
 from machines.comparators import make_comparator
+from machines.metrics import pearson_r
 from patchbank import BankSpec, PatchBank, load_dataset, to_model_range
 from pipelines.ablation import AblationConfig, run_ablation
 from pipelines.cli import main
 from pipelines.jobs import CalibrateConfig, EvaluateConfig, run_calibrate, run_evaluate
-from machines.metrics import pearson_r
 from pipelines.pairing import paper_schedule_name
 from pipelines.training import TrainConfig, load_network, train
 
@@ -132,42 +132,42 @@ def test_a_calibration_of_another_network_is_refused(nets, tmp_path):
                                     other_network=True))
 
 
-def test_a_dictionary_of_the_networks_first_images(nets, tmp_path, caplog, capsys):
-    """``dictionary = N``: the machine holds the first N of the network's training images and nothing else,
+def test_a_machine_of_the_networks_first_images(nets, tmp_path, caplog, capsys):
+    """``n_train = N``: the machine holds the first N of the network's training images and nothing else,
     recorded in the calibration; sizes the network's data cannot give are refused, naming both sides."""
     model, calibration = nets["fashion"]
     data = load_dataset("fashion_mnist", resize=12, limit=60)
     first = data.subset(30)
-    main(["calibrate", "--model", model, "--candidates", "3", "--seeds", "0", "--steps", "2", "--dictionary", "30",
+    main(["calibrate", "--model", model, "--candidates", "3", "--seeds", "0", "--steps", "2", "--n-train", "30",
           "--out", str(tmp_path / "c")])
     made = json.loads((tmp_path / "c" / "calibration.json").read_text())["network"]
-    assert made["dictionary"] == 30 and made["data"] == json.loads((Path(model).parent / "config.json").read_text())["fingerprint"]
-    assert json.loads(Path(calibration).read_text())["network"]["dictionary"] == 60  # the default: all the network's images
+    assert made["n_train"] == 30 and made["data"] == json.loads((Path(model).parent / "config.json").read_text())["fingerprint"]
+    assert json.loads(Path(calibration).read_text())["network"]["n_train"] == 60  # the default: all the network's images
     report = run_evaluate(EvaluateConfig(model=model, calibration=str(tmp_path / "c" / "calibration.json"), seeds=[0, 1], steps=3,
-                                         batch=2, dictionary=30, comparators=["nearest"], out=str(tmp_path / "e")))
+                                         batch=2, n_train=30, comparators=["nearest"], out=str(tmp_path / "e")))
     assert report["seeds"] == 2
     run = json.loads((tmp_path / "e" / "run.json").read_text())
     assert run["machine"]["data"] == run["ideal"]["data"] == first.fingerprint() != data.fingerprint()
     samples = torch.load(tmp_path / "e" / "samples.pt")
     train_x = to_model_range(data.images, torch.float64).flatten(1)
-    for s in (0, 1):  # the nearest image comes from the dictionary, never from the images left out of it
+    for s in (0, 1):  # the nearest image comes from the machine's images, never from the images left out of it
         assert int((train_x - samples[s]["nearest"].double().flatten()).norm(dim=1).argmin()) < 30
-    with caplog.at_level("WARNING", logger="pipelines.pairing"):  # the full dictionary's calibration: used, with a warning
-        run_evaluate(EvaluateConfig(model=model, calibration=calibration, seeds=[0], steps=2, dictionary=30, out=str(tmp_path / "w")))
-    assert "calibrated with a dictionary of 60 training images; this machine holds 30" in caplog.text
-    with pytest.raises(ValueError, match=r"dictionary of 61 images asked, but the network .* was trained on 60"):
-        run_evaluate(EvaluateConfig(model=model, calibration=calibration, seeds=[0], steps=2, dictionary=61, out=str(tmp_path / "x")))
+    with caplog.at_level("WARNING", logger="pipelines.pairing"):  # the calibration with every image: used, with a warning
+        run_evaluate(EvaluateConfig(model=model, calibration=calibration, seeds=[0], steps=2, n_train=30, out=str(tmp_path / "w")))
+    assert "calibrated with 60 training images; this machine holds 30" in caplog.text
+    with pytest.raises(ValueError, match=r"61 training images asked, but the network .* was trained on 60"):
+        run_evaluate(EvaluateConfig(model=model, calibration=calibration, seeds=[0], steps=2, n_train=61, out=str(tmp_path / "x")))
     few = next(n for n in range(1, 60) if len(data.labels[:n].unique()) < len(data.labels.unique()) <= len(data.labels[:n + 1].unique()))
     with pytest.raises(ValueError, match=rf"the first {few} training images hold no image of label\(s\) \[\d+\]"):
-        run_calibrate(CalibrateConfig(model=model, candidates=[3], seeds=[0], steps=2, dictionary=few, out=str(tmp_path / "x")))
-    with pytest.raises(ValueError, match=r"dictionary must be a number of images ≥ 1"):
-        EvaluateConfig(model=model, calibration=calibration, dictionary=0)
-    bank = PatchBank.build(data, tmp_path / "bank", BankSpec(scales=[3], labels=True, index=None, leaf_size=64), progress=False)
+        run_calibrate(CalibrateConfig(model=model, candidates=[3], seeds=[0], steps=2, n_train=few, out=str(tmp_path / "x")))
+    with pytest.raises(ValueError, match=r"n_train must be a number of images ≥ 1"):
+        EvaluateConfig(model=model, calibration=calibration, n_train=0)
+    PatchBank.build(data, tmp_path / "bank", BankSpec(scales=[3], labels=True, index=None, leaf_size=64), progress=False)
     with pytest.raises(ValueError, match=r"holds other data .* than the first 30 of the images the network"):
-        run_evaluate(EvaluateConfig(model=model, calibration=calibration, seeds=[0], steps=2, dictionary=30, bank=str(tmp_path / "bank"),
+        run_evaluate(EvaluateConfig(model=model, calibration=calibration, seeds=[0], steps=2, n_train=30, bank=str(tmp_path / "bank"),
                                     out=str(tmp_path / "x")))
     PatchBank.build(first, tmp_path / "bank30", BankSpec(scales=[3], labels=True, index=None, leaf_size=64), progress=False)
-    run_evaluate(EvaluateConfig(model=model, calibration=str(tmp_path / "c" / "calibration.json"), seeds=[0], steps=2, dictionary=30,
+    run_evaluate(EvaluateConfig(model=model, calibration=str(tmp_path / "c" / "calibration.json"), seeds=[0], steps=2, n_train=30,
                                 bank=str(tmp_path / "bank30"), out=str(tmp_path / "b")))
 
 
@@ -299,7 +299,7 @@ def test_agreement_table_names_a_row_whose_outputs_are_missing(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match=r"row gone_row: outputs/gone_row/config.json is missing"):
         agreement.table(["gone_row"], None)
-    (tmp_path / "outputs" / "half_row" / "evaluate_dictionary100").mkdir(parents=True)
+    (tmp_path / "outputs" / "half_row" / "evaluate_first100").mkdir(parents=True)
     (tmp_path / "outputs" / "half_row" / "config.json").write_text("{}")
-    with pytest.raises(SystemExit, match=r"row half_row@100: outputs/half_row/evaluate_dictionary100/config.json is missing.*--dictionary 100"):
+    with pytest.raises(SystemExit, match=r"row half_row@100: outputs/half_row/evaluate_first100/config.json is missing.*--n-train 100"):
         agreement.table(["half_row@100"], None)

@@ -9,17 +9,15 @@ import logging
 
 import pytest
 import torch
+from conftest import noised
+from reference import naive_machine
 
 import machines.analytic as analytic
 import machines.posterior.exact as exact
-from conftest import noised
 from machines import ScaleSchedule, ScoreMachine, noise_from_seeds, sample
-from patchbank import BankError, BankSpec, BucketKey, MemoryBank, PatchBank, load_npz, random_images
+from patchbank import BankError, BankSpec, BucketKey, MemoryBank, PatchBank, load_npz, random_images, to_model_range
 from pipelines.networks import NetworkDenoiser
 from pipelines.training import TrainConfig, build_network
-
-from patchbank import to_model_range
-from reference import naive_machine
 
 
 def reference_machine(data, kind: str, P: int, x: torch.Tensor, t: float) -> torch.Tensor:

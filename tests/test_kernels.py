@@ -417,7 +417,8 @@ def test_register_tile_blocks_match_brute_force_and_the_block_kernels(threads, C
     vals = torch.cat([v for _, _, v in parts])
     want = torch.softmax(ell, 1) @ vals
     m, acc = torch.full((R,), -1e300, dtype=torch.float64), torch.zeros(R, C + 1, dtype=torch.float64)
-    m2, s1, s2 = torch.full((R,), -1e300, dtype=torch.float64), torch.zeros(R, C + 1, dtype=torch.float64), torch.zeros(R, 2 * C + 1, dtype=torch.float64)
+    m2 = torch.full((R,), -1e300, dtype=torch.float64)
+    s1, s2 = torch.zeros(R, C + 1, dtype=torch.float64), torch.zeros(R, 2 * C + 1, dtype=torch.float64)
     m3, t1, t2 = m2.clone(), s1.clone(), s2.clone()
     qs = q.to(dtype).contiguous()
     for keys, bias, values in parts:
@@ -470,7 +471,8 @@ def test_register_tile_kernels_give_the_same_sums_on_python_threads(monkeypatch)
 
     def both():
         mean = _exact_sweep(tree, q, 0.99, 0.002, torch.tensor([1]), math.log(2000 / 1e-12), torch.float64, threads=3)
-        m, s1, s2 = torch.full((150,), -1e300, dtype=torch.float64), torch.zeros(150, 2, dtype=torch.float64), torch.zeros(150, 3, dtype=torch.float64)
+        m = torch.full((150,), -1e300, dtype=torch.float64)
+        s1, s2 = torch.zeros(150, 2, dtype=torch.float64), torch.zeros(150, 3, dtype=torch.float64)
         native.moments_tiles(q.contiguous(), keys, m, s1, s2, threads=3)
         return mean, (m, s1, s2)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tmpfs
+
 from patchbank import PatchBank
 from patchbank.atomic import read_torch
 from pipelines.jobs import CalibrateConfig, run_calibrate

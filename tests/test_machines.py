@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import noised
+
 from machines import ExactBackend, ScoreMachine, noise_from_seeds, sample
 from patchbank import BucketKey, ImageData, MemoryBank, dictionary_groups, to_model_range, two_image
 
@@ -69,7 +69,8 @@ def test_locality_output_ignores_pixels_outside_the_patch(tiny, kind, padding):
 
 
 def test_bbels_corner_uses_only_the_same_corner():
-    data = ImageData(torch.randint(0, 256, (8, 1, 9, 9), generator=torch.Generator().manual_seed(1), dtype=torch.uint8), torch.zeros(8, dtype=torch.long))
+    pixels = torch.randint(0, 256, (8, 1, 9, 9), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    data = ImageData(pixels, torch.zeros(8, dtype=torch.long))
     P = 5
     corner = [g for key, g in dictionary_groups(9, 9, P, "bbELS") if (0, 0) in map(tuple, g.tolist())][0]
     assert corner.tolist() == [[0, 0]]

@@ -7,12 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference import naive_machine
 
 from machines import ScoreMachine, alpha_sigma2, native
 from patchbank.datasets import random_images, to_model_range
 from patchbank.geometry import dictionary_groups
 from pipelines.calibration import calibrate, scale_family
-from reference import naive_machine
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="the compiled kernels are unavailable")
 

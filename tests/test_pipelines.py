@@ -11,9 +11,8 @@ import torch
 import torch.nn as nn
 
 from machines import ScaleSchedule, ScoreMachine, ddim_grid, eps_from_x0, noise_from_seeds, sample
-
-from pipelines.calibration import calibrate
 from machines.metrics import pearson_r
+from pipelines.calibration import calibrate
 from pipelines.networks import NetworkDenoiser, ResNet, UNet
 from pipelines.training import TrainConfig, load_network, train
 
@@ -173,9 +172,9 @@ def test_colour_figures_show_colour(tmp_path):
         rows[name] = hit[:, 0].double().mean()
     assert rows["red"] < rows["green"] < rows["blue"]  # network above machine above IS
     from machines import ScoreMachine
+    from machines.provenance import explain
     from patchbank import ImageData
     from pipelines.figures import source_gallery
-    from machines.provenance import explain
 
     images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
     images[0, 0], images[1, 2] = 255, 255  # a red and a blue training image

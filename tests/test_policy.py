@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from machines import AutoBackend, ExactBackend, ScoreMachine, SummaryBackend, TopKBackend, alpha_sigma2, noise_from_seeds, sample
+from machines import AutoBackend, ExactBackend, SummaryBackend, TopKBackend, alpha_sigma2
 from patchbank import MemoryBank, to_model_range
 from patchbank.geometry import BucketKey, centre_index, patches_at
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import noised
+
 from machines import ScoreMachine, alpha_sigma2, noise_from_seeds, sample
+from machines.metrics import pearson_r
 from machines.posterior.topk import TopKBackend
+from machines.provenance import explain, memorisation, mosaic_statistics, provenance, reassembled_mosaic
 from patchbank import BankSpec, ImageData, MemoryBank, PatchBank, dictionary_groups, patches_at, to_model_range, two_image
 from patchbank.geometry import BucketKey
 from pipelines.figures import source_gallery
-from machines.metrics import pearson_r
-from machines.provenance import explain, memorisation, mosaic_statistics, provenance, reassembled_mosaic
 
 
 def test_two_image_mosaic_sources_are_the_image_of_each_pixels_colour():

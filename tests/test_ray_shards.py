@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import noised, put_shard
+
 from machines import ScoreMachine, make_backend
 from patchbank import BankError, BankSpec, PatchBank, ShardedBank, random_images
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import noised
+from reference import naive_machine
 
 from machines import ExactBackend, ScoreMachine
 from patchbank import to_model_range
-from reference import naive_machine
-from conftest import noised
 
 PATCH_CASES = [("LS", "zeros"), ("LS", "circular"), ("ELS", "circular"), ("ELS", "zeros"), ("bbELS", "zeros")]
 CASES = [("IS", None, None), ("ES", "circular", None)] + [(k, pad, P) for k, pad in PATCH_CASES for P in (1, 3, 5, 11)]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import noised, put_shard
+
 from machines import ScoreMachine, make_backend
 from patchbank import BankError, BankSpec, PatchBank, ShardedBank, open_bank, random_images
 from pipelines.cli import main
@@ -47,7 +47,7 @@ def test_the_caller_holds_no_images_and_other_backends_are_refused(built, data):
     _, sharded = built
     assert sharded.fingerprint() == data.fingerprint() and torch.equal(sharded.labels, data.labels)
     with pytest.raises(BankError, match="images live on its shards"):
-        sharded.data.images
+        _ = sharded.data.images
     with pytest.raises(BankError, match="sum them with the sharded backend"):
         ScoreMachine(sharded, "bbELS", scales=3)(noised(data, 0.3, 1), 0.3)
     with pytest.raises(ValueError, match="has 3"):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import noised
+
 from machines import ScoreMachine, alpha_sigma2, make_backend
 from machines.posterior import ExactBackend, ShardedBackend
 from patchbank import BucketKey, MemoryBank, dictionary_groups, patches_at, random_images

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from machines import ExactBackend, ScaleSchedule, ScoreMachine, SummaryBackend, alpha_sigma2, noise_from_seeds, sample
+from machines import ExactBackend, ScoreMachine, SummaryBackend, alpha_sigma2
 from machines.posterior import cluster_moments
 from patchbank import MemoryBank, to_model_range
 from patchbank.geometry import BucketKey, centre_index, patches_at

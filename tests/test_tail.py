@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from machines import ExactBackend, SampledTailBackend, ScoreMachine, alpha_sigma2, noise_from_seeds, sample
+from machines import ExactBackend, SampledTailBackend, alpha_sigma2
 from patchbank import MemoryBank, to_model_range
 from patchbank.geometry import BucketKey, patches_at
 

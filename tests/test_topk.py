@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import noised
-from machines import ExactBackend, ScoreMachine, TopKBackend, alpha_sigma2, noise_from_seeds, sample
+
+from machines import ExactBackend, TopKBackend, alpha_sigma2
 from machines.posterior import TopKStats
-from patchbank import BankSpec, BucketKey, ImageData, MemoryBank, PatchBank, load_npz, patches_at
+from patchbank import BankSpec, BucketKey, ImageData, MemoryBank, PatchBank, patches_at
 
 TIMES = [0.05, 0.2, 0.5, 0.8, 1.0]
 

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import tmpfs
 from PIL import Image
 
-from conftest import tmpfs
 from machines import ScaleSchedule, ScoreMachine, noise_from_seeds, reference_schedule, sample
 from patchbank import MemoryBank, load_folder, random_images
 from patchbank.atomic import DiskFullError, FolderBusyError, atomic_write, folder_lock

@@ -13,8 +13,8 @@ declare("peak_flops_per_round", ctypes.c_int64, [])
 
 def peak_gflops(seconds: float = 0.3) -> float:
     """This machine's float32 multiply-add peak on one core, measured (GFLOP/s): 12 independent multiply-add
-    chains of one vector register each (16 lanes with AVX-512, else 8) in C for about ``seconds``, the best of three runs. Benchmarks report the fraction of it
-    the exact backend reaches (the arithmetic floor of an exact pass)."""
+    chains of one vector register each (16 lanes with AVX-512, else 8) in C for about ``seconds``, the best of three
+    runs. Benchmarks report the fraction of it the exact backend reaches (the arithmetic floor of an exact pass)."""
     lib = require()
     n, best, flops = 1 << 20, 0.0, lib.peak_flops_per_round()
     while True:  # grow the run until it takes a measurable time

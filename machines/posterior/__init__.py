@@ -12,43 +12,53 @@ registry of spec strings (:func:`make_backend`, ``patchbank backends``):
 =========== ============================================================ ===========
 """
 
-from .auto import AutoBackend, PolicyStats
-from .base import Backend, BackendBase, BackendStats, Guarantee, NeighbourSearch, Serving, draw_seed, entry_bias, logits, serving, with_ones
-from .exact import ExactBackend, PairStats
-from .shards import ShardedBackend, shard_sums
-from .sums import RunningSums, merge_all, merge_bounded
+from .base import (
+    Backend,
+    BackendBase,
+    BackendStats,
+    CertifiedStats,
+    FallbackStats,
+    Guarantee,
+    NeighbourSearch,
+    Serving,
+    draw_seed,
+    entry_bias,
+    fill_rest,
+    logits,
+    serving,
+    with_ones,
+)
 from .registry import BACKENDS, BackendSpec, describe_backends, make_backend, parse_backend, register
-from .summary import ClusterMoments, SummaryBackend, SummaryStats, cluster_moments
-from .tail import SampledTailBackend, TailEstimate, TailStats
-from .topk import TopKBackend, TopKStats
+from .shards import shard_sums
+from .summary import ClusterMoments, cluster_moments
+from .sums import RunningSums, merge_all, merge_bounded
+from .tail import TailEstimate
+
+REGISTERED = {c.__name__: c for entry in BACKENDS.values() for c in (entry.cls, entry.stats)}
+"""Every registered backend class and its statistics class, by name: exported here (and from :mod:`machines`) by
+their :func:`register` call, so a new backend touches only its own module and the registry."""
+globals().update(REGISTERED)
 
 __all__ = [
     "BACKENDS",
-    "AutoBackend",
+    "REGISTERED",
     "Backend",
     "BackendBase",
     "BackendSpec",
     "BackendStats",
+    "CertifiedStats",
     "ClusterMoments",
-    "ExactBackend",
+    "FallbackStats",
     "Guarantee",
     "NeighbourSearch",
-    "PairStats",
     "RunningSums",
-    "ShardedBackend",
-    "PolicyStats",
-    "SampledTailBackend",
     "Serving",
-    "SummaryBackend",
-    "SummaryStats",
     "TailEstimate",
-    "TailStats",
-    "TopKBackend",
-    "TopKStats",
     "cluster_moments",
     "describe_backends",
     "draw_seed",
     "entry_bias",
+    "fill_rest",
     "logits",
     "make_backend",
     "merge_all",
@@ -58,4 +68,5 @@ __all__ = [
     "serving",
     "shard_sums",
     "with_ones",
+    *REGISTERED,
 ]

@@ -25,9 +25,10 @@ from .. import native
 from .base import BackendBase, BackendStats, Guarantee, draw_seed, entry_bias, fill_rest, logits, serving
 from .exact import ExactBackend
 from .planner import EARLY_FACTOR, SEARCH_COST, SMALL_FACTOR, CostModel
-from .sums import RunningSums
 from .summary import SummaryBackend
+from .sums import RunningSums
 from .topk import TopKBackend
+
 
 class Draws(NamedTuple):
     """What a bucket call's shared draws gave its queries (CPU): means ``[Q, C]``, standard errors ``[Q]``, whether

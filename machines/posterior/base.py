@@ -14,7 +14,7 @@ import hashlib
 import time
 from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Callable, Iterator, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Callable, ClassVar, Iterator, Literal, Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -38,8 +38,10 @@ class Backend(Protocol):
     with it), or None.
     """
 
-    stats: BackendStats
     index: str | None
+
+    @property
+    def stats(self) -> BackendStats: ...
 
     @property
     def guarantee(self) -> Guarantee: ...
@@ -66,7 +68,7 @@ class BackendStats:
     def reset(self) -> None:
         """Every field back to its default."""
         for f in fields(self):
-            setattr(self, f.name, f.default_factory() if f.default_factory is not MISSING else f.default)  # type: ignore[misc]
+            setattr(self, f.name, f.default_factory() if f.default_factory is not MISSING else f.default)
 
     @contextmanager
     def timer(self, name: str) -> Iterator[None]:
@@ -139,7 +141,7 @@ class BackendBase:
     of every backend it holds (its dataclass fields that are backends)."""
 
     index: str | None = None
-    guarantee: Guarantee = "exact"
+    guarantee: ClassVar[Guarantee] = "exact"
     stats: BackendStats
 
     def __getstate__(self) -> dict:
@@ -162,7 +164,7 @@ class BackendBase:
         """A copy with the same settings and empty statistics (its inner backends' too) that shares this backend's
         caches of bank tables: for a trial whose counts are not this backend's (a cost model's probe)."""
         assert dataclasses.is_dataclass(self)
-        copy = dataclasses.replace(self, stats=type(self.stats)(),  # type: ignore[type-var]
+        copy = dataclasses.replace(self, stats=type(self.stats)(),
                                    **{name: inner.fresh() for name, inner in self.inner_backends().items()})
         for key, value in vars(self).items():
             if key.startswith("_") and isinstance(value, dict):

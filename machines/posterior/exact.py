@@ -47,7 +47,6 @@ from .. import native
 from .base import BackendBase, BackendStats, entry_bias, logits, serving
 from .sums import RunningSums
 
-
 BOUNDS_BYTES = 256 << 20
 """Memory for one slice of queries' cluster bounds ``[Q, K]`` in a pruned pass: a bucket of K clusters takes its
 queries in slices of ``BOUNDS_BYTES / (24 K)``, so a large batch against a large bank stays in bounded memory."""
@@ -162,7 +161,7 @@ class ExactBackend(BackendBase):
             return
         values = RunningSums.block_values(values, self.dtype, fused)
         for s in range(0, rows.numel(), self.query_chunk):
-            block = rows[s : s + self.query_chunk]
+            block: torch.Tensor | slice = rows[s : s + self.query_chunk]
             if contiguous:  # a slice: no gathered copy of the queries
                 start = int(rows[s])
                 block = slice(start, start + min(self.query_chunk, rows.numel() - s))

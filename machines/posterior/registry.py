@@ -1,6 +1,7 @@
 """One registry of posterior backends: a spec string → a backend, for the API, the CLI, configs and ablations.
 
-A spec is ``kind[:option=value…]`` (a text option's value may hold colons: ``sharded:placement=ray:HOST:PORT``),
+A spec is ``kind[:option=value…]`` in the grammar of :mod:`patchbank.specs` (a text option's value may hold colons:
+``sharded:placement=ray:HOST:PORT``),
 e.g. ``exact``, ``exact:dtype=float32``, ``topk:k=256:tol=1e-4``,
 ``topk:k=256:index=IVF256,Flat:nprobe=16``, ``auto:se_tol=0.005``, ``summary:tol=1e-3:leaf_size=256``.
 A kind's options are its backend's own fields (``k``, ``tol``, …). The options of the exact
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal, get_args, get_origin
 
 import torch
+
+from patchbank.specs import split_spec
 
 from .auto import AutoBackend
 from .base import Backend
@@ -59,6 +62,11 @@ class Entry:
     options: dict[str, Option]
     nested: dict[str, Option]  # options of the exact fallback (empty for exact itself)
 
+    @property
+    def stats(self) -> type:
+        """The backend's statistics class (the type of its ``stats`` field)."""
+        return typing.get_type_hints(self.cls)["stats"]
+
 
 BACKENDS: dict[str, Entry] = {}
 
@@ -83,7 +91,7 @@ class BackendSpec:
         entry = BACKENDS[self.kind]
         values = dict(self.options)
         if self.nested:  # the kind's own default fallback, with the options given
-            default = next(f for f in dataclasses.fields(entry.cls) if f.name == _NESTED).default_factory()  # type: ignore[misc]
+            default = next(f for f in dataclasses.fields(entry.cls) if f.name == _NESTED).default_factory()  # type: ignore[operator]
             values[_NESTED] = dataclasses.replace(default, **self.nested)
         return entry.cls(**values)
 
@@ -93,17 +101,13 @@ class BackendSpec:
 
 def parse_backend(spec: str) -> BackendSpec:
     """Parse ``kind[:option=value…]``; unknown kinds, unknown options and bad values are errors naming them."""
-    kind, *items = spec.strip().split(":")
+    kind, items = split_spec(spec, "backend", text_option=_text_option)
     if kind not in BACKENDS:
         raise ValueError(f"backend spec {spec!r}: unknown kind {kind!r}; choose from {', '.join(BACKENDS)}")
     entry = BACKENDS[kind]
     own: dict[str, Any] = {}
     nested: dict[str, Any] = {}
-    items = _join_colons(entry, items)
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"backend spec {spec!r}: {item!r} is not option=value")
+    for name, value in items:
         target, option = _resolve(entry, name, own, nested)
         if option is None:
             valid = sorted(entry.options) + [f"{_NESTED}.{n}" for n in sorted(entry.nested)]
@@ -120,16 +124,10 @@ def parse_backend(spec: str) -> BackendSpec:
     return parsed
 
 
-def _join_colons(entry: Entry, items: list[str]) -> list[str]:
-    """Items after a string option that are not ``option=value`` belong to its value (``placement=ray:10.0.0.1:6379``)."""
-    out: list[str] = []
-    for item in items:
-        head = out[-1].partition("=")[0] if out else None
-        if "=" not in item and head is not None and getattr(entry.options.get(head), "kind", None) == "str":
-            out[-1] += ":" + item
-        else:
-            out.append(item)
-    return out
+def _text_option(kind: str, name: str) -> bool:
+    """Whether a kind's option takes text (its value may then hold colons: ``placement=ray:10.0.0.1:6379``)."""
+    entry = BACKENDS.get(kind)
+    return entry is not None and getattr(entry.options.get(name), "kind", None) == "str"
 
 
 def make_backend(spec: str | Backend) -> Backend:
@@ -168,7 +166,7 @@ def _options(cls: type) -> dict[str, Option]:
         parse = _parser(hints[f.name])
         if parse is None:  # statistics, nested backends: not settable from a string
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
         out[f.name] = Option(f.name, parse[0], default, parse[1])
     return out
 

@@ -36,10 +36,10 @@ import torch
 
 from patchbank.bank import PatchBank
 from patchbank.base import Bank
-from patchbank.integrity import BankError
-from patchbank.sharded import ShardedBank
 from patchbank.geometry import IMAGE_RULES, BucketKey, centre_index
 from patchbank.index import Neighbours, merge_neighbours, torch_search
+from patchbank.integrity import BankError
+from patchbank.sharded import ShardedBank
 
 from .base import BackendBase, CertifiedStats, Guarantee, fill_rest, serving
 from .exact import ExactBackend

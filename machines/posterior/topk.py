@@ -170,7 +170,7 @@ class TopKBackend(NeighbourSearch, BackendBase):
             return found.neighbours.ids.to(rows.device), torch.cat(logw), torch.cat(eps)
 
         *kept, _ = self._search(bank, bucket, q, a, s2, k, truncated, self.stats)
-        return tuple(kept)  # type: ignore[return-value]
+        return tuple(kept)
 
     def certificates(self, bank: Bank, bucket: BucketKey, queries: torch.Tensor, a: float, s2: float,
                      ks: list[int], stats: TopKStats | None = None) -> dict[int, torch.Tensor]:
@@ -278,12 +278,13 @@ class TopKBackend(NeighbourSearch, BackendBase):
         if found.kind != "ivf":
             rest = (total - retrieved).clamp(min=0)
             return torch.where(full, rest * beyond, torch.zeros_like(m))
-        ivf, probed = found.ivf, found.probed[rows].to(qa.device)  # type: ignore[union-attr,index]
-        list_counts = ivf.counts.to(qa.device)  # type: ignore[union-attr]
+        assert found.ivf is not None and found.probed is not None, "an IVF search says which lists it probed"
+        ivf, probed = found.ivf, found.probed[rows].to(qa.device)
+        list_counts = ivf.counts.to(qa.device)
         in_probed = list_counts[probed].sum(1)
         inner = torch.where(full, (in_probed - retrieved).clamp(min=0) * beyond, torch.zeros_like(m))
-        dist = torch.cdist(qa, ivf.centroids.to(qa.device))  # type: ignore[union-attr]
-        lower = (dist - ivf.radii.to(qa.device) * (1 + FLOAT32_SLACK) - FLOAT32_SLACK).clamp(min=0)  # type: ignore[union-attr]
+        dist = torch.cdist(qa, ivf.centroids.to(qa.device))
+        lower = (dist - ivf.radii.to(qa.device) * (1 + FLOAT32_SLACK) - FLOAT32_SLACK).clamp(min=0)
         outer = list_counts[None, :] * torch.exp(-(a * a) * lower.pow(2) / (2 * s2) - m[:, None])
         outer = outer.scatter(1, probed, 0.0)  # probed lists are covered by the inner bound
         return inner + outer.sum(1)

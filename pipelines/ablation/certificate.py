@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from machines import ScaleSchedule, TopKBackend, alpha_sigma2
+from machines import ScaleSchedule, alpha_sigma2
 from machines.posterior import serving
+from machines.posterior.topk import TopKBackend
 from patchbank import Bank, ImageData
 
 from .concentration import noised_pixels

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from machines import Backend, BackendSpec, ExactBackend, ScaleSchedule, parse_backend, reference_schedule
+from machines import Backend, BackendSpec, ScaleSchedule, parse_backend, reference_schedule
+from machines.posterior.exact import ExactBackend
 from patchbank import ImageData, load_dataset
 from patchbank.geometry import check_scale
 
@@ -159,7 +158,7 @@ def held_out(cfg: AblationConfig) -> ImageData:
     try:
         return load_dataset(cfg.dataset, split="test", resize=cfg.resize, limit=max(64, cfg.concentration_pixels))
     except (ValueError, KeyError, FileNotFoundError):
-        return load_dataset(cfg.dataset, split=cfg.split, resize=cfg.resize, limit=max(64, cfg.concentration_pixels))
+        return load_dataset(cfg.dataset, split="test" if cfg.split == "test" else "train", resize=cfg.resize, limit=max(64, cfg.concentration_pixels))
 
 
 def slug(name: str) -> str:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
+from machines.metrics import pearson_r, r2
 from patchbank.atomic import atomic_write
 
-from machines.metrics import pearson_r, r2
 from .config import Variant
 
 

@@ -58,7 +58,7 @@ def environment() -> dict:
            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "numpy": numpy.__version__,
            "zarr": zarr.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     try:
-        import faiss  # type: ignore[import-not-found]
+        import faiss
 
         env["faiss"] = faiss.__version__
         env["faiss_gpus"] = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0

@@ -6,11 +6,13 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from machines import Backend, Denoiser, ScaleSchedule, ScoreMachine, StepRecorder, TopKBackend, noise_from_seeds, sample
+from machines import Backend, Denoiser, ScaleSchedule, ScoreMachine, StepRecorder, noise_from_seeds, sample
 from machines.comparators import make_comparator
+from machines.posterior.topk import TopKBackend
 from patchbank import Bank, BankError, BankSpec, ImageData, MemoryBank, PatchBank, load_dataset
 from patchbank.atomic import atomic_write, folder_lock, read_torch, write_json
 
@@ -20,8 +22,20 @@ from ..runs import read_json
 from ..sampling import cycled_labels
 from .certificate import certificate_study
 from .concentration import concentration_study
-from .config import (AblationConfig, Variant, comparator_of, concentration_key, held_out, part_key, reference_variant,
-                     schedule_of, slack, slug, variant_key, without_seeds)
+from .config import (
+    AblationConfig,
+    Variant,
+    comparator_of,
+    concentration_key,
+    held_out,
+    part_key,
+    reference_variant,
+    schedule_of,
+    slack,
+    slug,
+    variant_key,
+    without_seeds,
+)
 from .report import best_configuration, exact_row, make_row, merge_steps, summary_markdown, write_csv
 from .resources import PeakMemory, environment
 
@@ -35,8 +49,8 @@ def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
     Files: ``config.json`` (resolved config + environment; ``patchbank ablate --config`` re-runs
     it), ``rows.csv``, ``results.json`` (rows + per-step records), ``summary.md``,
     ``pareto.png``, ``fallback.png`` and, with the concentration study, ``concentration.json``
-    and ``concentration.png``, and with the certificate study (``certificate_ks``), ``certificate.json``. Finished configurations are kept under ``variants/`` and skipped
-    when the same run is repeated, so an interrupted ablation resumes.
+    and ``concentration.png``, and with the certificate study (``certificate_ks``), ``certificate.json``. Finished
+    configurations are kept under ``variants/`` and skipped when the same run is repeated, so an interrupted ablation resumes.
     """
     cfg.check()
     check_executor(cfg.executor)
@@ -60,11 +74,11 @@ def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
 
 def _run_ablation(cfg: AblationConfig, variants: list[Variant], theory: tuple[str, dict, bool] | None, progress: bool) -> dict:
     out = Path(cfg.out)
-    data = load_dataset(cfg.dataset, split=cfg.split, resize=cfg.resize, limit=cfg.n_train)
+    data = load_dataset(cfg.dataset, split="test" if cfg.split == "test" else "train", resize=cfg.resize, limit=cfg.n_train)
     if cfg.model:
         _check_model(cfg, data)
     schedule = schedule_of(cfg)
-    key = {"ablation": asdict(cfg), "fingerprint": data.fingerprint()}
+    key: dict[str, Any] = {"ablation": asdict(cfg), "fingerprint": data.fingerprint()}
     write_json(out / "config.json", {"ablation": asdict(cfg), "environment": environment(), "fingerprint": key["fingerprint"]})
     done_dir = out / "variants"
     done_dir.mkdir(exist_ok=True)
@@ -120,7 +134,11 @@ def _concentration(cfg: AblationConfig, bank: Bank, schedule: ScaleSchedule, fin
 def _certificates(cfg: AblationConfig, variants: list[Variant], data: ImageData, memory_bank: MemoryBank, schedule: ScaleSchedule,
                   fingerprint: str, out: Path, progress: bool) -> list:
     """The certificate study's cells for the grid's top-k entries, kept in ``certificate.json`` across re-runs."""
-    entries = [(v.name, backend) for v in variants if isinstance(backend := v.backend(), TopKBackend)]
+    entries: list[tuple[str, TopKBackend]] = []
+    for v in variants:
+        backend = v.backend()
+        if isinstance(backend, TopKBackend):
+            entries.append((v.name, backend))
     times = cfg.certificate_times or cfg.concentration_times
     ckey = {"fingerprint": fingerprint, "entries": [name for name, _ in entries], "ks": cfg.certificate_ks, "times": times,
             "schedule": schedule.to_json(), "pixels": cfg.concentration_pixels, "machine": cfg.machine,
