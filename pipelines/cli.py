@@ -129,7 +129,8 @@ class _Options:
 
     def __call__(self, *flags: str, help: str = "", **kwargs: Any) -> None:
         dest = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
-        if self.defaults is not None and hasattr(self.defaults, dest) and kwargs.get("action") not in ("store_true", "store_false"):
+        shown = self.defaults is not None and getattr(self.defaults, dest, None) is not None
+        if shown and kwargs.get("action") not in ("store_true", "store_false"):
             help = f"{help} (default: {_shown(getattr(self.defaults, dest))})".strip()
         self.parser.add_argument(*flags, default=OMIT, help=help, **kwargs)
 
@@ -137,7 +138,7 @@ class _Options:
 def _shown(value: Any) -> str:
     if isinstance(value, list) and value and all(isinstance(v, int) for v in value) and value == list(range(value[0], value[-1] + 1)):
         return f"{value[0]}-{value[-1]}"
-    return "none" if value is None else str(value)
+    return str(value)
 
 
 EXECUTOR_HELP = "where seed batches run: serial, processes:N (local processes) or ray[:ADDRESS] (a Ray cluster; needs the 'ray' extra)"

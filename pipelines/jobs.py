@@ -121,9 +121,8 @@ def _check_job(machine: str | None, seeds: list[int], steps: int, backend: str, 
 TABLES_UP_TO = 3
 """Calibration and evaluation keep distinct-patch tables (and their clusters) for P ≤ 3 only and stream
 larger scales from the images: a conditional run touches each (label, P) table for a few steps, and
-under the bank's table budget the tables of eight candidate scales evict each other every step. Measured
-on conditional CIFAR10 (4,000 images, one thread): the first call at P = 17 / 9 / 5 took 20.9 / 9.3 /
-3.5 s with its table built against 2.6 / 1.6 / 1.1 s streamed. Answers are the same either way."""
+under the bank's table budget the tables of eight candidate scales evict each other every step (docs/reference.md,
+"Calibration"). Answers are the same either way."""
 
 
 def _setup(model: str, bank_path: str | None, tables_up_to: int | None = None, n_train: int | None = None):

@@ -186,6 +186,13 @@ def logits(queries: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, a: flo
     return torch.addmm(bias, queries, keys.T, alpha=a / s2)
 
 
+def distance_logits(d2: torch.Tensor, log_counts: torch.Tensor, a: float, s2: float) -> torch.Tensor:
+    """``ℓ = −a²‖q/a − p‖²/(2s²) + c`` from exact squared distances ``d2`` between ``q/a`` and retrieved patches and
+    their log counts (any shape, broadcast): the logits of a backend that sums the patches a search returned, whose
+    certificates need the distances themselves (the full logit, ``−‖q‖²/(2s²)`` included)."""
+    return -(a * a) * d2 / (2 * s2) + log_counts
+
+
 def with_ones(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Values with a ones column appended, so one matrix product gives Σw·v and Σw: ``[M, V+1]``."""
     values = values.to(dtype)

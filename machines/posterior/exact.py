@@ -22,7 +22,7 @@ exponentials when its maximum lies more than ``ln(1e10/prune_tol)`` below the ru
 result by < ``prune_tol``). Sums are kept in float64 whatever ``dtype``. A pruned pass runs as one C
 sweep over the cluster tree (:func:`~machines.native.tree_sums`): the logits are made in
 registers from the int16 patches and folded at once, so no logits block is written and no Python runs per
-cluster (1.5–3× the per-block product and fold, 61–67% of the measured float32 peak at P ≥ 7); a streamed block's
+cluster (docs/performance.md, "The exact pass as one C sweep"); a streamed block's
 logits are made in registers the same way (:func:`~machines.native.fold_tiles`). On CUDA, or without
 a C compiler under ``"auto"``, the same blocks go through torch operations.
 

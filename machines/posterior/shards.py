@@ -41,7 +41,7 @@ from patchbank.index import Neighbours, merge_neighbours, torch_search
 from patchbank.integrity import BankError
 from patchbank.sharded import ShardedBank
 
-from .base import BackendBase, CertifiedStats, Guarantee, fill_rest, serving
+from .base import BackendBase, CertifiedStats, Guarantee, distance_logits, fill_rest, serving
 from .exact import ExactBackend
 from .sums import RunningSums, merge_all, merge_bounded
 from .topk import beyond_kth
@@ -145,7 +145,7 @@ def range_topk(keys: torch.Tensor, search: torch.Tensor, counts: torch.Tensor, q
     cand = keys[ids].double() / 255.0  # [Q, k, D], exact in float64 (every id valid: k ≤ the range's size)
     c = counts[ids].double()
     d2 = (qa[:, None, :] - cand).pow(2).sum(-1)  # exact, float64
-    logit = -(a * a) * d2 / (2 * s2) + c.log()
+    logit = distance_logits(d2, c.log(), a, s2)
     m = logit.amax(1)
     w = (logit - m[:, None]).exp()
     centre = centre_index(channels, bucket.scale).to(keys.device)  # type: ignore[arg-type]

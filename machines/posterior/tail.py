@@ -35,7 +35,7 @@ import torch
 from patchbank.base import Bank
 from patchbank.geometry import BucketKey, centre_index
 
-from .base import BackendBase, FallbackStats, Guarantee, NeighbourSearch, draw_seed, fill_rest, serving
+from .base import BackendBase, FallbackStats, Guarantee, NeighbourSearch, distance_logits, draw_seed, fill_rest, serving
 from .exact import ExactBackend
 
 
@@ -157,13 +157,12 @@ class SampledTailBackend(NeighbourSearch, BackendBase):
         """One block of queries ``q [b, D]`` (heads ``[b, k]``) against the shared draws ``draws [m]`` (patches
         ``cand [m, D]``, ``log_scale [m]`` = log(c_j/π_j))."""
         qa = q.cpu() / a
-        coef = -(a * a) / (2 * s2)
-        lw = coef * (qa[:, None, :] - cand[None]).pow(2).sum(-1) + log_scale[None]  # log(w_j / π_j), [b, m]
+        lw = distance_logits((qa[:, None, :] - cand[None]).pow(2).sum(-1), log_scale[None], a, s2)  # log(w_j / π_j), [b, m]
         if head is not None:
             valid = head >= 0
             hid = head.clamp(min=0)
             hp = patches[hid].to(torch.float64) / 255.0  # [b, k, D]
-            lh = torch.where(valid, coef * (qa[:, None, :] - hp).pow(2).sum(-1) + counts[hid].log(), -torch.inf)
+            lh = torch.where(valid, distance_logits((qa[:, None, :] - hp).pow(2).sum(-1), counts[hid].log(), a, s2), -torch.inf)
             in_head = (draws[None, :, None] == torch.where(valid, head, -1)[:, None, :]).any(-1)
             lw = lw.masked_fill(in_head, -torch.inf)
         else:

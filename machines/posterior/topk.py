@@ -37,7 +37,7 @@ from patchbank.base import Bank
 from patchbank.geometry import BucketKey, centre_index
 from patchbank.index import Neighbours, SearchResult
 
-from .base import BackendBase, CertifiedStats, Guarantee, NeighbourSearch, fill_rest, serving
+from .base import BackendBase, CertifiedStats, Guarantee, NeighbourSearch, distance_logits, fill_rest, serving
 from .exact import ExactBackend
 
 FLOAT32_SLACK = 1e-5  # relative error allowance on float32 index distances
@@ -247,7 +247,7 @@ class TopKBackend(NeighbourSearch, BackendBase):
             cand = (table.patches[safe].to(q.device, torch.float64) / 255.0)  # [b, k, D]
             counts = table.counts[safe].to(q.device, torch.float64) * valid
             d2 = (q[rows, None, :] / a - cand).pow(2).sum(-1)  # exact, float64
-            logits = torch.where(valid, -(a * a) * d2 / (2 * s2) + counts.clamp(min=1).log(), -torch.inf)
+            logits = torch.where(valid, distance_logits(d2, counts.clamp(min=1).log(), a, s2), -torch.inf)
             m = logits.amax(1)
             bound = self._neglected(found, rows, q[rows] / a, d2, valid, counts, total, a, s2, m)
             if tree is not None:
