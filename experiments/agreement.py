@@ -181,10 +181,15 @@ def between(first: str, second: str) -> str:
     return "\n".join(lines + ["", f"({len(seeds)} seeds)"])
 
 
+def _peer(r: dict) -> str:
+    """The mean over seeds of the peers' R² (analytic-diffusion-studio, GoldDiff), where the evaluation has it."""
+    return f"{r['mean_machine_peer_r2']:.3f}" if "mean_machine_peer_r2" in r else "–"
+
+
 def table(names: list[str], figures: Path | None) -> str:
     rows = [row_summary(n, figures) for n in names]
-    head = ("| network | machine | images | seeds | r (paper) | R² | MSE | IS r | beats IS | train / cal / eval min |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    head = ("| network | machine | images | seeds | r (paper) | R² | peers' R² | MSE | IS r | beats IS | train / cal / eval min |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
         net = f"{r['dataset']} {r['arch']}{'+attention' if r['attention'] else ''} {r['padding']}{' cond.' if r['conditional'] else ''}"
@@ -192,7 +197,7 @@ def table(names: list[str], figures: Path | None) -> str:
         paper = f" ({r['paper_r']:.2f})" if r["paper_r"] is not None else ""
         images = r["train_images"] if r["n_train"] == r["train_images"] else f"{r['train_images']} (machine: first {r['n_train']})"
         lines.append(f"| {net} | {r['machine']} | {images} | {r['seeds']} | {r['median_machine_r']:.3f}{paper} | "
-                     f"{r['median_machine_r2']:.3f} | {r['median_machine_mse']:.4f} | {r['median_is_r']:.3f} | "
+                     f"{r['median_machine_r2']:.3f} | {_peer(r)} | {r['median_machine_mse']:.4f} | {r['median_is_r']:.3f} | "
                      f"{r['machine_beats_is']:.0%} | {mins} |")
     theories = sorted({k[len("median_"):-len("_r")] for r in rows for k in r
                        if k.startswith("median_") and k.endswith("_r") and k not in ("median_machine_r", "median_is_r")})

@@ -22,6 +22,17 @@ def r2(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return 1 - ss_res / ss_tot.clamp(min=1e-300)
 
 
+def peer_r2(analytic: torch.Tensor, network: torch.Tensor) -> torch.Tensor:
+    """Per-sample R² as analytic-diffusion-studio and GoldDiff report it (their ``calculate_r2_score(analytic,
+    network)``, whose mean over samples they tabulate): ``1 − Σ(analytic − network)² / (D·var(network))`` over the
+    ``D = C·H·W`` values, ``var`` with Bessel's correction (so ``SS_tot`` is ``D/(D−1)`` times :func:`r2`'s), and
+    a network image of zero variance counted as variance 1: ``[B]``."""
+    a, n = analytic.flatten(1).double(), network.flatten(1).double()
+    var = n.var(1)
+    var = torch.where(var == 0, torch.ones_like(var), var)
+    return 1 - (a - n).pow(2).sum(1) / (var * n.shape[1])
+
+
 def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-sample mean squared difference: ``[B]``."""
     return (a.flatten(1).double() - b.flatten(1).double()).pow(2).mean(1)

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from machines import Denoiser, identity_of, noise_from_seeds, sample
-from machines.metrics import mse, pearson_r, r2
+from machines.metrics import mse, pearson_r, peer_r2, r2
 from patchbank.atomic import atomic_write, folder_lock, read_torch, write_json
 
 from .executors import Executor, make_executor, pending
@@ -29,9 +29,10 @@ from .runs import claim_folder, seed_labels
 
 def metrics(name: str, x: torch.Tensor, network: torch.Tensor) -> list[dict]:
     """Per sample of ``x [B, C, H, W]`` against the network's images: ``<name>_r`` (Pearson), ``<name>_r2`` (R²,
-    network as reference) and ``<name>_mse``."""
-    return [{f"{name}_r": float(r), f"{name}_r2": float(q), f"{name}_mse": float(e)}
-            for r, q, e in zip(pearson_r(x, network), r2(x, network), mse(x, network))]
+    network as reference), ``<name>_peer_r2`` (the R² of analytic-diffusion-studio and GoldDiff,
+    :func:`~machines.metrics.peer_r2`) and ``<name>_mse``."""
+    return [{f"{name}_r": float(r), f"{name}_r2": float(q), f"{name}_peer_r2": float(p), f"{name}_mse": float(e)}
+            for r, q, p, e in zip(pearson_r(x, network), r2(x, network), peer_r2(x, network), mse(x, network))]
 
 
 def compare(network: torch.Tensor, machine: torch.Tensor, ideal: torch.Tensor) -> list[dict]:
@@ -40,9 +41,11 @@ def compare(network: torch.Tensor, machine: torch.Tensor, ideal: torch.Tensor) -
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Medians over seeds and the fraction of seeds where the machine beats IS and each other theory (by Pearson r)."""
+    """Medians over seeds, the means of the peers' R² (what they tabulate), and the fraction of seeds where the machine
+    beats IS and each other theory (by Pearson r)."""
     keys = [k for k in rows[0] if k != "seed" and all(k in r for r in rows)]  # theories measured on every seed
     out = {f"median_{k}": statistics.median(r[k] for r in rows) for k in keys}
+    out |= {f"mean_{k}": statistics.fmean(r[k] for r in rows) for k in keys if k.endswith("_peer_r2")}
     out["machine_beats_is"] = sum(r["machine_r"] > r["is_r"] for r in rows) / len(rows)
     for name in sorted({k[: -len("_r")] for k in keys if k.endswith("_r")} - {"machine", "is"}):
         out[f"machine_beats_{name}"] = sum(r["machine_r"] > r[f"{name}_r"] for r in rows) / len(rows)
@@ -109,7 +112,7 @@ def _evaluate(network: Denoiser, machine: Denoiser, ideal: Denoiser, seeds: Sequ
             raise ValueError(f"{name!r} is taken; name the theory otherwise")
         if not (out / "theories" / name / "run.json").exists():  # a new theory here: no earlier results count as its
             for row in by_seed.values():
-                for key in [k for k in row if k in (f"{name}_r", f"{name}_r2", f"{name}_mse")]:
+                for key in [k for k in row if k in (f"{name}_r", f"{name}_r2", f"{name}_peer_r2", f"{name}_mse")]:
                     del row[key]
             for kept in samples.values():
                 kept.pop(name, None)
