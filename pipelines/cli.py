@@ -155,7 +155,7 @@ def _data_options(opt: _Options) -> None:
 def _network_options(opt: _Options) -> None:
     """The options calibration and evaluation share: the network, its seeds and how its machine is run."""
     opt("--config", help="a JSON file of the config's fields; options given here override it")
-    opt("--model", help="a trained model.pt (its config.json names the training data)")
+    opt("--model", help="a trained model.pt (its config.json names the training data), or the name of a shipped network")
     opt("--seeds", type=parse_seeds, help="seeds of the network's trajectories, e.g. 0-7")
     opt("--steps", type=int, help="DDIM steps")
     opt("--bank", help="a built bank of the network's training data (default: built in memory)")
@@ -206,7 +206,8 @@ def _explain_options(p: argparse.ArgumentParser) -> None:
     opt = _Options(p, defaults_of(ExplainConfig))
     p.add_argument("sample", nargs="?", default=OMIT, help="the output folder of `patchbank sample` (its config.json and samples.pt)")
     opt("--model", help="instead of a sample folder: a trained model.pt, explained by its calibrated machine")
-    opt("--calibration", help="with --model: the network's calibration.json (`patchbank calibrate`)")
+    opt("--calibration", help="with --model: the network's calibration.json (`patchbank calibrate`; default: a shipped "
+        "network's own)")
     opt("--seeds", type=parse_seeds, help="with --model: the network's seeds, e.g. 0-3")
     opt("--steps", type=int, help="with --model: DDIM steps")
     opt("--bank", help="with --model: a built bank of the network's training data (default: in memory)")
@@ -308,7 +309,8 @@ def _calibrate(args: argparse.Namespace) -> None:
 def _evaluate_options(p: argparse.ArgumentParser) -> None:
     opt = _Options(p, defaults_of(EvaluateConfig))
     _network_options(opt)
-    opt("--calibration", help="the calibration.json whose schedule the machine uses")
+    opt("--calibration", help="the calibration.json whose schedule the machine uses (default: a shipped network's own, "
+        "else outputs/calibrate/calibration.json)")
     opt("--machine", choices=["LS", "ELS", "bbELS"], help="the calibrated machine (default: the calibration's)")
     p.add_argument("--machines", type=theory_list, default=OMIT, dest="theories",
                    help="every theory to compare with the network on the same seeds, e.g. bbELS,wiener,nearest,pca_locality,"

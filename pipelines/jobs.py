@@ -11,6 +11,7 @@ the network it was calibrated against, and evaluating another network with it is
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from .figures import agreement_scatter, image_pairs, scale_curve
 from .networks import NetworkDenoiser
 from .pairing import RULE_PADDING, calibration_record, check_calibration, machine_for, paper_schedule_name
 from .runs import check_fields, check_run_options, read_json, seed_labels
+from .shipped import calibration_for, resolve_model
 from .training import load_network
 
 PATCH_CANDIDATES = [1, 3, 5, 7, 9, 11, 13, 15, 17, 19]
@@ -82,7 +84,7 @@ class CalibrateConfig:
 @dataclass
 class EvaluateConfig:
     model: str = "outputs/train/model.pt"
-    calibration: str = "outputs/calibrate/calibration.json"
+    calibration: str | None = None  # None: a shipped network's own, else outputs/calibrate/calibration.json
     machine: str | None = None  # None: the calibration's machine
     seeds: list[int] = field(default_factory=lambda: list(range(100)))
     steps: int = 20
@@ -129,6 +131,7 @@ def _setup(model: str, bank_path: str | None, tables_up_to: int | None = None, n
     """The network, the bank of its training set (``n_train``: of its first N images only), and its
     training config. ``tables_up_to``: largest P with distinct-patch tables in a bank built here (None:
     every P; provenance needs them)."""
+    model = resolve_model(model)
     network = load_network(model)
     train_cfg = read_json(Path(model).parent / "config.json", "the model's training config")
     data = None
@@ -246,12 +249,15 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     """Evaluate (or resume) the network against its calibrated machine, IS and the comparators; writes the report,
     per-seed rows, samples and figures under ``cfg.out`` (locked while it runs: a second run into it fails at once)."""
     cfg.check()
-    found = calibrated(cfg.model, cfg.calibration, cfg.machine, cfg.bank, cfg.backend, cfg.other_network, n_train=cfg.n_train)
+    calibration = calibration_for(cfg.model, cfg.calibration)
+    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model), calibration=calibration)
+    found = calibrated(cfg.model, calibration, cfg.machine, cfg.bank, cfg.backend, cfg.other_network, n_train=cfg.n_train)
     with folder_lock(cfg.out, reentrant=True):  # evaluate() takes the same lock
         return _run_evaluate(cfg, *found)
 
 
 def _run_evaluate(cfg: EvaluateConfig, network: NetworkDenoiser, machine: ScoreMachine, train_cfg: dict) -> dict:
+    assert cfg.calibration is not None
     calibrated_on = read_json(cfg.calibration, "calibration").get("network", {}).get("model")
     bank, kind, schedule, cond = machine.bank, machine.kind, machine.scales, machine.conditional
     assert schedule is not None, "a calibrated machine follows its schedule"
@@ -332,8 +338,8 @@ class ExplainConfig:
                             "seeds": (0, None, "[)")})
         if (self.sample is None) == (self.model is None):
             raise ValueError("give either a sample folder or --model (with --calibration and --seeds), not both or neither")
-        if self.model is not None and (self.calibration is None or self.seeds is None):
-            raise ValueError("--model needs --calibration (the network's calibration.json) and --seeds")
+        if self.model is not None and self.seeds is None:
+            raise ValueError("--model needs --seeds (and --calibration, the network's calibration.json, unless it ships)")
         if self.sample is not None and (self.calibration, self.seeds, self.bank) != (None, None, None):
             raise ValueError("--calibration, --seeds and --bank explain a network (--model); a sample folder has its own")
 
@@ -346,6 +352,7 @@ def run_explain_job(cfg: ExplainConfig) -> Path:
         from .sampling import run_explain
 
         return run_explain(cfg.sample, cfg.m, cfg.at, cfg.out, cfg.topk, cfg.tol, not cfg.listed_images)
-    assert cfg.model is not None and cfg.calibration is not None and cfg.seeds is not None
-    return run_explain_network(cfg.model, cfg.calibration, cfg.seeds, cfg.steps, cfg.m, cfg.at, cfg.out or "outputs/explain",
+    assert cfg.model is not None and cfg.seeds is not None
+    calibration = calibration_for(cfg.model, cfg.calibration)
+    return run_explain_network(cfg.model, calibration, cfg.seeds, cfg.steps, cfg.m, cfg.at, cfg.out or "outputs/explain",
                                cfg.bank, cfg.topk, cfg.tol, not cfg.listed_images)

@@ -29,6 +29,7 @@ from patchbank.atomic import atomic_write, folder_lock, read_torch, write_json
 
 from .networks import ARCHITECTURES, NetworkDenoiser
 from .runs import check_fields, config_from_dict, differences, read_json
+from .shipped import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +238,9 @@ def _save_checkpoint(path: Path, cfg: TrainConfig, net, opt, sched, gen: torch.G
 
 
 def load_network(path: str | os.PathLike, device: str = "auto") -> NetworkDenoiser:
-    """A trained ``model.pt`` as a denoiser with the machines' call signature; a missing or unreadable
-    file is an error naming it."""
+    """A trained ``model.pt`` (or a shipped network's name, :mod:`pipelines.shipped`) as a denoiser with the
+    machines' call signature; a missing or unreadable file is an error naming it."""
+    path = resolve_model(path)
     if not Path(path).is_file():
         raise FileNotFoundError(f"no trained model at {path} (train one with `patchbank train`)")
     try:

@@ -140,7 +140,7 @@ def test_a_subcommand_config_is_the_file_then_the_options_given(tmp_path):
     explain = config_from(ExplainConfig, build_parser().parse_args(["explain", "runs/s", "--m", "4", "--topk", "topk:k=64"]))
     assert (explain.sample, explain.m, explain.topk) == ("runs/s", 4, "topk:k=64")
     for argv, why in ((["explain"], "either a sample folder or --model"), (["explain", "s", "--model", "m.pt"], "not both"),
-                      (["explain", "--model", "m.pt"], "needs --calibration"), (["explain", "s", "--seeds", "0"], "explain a network")):
+                      (["explain", "--model", "m.pt"], "needs --seeds"), (["explain", "s", "--seeds", "0"], "explain a network")):
         with pytest.raises(ValueError, match=why):
             config_from(ExplainConfig, build_parser().parse_args(argv))
 

@@ -20,6 +20,7 @@ from ..executors import SerialExecutor, batch_for, check_executor, chunks, make_
 from ..pairing import check_machine_options
 from ..runs import read_json
 from ..sampling import cycled_labels
+from ..shipped import resolve_model
 from .certificate import certificate_study
 from .concentration import concentration_study
 from .config import (
@@ -241,8 +242,9 @@ def _reference_run(machine: Denoiser, steps: int, noise: torch.Tensor, labels: t
 
 def _check_model(cfg: AblationConfig, data: ImageData) -> None:
     """The trained network must fit the ablation's machine: same data, padding rule and conditioning."""
-    train_cfg = read_json(Path(cfg.model).parent / "config.json", "the model's training config")  # type: ignore[arg-type]
-    check_machine_options(train_cfg, cfg.model, machine=cfg.machine, conditional=cfg.conditional,  # type: ignore[arg-type]
+    assert cfg.model is not None
+    train_cfg = read_json(Path(resolve_model(cfg.model)).parent / "config.json", "the model's training config")
+    check_machine_options(train_cfg, cfg.model, machine=cfg.machine, conditional=cfg.conditional,
                           fingerprint=data.fingerprint(), data_name=f"the ablation's data ({cfg.dataset}, {len(data)} images)")
 
 
