@@ -200,6 +200,25 @@ class LossCurve:
         self.total, self.count = 0.0, 0
 
 
+PLATEAU = 0.01
+"""A loss curve has plateaued when its last fifth improves on the fifth before it by less than this fraction."""
+
+
+def tail_improvement(points: list, tail: float = 0.2) -> float | None:
+    """How much a loss curve ``[[iteration, mean loss], …]`` still improved at the end: ``1 − L_last / L_before``,
+    ``L_last`` the mean loss over the last ``tail`` of the iterations and ``L_before`` over the ``tail`` before
+    them (per-interval means, so the noise of single batches averages out). None with too few points to say.
+    Below :data:`PLATEAU`, the training has plateaued by the project's criterion."""
+    if len(points) < 4:
+        return None
+    end = points[-1][0]
+    last = [loss for it, loss in points if it > end * (1 - tail)]
+    before = [loss for it, loss in points if end * (1 - 2 * tail) < it <= end * (1 - tail)]
+    if not last or not before:
+        return None
+    return 1 - (sum(last) / len(last)) / (sum(before) / len(before))
+
+
 def _resume(path: Path, cfg: TrainConfig, net, opt, sched, gen: torch.Generator, ema: nn.Module | None = None,
             curve: LossCurve | None = None) -> int:
     if not path.exists():

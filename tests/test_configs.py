@@ -303,3 +303,37 @@ def test_agreement_table_names_a_row_whose_outputs_are_missing(tmp_path, monkeyp
     (tmp_path / "outputs" / "half_row" / "config.json").write_text("{}")
     with pytest.raises(SystemExit, match=r"row half_row@100: outputs/half_row/evaluate_first100/config.json is missing.*--n-train 100"):
         agreement.table(["half_row@100"], None)
+
+
+def test_a_shipped_network_is_loaded_by_name_and_checked_against_its_card(nets, tmp_path, monkeypatch):
+    """A row shipped by experiments/ship.py evaluates by name, with its own calibration, to the same numbers as its
+    files; a damaged model.pt is refused; an unknown name lists what ships."""
+    import importlib.util
+    import shutil
+
+    import pipelines.shipped as shipped_mod
+
+    spec = importlib.util.spec_from_file_location("ship", Path(__file__).resolve().parents[1] / "experiments" / "ship.py")
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    model, calibration = nets["zeros"]
+    row = tmp_path / "row"
+    (row / "calibrate").mkdir(parents=True)
+    for f in ("model.pt", "config.json", "losses.json"):
+        shutil.copyfile(Path(model).parent / f, row / f)
+    shutil.copyfile(calibration, row / "calibrate" / "calibration.json")
+    models = tmp_path / "models"
+    monkeypatch.setattr(shipped_mod, "MODELS", models)
+    folder = ship.ship("tiny_mnist", row, models)
+    card = json.loads((folder / "card.json").read_text())
+    assert card["weights_sha256"] and "plateaued" in card and shipped_mod.shipped() == ["tiny_mnist"]
+    by_name = run_evaluate(EvaluateConfig(model="tiny_mnist", seeds=[0], steps=2, batch=1, out=str(tmp_path / "a")))
+    by_file = run_evaluate(EvaluateConfig(model=model, calibration=calibration, seeds=[0], steps=2, batch=1, out=str(tmp_path / "b")))
+    assert by_name["median_machine_r"] == by_file["median_machine_r"]
+    with pytest.raises(FileNotFoundError, match=r"no shipped network of that name \(shipped: tiny_mnist\)"):
+        shipped_mod.resolve_model("no_such_net")
+    data = bytearray((folder / "model.pt").read_bytes())
+    data[-1] ^= 1
+    (folder / "model.pt").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match its card"):
+        shipped_mod.resolve_model("tiny_mnist")

@@ -33,3 +33,15 @@ def test_the_evaluation_reports_the_peers_mean_beside_our_medians():
     out = summarise(rows)
     assert abs(out["mean_machine_peer_r2"] - sum(r["machine_peer_r2"] for r in rows) / 5) < 1e-12
     assert "median_machine_r2" in out and "mean_is_peer_r2" in out and "mean_machine_r" not in out
+
+
+def test_a_loss_curve_plateaus_when_its_last_fifth_stops_improving():
+    from pipelines.training import PLATEAU, tail_improvement
+
+    falling = [[i * 100, 1.0 / (1 + i)] for i in range(1, 41)]  # still falling by a fifth at the end
+    flat = [[i * 100, 0.05 + 0.5 * 0.7**i] for i in range(1, 41)]  # converged to 0.05
+    assert tail_improvement(falling) > 0.15 and tail_improvement(flat) < PLATEAU
+    assert tail_improvement(falling[:3]) is None
+    last = [loss for it, loss in flat if it > 3200]
+    before = [loss for it, loss in flat if 2400 < it <= 3200]
+    assert abs(tail_improvement(flat) - (1 - (sum(last) / len(last)) / (sum(before) / len(before)))) < 1e-15
