@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from machines import AutoBackend, ExactBackend, SummaryBackend, TopKBackend, alpha_sigma2
+from machines import AutoBackend, ExactBackend, SummaryBackend, TopKBackend, alpha_sigma2, native
 from patchbank import MemoryBank, to_model_range
 from patchbank.geometry import BucketKey, centre_index, patches_at
 
@@ -294,7 +294,8 @@ def test_a_draw_is_priced_against_the_exact_route_it_replaces(monkeypatch):
     assert AutoBackend(draw_cost=3.0).cost_of_a_draw() == 3.0
     assert AutoBackend(exact=ExactBackend(kernel="torch")).cost_of_a_draw() == 1.5
     assert AutoBackend(exact=ExactBackend(dtype=torch.float32, tiles=False)).cost_of_a_draw() == 1.5
-    assert AutoBackend().cost_of_a_draw() == (2.0 if ExactBackend().uses_fused("cpu") else 1.5)
+    assert AutoBackend().cost_of_a_draw() == (2.0 if ExactBackend().uses_tiles("cpu") else 1.5)
+    assert AutoBackend(exact=ExactBackend(dtype=torch.float32, tiles=True)).cost_of_a_draw() == (2.0 if native.available() else 1.5)
 
 
 def test_the_cost_model_options_are_checked():

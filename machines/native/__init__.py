@@ -7,7 +7,8 @@ cluster scan and calibration's many-scale pass — so the kernels live apart fro
 module              entry points                                                     C source
 =================== ================================================================ ==============
 :mod:`.build`       :func:`available`, :func:`check_option`, :func:`use_fused`,       ``common.h``
-                    :func:`cpu_flags`; compiling, loading, the one argument check
+                    :func:`cpu_flags`, :func:`wide_vectors`; compiling, loading, the
+                    one argument check
 :mod:`.folds`       :func:`fold_logits`, :func:`fold_moments` (a logits block);       ``rows.c``,
                     :func:`fold_tiles`, :func:`moments_tiles` (logits in registers)   ``fold.c``
 :mod:`.trees`       :func:`tree_sums` (exact), :func:`tree_provenance` (provenance)   ``sweep.c``,
@@ -23,7 +24,7 @@ features checks :func:`cpu_flags` at run time and says once why it falls back.
 """
 
 from .boxes import BOX_RULES, box_scales
-from .build import available, check_arrays, check_option, cpu_flags, unavailable_reason, use_fused
+from .build import available, check_arrays, check_option, cpu_flags, unavailable_reason, use_fused, wide_vectors
 from .folds import MIN_TILE_ROWS, TILE_WIDTH, TileKeys, fold_logits, fold_moments, fold_tiles, lay_out_keys, moments_tiles
 from .peak import peak_gflops
 from .tables import RowTable, counting_order
@@ -51,4 +52,5 @@ __all__ = [
     "tree_sums",
     "unavailable_reason",
     "use_fused",
+    "wide_vectors",
 ]

@@ -99,6 +99,18 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(_cpu().partition("flags")[2].replace(":", " ").split())
 
 
+def wide_vectors() -> bool:
+    """Whether this CPU has 512-bit vectors (AVX-512F), which the register-tile kernels are written for: 24 chains of
+    16 float32 lanes. Without them the compiler splits each vector in two and the tiles spill registers, so callers
+    keep a matrix product then the block fold there (docs/performance.md, "The sweep on a CPU without AVX-512").
+    Says so once in the log."""
+    wide = "avx512f" in cpu_flags()
+    if not wide and not _state.get("said_narrow"):
+        _state["said_narrow"] = True
+        log.info("this CPU has no AVX-512: the register-tile kernels are off by default, the block folds run instead")
+    return wide
+
+
 def check_option(kernel: str) -> None:
     """Validate a backend's ``kernel`` option (``auto`` | ``fused`` | ``torch``); ``fused`` must be available."""
     if kernel not in ("auto", "fused", "torch"):

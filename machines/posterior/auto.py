@@ -258,7 +258,7 @@ class AutoBackend(CostModel, BackendBase):
         # ℓ = −‖q − a·p‖²/(2s²) up to a per-query constant (−‖q‖²/2s², which cancels).
         bias = entry_bias(keys.pow(2).sum(1), None, a, s2, keys.dtype)
         fused = self.uses_fused(q.device)
-        if fused and self.exact.tiles and q.shape[0] >= native.MIN_TILE_ROWS:  # logits in registers
+        if fused and q.shape[0] >= native.MIN_TILE_ROWS and self.exact.uses_tiles(q.device):  # logits in registers
             qs = (q.to(keys.dtype) * (a / s2)).contiguous()
             state.moments_tiles(rows, qs, native.lay_out_keys(keys, bias, values, keys.dtype))
             return

@@ -85,7 +85,8 @@ class ExactBackend(BackendBase):
     every repetition, no pruning). ``tiles``: with the fused kernel, make the logits in registers and fold them at
     once — a pruned pass as one C sweep over the cluster tree (:func:`machines.native.tree_sums`), a streamed block
     through :func:`~machines.native.fold_tiles`; False: a matrix product per block (per cluster), then
-    :func:`~machines.native.fold_logits` (the same sums, kept for comparison). ``stats`` counts the (query, entry) pairs computed against
+    :func:`~machines.native.fold_logits` (the same sums); None (the default): where the CPU has the wide vectors the
+    tiles are written for (:func:`machines.native.wide_vectors`). ``stats`` counts the (query, entry) pairs computed against
     those that exist.
     """
 
@@ -97,7 +98,7 @@ class ExactBackend(BackendBase):
     prune_tol: float = 1e-16
     kernel: Literal["auto", "fused", "torch"] = "auto"
     dedup: bool = True
-    tiles: bool = True
+    tiles: bool | None = None
     stats: PairStats = field(default_factory=PairStats, repr=False)
 
     def __post_init__(self) -> None:
@@ -110,6 +111,10 @@ class ExactBackend(BackendBase):
     def uses_fused(self, device: torch.device | str) -> bool:
         """Whether queries on ``device`` go through the fused kernel."""
         return native.use_fused(self.kernel, device)
+
+    def uses_tiles(self, device: torch.device | str) -> bool:
+        """Whether queries on ``device`` make their logits in register tiles (see ``tiles``)."""
+        return self.uses_fused(device) and (self.tiles if self.tiles is not None else native.wide_vectors())
 
     @property
     def skip(self) -> float:
@@ -155,7 +160,7 @@ class ExactBackend(BackendBase):
         self.stats.visited += rows.numel() * keys.shape[0]
         contiguous = rows.numel() > 0 and int(rows[-1] - rows[0]) == rows.numel() - 1
         fused = self.uses_fused(q.device)
-        if self.tiles and fused and rows.numel() >= native.MIN_TILE_ROWS:  # logits in registers
+        if rows.numel() >= native.MIN_TILE_ROWS and self.uses_tiles(q.device):  # logits in registers
             qs = (q[rows] * (a / s2)).contiguous()
             self.stats.skipped += state.fold_tiles(rows, qs, native.lay_out_keys(keys, bias, values, self.dtype), self.skip)
             return
@@ -193,7 +198,7 @@ class ExactBackend(BackendBase):
         self.stats.total += q.shape[0] * clusters.patches.shape[0]
         threshold = math.log(clusters.patches.shape[0] / self.prune_tol)
         first = upper.argmax(1)
-        if self.tiles and self.uses_fused(dev):  # the whole sweep in one C call, logits made in registers
+        if self.uses_tiles(dev):  # the whole sweep in one C call, logits made in registers
             qs = (queries.to(torch.float64) * (a / s2 / 255.0)).to(dt).contiguous()
             visited, skipped = native.tree_sums(qs, clusters, -(a * a) / (2 * s2), upper.to(torch.float64).T.contiguous(),
                                                   first.contiguous(), threshold, centre.to(torch.int64).contiguous(),

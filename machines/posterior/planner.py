@@ -127,7 +127,7 @@ class CostModel:
         against the exact route this backend falls back to (2.0 against the register-tile kernels, 1.5 against blocks)."""
         if self.draw_cost is not None:
             return self.draw_cost
-        return 2.0 if self.exact.tiles and self.exact.uses_fused("cpu") else 1.5
+        return 2.0 if self.exact.uses_tiles("cpu") else 1.5
 
     def draw_limit(self, bank: Bank, bucket: BucketKey, N: int, a: float, s2: float, probes: torch.Tensor | None = None) -> int:
         """Most draws for a query that fails at this bucket and noise level: :meth:`_limit` of its ``N`` entries and, with
