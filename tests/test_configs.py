@@ -196,9 +196,12 @@ def test_explain_a_network_through_its_calibrated_machine(nets, tmp_path, capsys
     with pytest.raises(SystemExit):  # another network's calibration: refused, naming both
         main(["explain", "--model", nets["zeros"][0], "--calibration", calibration, "--seeds", "0", "--out", str(tmp_path / "y")])
     assert "calibrated for a network trained on other data" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit):  # no --calibration for a network that does not ship one: the default path, named
         main(["explain", "--model", model, "--seeds", "0"])
-    assert "--model needs --calibration" in capsys.readouterr().err
+    assert "calibration outputs/calibrate/calibration.json does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["explain", "--model", model, "--calibration", calibration])
+    assert "--model needs --seeds" in capsys.readouterr().err
 
 
 def test_one_agreement_table_for_every_theory(nets, tmp_path, capsys):
