@@ -162,6 +162,8 @@ def _network_options(opt: _Options) -> None:
     opt("--n-train", type=int, help="the machine holds only the first N of the network's training images (default: all; "
         "with --bank, a bank of exactly those N)")
     opt("--backend", type=backend_spec, help=BACKEND_HELP)
+    opt("--clip", action="store_true", help="clip the network's x̂0 to the data range [-1, 1] at every step (off, as in the "
+        "paper; an ε-predicting network's x̂0 near t = 1 multiplies its ε error by up to 80)")
     opt("--executor", type=executor_spec, help=EXECUTOR_HELP)
     opt("--batch", type=int, help="seeds per batch (each batch is kept when done; none: all at once, or one per task on a "
         "parallel executor)")

@@ -12,6 +12,7 @@ the network it was calibrated against, and evaluating another network with it is
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from .pairing import RULE_PADDING, calibration_record, check_calibration, machin
 from .runs import check_fields, check_run_options, read_json, seed_labels
 from .shipped import calibration_for, resolve_model
 from .training import load_network
+
+log = logging.getLogger(__name__)
 
 PATCH_CANDIDATES = [1, 3, 5, 7, 9, 11, 13, 15, 17, 19]
 
@@ -54,6 +57,7 @@ class CalibrateConfig:
     out: str = "outputs/calibrate"
     n_train: int | None = None  # the machine's bank: the first N of the network's training images (None: all)
     per_scale: bool = False  # one pass per candidate P, not every P from one box-sum pass
+    clip: bool = False  # the network's x̂0 clipped to the data range [-1, 1] at every step (see NetworkDenoiser)
 
     def __post_init__(self) -> None:
         self.check()
@@ -96,6 +100,7 @@ class EvaluateConfig:
     out: str = "outputs/evaluate"
     other_network: bool = False  # the calibration belongs to another network of the same data, padding and conditioning
     n_train: int | None = None  # the machine's bank: the first N of the network's training images (None: all)
+    clip: bool = False  # the network's x̂0 clipped to the data range [-1, 1] at every step (see NetworkDenoiser)
 
     def __post_init__(self) -> None:
         self.check()
@@ -127,12 +132,14 @@ under the bank's table budget the tables of eight candidate scales evict each ot
 "Calibration"). Answers are the same either way."""
 
 
-def _setup(model: str, bank_path: str | None, tables_up_to: int | None = None, n_train: int | None = None):
-    """The network, the bank of its training set (``n_train``: of its first N images only), and its
-    training config. ``tables_up_to``: largest P with distinct-patch tables in a bank built here (None:
-    every P; provenance needs them)."""
+def _setup(model: str, bank_path: str | None, tables_up_to: int | None = None, n_train: int | None = None,
+           clip: bool = False):
+    """The network (``clip``: its x̂0 clipped to [-1, 1]), the bank of its training set (``n_train``: of its first N
+    images only), and its training config. ``tables_up_to``: largest P with distinct-patch tables in a bank built
+    here (None: every P; provenance needs them)."""
     model = resolve_model(model)
     network = load_network(model)
+    network.clip = clip
     train_cfg = read_json(Path(model).parent / "config.json", "the model's training config")
     data = None
     if bank_path is None or n_train is not None:
@@ -184,7 +191,7 @@ def run_calibrate(cfg: CalibrateConfig) -> dict:
     """Calibrate (or resume) the machine to the network; writes ``calibration.json`` and ``scale_curve.png`` under
     ``cfg.out`` (locked while it runs: a second run into the same folder fails at once)."""
     cfg.check()
-    setup = _setup(cfg.model, cfg.bank, TABLES_UP_TO, cfg.n_train)  # a bad model or bank fails before anything is written
+    setup = _setup(cfg.model, cfg.bank, TABLES_UP_TO, cfg.n_train, cfg.clip)  # a bad model or bank fails before anything is written
     comparator = cfg.machine is not None and comparator_kind(cfg.machine) is not None
     with folder_lock(cfg.out):
         return (_calibrate_comparator if comparator else _calibrate_machine)(cfg, *setup)
@@ -229,12 +236,14 @@ def _calibrate_comparator(cfg: CalibrateConfig, network: NetworkDenoiser, bank: 
 
 
 def calibrated(model: str, calibration: str, machine: str | None = None, bank: str | None = None, backend: str = "exact",
-               other_network: bool = False, tables_up_to: int | None = TABLES_UP_TO, n_train: int | None = None):
+               other_network: bool = False, tables_up_to: int | None = TABLES_UP_TO, n_train: int | None = None,
+               clip: bool = False):
     """A trained network and its calibrated machine: ``(network, machine, train_cfg)``, the calibration checked
     to belong to this network (see :mod:`pipelines.pairing`; ``other_network``: to a network of the same data,
     padding and conditioning); ``machine`` defaults to the calibration's. ``n_train``: the machine holds the
-    first N training images only (a calibration made with another number is used with a warning)."""
-    network, patches, train_cfg = _setup(model, bank, tables_up_to, n_train)
+    first N training images only (a calibration made with another number is used with a warning). ``clip``: the
+    network's x̂0 clipped to [-1, 1] at every step."""
+    network, patches, train_cfg = _setup(model, bank, tables_up_to, n_train, clip)
     found = read_json(calibration, "calibration")
     made_for = found.get("network", {}).get("machine") or found.get("config", {}).get("machine")
     kind = machine or made_for or machine_for(train_cfg, None, model)
@@ -251,14 +260,19 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     cfg.check()
     calibration = calibration_for(cfg.model, cfg.calibration)
     cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model), calibration=calibration)
-    found = calibrated(cfg.model, calibration, cfg.machine, cfg.bank, cfg.backend, cfg.other_network, n_train=cfg.n_train)
+    found = calibrated(cfg.model, calibration, cfg.machine, cfg.bank, cfg.backend, cfg.other_network, n_train=cfg.n_train,
+                       clip=cfg.clip)
     with folder_lock(cfg.out, reentrant=True):  # evaluate() takes the same lock
         return _run_evaluate(cfg, *found)
 
 
 def _run_evaluate(cfg: EvaluateConfig, network: NetworkDenoiser, machine: ScoreMachine, train_cfg: dict) -> dict:
     assert cfg.calibration is not None
-    calibrated_on = read_json(cfg.calibration, "calibration").get("network", {}).get("model")
+    found = read_json(cfg.calibration, "calibration")
+    calibrated_on = found.get("network", {}).get("model")
+    if bool(found.get("config", {}).get("clip", False)) != cfg.clip:
+        log.warning("%s was calibrated with the network's x̂0 %s; this evaluation %s it", cfg.calibration,
+                    "clipped" if not cfg.clip else "unclipped", "clips" if cfg.clip else "does not clip")
     bank, kind, schedule, cond = machine.bank, machine.kind, machine.scales, machine.conditional
     assert schedule is not None, "a calibrated machine follows its schedule"
     ideal = ScoreMachine(bank, "IS", conditional=cond)

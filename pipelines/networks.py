@@ -144,12 +144,18 @@ ARCHITECTURES = {"resnet": ResNet, "unet": UNet}
 
 
 class NetworkDenoiser:
-    """A trained ε-predictor with the machines' signature ``(x, t, labels) → x̂0``."""
+    """A trained ε-predictor with the machines' signature ``(x, t, labels) → x̂0``.
 
-    def __init__(self, net: nn.Module, name: str | None = None) -> None:
+    ``clip``: clamp x̂0 to the data range [-1, 1] (DDPM's ``clip_denoised``). x̂0 = (x − √(1−ᾱ)·ε̂)/√ᾱ multiplies
+    the network's error in ε̂ by √(1−ᾱ)/√ᾱ, about 80 at t = 1, so an ε-predictor's x̂0 at the first step can lie far
+    outside the data; the machines' x̂0 are posterior means of training pixels and lie in the range already, so
+    clipping changes the network only. Off by default, as in the paper's sampler."""
+
+    def __init__(self, net: nn.Module, name: str | None = None, clip: bool = False) -> None:
         self.net = net
         self.name = name  # where it was loaded from (errors name it); not part of its identity
         self.conditional = getattr(net, "num_classes", None) is not None
+        self.clip = clip
 
     def __repr__(self) -> str:
         return f"network {self.name}" if self.name else f"network {type(self.net).__name__}"
@@ -160,7 +166,8 @@ class NetworkDenoiser:
         for name, value in self.net.state_dict().items():
             h.update(name.encode())
             h.update(value.detach().cpu().contiguous().numpy().tobytes())
-        return {"network": repr(self.net), "weights": h.hexdigest()}
+        found = {"network": repr(self.net), "weights": h.hexdigest()}
+        return found | {"clip": True} if self.clip else found
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -172,4 +179,5 @@ class NetworkDenoiser:
         p = next(self.net.parameters())
         times = torch.full((x.shape[0],), t, device=p.device)
         eps = self.net(x.to(p.device, p.dtype), times, labels.to(p.device) if self.conditional and labels is not None else None)
-        return x0_from_eps(x, eps.to(x.device, x.dtype), t)
+        x0 = x0_from_eps(x, eps.to(x.device, x.dtype), t)
+        return x0.clamp_(-1.0, 1.0) if self.clip else x0

@@ -22,6 +22,7 @@ from machines.metrics import pearson_r
 from patchbank import BankSpec, PatchBank, load_dataset, to_model_range
 from pipelines.ablation import AblationConfig, run_ablation
 from pipelines.cli import main
+from pipelines.evaluation import read_rows
 from pipelines.jobs import CalibrateConfig, EvaluateConfig, run_calibrate, run_evaluate
 from pipelines.pairing import paper_schedule_name
 from pipelines.training import TrainConfig, load_network, train
@@ -325,11 +326,20 @@ def test_a_shipped_network_is_loaded_by_name_and_checked_against_its_card(nets, 
     for f in ("model.pt", "config.json", "losses.json"):
         shutil.copyfile(Path(model).parent / f, row / f)
     shutil.copyfile(calibration, row / "calibrate" / "calibration.json")
+    run_evaluate(EvaluateConfig(model=model, calibration=calibration, seeds=[0, 1], steps=2, batch=1, out=str(row / "evaluate")))
     models = tmp_path / "models"
     monkeypatch.setattr(shipped_mod, "MODELS", models)
     folder = ship.ship("tiny_mnist", row, models)
     card = json.loads((folder / "card.json").read_text())
     assert card["weights_sha256"] and "plateaued" in card and shipped_mod.shipped() == ["tiny_mnist"]
+    assert card["evaluation"]["steps"] == 2 and card["evaluation"]["batch"] == 1 and card["evaluation"]["seeds"] == 2
+    assert [r["seed"] for r in read_rows(folder / "evaluation.jsonl")] == [0, 1]
+    found = ship.check("tiny_mnist", 2, models)  # by name, with the card's settings: the shipped per-seed numbers
+    assert found["seeds"] == [0, 1] and found["max_seed_diff"] < 1e-6 and found["median_diff"] < 1e-6
+    rows = read_rows(folder / "evaluation.jsonl")
+    rows[1]["machine_r"] += 1e-3  # a shipped number the network does not give is found
+    (folder / "evaluation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert ship.check("tiny_mnist", 2, models)["max_seed_diff"] == pytest.approx(1e-3, rel=1e-3)
     by_name = run_evaluate(EvaluateConfig(model="tiny_mnist", seeds=[0], steps=2, batch=1, out=str(tmp_path / "a")))
     by_file = run_evaluate(EvaluateConfig(model=model, calibration=calibration, seeds=[0], steps=2, batch=1, out=str(tmp_path / "b")))
     assert by_name["median_machine_r"] == by_file["median_machine_r"]
@@ -340,3 +350,22 @@ def test_a_shipped_network_is_loaded_by_name_and_checked_against_its_card(nets, 
     (folder / "model.pt").write_bytes(bytes(data))
     with pytest.raises(ValueError, match="does not match its card"):
         shipped_mod.resolve_model("tiny_mnist")
+
+
+def test_clipping_the_networks_x0_changes_the_network_only(nets, tmp_path, caplog):
+    """``clip``: the network's x̂0 is clamped to [-1, 1] at every step, so its final sample (the last x̂0) lies in the
+    data range; the machines' samples are the same to the bit, since their x̂0 are posterior means of training pixels
+    and lie in the range already. The run records the clipping, and a calibration made without it is named."""
+    model, calibration = nets["zeros"]
+    plain = EvaluateConfig(model=model, calibration=calibration, seeds=[0, 1], steps=3, batch=2, out=str(tmp_path / "plain"))
+    run_evaluate(plain)
+    with caplog.at_level("WARNING", logger="pipelines.jobs"):
+        run_evaluate(replace(plain, clip=True, out=str(tmp_path / "clip")))
+    assert "calibrated with the network's x̂0 unclipped; this evaluation clips it" in caplog.text
+    a, b = (torch.load(tmp_path / d / "samples.pt") for d in ("plain", "clip"))
+    assert max(float(a[s]["network"].abs().max()) for s in (0, 1)) > 1.0  # a 2-iteration network leaves the range
+    for s in (0, 1):
+        assert float(b[s]["network"].abs().max()) <= 1.0
+        assert torch.equal(a[s]["machine"], b[s]["machine"]) and torch.equal(a[s]["is"], b[s]["is"])
+    run = json.loads((tmp_path / "clip" / "run.json").read_text())
+    assert run["network"]["clip"] is True and "clip" not in json.loads((tmp_path / "plain" / "run.json").read_text())["network"]
