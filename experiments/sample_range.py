@@ -14,6 +14,11 @@ samples, the fraction of values with |x| > 1 and > 1.1 and the median |x|, under
 * ``clip``: x̂0 clipped at every step (``--clip`` of calibrate and evaluate).
 
 Conditional networks get label ``seed mod 10``, as in the evaluations.
+
+It also measures the network's denoising error per time on its first 512 training images (one noise draw each):
+the ε-MSE the training loss sees, the x̂0-MSE it implies (their ratio is the squared gain), and the x̂0-MSE of the
+images' mean (per label when conditional), which a posterior mean beats at every t and equals as t → 1. A network
+whose x̂0-MSE at high t lies far above the mean image's is what sends samples out of range.
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-from machines.sampler import ddim_time, noise_from_seeds
+from machines.sampler import ddim_grid, ddim_time, noise_from_seeds
 from machines.schedule import abar, alpha_sigma2, eps_from_x0
+from patchbank import load_dataset, to_model_range
 from pipelines.cli import parse_seeds
 from pipelines.runs import read_json
 from pipelines.shipped import resolve_model
@@ -52,6 +58,29 @@ def trajectory(network, noise: torch.Tensor, labels: torch.Tensor | None, sample
     return x, record
 
 
+@torch.no_grad()
+def error_by_time(network, train_cfg: dict, n: int = 512, steps: int = 20, seed: int = 0) -> dict:
+    """Per visited t > 0: the network's ε-MSE and x̂0-MSE on its first ``n`` training images, and the x̂0-MSE of
+    the mean image (per label when conditional)."""
+    data = load_dataset(train_cfg["dataset"], resize=train_cfg["resize"], limit=train_cfg["n_train"]).subset(n)
+    x0 = to_model_range(data.images)
+    labels = data.labels if network.conditional else None
+    if labels is None:
+        mean = x0.mean(0, keepdim=True).expand_as(x0)
+    else:
+        mean = torch.stack([x0[labels == c].mean(0) for c in labels.tolist()])
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for t in ddim_grid(steps)[:-1]:
+        a, s2 = alpha_sigma2(t)
+        eps = torch.randn(x0.shape, generator=gen)
+        xt = a * x0 + math.sqrt(s2) * eps
+        x0_hat = torch.cat([network(xt[i:i + 128], t, None if labels is None else labels[i:i + 128]) for i in range(0, n, 128)])
+        rows.append({"t": t, "eps_mse": float((eps_from_x0(xt, x0_hat, t) - eps).pow(2).mean()),
+                     "x0_mse": float((x0_hat - x0).pow(2).mean())})
+    return {"images": n, "mean_image_x0_mse": float((mean - x0).pow(2).mean()), "by_time": rows}
+
+
 def final_stats(x: torch.Tensor) -> dict:
     """Medians over samples of the fraction of values beyond 1 and 1.1 in magnitude, and the median |x|."""
     flat = x.abs().flatten(1)
@@ -66,7 +95,7 @@ def measure(model: str, seeds: list[int], steps: int = 20) -> dict:
     shape = train_cfg["image_shape"]
     noise = noise_from_seeds(seeds, shape)
     labels = torch.tensor([s % 10 for s in seeds]) if network.conditional else None
-    out: dict = {"model": model, "seeds": len(seeds), "steps": {}, "final": {}}
+    out: dict = {"model": model, "seeds": len(seeds), "steps": {}, "final": {}, "error": error_by_time(network, train_cfg)}
     for sampler in SAMPLERS:
         x, record = trajectory(network, noise, labels, sampler, steps)
         out["final"][sampler] = final_stats(x)
@@ -79,6 +108,10 @@ def measure(model: str, seeds: list[int], steps: int = 20) -> dict:
 def markdown(found: dict) -> str:
     lines = ["| t | ε̂ error gain √(1−ᾱ)/√ᾱ | x̂0 values beyond ±1 | largest x̂0 magnitude |", "|---:|---:|---:|---:|"]
     lines += [f"| {s['t']:.2f} | {s['gain']:.1f} | {s['x0_beyond_1']:.3f} | {s['x0_max_abs']:.2f} |" for s in found["steps"]]
+    err = found["error"]
+    lines += ["", f"Denoising error on {err['images']} training images (the mean image's x̂0-MSE: "
+              f"{err['mean_image_x0_mse']:.3f}):", "", "| t | ε-MSE | x̂0-MSE |", "|---:|---:|---:|"]
+    lines += [f"| {r['t']:.2f} | {r['eps_mse']:.5f} | {r['x0_mse']:.3f} |" for r in err["by_time"]]
     lines += ["", "| sampler | final values beyond ±1 | beyond ±1.1 | median magnitude |", "|---|---:|---:|---:|"]
     lines += [f"| {k} | {v['beyond_1']:.3f} | {v['beyond_1.1']:.3f} | {v['median_abs']:.3f} |" for k, v in found["final"].items()]
     return "\n".join(lines)

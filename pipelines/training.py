@@ -53,6 +53,7 @@ class TrainConfig:
     lr: float = 1e-4
     gamma: float = 0.999965
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: none); model.pt holds the average
+    ema_warmup: bool = False  # decay min(ema, (1 + n)/(10 + n)) at update n, so the average forgets the initial weights
     seed: int = 0
     checkpoint_every: int = 200
     device: str = "auto"
@@ -134,7 +135,7 @@ def _train(cfg: TrainConfig, stop_after: int | None, progress: bool) -> Path:
         loss = _step(net, opt, sched, x_all[idx.to(device)], t.to(device), eps.to(device),
                      labels_all[idx.to(device)] if num_classes else None)
         if ema is not None:
-            _ema_update(ema, net, cfg.ema)
+            _ema_update(ema, net, ema_decay(cfg, it + 1))
         done += 1
         curve.add(loss)
         boundary = (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iters
@@ -172,6 +173,13 @@ def _ema_copy(net: nn.Module) -> nn.Module:
     for p in ema.parameters():
         p.requires_grad_(False)
     return ema
+
+
+def ema_decay(cfg: TrainConfig, n: int) -> float:
+    """The EMA's decay at update ``n`` (1, 2, …): ``cfg.ema``, or with ``ema_warmup`` ``min(ema, (1 + n)/(10 + n))``.
+    Without the warm-up the average keeps a share ``ema**n`` of the randomly initialised weights: 2.7% after
+    3,600 updates at 0.999, which measured doubled a CIFAR10 ResNet's ε error at t = 1 (docs/results.md)."""
+    return min(cfg.ema, (1 + n) / (10 + n)) if cfg.ema_warmup else cfg.ema
 
 
 @torch.no_grad()

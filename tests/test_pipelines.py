@@ -14,7 +14,7 @@ from machines import ScaleSchedule, ScoreMachine, ddim_grid, eps_from_x0, noise_
 from machines.metrics import pearson_r
 from pipelines.calibration import calibrate
 from pipelines.networks import NetworkDenoiser, ResNet, UNet
-from pipelines.training import TrainConfig, load_network, train
+from pipelines.training import TrainConfig, _ema_update, ema_decay, load_network, train
 
 
 class MachineAsEpsNet(nn.Module):
@@ -75,10 +75,10 @@ def _tiny_config(tmp_path: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("ema", [0.0, 0.9])
-def test_interrupted_training_resumes_to_the_same_weights(tmp_path, ema):
-    whole = load_network(train(_tiny_config(tmp_path / "whole", ema=ema), progress=False))
-    cfg = _tiny_config(tmp_path / "resumed", ema=ema)
+@pytest.mark.parametrize("ema,warmup", [(0.0, False), (0.9, False), (0.9, True)])
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, ema, warmup):
+    whole = load_network(train(_tiny_config(tmp_path / "whole", ema=ema, ema_warmup=warmup), progress=False))
+    cfg = _tiny_config(tmp_path / "resumed", ema=ema, ema_warmup=warmup)
     train(cfg, stop_after=3, progress=False)  # interrupted mid-way (not on a checkpoint boundary)
     resumed = load_network(train(cfg, progress=False))
     for (name, a), (_, b) in zip(whole.net.state_dict().items(), resumed.net.state_dict().items()):
@@ -88,9 +88,26 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, ema):
     assert json.loads((tmp_path / "resumed" / "losses.json").read_text()) == curve  # the interruption split an interval
     assert (tmp_path / "whole" / "loss.png").is_file()
     with pytest.raises(ValueError, match=r"different run configuration \(differs in: lr\)"):
-        train(_tiny_config(tmp_path / "resumed", lr=5e-3, ema=ema), progress=False)
+        train(_tiny_config(tmp_path / "resumed", lr=5e-3, ema=ema, ema_warmup=warmup), progress=False)
     with pytest.raises(ValueError, match=r"differs in: blocks, width"):
-        train(_tiny_config(tmp_path / "resumed", width=16, blocks=3, ema=ema), progress=False)
+        train(_tiny_config(tmp_path / "resumed", width=16, blocks=3, ema=ema, ema_warmup=warmup), progress=False)
+
+
+def test_the_ema_warm_up_forgets_the_initial_weights(tmp_path):
+    """The share of the initial weights left in the average after n updates is the product of the decays: 0.999**n
+    without the warm-up (2.7% after 3,600), under 1e-6 with it; the warm-up never decays slower than ``ema``."""
+    plain, warm = (_tiny_config(tmp_path, ema=0.999, ema_warmup=w) for w in (False, True))
+    left = {cfg.ema_warmup: math.prod(ema_decay(cfg, n) for n in range(1, 3601)) for cfg in (plain, warm)}
+    assert left[False] == pytest.approx(0.999 ** 3600) and left[False] > 0.02
+    assert left[True] < 1e-6
+    assert all(ema_decay(warm, n) <= 0.999 for n in range(1, 20000)) and ema_decay(warm, 20000) == 0.999
+    net = nn.Linear(2, 2)  # one update of an EMA that starts at the initial weights moves it (1 − decay) of the way
+    ema_net = nn.Linear(2, 2)
+    ema_net.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    _ema_update(ema_net, net, ema_decay(warm, 1))
+    assert torch.allclose(ema_net.weight, net.weight - ema_decay(warm, 1))
 
 
 @pytest.mark.slow
