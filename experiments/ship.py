@@ -36,12 +36,16 @@ SETTINGS = ("machine", "backend", "steps", "batch", "n_train", "other_network", 
 """The evaluation settings a card records: what a re-evaluation by name needs to give the same numbers."""
 
 
-def ship(name: str, row: Path, out: Path = MODELS) -> Path:
-    """The shipped folder of row ``row`` (an ``outputs/<config>`` folder of ``experiments/agreement.py row``)."""
+def ship(name: str, row: Path, out: Path = MODELS, n_train: int | None = None) -> Path:
+    """The shipped folder of row ``row`` (an ``outputs/<config>`` folder of ``experiments/agreement.py row``).
+    ``n_train``: ship the row's machine of its network's first N training images (``row --n-train N``: its
+    ``calibrate_firstN/`` and ``evaluate_firstN/``)."""
+    suffix = f"_first{n_train}" if n_train else ""
+    calibrated, evaluated = row / f"calibrate{suffix}", row / f"evaluate{suffix}"
     files = {f: row / f for f in ("model.pt", "config.json", "losses.json")}
-    files["calibration.json"] = row / "calibrate" / "calibration.json"
-    if (row / "evaluate" / "per_seed.jsonl").is_file():
-        files["evaluation.jsonl"] = row / "evaluate" / "per_seed.jsonl"
+    files["calibration.json"] = calibrated / "calibration.json"
+    if (evaluated / "per_seed.jsonl").is_file():
+        files["evaluation.jsonl"] = evaluated / "per_seed.jsonl"
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
         raise SystemExit(f"row {row} is not finished: {', '.join(missing)} missing")
@@ -51,6 +55,9 @@ def ship(name: str, row: Path, out: Path = MODELS) -> Path:
     for dest, src in files.items():
         atomic_write(target / dest, lambda tmp, src=src: shutil.copyfile(src, tmp))
     stages = [json.loads(line) for line in (row / "stages.jsonl").read_text().splitlines()] if (row / "stages.jsonl").exists() else []
+    # this machine's stages (the training is shared by every machine of the row), named without the suffix
+    stages = [{**r, "stage": r["stage"].removesuffix(suffix)} for r in stages
+              if r["stage"] == "train" or (r["stage"].endswith(suffix) and r["stage"].removesuffix(suffix) in ("calibrate", "evaluate"))]
     earlier = json.loads((target / "card.json").read_text()) if (target / "card.json").is_file() else {}
     logged = {r["stage"] for r in stages}
     # a stage the row's log no longer holds (its outputs were removed and only a later stage ran again) keeps what
@@ -61,7 +68,7 @@ def ship(name: str, row: Path, out: Path = MODELS) -> Path:
     commands += [r["command"] for r in stages]
     losses = json.loads(files["losses.json"].read_text())
     improvement = tail_improvement(losses)
-    report = json.loads((row / "evaluate" / "report.json").read_text()) if (row / "evaluate" / "report.json").exists() else {}
+    report = json.loads((evaluated / "report.json").read_text()) if (evaluated / "report.json").exists() else {}
     settings = report.get("config", {})
     card = {"name": name, "weights_sha256": hashlib.sha256((target / "model.pt").read_bytes()).hexdigest(),
             "train": json.loads(files["config.json"].read_text()), "minutes": minutes,
@@ -101,6 +108,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", help="the network's name (and its row's folder under outputs/, unless --row)")
     parser.add_argument("--row", default=None, help="the row's folder (default: outputs/NAME)")
+    parser.add_argument("--n-train", type=int, default=None, metavar="N",
+                        help="ship the row's machine of the first N training images (row --n-train N)")
     parser.add_argument("--check", type=int, default=None, metavar="N",
                         help="do not ship: re-evaluate the shipped network by name on the first N seeds of its evaluation")
     args = parser.parse_args()
@@ -108,7 +117,7 @@ def main() -> None:
         found = check(args.name, args.check)
         print(json.dumps({k: found[k] for k in ("seeds", "max_seed_diff", "median_diff")}))
         return
-    print(ship(args.name, Path(args.row or Path("outputs") / args.name)))
+    print(ship(args.name, Path(args.row or Path("outputs") / args.name), n_train=args.n_train))
 
 
 if __name__ == "__main__":
