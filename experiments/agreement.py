@@ -6,13 +6,15 @@ time to ``outputs/<config>/stages.jsonl``. Calibration seeds and evaluation seed
 the schedule is never tuned on the seeds it is judged on.
 
 ``table`` reads the finished rows and prints the markdown table (medians over seeds beside the
-paper's), copying each row's figures into ``docs/figures/``.
+paper's), copying each row's figures into ``docs/figures/``. ``table --shipped`` makes it from the networks that
+ship with the project (``pipelines/models/``), from the repository's files alone.
 
     python experiments/agreement.py row configs/mnist_unet_cpu.json --candidates 3 5 7 9 11 13 15 19 23 27 \\
         --cal-seeds 1000-1003 --eval-seeds 0-49
     python experiments/agreement.py row configs/mnist_resnet_cpu.json --candidates 3 5 7 9 11 13 15 \\
         --cal-seeds 1000-1004 --eval-seeds 0-29 --theories wiener,nearest --fit smoothed@0,0.1,0.2 pca_locality@0.5,1,2
     python experiments/agreement.py table mnist_resnet_cpu mnist_unet_cpu fashion_resnet_cpu
+    python experiments/agreement.py table --shipped
     python experiments/agreement.py row configs/fashion_resnet_60k_cpu.json --n-train 1000 --candidates 3 5 7 9 11 13
     python experiments/agreement.py between fashion_resnet_60k_cpu fashion_resnet_60k_cpu@1000
 
@@ -144,7 +146,36 @@ def row_summary(name: str, figures: Path | None = None) -> dict:
             "attention": bool(train_cfg.get("attention")),
             "paper_r": PAPER_R.get((train_cfg["dataset"], train_cfg["arch"] + ("+attention" if train_cfg.get("attention") else ""))),
             "seconds": seconds, "calibration": str(cal_path),
+            "borrowed": None if str(cal_path).startswith(f"outputs/{config}/") else str(cal_path),
             "calibration_seeds": len(cal["seeds"]), "comparators": report.get("config", {}).get("comparators", []), **report}
+
+
+def shipped_summary(name: str) -> dict:
+    """A shipped network's row (``pipelines/models/<name>/``) in :func:`row_summary`'s form, from the repository's files
+    alone: the card (training config, minutes, evaluation settings), the shipped calibration, and the medians
+    recomputed from the shipped per-seed evaluation (:func:`pipelines.evaluation.summarise`)."""
+    from pipelines.evaluation import read_rows, summarise
+    from pipelines.shipped import MODELS, shipped
+
+    folder = MODELS / name
+    if name not in shipped() or not (folder / "evaluation.jsonl").is_file():
+        raise SystemExit(f"{name} is not a shipped network with an evaluation (shipped: {', '.join(shipped()) or 'none'})")
+    card = json.loads((folder / "card.json").read_text())
+    cal = json.loads((folder / "calibration.json").read_text())
+    train_cfg, settings = card["train"], card["evaluation"]
+    paper = (cal.get("paper_schedule") or {}).get("schedule")
+    arch = train_cfg["arch"] + ("+attention" if train_cfg.get("attention") else "")
+    return {"name": name, "folder": name, "dataset": train_cfg["dataset"], "arch": train_cfg["arch"], "padding": train_cfg["padding"],
+            "conditional": train_cfg["conditional"], "train_images": train_cfg.get("train_images"),
+            "n_train": settings.get("n_train") or train_cfg.get("train_images"),
+            "machine": settings.get("machine") or cal["network"]["machine"],
+            "schedule": [P for _, P in cal["schedule"]], "paper_schedule": [P for _, P in paper] if paper else None,
+            "attention": bool(train_cfg.get("attention")), "paper_r": PAPER_R.get((train_cfg["dataset"], arch)),
+            "seconds": {s: 60 * m for s, m in card["minutes"].items()}, "calibration": str(folder / "calibration.json"),
+            "borrowed": "another network's calibration" if settings.get("other_network") else None,
+            "calibration_seeds": len(cal["seeds"]), "comparators": [],
+            "plateaued": card["plateaued"], "loss_tail_improvement": card["loss_tail_improvement"],
+            **summarise(read_rows(folder / "evaluation.jsonl"))}
 
 
 def agree_and_part(name: str, figures: Path, n: int = 4) -> str:
@@ -186,8 +217,15 @@ def _peer(r: dict) -> str:
     return f"{r['mean_machine_peer_r2']:.3f}" if "mean_machine_peer_r2" in r else "–"
 
 
-def table(names: list[str], figures: Path | None) -> str:
-    rows = [row_summary(n, figures) for n in names]
+def table(names: list[str], figures: Path | None, from_shipped: bool = False) -> str:
+    """The markdown table of finished rows (``outputs/<name>/``), or with ``from_shipped`` of the shipped networks
+    (every one where ``names`` is empty), read from the repository's files only."""
+    if from_shipped:
+        from pipelines.shipped import shipped
+
+        rows = [shipped_summary(n) for n in names or shipped()]
+    else:
+        rows = [row_summary(n, figures) for n in names]
     head = ("| network | machine | images | seeds | r (paper) | R² | peers' R² | MSE | IS r | beats IS | train / cal / eval min |\n"
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
@@ -210,8 +248,11 @@ def table(names: list[str], figures: Path | None) -> str:
             lines.append(f"| {r['name']} | {r['median_machine_r']:.3f} / {r['median_machine_r2']:.3f} | " + " | ".join(cells) + " |")
     lines.append("")
     for r in rows:
-        borrowed = "" if r["calibration"].startswith(f"outputs/{r['folder']}/") else f" (from {r['calibration']})"
+        borrowed = f" (from {r['borrowed']})" if r["borrowed"] else ""
         lines.append(f"* `{r['name']}` schedule (t = 0.05 … 1){borrowed}: {r['schedule']}; paper: {r['paper_schedule']}")
+        if r.get("loss_tail_improvement") is not None:
+            lines.append(f"* `{r['name']}` loss improvement over the last fifth of training: {r['loss_tail_improvement']:.1%} "
+                         f"({'plateaued' if r['plateaued'] else 'not plateaued'} by the 1% criterion)")
         if r["comparators"]:
             lines.append(f"* `{r['name']}` comparators: " + ", ".join(f"`{c}`" for c in r["comparators"]))
     return "\n".join(lines)
@@ -241,8 +282,10 @@ def main() -> None:
     x.add_argument("--n", type=int, default=4)
     x.add_argument("--figures", default="docs/figures")
     t = sub.add_parser("table", help="the markdown table of finished rows")
-    t.add_argument("names", nargs="+", help="config names (folders under outputs/); NAME@N: against its first N training images")
+    t.add_argument("names", nargs="*", help="config names (folders under outputs/); NAME@N: against its first N training images")
     t.add_argument("--figures", default="docs/figures", help="copy each row's figures here ('' for none)")
+    t.add_argument("--shipped", action="store_true",
+                   help="the rows of the shipped networks (pipelines/models/NAME; all of them where no name is given)")
     w = sub.add_parser("between", help="how far two rows' outputs differ per theory, e.g. ROW against ROW@N")
     w.add_argument("first")
     w.add_argument("second")
@@ -257,7 +300,9 @@ def main() -> None:
     elif args.command == "extremes":
         print(agree_and_part(args.name, Path(args.figures), args.n))
     else:
-        print(table(args.names, Path(args.figures) if args.figures else None))
+        if not args.names and not args.shipped:
+            parser.error("table needs row names (or --shipped)")
+        print(table(args.names, Path(args.figures) if args.figures and not args.shipped else None, args.shipped))
 
 
 if __name__ == "__main__":

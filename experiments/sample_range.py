@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from machines.sampler import ddim_grid, ddim_time, noise_from_seeds
-from machines.schedule import abar, alpha_sigma2, eps_from_x0
+from machines.sampler import ddim_grid, noise_from_seeds, sample
+from machines.schedule import alpha_sigma2, eps_from_x0
 from patchbank import load_dataset, to_model_range
 from pipelines.cli import parse_seeds
 from pipelines.runs import read_json
@@ -42,20 +42,28 @@ from pipelines.training import load_network
 SAMPLERS = ("plain", "clip first", "from 0.95", "clip")
 
 
-@torch.no_grad()
-def trajectory(network, noise: torch.Tensor, labels: torch.Tensor | None, sampler: str, steps: int = 20):
-    """Final samples ``[B, C, H, W]`` and, per step, ``(t, fraction of x̂0 outside [-1, 1], max |x̂0|)``."""
-    x, record = noise.clone(), []
-    for step in range(1 if sampler == "from 0.95" else 0, steps):
-        t, t_prev = ddim_time(step, steps), ddim_time(step + 1, steps)
-        x0 = network(x, t, labels)
-        record.append((t, float((x0.abs() > 1).float().mean()), float(x0.abs().max())))
-        if sampler == "clip" or (sampler == "clip first" and step == 0):
+class Watched:
+    """The network as one of :data:`SAMPLERS` sees it: each call records ``(t, fraction of x̂0 outside [-1, 1],
+    max |x̂0|)`` and clamps x̂0 where the sampler clips (every step, or the first only)."""
+
+    def __init__(self, network, sampler: str) -> None:
+        self.network, self.sampler, self.record = network, sampler, []
+        self.conditional = network.conditional
+
+    def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None) -> torch.Tensor:
+        x0 = self.network(x, t, labels)
+        self.record.append((t, float((x0.abs() > 1).float().mean()), float(x0.abs().max())))
+        if self.sampler == "clip" or (self.sampler == "clip first" and len(self.record) == 1):
             x0 = x0.clamp(-1.0, 1.0)
-        eps = eps_from_x0(x, x0, t)
-        ab = abar(t_prev)
-        x = math.sqrt(ab) * x0 + math.sqrt(1.0 - ab) * eps
-    return x, record
+        return x0
+
+
+def trajectory(network, noise: torch.Tensor, labels: torch.Tensor | None, sampler: str, steps: int = 20):
+    """Final samples ``[B, C, H, W]`` of the project's DDIM sampler under ``sampler`` and, per step, ``(t,
+    fraction of x̂0 outside [-1, 1], max |x̂0|)``."""
+    watched = Watched(network, sampler)
+    x = sample(watched, noise.clone(), steps, labels, start=1 if sampler == "from 0.95" else 0)
+    return x, watched.record
 
 
 @torch.no_grad()

@@ -83,8 +83,12 @@ def sample(
     callback: StepCallback | None = None,
     progress: bool = False,
     checkpoint: str | os.PathLike | None = None,
+    start: int = 0,
 ) -> torch.Tensor:
     """Deterministic DDIM from ``noise [B, C, H, W]`` at t = 1 to t = 0; the last step lands on x̂0.
+
+    ``start``: the first step taken; a later one takes the noise as x at t = ``ddim_time(start, steps)`` (the
+    paper's machine sampler skips the step at t = 1 this way).
 
     ``checkpoint``: a file that receives the state after every step (written atomically). A run
     that finds a checkpoint of the same run (same machine description, noise, labels and steps)
@@ -99,11 +103,13 @@ def sample(
         raise ValueError("the noise holds NaN or Inf; a sample from it would be NaN")
     x = noise
     _check_steps(steps)
-    first = 0
-    run = _run_id(machine, noise, labels, steps) if checkpoint is not None else None
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < steps:
+        raise ValueError(f"start must be an integer step in [0, {steps}), got {start!r}")
+    first = start
+    run = _run_id(machine, noise, labels, steps) | ({"start": start} if start else {}) if checkpoint is not None else None
     if checkpoint is not None and os.path.exists(checkpoint):
         first, x = _resume(Path(checkpoint), run, noise)  # type: ignore[arg-type]
-    for step in tqdm(range(first, steps), disable=not progress, desc="DDIM", initial=first, total=steps):
+    for step in tqdm(range(first, steps), disable=not progress, desc="DDIM", initial=first - start, total=steps - start):
         t, t_prev = ddim_time(step, steps), ddim_time(step + 1, steps)  # made step by step: any number of steps fits
         x0 = machine(x, t, labels)
         _check_finite(machine, x0, step, steps, t)

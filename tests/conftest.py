@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Iterator
 
 # One thread per process unless told otherwise: the suite's tensors are small, and its executor tests run
@@ -100,3 +102,11 @@ def put_shard(bank: Path, shard: str, other: Path) -> None:
     """Replace shard folder ``shard`` of the sharded bank at ``bank`` by the same-named shard of the bank at ``other``."""
     shutil.rmtree(bank / shard)
     shutil.copytree(other / shard, bank / shard)
+
+
+def experiment(name: str) -> ModuleType:
+    """The script ``experiments/<name>.py`` loaded as a module (the experiments folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import experiment
 
 from machines import noise_from_seeds, sample
 from machines.comparators import make_comparator
@@ -295,11 +296,7 @@ def test_comparator_parameters_are_calibrated_and_evaluated_by_spec(nets, tmp_pa
 
 def test_agreement_table_names_a_row_whose_outputs_are_missing(tmp_path, monkeypatch):
     """The agreement table refuses a row whose outputs are gone or unfinished, naming the row and the missing file."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("agreement", Path(__file__).resolve().parents[1] / "experiments" / "agreement.py")
-    agreement = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(agreement)
+    agreement = experiment("agreement")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match=r"row gone_row: outputs/gone_row/config.json is missing"):
         agreement.table(["gone_row"], None)
@@ -312,14 +309,9 @@ def test_agreement_table_names_a_row_whose_outputs_are_missing(tmp_path, monkeyp
 def test_a_shipped_network_is_loaded_by_name_and_checked_against_its_card(nets, tmp_path, monkeypatch):
     """A row shipped by experiments/ship.py evaluates by name, with its own calibration, to the same numbers as its
     files; a damaged model.pt is refused; an unknown name lists what ships."""
-    import importlib.util
-    import shutil
-
     import pipelines.shipped as shipped_mod
 
-    spec = importlib.util.spec_from_file_location("ship", Path(__file__).resolve().parents[1] / "experiments" / "ship.py")
-    ship = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ship)
+    ship = experiment("ship")
     model, calibration = nets["zeros"]
     row = tmp_path / "row"
     (row / "calibrate").mkdir(parents=True)
@@ -369,3 +361,21 @@ def test_clipping_the_networks_x0_changes_the_network_only(nets, tmp_path, caplo
         assert torch.equal(a[s]["machine"], b[s]["machine"]) and torch.equal(a[s]["is"], b[s]["is"])
     run = json.loads((tmp_path / "clip" / "run.json").read_text())
     assert run["network"]["clip"] is True and "clip" not in json.loads((tmp_path / "plain" / "run.json").read_text())["network"]
+
+
+def test_the_range_study_samples_with_the_projects_sampler(nets):
+    """``experiments/sample_range.py``: its plain sampler is the project's sampler, its clipping sampler is the
+    network with ``clip``, the sampler from 0.95 skips the first step, and every step's x̂0 range is recorded."""
+    from machines import noise_from_seeds, sample
+
+    study = experiment("sample_range")
+    network = load_network(nets["zeros"][0], device="cpu")
+    noise = noise_from_seeds([0, 1], (1, 32, 32))
+    plain, record = study.trajectory(network, noise, None, "plain", steps=4)
+    assert torch.equal(plain, sample(network, noise, 4)) and [t for t, _, _ in record] == [1.0, 0.75, 0.5, 0.25]
+    network.clip = True
+    clipped, _ = study.trajectory(load_network(nets["zeros"][0], device="cpu"), noise, None, "clip", steps=4)
+    assert torch.equal(clipped, sample(network, noise, 4)) and float(clipped.abs().max()) <= 1.0
+    _, later = study.trajectory(load_network(nets["zeros"][0], device="cpu"), noise, None, "from 0.95", steps=4)
+    assert [t for t, _, _ in later] == [0.75, 0.5, 0.25]
+    assert all(0 <= f <= 1 and m >= 0 for _, f, m in record)

@@ -96,6 +96,26 @@ def test_agreement_metrics():
     assert r2(b, a)[0] < 1 and torch.isclose(mse(a, b)[0], ((a[0] - b[0]) ** 2).mean())
 
 
+def test_a_sample_started_later_continues_the_trajectory(tiny, tmp_path):
+    """``start = k`` takes the noise as x at t = ddim_time(k): started on the state an uninterrupted run reached
+    after k steps, it ends where that run ends, bit for bit; a checkpoint of a run from t = 1 is not resumed by it."""
+    from machines import ScoreMachine
+    from patchbank import MemoryBank
+
+    machine = ScoreMachine(MemoryBank(tiny()), "bbELS", scales=3)
+    noise = noise_from_seeds([0, 1], (1, 7, 9), torch.float64)
+    states, ts = {}, []
+    ref = sample(machine, noise, steps=6, callback=lambda i, t, x, x0: states.setdefault(i, x.clone()))
+    later = sample(machine, states[1], steps=6, start=2, callback=lambda i, t, x, x0: ts.append(t))
+    assert torch.equal(later, ref) and ts == [4 / 6, 3 / 6, 2 / 6, 1 / 6]
+    sample(machine, noise, steps=6, checkpoint=tmp_path / "run.pt")
+    with pytest.raises(ValueError, match="another sampling run.*start"):
+        sample(machine, noise, steps=6, start=1, checkpoint=tmp_path / "run.pt")
+    for bad in (-1, 6, 1.0, True):
+        with pytest.raises(ValueError, match="start must be an integer step"):
+            sample(machine, noise, steps=6, start=bad)
+
+
 def test_checkpointed_sample_resumes_after_an_interruption(tiny, tmp_path):
     """A sample killed after step k and re-run from its checkpoint equals an uninterrupted one, bit for bit."""
     from machines import ScoreMachine
