@@ -231,6 +231,7 @@ def table(names: list[str], figures: Path | None, from_shipped: bool = False) ->
     lines = [head]
     for r in rows:
         net = f"{r['dataset']} {r['arch']}{'+attention' if r['attention'] else ''} {r['padding']}{' cond.' if r['conditional'] else ''}"
+        net = f"`{r['name']}`: {net}" if from_shipped else net
         mins = " / ".join(f"{r['seconds'].get(s, float('nan')) / 60:.0f}" for s in ("train", "calibrate", "evaluate"))
         paper = f" ({r['paper_r']:.2f})" if r["paper_r"] is not None else ""
         images = r["train_images"] if r["n_train"] == r["train_images"] else f"{r['train_images']} (machine: first {r['n_train']})"
