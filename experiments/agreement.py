@@ -114,6 +114,19 @@ def run_row(config: str, candidates: list[int], cal_seeds: str, eval_seeds: str,
             f.write(json.dumps(record) + "\n")
 
 
+def _network_fields(train_cfg: dict, cal: dict) -> dict:
+    """A row's fields read from its network's training config and its calibration: what the network is, the machine,
+    the calibrated and the paper's schedules, and the paper's r for it."""
+    paper = (cal.get("paper_schedule") or {}).get("schedule")
+    arch = train_cfg["arch"] + ("+attention" if train_cfg.get("attention") else "")
+    return {"dataset": train_cfg["dataset"], "arch": train_cfg["arch"], "padding": train_cfg["padding"],
+            "conditional": train_cfg["conditional"], "train_images": train_cfg.get("train_images"),
+            "machine": cal["network"]["machine"] if "network" in cal else cal["config"]["machine"],
+            "schedule": [P for _, P in cal["schedule"]], "paper_schedule": [P for _, P in paper] if paper else None,
+            "attention": bool(train_cfg.get("attention")), "paper_r": PAPER_R.get((train_cfg["dataset"], arch)),
+            "calibration_seeds": len(cal["seeds"])}
+
+
 def row_summary(name: str, figures: Path | None = None) -> dict:
     """One finished row: its config, stage times (summed over invocations), schedules and medians. ``NAME@N``: the
     row's network against its first N training images (``row --n-train N``)."""
@@ -137,17 +150,11 @@ def row_summary(name: str, figures: Path | None = None) -> dict:
         figures.mkdir(parents=True, exist_ok=True)
         for fig in ("pairs", "scatter", "scale_curve"):
             shutil.copyfile(evaluated / f"{fig}.png", figures / f"{config}{suffix}_{fig}.png")
-    paper = (cal.get("paper_schedule") or {}).get("schedule")
-    return {"name": name, "folder": config, "dataset": train_cfg["dataset"], "arch": train_cfg["arch"], "padding": train_cfg["padding"],
-            "conditional": train_cfg["conditional"], "train_images": train_cfg.get("train_images"),
+    return {"name": name, "folder": config, **_network_fields(train_cfg, cal),
             "n_train": report.get("config", {}).get("n_train") or train_cfg.get("train_images"),
-            "machine": cal["network"]["machine"] if "network" in cal else cal["config"]["machine"],
-            "schedule": [P for _, P in cal["schedule"]], "paper_schedule": [P for _, P in paper] if paper else None,
-            "attention": bool(train_cfg.get("attention")),
-            "paper_r": PAPER_R.get((train_cfg["dataset"], train_cfg["arch"] + ("+attention" if train_cfg.get("attention") else ""))),
             "seconds": seconds, "calibration": str(cal_path),
             "borrowed": None if str(cal_path).startswith(f"outputs/{config}/") else str(cal_path),
-            "calibration_seeds": len(cal["seeds"]), "comparators": report.get("config", {}).get("comparators", []), **report}
+            "comparators": report.get("config", {}).get("comparators", []), **report}
 
 
 def shipped_summary(name: str) -> dict:
@@ -163,17 +170,11 @@ def shipped_summary(name: str) -> dict:
     card = json.loads((folder / "card.json").read_text())
     cal = json.loads((folder / "calibration.json").read_text())
     train_cfg, settings = card["train"], card["evaluation"]
-    paper = (cal.get("paper_schedule") or {}).get("schedule")
-    arch = train_cfg["arch"] + ("+attention" if train_cfg.get("attention") else "")
-    return {"name": name, "folder": name, "dataset": train_cfg["dataset"], "arch": train_cfg["arch"], "padding": train_cfg["padding"],
-            "conditional": train_cfg["conditional"], "train_images": train_cfg.get("train_images"),
+    return {"name": name, "folder": name, **_network_fields(train_cfg, cal),
             "n_train": settings.get("n_train") or train_cfg.get("train_images"),
-            "machine": settings.get("machine") or cal["network"]["machine"],
-            "schedule": [P for _, P in cal["schedule"]], "paper_schedule": [P for _, P in paper] if paper else None,
-            "attention": bool(train_cfg.get("attention")), "paper_r": PAPER_R.get((train_cfg["dataset"], arch)),
             "seconds": {s: 60 * m for s, m in card["minutes"].items()}, "calibration": str(folder / "calibration.json"),
             "borrowed": "another network's calibration" if settings.get("other_network") else None,
-            "calibration_seeds": len(cal["seeds"]), "comparators": [],
+            "comparators": [],
             "plateaued": card["plateaued"], "loss_tail_improvement": card["loss_tail_improvement"],
             **summarise(read_rows(folder / "evaluation.jsonl"))}
 

@@ -106,7 +106,7 @@ def sample(
     if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < steps:
         raise ValueError(f"start must be an integer step in [0, {steps}), got {start!r}")
     first = start
-    run = _run_id(machine, noise, labels, steps) | ({"start": start} if start else {}) if checkpoint is not None else None
+    run = _run_id(machine, noise, labels, steps, start) if checkpoint is not None else None
     if checkpoint is not None and os.path.exists(checkpoint):
         first, x = _resume(Path(checkpoint), run, noise)  # type: ignore[arg-type]
     for step in tqdm(range(first, steps), disable=not progress, desc="DDIM", initial=first - start, total=steps - start):
@@ -141,13 +141,15 @@ def identity_of(denoiser: Denoiser) -> dict | str:
     return denoiser.identity() if hasattr(denoiser, "identity") else repr(denoiser)
 
 
-def _run_id(machine: Denoiser, noise: torch.Tensor, labels: torch.Tensor | None, steps: int) -> dict:
+def _run_id(machine: Denoiser, noise: torch.Tensor, labels: torch.Tensor | None, steps: int, start: int = 0) -> dict:
     """What identifies a sampling run: the machine's ``identity()`` (its kind, schedule, data fingerprint,
-    backend…; ``repr`` for a denoiser without one), a hash of the noise and labels, the steps."""
+    backend…; ``repr`` for a denoiser without one), a hash of the noise and labels, the steps, and a later
+    ``start`` (absent for runs from t = 1, whose identity predates it)."""
     h = hashlib.sha256(noise.detach().cpu().to(torch.float64).contiguous().numpy().tobytes())
     if labels is not None:
         h.update(labels.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
-    return {"machine": identity_of(machine), "noise": h.hexdigest(), "shape": list(noise.shape), "steps": steps}
+    return {"machine": identity_of(machine), "noise": h.hexdigest(), "shape": list(noise.shape), "steps": steps} | (
+        {"start": start} if start else {})
 
 
 def _resume(path: Path, run: dict, noise: torch.Tensor) -> tuple[int, torch.Tensor]:

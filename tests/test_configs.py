@@ -366,8 +366,6 @@ def test_clipping_the_networks_x0_changes_the_network_only(nets, tmp_path, caplo
 def test_the_range_study_samples_with_the_projects_sampler(nets):
     """``experiments/sample_range.py``: its plain sampler is the project's sampler, its clipping sampler is the
     network with ``clip``, the sampler from 0.95 skips the first step, and every step's x̂0 range is recorded."""
-    from machines import noise_from_seeds, sample
-
     study = experiment("sample_range")
     network = load_network(nets["zeros"][0], device="cpu")
     noise = noise_from_seeds([0, 1], (1, 32, 32))
